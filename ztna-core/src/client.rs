@@ -1,0 +1,547 @@
+//! Sans-IO control-connection client: the part of an agent or connector that talks
+//! to the intermediate. No sockets and no clock of its own: the caller feeds received
+//! UDP payloads in, takes payloads to send out, and passes `now` for the client's own
+//! timers (reconnect backoff, keepalive). quiche keeps its own loss/idle timers; their
+//! deadline is folded into [`ControlClient::poll_timeout`].
+//!
+//! Lifecycle: `new` starts a QUIC handshake. Once established the client registers
+//! every configured service (0x10 for agents, 0x11 for connectors). When the connection
+//! closes for any reason the client reports `Disconnected`, waits an exponential
+//! backoff and starts a new handshake with fresh connection IDs, then registers again.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ring::rand::{SecureRandom, SystemRandom};
+use ztna_common::wire::{self, ControlMessage, NackStatus, WireError};
+
+use crate::{ALPN, MAX_UDP_PAYLOAD, app_error};
+
+/// What the client registers as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Agent,
+    Connector,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub server: SocketAddr,
+    /// Name checked against the intermediate's certificate (and sent as SNI).
+    pub server_name: String,
+    /// CA bundle that signed the intermediate's certificate. `None` skips server
+    /// verification, which only dev setups should do.
+    pub ca_file: Option<String>,
+    /// Client certificate and key (PEM). Without them the intermediate refuses the
+    /// connection unless it runs with client authentication disabled.
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub role: Role,
+    pub services: Vec<String>,
+    pub idle_timeout: Duration,
+    /// ACK-eliciting packet sent after this much silence, so NAT mappings and the
+    /// intermediate's idle timer stay alive.
+    pub keepalive: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// Reconnect after a lost connection. Off for one-shot tools.
+    pub reconnect: bool,
+}
+
+impl ClientConfig {
+    pub fn new(server: SocketAddr, role: Role, services: Vec<String>) -> Self {
+        ClientConfig {
+            server,
+            server_name: "intermediate.ztna".into(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            role,
+            services,
+            idle_timeout: Duration::from_secs(30),
+            keepalive: Duration::from_secs(10),
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(5),
+            reconnect: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("QUIC: {0}")]
+    Quic(#[from] quiche::Error),
+    #[error("TLS file {path}: {source}")]
+    TlsFile { path: String, source: quiche::Error },
+    #[error("service id {service:?}: {source}")]
+    ServiceId { service: String, source: WireError },
+    #[error("not connected to the intermediate")]
+    NotConnected,
+    #[error("service {0:?} is not registered")]
+    NotRegistered(String),
+    #[error("packet of {size} bytes exceeds the maximum of {max} bytes for this tunnel")]
+    PacketTooLarge { size: usize, max: usize },
+    #[error("DATAGRAM send queue is full; packet dropped")]
+    QueueFull,
+}
+
+/// Something the caller should know about, in order of occurrence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// Handshake completed; `handshake` is the time from the first Initial.
+    Connected { handshake: Duration },
+    /// QAD: the address the intermediate sees us at.
+    ObservedAddress(SocketAddr),
+    Registered(String),
+    Refused { service: String, status: NackStatus },
+    /// A tunneled IP packet; `service` is `None` for raw (0x4_/0x6_) datagrams.
+    Packet { service: Option<String>, packet: Vec<u8> },
+    /// The connection closed. `retry_in` is `None` when the client will not reconnect.
+    Disconnected { reason: String, retry_in: Option<Duration> },
+}
+
+/// Counters of what the client received and could not use.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    pub connects: u64,
+    pub datagrams_in: u64,
+    pub datagrams_out: u64,
+    pub malformed: u64,
+    pub unknown_type: u64,
+    pub unexpected: u64,
+}
+
+enum State {
+    Connecting { started: Instant },
+    Established,
+    Backoff { until: Instant },
+    /// Closed for good (`reconnect` off, or `close` called).
+    Stopped,
+}
+
+pub struct ControlClient {
+    cfg: ClientConfig,
+    quic: quiche::Config,
+    local: SocketAddr,
+    conn: Option<quiche::Connection>,
+    state: State,
+    backoff: Duration,
+    events: VecDeque<ClientEvent>,
+    /// service → registered (ACKed) on the current connection.
+    registered: BTreeMap<String, bool>,
+    observed: Option<SocketAddr>,
+    last_send: Instant,
+    stats: ClientStats,
+    rng: SystemRandom,
+}
+
+fn quic_config(cfg: &ClientConfig) -> Result<quiche::Config, ClientError> {
+    let mut c = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
+    c.set_application_protos(&[ALPN])?;
+    if let Some(ca) = &cfg.ca_file {
+        c.load_verify_locations_from_file(ca)
+            .map_err(|source| ClientError::TlsFile {
+                path: ca.clone(),
+                source,
+            })?;
+        c.verify_peer(true);
+    } else {
+        c.verify_peer(false);
+    }
+    if let (Some(cert), Some(key)) = (&cfg.cert_file, &cfg.key_file) {
+        c.load_cert_chain_from_pem_file(cert)
+            .map_err(|source| ClientError::TlsFile {
+                path: cert.clone(),
+                source,
+            })?;
+        c.load_priv_key_from_pem_file(key)
+            .map_err(|source| ClientError::TlsFile {
+                path: key.clone(),
+                source,
+            })?;
+    }
+    c.set_max_idle_timeout(cfg.idle_timeout.as_millis() as u64);
+    // quiche's default of 1200 leaves too little room for a full inner packet.
+    c.set_max_recv_udp_payload_size(MAX_UDP_PAYLOAD);
+    c.set_max_send_udp_payload_size(MAX_UDP_PAYLOAD);
+    c.set_initial_max_data(10_000_000);
+    c.set_initial_max_stream_data_bidi_local(1_000_000);
+    c.set_initial_max_stream_data_bidi_remote(1_000_000);
+    c.set_initial_max_streams_bidi(100);
+    c.set_initial_max_streams_uni(100);
+    c.set_disable_active_migration(true);
+    c.enable_dgram(true, 4096, 4096);
+    Ok(c)
+}
+
+impl ControlClient {
+    /// Creates the client and starts the first handshake. `local` is the address of
+    /// the caller's UDP socket.
+    pub fn new(cfg: ClientConfig, local: SocketAddr, now: Instant) -> Result<Self, ClientError> {
+        for s in &cfg.services {
+            wire::check_service_id(s).map_err(|source| ClientError::ServiceId {
+                service: s.clone(),
+                source,
+            })?;
+        }
+        let quic = quic_config(&cfg)?;
+        let registered = cfg.services.iter().map(|s| (s.clone(), false)).collect();
+        let mut client = ControlClient {
+            backoff: cfg.backoff_initial,
+            cfg,
+            quic,
+            local,
+            conn: None,
+            state: State::Stopped,
+            events: VecDeque::new(),
+            registered,
+            observed: None,
+            last_send: now,
+            stats: ClientStats::default(),
+            rng: SystemRandom::new(),
+        };
+        client.start_connect(now)?;
+        Ok(client)
+    }
+
+    fn start_connect(&mut self, now: Instant) -> Result<(), ClientError> {
+        let mut scid = [0u8; 16];
+        self.rng.fill(&mut scid).map_err(|_| quiche::Error::CryptoFail)?;
+        let scid = quiche::ConnectionId::from_ref(&scid);
+        let conn = quiche::connect(
+            Some(&self.cfg.server_name),
+            &scid,
+            self.local,
+            self.cfg.server,
+            &mut self.quic,
+        )?;
+        self.conn = Some(conn);
+        self.state = State::Connecting { started: now };
+        self.stats.connects += 1;
+        for v in self.registered.values_mut() {
+            *v = false;
+        }
+        Ok(())
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &ClientStats {
+        &self.stats
+    }
+
+    pub fn is_established(&self) -> bool {
+        matches!(self.state, State::Established)
+    }
+
+    pub fn is_registered(&self, service: &str) -> bool {
+        self.registered.get(service).copied().unwrap_or(false)
+    }
+
+    /// The address the intermediate last reported for us (QAD).
+    pub fn observed_address(&self) -> Option<SocketAddr> {
+        self.observed
+    }
+
+    /// Largest DATAGRAM payload the current connection can carry, as negotiated.
+    pub fn max_datagram_payload(&self) -> Option<usize> {
+        self.conn.as_ref()?.dgram_max_writable_len()
+    }
+
+    /// Largest IP packet that fits a `0x2F` message for `service`.
+    pub fn max_packet_len(&self, service: &str) -> Option<usize> {
+        self.max_datagram_payload()?
+            .checked_sub(wire::service_packet_overhead(service))
+    }
+
+    /// Feeds one received UDP payload.
+    pub fn recv(&mut self, buf: &mut [u8], from: SocketAddr, now: Instant) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let info = quiche::RecvInfo {
+            from,
+            to: self.local,
+        };
+        if let Err(e) = conn.recv(buf, info) {
+            tracing::debug!("quic recv: {e}");
+        }
+        self.process(now);
+    }
+
+    /// Next UDP payload to send, written into `out`: (length, destination).
+    pub fn poll_transmit(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, SocketAddr)> {
+        let conn = self.conn.as_mut()?;
+        match conn.send(out) {
+            Ok((n, info)) => {
+                self.last_send = now;
+                Some((n, info.to))
+            }
+            Err(quiche::Error::Done) => None,
+            Err(e) => {
+                tracing::warn!("quic send: {e}");
+                let _ = conn.close(false, 0x1, b"send failure");
+                None
+            }
+        }
+    }
+
+    /// When `handle_timeout` must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Backoff { until } => Some(until),
+            State::Stopped => None,
+            State::Established => {
+                let keepalive = self.last_send + self.cfg.keepalive;
+                let quic = self.conn.as_ref().and_then(|c| c.timeout_instant());
+                Some(quic.map_or(keepalive, |q| q.min(keepalive)))
+            }
+            State::Connecting { .. } => self.conn.as_ref().and_then(|c| c.timeout_instant()),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::Backoff { until } if now >= until => {
+                if let Err(e) = self.start_connect(now) {
+                    tracing::warn!("reconnect failed: {e}");
+                    self.schedule_reconnect(now, e.to_string());
+                }
+                return;
+            }
+            State::Backoff { .. } | State::Stopped => return,
+            _ => {}
+        }
+        if let Some(conn) = self.conn.as_mut() {
+            if conn.timeout_instant().is_some_and(|t| t <= now) {
+                conn.on_timeout();
+            }
+            if matches!(self.state, State::Established)
+                && now >= self.last_send + self.cfg.keepalive
+            {
+                let _ = conn.send_ack_eliciting();
+            }
+        }
+        self.process(now);
+    }
+
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    /// Queues an IP packet for `service` as a `0x2F` DATAGRAM.
+    pub fn send_packet(&mut self, service: &str, packet: &[u8]) -> Result<(), ClientError> {
+        if !self.is_registered(service) {
+            return Err(if self.is_established() {
+                ClientError::NotRegistered(service.to_string())
+            } else {
+                ClientError::NotConnected
+            });
+        }
+        let max = self.max_packet_len(service).ok_or(ClientError::NotConnected)?;
+        if packet.len() > max {
+            return Err(ClientError::PacketTooLarge {
+                size: packet.len(),
+                max,
+            });
+        }
+        let msg = ControlMessage::ServicePacket { service, packet };
+        let mut buf = vec![0u8; msg.encoded_len()];
+        msg.encode(&mut buf).map_err(|source| ClientError::ServiceId {
+            service: service.to_string(),
+            source,
+        })?;
+        self.send_datagram(&buf)
+    }
+
+    /// Queues a raw IP packet (original datagram-relay format).
+    pub fn send_raw(&mut self, packet: &[u8]) -> Result<(), ClientError> {
+        if !self.is_established() {
+            return Err(ClientError::NotConnected);
+        }
+        let max = self.max_datagram_payload().ok_or(ClientError::NotConnected)?;
+        if packet.len() > max {
+            return Err(ClientError::PacketTooLarge {
+                size: packet.len(),
+                max,
+            });
+        }
+        self.send_datagram(packet)
+    }
+
+    /// Queues any DATAGRAM payload as is (tests use this to send garbage).
+    pub fn send_datagram(&mut self, payload: &[u8]) -> Result<(), ClientError> {
+        let conn = self.conn.as_mut().ok_or(ClientError::NotConnected)?;
+        match conn.dgram_send(payload) {
+            Ok(()) => {
+                self.stats.datagrams_out += 1;
+                Ok(())
+            }
+            Err(quiche::Error::Done) => Err(ClientError::QueueFull),
+            Err(quiche::Error::BufferTooShort) => Err(ClientError::PacketTooLarge {
+                size: payload.len(),
+                max: conn.dgram_max_writable_len().unwrap_or(0),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Closes the connection for good; no reconnect follows.
+    pub fn close(&mut self, reason: &str) {
+        if let Some(conn) = self.conn.as_mut() {
+            let _ = conn.close(true, app_error::CLIENT_CLOSING, reason.as_bytes());
+        }
+        self.cfg.reconnect = false;
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        matches!(self.state, State::Stopped)
+    }
+
+    fn schedule_reconnect(&mut self, now: Instant, reason: String) {
+        self.conn = None;
+        for v in self.registered.values_mut() {
+            *v = false;
+        }
+        if self.cfg.reconnect {
+            let wait = self.backoff;
+            self.backoff = (self.backoff * 2).min(self.cfg.backoff_max);
+            self.state = State::Backoff { until: now + wait };
+            self.events.push_back(ClientEvent::Disconnected {
+                reason,
+                retry_in: Some(wait),
+            });
+        } else {
+            self.state = State::Stopped;
+            self.events.push_back(ClientEvent::Disconnected {
+                reason,
+                retry_in: None,
+            });
+        }
+    }
+
+    fn process(&mut self, now: Instant) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        if conn.is_closed() {
+            let reason = close_reason(conn);
+            tracing::info!("control connection closed: {reason}");
+            self.schedule_reconnect(now, reason);
+            return;
+        }
+        if let State::Connecting { started } = self.state
+            && conn.is_established()
+        {
+            self.state = State::Established;
+            self.events.push_back(ClientEvent::Connected {
+                handshake: now.saturating_duration_since(started),
+            });
+            let services: Vec<String> = self.registered.keys().cloned().collect();
+            for service in services {
+                let msg = match self.cfg.role {
+                    Role::Agent => ControlMessage::RegisterAgent { service: &service },
+                    Role::Connector => ControlMessage::RegisterConnector { service: &service },
+                };
+                let mut buf = [0u8; 2 + wire::MAX_SERVICE_ID_LEN];
+                if let Ok(n) = msg.encode(&mut buf)
+                    && let Err(e) = conn.dgram_send(&buf[..n])
+                {
+                    tracing::warn!("registering {service}: {e}");
+                }
+            }
+        }
+        let mut buf = [0u8; 2048];
+        loop {
+            let n = match conn.dgram_recv(&mut buf) {
+                Ok(n) => n,
+                Err(quiche::Error::Done) => break,
+                Err(e) => {
+                    tracing::debug!("dgram_recv: {e}");
+                    break;
+                }
+            };
+            self.stats.datagrams_in += 1;
+            match ControlMessage::decode(&buf[..n]) {
+                Ok(ControlMessage::QadV4 { ip, port }) => {
+                    let addr = SocketAddr::from((ip, port));
+                    self.observed = Some(addr);
+                    self.events.push_back(ClientEvent::ObservedAddress(addr));
+                }
+                Ok(ControlMessage::QadV6 { ip, port }) => {
+                    let addr = SocketAddr::from((ip, port));
+                    self.observed = Some(addr);
+                    self.events.push_back(ClientEvent::ObservedAddress(addr));
+                }
+                Ok(ControlMessage::RegisterAck { service }) => {
+                    if let Some(v) = self.registered.get_mut(service) {
+                        *v = true;
+                        // A working registration ends the backoff escalation.
+                        self.backoff = self.cfg.backoff_initial;
+                        self.events.push_back(ClientEvent::Registered(service.to_string()));
+                    } else {
+                        self.stats.unexpected += 1;
+                    }
+                }
+                Ok(ControlMessage::RegisterNack { status, service }) => {
+                    self.events.push_back(ClientEvent::Refused {
+                        service: service.to_string(),
+                        status,
+                    });
+                }
+                Ok(ControlMessage::ServicePacket { service, packet }) => {
+                    self.events.push_back(ClientEvent::Packet {
+                        service: Some(service.to_string()),
+                        packet: packet.to_vec(),
+                    });
+                }
+                Ok(ControlMessage::RawIp { packet }) => {
+                    self.events.push_back(ClientEvent::Packet {
+                        service: None,
+                        packet: packet.to_vec(),
+                    });
+                }
+                Ok(ControlMessage::RegisterAgent { .. } | ControlMessage::RegisterConnector { .. }) => {
+                    self.stats.unexpected += 1;
+                }
+                Err(WireError::UnknownType(t)) => {
+                    self.stats.unknown_type += 1;
+                    tracing::debug!("ignoring DATAGRAM of unknown type 0x{t:02x}");
+                }
+                Err(e) => {
+                    self.stats.malformed += 1;
+                    tracing::debug!("ignoring malformed DATAGRAM: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Human-readable reason for a closed connection, naming ztna's application codes.
+pub fn close_reason(conn: &quiche::Connection) -> String {
+    if conn.is_timed_out() {
+        return "idle timeout".into();
+    }
+    let describe = |who: &str, e: &quiche::ConnectionError| {
+        let reason = String::from_utf8_lossy(&e.reason);
+        if e.is_app {
+            format!(
+                "closed by {who}: {} (application error 0x{:x}) {reason}",
+                app_error::name(e.error_code),
+                e.error_code
+            )
+        } else {
+            format!("closed by {who}: transport error 0x{:x} {reason}", e.error_code)
+        }
+    };
+    if let Some(e) = conn.peer_error() {
+        return describe("peer", e);
+    }
+    if let Some(e) = conn.local_error() {
+        return describe("us", e);
+    }
+    "connection closed (stateless reset or handshake failure)".into()
+}

@@ -1,0 +1,42 @@
+//! Sans-IO core shared by the ztna agent (Linux CLI, and later the C ABI for macOS)
+//! and the app connector: the control-connection client over quiche, and IP packet
+//! helpers. Nothing here opens a socket or reads the clock; nothing here is
+//! Linux-only.
+
+pub mod client;
+pub mod packet;
+
+pub use client::{ClientConfig, ClientError, ClientEvent, ClientStats, ControlClient, Role};
+
+/// ALPN of the control connection.
+pub const ALPN: &[u8] = b"ztna-v1";
+
+/// UDP payload size for every ztna QUIC connection. quiche's default of 1200 leaves
+/// too little room for a 1280-byte inner packet; 1350 fits typical 1500-byte paths
+/// with IPv6 and tunnel headers to spare.
+pub const MAX_UDP_PAYLOAD: usize = 1350;
+
+/// Default UDP port of the intermediate.
+pub const DEFAULT_PORT: u16 = 4433;
+
+/// QUIC application error codes used in CONNECTION_CLOSE on ztna connections.
+pub mod app_error {
+    /// The intermediate is shutting down (SIGTERM); reconnect later.
+    pub const SHUTTING_DOWN: u64 = 0x100;
+    /// The client presented no certificate and client authentication is required.
+    pub const CERTIFICATE_REQUIRED: u64 = 0x101;
+    /// The client is closing on its own.
+    pub const CLIENT_CLOSING: u64 = 0x102;
+    /// The peer's certificate could not be parsed.
+    pub const BAD_CERTIFICATE: u64 = 0x103;
+
+    pub fn name(code: u64) -> &'static str {
+        match code {
+            SHUTTING_DOWN => "shutting down",
+            CERTIFICATE_REQUIRED => "client certificate required",
+            CLIENT_CLOSING => "client closing",
+            BAD_CERTIFICATE => "bad certificate",
+            _ => "unknown",
+        }
+    }
+}

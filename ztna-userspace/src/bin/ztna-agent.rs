@@ -1,0 +1,141 @@
+//! ztna-agent: the Linux agent CLI. `echo` sends UDP through the tunnel and reports.
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use ztna_core::{ClientConfig, Role};
+use ztna_userspace::agent::{Agent, EchoOptions, Pattern, run_echo};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "ztna agent")]
+struct Args {
+    #[command(flatten)]
+    conn: ConnArgs,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Debug)]
+struct ConnArgs {
+    /// Intermediate address.
+    #[arg(long, global = true, default_value = "127.0.0.1:4433")]
+    server: SocketAddr,
+    /// Name expected in the intermediate's certificate.
+    #[arg(long, global = true, default_value = "intermediate.ztna")]
+    server_name: String,
+    /// CA that signed the intermediate's certificate.
+    #[arg(long, global = true)]
+    ca: Option<String>,
+    /// Skip verifying the intermediate's certificate (dev only).
+    #[arg(long, global = true)]
+    insecure_skip_server_verify: bool,
+    /// Client certificate (SAN agent.<service>.ztna).
+    #[arg(long, global = true)]
+    cert: Option<String>,
+    #[arg(long, global = true)]
+    key: Option<String>,
+    /// Service to register for (repeatable; the first is used by `echo`).
+    #[arg(long = "service", global = true)]
+    services: Vec<String>,
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Send UDP payloads to a service through the tunnel and check the echoes.
+    Echo {
+        /// Service address to send to (the connector's virtual address).
+        #[arg(long)]
+        dst: SocketAddr,
+        /// This agent's tunnel address.
+        #[arg(long, default_value = "100.64.0.2")]
+        tunnel_ip: IpAddr,
+        /// Source port inside the tunnel.
+        #[arg(long, default_value_t = 40000)]
+        src_port: u16,
+        /// UDP payload size in bytes ("max" for the largest that fits).
+        #[arg(long, default_value = "64")]
+        size: String,
+        #[arg(long, value_enum, default_value = "seq")]
+        pattern: Pattern,
+        /// Number of packets.
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+        /// Packets sent back to back before waiting for their echoes.
+        #[arg(long, default_value_t = 1)]
+        burst: u32,
+        /// Pause between bursts, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
+        /// Wait for the echoes of one burst, in milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        /// Fail (exit 1) unless every echo came back byte-exact.
+        #[arg(long)]
+        verify: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    ztna_userspace::logging::init(&args.conn.log);
+    let c = &args.conn;
+    if c.services.is_empty() {
+        anyhow::bail!("--service is required");
+    }
+    if c.ca.is_none() && !c.insecure_skip_server_verify {
+        anyhow::bail!("--ca is required to verify the intermediate (or --insecure-skip-server-verify)");
+    }
+    let mut cfg = ClientConfig::new(c.server, Role::Agent, c.services.clone());
+    cfg.server_name = c.server_name.clone();
+    cfg.ca_file = c.ca.clone();
+    cfg.cert_file = c.cert.clone();
+    cfg.key_file = c.key.clone();
+    cfg.reconnect = false;
+    match args.cmd {
+        Cmd::Echo { dst, tunnel_ip, src_port, size, pattern, count, burst, interval_ms, timeout_ms, verify, json } => {
+            let start = Instant::now();
+            let mut agent = Agent::connect(cfg)?;
+            agent.wait_registered(Duration::from_secs(10))?;
+            let service = c.services[0].clone();
+            let max = agent
+                .max_udp_payload(&service, tunnel_ip.is_ipv6())
+                .ok_or_else(|| anyhow::anyhow!("connection lost before sending"))?;
+            let size = if size == "max" {
+                max
+            } else {
+                size.parse::<usize>().map_err(|e| anyhow::anyhow!("--size {size:?}: {e}"))?
+            };
+            if size > max {
+                anyhow::bail!("--size {size} exceeds the maximum UDP payload of {max} bytes for this tunnel");
+            }
+            let opts = EchoOptions {
+                service,
+                src: SocketAddr::new(tunnel_ip, src_port),
+                dst,
+                size,
+                pattern,
+                count,
+                burst,
+                interval: Duration::from_millis(interval_ms),
+                timeout: Duration::from_millis(timeout_ms),
+            };
+            let report = run_echo(&mut agent, &opts)?;
+            agent.close();
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{}", report.summary());
+                println!("total {:.3} s", start.elapsed().as_secs_f64());
+            }
+            if verify && !report.ok() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+    }
+}

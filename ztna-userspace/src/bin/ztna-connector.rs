@@ -1,0 +1,66 @@
+//! ztna-connector: the app connector. See `ztna_userspace::connector`.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use ztna_core::{ClientConfig, Role};
+use ztna_userspace::connector::{Connector, ServiceSpec};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "ztna app connector: exposes private services through the intermediate")]
+struct Args {
+    /// Intermediate address.
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    server: SocketAddr,
+    /// Name expected in the intermediate's certificate.
+    #[arg(long, default_value = "intermediate.ztna")]
+    server_name: String,
+    /// CA that signed the intermediate's certificate.
+    #[arg(long)]
+    ca: Option<String>,
+    /// Skip verifying the intermediate's certificate (dev only).
+    #[arg(long)]
+    insecure_skip_server_verify: bool,
+    /// Client certificate (SAN connector.<service>.ztna).
+    #[arg(long)]
+    cert: Option<String>,
+    #[arg(long)]
+    key: Option<String>,
+    /// Service to provide: ID=HOST:PORT[@VIRTUAL_IP], repeatable.
+    #[arg(long = "service", required = true)]
+    services: Vec<ServiceSpec>,
+    /// Local UDP address for the connection to the intermediate.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    bind: SocketAddr,
+    /// Longest wait between reconnect attempts, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    max_backoff_ms: u64,
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    ztna_userspace::logging::init(&args.log);
+    if args.ca.is_none() && !args.insecure_skip_server_verify {
+        anyhow::bail!("--ca is required to verify the intermediate (or --insecure-skip-server-verify)");
+    }
+    let mut cfg = ClientConfig::new(args.server, Role::Connector, vec![]);
+    cfg.server_name = args.server_name;
+    cfg.ca_file = args.ca;
+    cfg.cert_file = args.cert;
+    cfg.key_file = args.key;
+    cfg.backoff_max = Duration::from_millis(args.max_backoff_ms);
+    let connector = Connector::new(cfg, args.services, args.bind)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handler")?;
+    }
+    let stats = connector.stats();
+    let r = connector.run(&stop);
+    tracing::info!("stopped; stats {}", stats.snapshot());
+    r
+}

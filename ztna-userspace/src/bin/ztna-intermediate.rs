@@ -1,0 +1,56 @@
+//! ztna-intermediate: the relay. See `ztna_userspace::intermediate`.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use ztna_userspace::intermediate::{Intermediate, IntermediateConfig};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "ztna intermediate server (relay, QAD, registration)")]
+struct Args {
+    /// UDP address to listen on.
+    #[arg(long, default_value = "0.0.0.0:4433")]
+    listen: SocketAddr,
+    /// Server certificate chain (PEM).
+    #[arg(long)]
+    cert: PathBuf,
+    /// Server private key (PEM).
+    #[arg(long)]
+    key: PathBuf,
+    /// CA bundle that signs client certificates (PEM). Required unless
+    /// --insecure-no-client-auth.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Accept clients without certificates and authorize every registration.
+    /// For local experiments only; logs a warning at start.
+    #[arg(long)]
+    insecure_no_client_auth: bool,
+    /// QUIC idle timeout in seconds.
+    #[arg(long, default_value_t = 30)]
+    idle_timeout_secs: u64,
+    /// Skip stateless retry (address validation) before creating connection state.
+    #[arg(long)]
+    no_retry: bool,
+    /// Default log filter (RUST_LOG overrides).
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    ztna_userspace::logging::init(&args.log);
+    let mut cfg = IntermediateConfig::new(args.listen, args.cert, args.key, args.ca);
+    cfg.require_client_cert = !args.insecure_no_client_auth;
+    cfg.idle_timeout = Duration::from_secs(args.idle_timeout_secs);
+    cfg.retry = !args.no_retry;
+    let server = Intermediate::bind(cfg)?;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handler")?;
+    }
+    server.run(&shutdown, &AtomicBool::new(false))
+}

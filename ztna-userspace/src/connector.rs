@@ -1,0 +1,440 @@
+//! The app connector: registers services with the intermediate and forwards tunneled
+//! traffic to them.
+//!
+//! One mio loop drives the control connection ([`ControlClient`]) on one UDP socket
+//! plus one UDP socket per tunneled flow, connected to the service's backend. Replies
+//! from the backend are wrapped into IP/UDP packets whose source is the address the
+//! agent sent to (the service's virtual address), not the backend's, so the agent's
+//! socket accepts them. ICMP echo requests to the virtual address are answered here.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token};
+use ztna_core::packet::{self, FlowKey, Proto};
+use ztna_core::{ClientConfig, ClientEvent, ControlClient, MAX_UDP_PAYLOAD};
+
+const CONTROL: Token = Token(0);
+const FLOW_IDLE: Duration = Duration::from_secs(120);
+
+/// One service this connector provides.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub id: String,
+    /// Where the real service listens.
+    pub backend: SocketAddr,
+    /// Address agents send to. Packets to any other address are dropped, so the
+    /// connector cannot be used to reach arbitrary hosts. `None` accepts any.
+    pub virtual_ip: Option<IpAddr>,
+}
+
+impl std::str::FromStr for ServiceSpec {
+    type Err = String;
+
+    /// `ID=BACKEND_ADDR:PORT[@VIRTUAL_IP]`, e.g. `echo=127.0.0.1:9000@10.100.0.1`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (id, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("service {s:?}: expected ID=HOST:PORT[@VIRTUAL_IP]"))?;
+        let (backend, virtual_ip) = match rest.split_once('@') {
+            Some((b, v)) => (
+                b,
+                Some(
+                    v.parse::<IpAddr>()
+                        .map_err(|e| format!("service {s:?}: virtual IP {v:?}: {e}"))?,
+                ),
+            ),
+            None => (rest, None),
+        };
+        let backend = backend
+            .parse::<SocketAddr>()
+            .map_err(|e| format!("service {s:?}: backend {backend:?}: {e}"))?;
+        if id.is_empty() {
+            return Err(format!("service {s:?}: empty service id"));
+        }
+        Ok(ServiceSpec {
+            id: id.to_string(),
+            backend,
+            virtual_ip,
+        })
+    }
+}
+
+macro_rules! counters {
+    ($name:ident { $($field:ident),* $(,)? }) => {
+        #[derive(Debug, Default)]
+        pub struct $name { $(pub $field: AtomicU64,)* }
+        impl $name {
+            pub fn snapshot(&self) -> serde_json::Value {
+                let mut m = serde_json::Map::new();
+                $(m.insert(stringify!($field).into(), self.$field.load(Ordering::Relaxed).into());)*
+                serde_json::Value::Object(m)
+            }
+        }
+    };
+}
+
+counters!(ConnectorStats {
+    connects,
+    registrations,
+    refusals,
+    packets_from_tunnel,
+    udp_to_backend,
+    udp_from_backend,
+    icmp_echo_replies,
+    dropped_unknown_service,
+    dropped_wrong_destination,
+    dropped_unsupported,
+    dropped_malformed,
+    dropped_send_failed,
+    flows_opened,
+    flows_expired,
+});
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+struct Flow {
+    service: String,
+    /// Tunnel-side key: agent → virtual address.
+    key: FlowKey,
+    socket: UdpSocket,
+    last_seen: Instant,
+}
+
+pub struct Connector {
+    services: HashMap<String, ServiceSpec>,
+    client: ControlClient,
+    socket: UdpSocket,
+    poll: Poll,
+    flows: HashMap<Token, Flow>,
+    by_key: HashMap<(String, FlowKey), Token>,
+    next_token: usize,
+    stats: Arc<ConnectorStats>,
+}
+
+pub struct ConnectorHandle {
+    pub stats: Arc<ConnectorStats>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl ConnectorHandle {
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| anyhow::anyhow!("connector panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ConnectorHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub fn spawn(client: ClientConfig, services: Vec<ServiceSpec>) -> anyhow::Result<ConnectorHandle> {
+    let connector = Connector::new(client, services, "0.0.0.0:0".parse()?)?;
+    let stats = connector.stats.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("connector".into())
+        .spawn(move || connector.run(&s))?;
+    Ok(ConnectorHandle {
+        stats,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+impl Connector {
+    pub fn new(
+        mut cfg: ClientConfig,
+        services: Vec<ServiceSpec>,
+        bind: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        cfg.role = ztna_core::Role::Connector;
+        cfg.services = services.iter().map(|s| s.id.clone()).collect();
+        let bind = if bind.ip().is_unspecified() && cfg.server.ip().is_loopback() {
+            SocketAddr::new(cfg.server.ip(), 0)
+        } else {
+            bind
+        };
+        let mut socket = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
+        let local = socket.local_addr()?;
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut socket, CONTROL, Interest::READABLE)?;
+        let client = ControlClient::new(cfg, local, Instant::now())?;
+        Ok(Connector {
+            services: services.into_iter().map(|s| (s.id.clone(), s)).collect(),
+            client,
+            socket,
+            poll,
+            flows: HashMap::new(),
+            by_key: HashMap::new(),
+            next_token: 1,
+            stats: Arc::new(ConnectorStats::default()),
+        })
+    }
+
+    pub fn stats(&self) -> Arc<ConnectorStats> {
+        self.stats.clone()
+    }
+
+    pub fn run(mut self, stop: &AtomicBool) -> anyhow::Result<()> {
+        let mut events = Events::with_capacity(256);
+        let mut buf = vec![0u8; 65535];
+        let mut out = vec![0u8; MAX_UDP_PAYLOAD];
+        let mut last_sweep = Instant::now();
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                self.client.close("connector stopping");
+                self.flush(&mut out);
+                return Ok(());
+            }
+            let now = Instant::now();
+            let timeout = self
+                .client
+                .poll_timeout()
+                .map_or(Duration::from_millis(100), |t| {
+                    t.saturating_duration_since(now).min(Duration::from_millis(100))
+                });
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                return Err(e.into());
+            }
+            let now = Instant::now();
+            for ev in events.iter() {
+                if ev.token() == CONTROL {
+                    loop {
+                        match self.socket.recv_from(&mut buf) {
+                            Ok((n, from)) => self.client.recv(&mut buf[..n], from, now),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) => {
+                                tracing::warn!("control socket: {e}");
+                                break;
+                            }
+                        }
+                    }
+                } else {
+                    self.read_backend(ev.token(), &mut buf);
+                }
+            }
+            if self.client.poll_timeout().is_some_and(|t| t <= now) {
+                self.client.handle_timeout(now);
+            }
+            self.handle_events();
+            self.flush(&mut out);
+            if now.duration_since(last_sweep) > Duration::from_secs(5) {
+                self.expire(now);
+                last_sweep = now;
+            }
+        }
+    }
+
+    fn flush(&mut self, out: &mut [u8]) {
+        let now = Instant::now();
+        while let Some((n, to)) = self.client.poll_transmit(out, now) {
+            if let Err(e) = self.socket.send_to(&out[..n], to) {
+                tracing::debug!("send to {to}: {e}");
+                break;
+            }
+        }
+    }
+
+    fn handle_events(&mut self) {
+        while let Some(ev) = self.client.poll_event() {
+            match ev {
+                ClientEvent::Connected { handshake } => {
+                    inc(&self.stats.connects);
+                    tracing::info!("connected to intermediate (handshake {handshake:?})");
+                }
+                ClientEvent::ObservedAddress(a) => tracing::info!("intermediate sees us at {a}"),
+                ClientEvent::Registered(s) => {
+                    inc(&self.stats.registrations);
+                    tracing::info!("registered as connector for {s:?}");
+                }
+                ClientEvent::Refused { service, status } => {
+                    inc(&self.stats.refusals);
+                    tracing::error!("registration for {service:?} refused: {status}");
+                }
+                ClientEvent::Disconnected { reason, retry_in } => {
+                    tracing::warn!("disconnected: {reason}; retry in {retry_in:?}");
+                }
+                ClientEvent::Packet { service, packet } => {
+                    inc(&self.stats.packets_from_tunnel);
+                    self.from_tunnel(service, packet);
+                }
+            }
+        }
+    }
+
+    fn from_tunnel(&mut self, service: Option<String>, packet: Vec<u8>) {
+        let service = match service {
+            Some(s) => s,
+            // Raw datagram: the only service, if there is exactly one.
+            None if self.services.len() == 1 => self.services.keys().next().cloned().unwrap_or_default(),
+            None => {
+                inc(&self.stats.dropped_unknown_service);
+                return;
+            }
+        };
+        let Some(spec) = self.services.get(&service).cloned() else {
+            inc(&self.stats.dropped_unknown_service);
+            return;
+        };
+        let key = match packet::flow_key(&packet) {
+            Ok(k) => k,
+            Err(e) => {
+                inc(&self.stats.dropped_malformed);
+                tracing::debug!("dropping tunneled packet: {e}");
+                return;
+            }
+        };
+        if spec.virtual_ip.is_some_and(|v| v != key.dst.ip()) {
+            inc(&self.stats.dropped_wrong_destination);
+            tracing::debug!("{service}: dropping packet to {} (not the service address)", key.dst);
+            return;
+        }
+        match key.proto {
+            Proto::Icmp | Proto::Icmpv6 => match packet::icmp_echo_reply(&packet) {
+                Some(reply) => {
+                    inc(&self.stats.icmp_echo_replies);
+                    self.to_tunnel(&service, &reply);
+                }
+                None => inc(&self.stats.dropped_unsupported),
+            },
+            Proto::Udp => {
+                let payload = match packet::parse_udp(&packet) {
+                    Ok((_, _, p)) => p.to_vec(),
+                    Err(_) => {
+                        inc(&self.stats.dropped_malformed);
+                        return;
+                    }
+                };
+                let Some(token) = self.flow_socket(&service, key, spec.backend) else {
+                    return;
+                };
+                let flow = self.flows.get_mut(&token).expect("flow exists");
+                flow.last_seen = Instant::now();
+                match flow.socket.send(&payload) {
+                    Ok(_) => inc(&self.stats.udp_to_backend),
+                    Err(e) => {
+                        inc(&self.stats.dropped_send_failed);
+                        tracing::debug!("{service}: send to backend {}: {e}", spec.backend);
+                    }
+                }
+            }
+            Proto::Tcp => inc(&self.stats.dropped_unsupported),
+        }
+    }
+
+    fn flow_socket(&mut self, service: &str, key: FlowKey, backend: SocketAddr) -> Option<Token> {
+        if let Some(t) = self.by_key.get(&(service.to_string(), key)) {
+            return Some(*t);
+        }
+        let bind: SocketAddr = if backend.is_ipv4() {
+            "0.0.0.0:0".parse().ok()?
+        } else {
+            "[::]:0".parse().ok()?
+        };
+        let socket = UdpSocket::bind(bind).and_then(|s| s.connect(backend).map(|_| s));
+        let mut socket = match socket {
+            Ok(s) => s,
+            Err(e) => {
+                inc(&self.stats.dropped_send_failed);
+                tracing::warn!("{service}: socket to {backend}: {e}");
+                return None;
+            }
+        };
+        let token = Token(self.next_token);
+        self.next_token += 1;
+        if self
+            .poll
+            .registry()
+            .register(&mut socket, token, Interest::READABLE)
+            .is_err()
+        {
+            return None;
+        }
+        inc(&self.stats.flows_opened);
+        self.by_key.insert((service.to_string(), key), token);
+        self.flows.insert(
+            token,
+            Flow {
+                service: service.to_string(),
+                key,
+                socket,
+                last_seen: Instant::now(),
+            },
+        );
+        Some(token)
+    }
+
+    fn read_backend(&mut self, token: Token, buf: &mut [u8]) {
+        loop {
+            let Some(flow) = self.flows.get_mut(&token) else {
+                return;
+            };
+            let n = match flow.socket.recv(buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // e.g. ICMP port unreachable from a backend that is down.
+                    tracing::debug!("{}: backend recv: {e}", flow.service);
+                    return;
+                }
+            };
+            flow.last_seen = Instant::now();
+            inc(&self.stats.udp_from_backend);
+            let (service, key) = (flow.service.clone(), flow.key);
+            // Reply as the address the agent sent to.
+            match packet::build_udp(key.dst, key.src, &buf[..n]) {
+                Ok(reply) => self.to_tunnel(&service, &reply),
+                Err(e) => {
+                    inc(&self.stats.dropped_send_failed);
+                    tracing::debug!("{service}: building reply: {e}");
+                }
+            }
+        }
+    }
+
+    fn to_tunnel(&mut self, service: &str, packet: &[u8]) {
+        if let Err(e) = self.client.send_packet(service, packet) {
+            inc(&self.stats.dropped_send_failed);
+            tracing::debug!("{service}: reply not sent: {e}");
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let old: Vec<Token> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| now.duration_since(f.last_seen) > FLOW_IDLE)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in old {
+            if let Some(mut f) = self.flows.remove(&t) {
+                let _ = self.poll.registry().deregister(&mut f.socket);
+                self.by_key.remove(&(f.service, f.key));
+                inc(&self.stats.flows_expired);
+            }
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! ztna userspace: the intermediate server, the app connector, the Linux agent and
+//! the command-line tools. Binaries in `src/bin/` are thin wrappers over this library.
+
+pub mod agent;
+pub mod connector;
+pub mod echo;
+pub mod flows;
+pub mod identity;
+pub mod intermediate;
+pub mod logging;
