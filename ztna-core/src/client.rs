@@ -60,7 +60,7 @@ impl ClientConfig {
             role,
             services,
             idle_timeout: Duration::from_secs(30),
-            keepalive: Duration::from_secs(10),
+            keepalive: Duration::from_secs(5),
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
             reconnect: true,

@@ -49,9 +49,12 @@ fn client_cfg(pki: &DevPki, server: SocketAddr, role: Role, cert: &Path, key: &P
     c.key_file = Some(key.to_str().unwrap().into());
     c.backoff_initial = Duration::from_millis(50);
     c.backoff_max = Duration::from_millis(500);
+    // An idle connector learns of a crashed intermediate at its next keepalive.
+    c.keepalive = Duration::from_secs(1);
     c
 }
 
+/// Starts a connector and waits until the intermediate has ACKed its registration.
 fn start_connector(pki: &DevPki, server: SocketAddr, backend: SocketAddr) -> connector::ConnectorHandle {
     let cfg = client_cfg(pki, server, Role::Connector, &pki.connector_cert, &pki.connector_key);
     let spec = ServiceSpec {
@@ -59,7 +62,13 @@ fn start_connector(pki: &DevPki, server: SocketAddr, backend: SocketAddr) -> con
         backend,
         virtual_ip: Some(VIP.parse().unwrap()),
     };
-    connector::spawn(cfg, vec![spec]).unwrap()
+    let c = connector::spawn(cfg, vec![spec]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.stats.registrations.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "connector did not register");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    c
 }
 
 fn agent(pki: &DevPki, server: SocketAddr) -> Agent {
@@ -75,6 +84,9 @@ struct World {
 }
 
 fn world(name: &str) -> World {
+    if std::env::var_os("ZTNA_TEST_LOG").is_some() {
+        ztna_userspace::logging::init("info");
+    }
     let pki = pki(name);
     let echo = EchoServer::spawn("127.0.0.1:0".parse().unwrap()).unwrap();
     let inter = start_intermediate(&pki, "127.0.0.1:0".parse().unwrap());
@@ -366,7 +378,7 @@ fn restart_intermediate(crash: bool) {
     // A crashed intermediate's clients learn of the restart by stateless reset,
     // a stopped one's by CONNECTION_CLOSE; both well inside 10 s.
     let took = echo_until_ok(&mut a, src(42000), Duration::from_secs(10));
-    assert!(took.is_some(), "traffic resumed after the intermediate restarted");
+    assert!(took.is_some(), "traffic resumed after the intermediate restarted: {:?} {}", a.events(), w.inter.as_ref().unwrap().stats.snapshot());
     assert!(a.client().stats().connects >= 2, "the agent reconnected");
     assert!(stat(&w, |s| &s.registrations_accepted) >= 2, "both sides registered again");
     if crash {
