@@ -1,0 +1,167 @@
+//! Relay CIDs and the forwarding table shared by the XDP program and userspace.
+//!
+//! A relay session has two relay CIDs of [`RELAY_CID_LEN`] bytes, one per side, whose
+//! first byte is [`RELAY_CID_MARKER`] (the intermediate's own CIDs never start with
+//! it). The other 7 bytes come from a CSPRNG.
+//!
+//! Map `ZTNA_RELAY` (hash, [`RelayKey`] → [`RelayEntry`]): a UDP packet to the relay
+//! port whose QUIC DCID is a relay CID and whose source is `expected_src` is rewritten
+//! to come from the relay's address and port (the packet's own destination) and to go
+//! to `peer`. Map `ZTNA_SESSION_STATS` (per-CPU hash, same key →
+//! [`SessionStats`]): packets, bytes, last seen. Map `ZTNA_STATS` (per-CPU array,
+//! index [`Verdict`] → u64). Map `ZTNA_CONFIG` (array, index 0 → [`RelayConfig`]).
+//!
+//! All addresses and ports in map values are in network byte order, exactly as they
+//! appear in packet headers, so the XDP program compares and copies them without
+//! swapping.
+
+/// Length of every relay CID.
+pub const RELAY_CID_LEN: usize = 8;
+/// First byte of every relay CID.
+pub const RELAY_CID_MARKER: u8 = 0xA5;
+
+/// Names of the maps, also their pin names under [`PIN_DIR`].
+pub const MAP_RELAY: &str = "ZTNA_RELAY";
+pub const MAP_SESSION_STATS: &str = "ZTNA_SESSION_STATS";
+pub const MAP_STATS: &str = "ZTNA_STATS";
+pub const MAP_CONFIG: &str = "ZTNA_CONFIG";
+pub const PIN_DIR: &str = "/sys/fs/bpf/ztna";
+pub const PROGRAM_NAME: &str = "ztna_relay";
+/// Capacity of the forwarding table (two entries per session).
+pub const MAX_RELAY_ENTRIES: u32 = 65536;
+
+/// Forwarding-table key: the relay CID as it appears in the DCID field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RelayKey {
+    pub cid: [u8; RELAY_CID_LEN],
+}
+
+/// Forwarding-table value. 16 bytes, no padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RelayEntry {
+    /// Where to send: IPv4 address (network order).
+    pub peer_addr: u32,
+    /// Only packets from this IPv4 address and port are forwarded (network order).
+    pub expected_src_addr: u32,
+    pub peer_port: u16,
+    pub expected_src_port: u16,
+    /// The intermediate's id for the session (host order; for inspection).
+    pub session_id: u32,
+}
+
+/// Per-session, per-CPU counters. Userspace sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SessionStats {
+    pub packets: u64,
+    pub bytes: u64,
+    /// `bpf_ktime_get_ns()` of the last forwarded packet (CLOCK_MONOTONIC).
+    pub last_seen_ns: u64,
+}
+
+/// Program configuration, index 0 of `ZTNA_CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RelayConfig {
+    /// The relay's UDP port (network order). 0 disables forwarding.
+    pub port: u16,
+    pub _reserved: u16,
+    pub _reserved2: u32,
+}
+
+/// What the program did with a packet; index into `ZTNA_STATS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Rewritten and sent back out of the ingress interface (XDP_TX).
+    Tx = 0,
+    /// Rewritten and redirected to another interface (XDP_REDIRECT).
+    Redirect = 1,
+    /// XDP_PASS: not IPv4 (IPv6, ARP, VLAN, ...).
+    PassNotIpv4 = 2,
+    /// XDP_PASS: IPv4 but not UDP.
+    PassNotUdp = 3,
+    /// XDP_PASS: UDP to another port than the relay's.
+    PassOtherPort = 4,
+    /// XDP_PASS: IPv4 header with options (IHL > 5).
+    PassIpOptions = 5,
+    /// XDP_PASS: IPv4 fragment.
+    PassFragment = 6,
+    /// XDP_PASS: packet ends inside the Ethernet, IPv4, UDP or QUIC header.
+    PassTruncated = 7,
+    /// XDP_PASS: DCID is not a relay CID (the intermediate's own traffic).
+    PassNotRelayCid = 8,
+    /// XDP_PASS: relay CID not in the table.
+    PassUnknownCid = 9,
+    /// XDP_PASS: sender differs from the entry's expected sender (NAT rebinding?).
+    PassSenderMismatch = 10,
+    /// XDP_PASS: no route or neighbour for the peer; userspace forwards.
+    PassFibMiss = 11,
+    /// XDP_PASS: relay not configured (port 0).
+    PassNotConfigured = 12,
+    /// XDP_ABORTED: a rewrite began and could not be completed.
+    Aborted = 13,
+}
+
+/// Number of [`Verdict`] values (size of `ZTNA_STATS`).
+pub const VERDICT_COUNT: u32 = 14;
+
+impl Verdict {
+    pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
+        Verdict::Tx,
+        Verdict::Redirect,
+        Verdict::PassNotIpv4,
+        Verdict::PassNotUdp,
+        Verdict::PassOtherPort,
+        Verdict::PassIpOptions,
+        Verdict::PassFragment,
+        Verdict::PassTruncated,
+        Verdict::PassNotRelayCid,
+        Verdict::PassUnknownCid,
+        Verdict::PassSenderMismatch,
+        Verdict::PassFibMiss,
+        Verdict::PassNotConfigured,
+        Verdict::Aborted,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::Tx => "tx",
+            Verdict::Redirect => "redirect",
+            Verdict::PassNotIpv4 => "pass_not_ipv4",
+            Verdict::PassNotUdp => "pass_not_udp",
+            Verdict::PassOtherPort => "pass_other_port",
+            Verdict::PassIpOptions => "pass_ip_options",
+            Verdict::PassFragment => "pass_fragment",
+            Verdict::PassTruncated => "pass_truncated",
+            Verdict::PassNotRelayCid => "pass_not_relay_cid",
+            Verdict::PassUnknownCid => "pass_unknown_cid",
+            Verdict::PassSenderMismatch => "pass_sender_mismatch",
+            Verdict::PassFibMiss => "pass_fib_miss",
+            Verdict::PassNotConfigured => "pass_not_configured",
+            Verdict::Aborted => "aborted",
+        }
+    }
+}
+
+/// True if `dcid` (at least 8 bytes) is a relay CID.
+pub fn is_relay_cid(dcid: &[u8]) -> bool {
+    dcid.len() >= RELAY_CID_LEN && dcid[0] == RELAY_CID_MARKER
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all four are repr(C), made of integers and byte arrays, without padding
+    // (checked by the size assertions below), so every bit pattern is valid.
+    unsafe impl aya::Pod for super::RelayKey {}
+    unsafe impl aya::Pod for super::RelayEntry {}
+    unsafe impl aya::Pod for super::SessionStats {}
+    unsafe impl aya::Pod for super::RelayConfig {}
+}
+
+const _: () = assert!(core::mem::size_of::<RelayKey>() == 8);
+const _: () = assert!(core::mem::size_of::<RelayEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<SessionStats>() == 24);
+const _: () = assert!(core::mem::size_of::<RelayConfig>() == 8);
