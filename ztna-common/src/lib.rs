@@ -3,6 +3,7 @@
 //! `no_std`, no allocation.
 #![no_std]
 
+pub mod frames;
 pub mod relay;
 pub mod wire;
 

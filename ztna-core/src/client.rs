@@ -14,8 +14,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ring::rand::{SecureRandom, SystemRandom};
+use ztna_common::frames::{self, Cid, Frame, RefusedStatus};
 use ztna_common::wire::{self, ControlMessage, NackStatus, WireError};
 
+use crate::frame_io::{self, FrameIo};
 use crate::{ALPN, MAX_UDP_PAYLOAD, app_error};
 
 /// What the client registers as.
@@ -99,6 +101,14 @@ pub enum ClientEvent {
     Packet { service: Option<String>, packet: Vec<u8> },
     /// The connection closed. `retry_in` is `None` when the client will not reconnect.
     Disconnected { reason: String, retry_in: Option<Duration> },
+    /// Agent: the relay session asked for with `request_session` is set up.
+    SessionReady { request_id: u32, service: String, session_id: u32, agent_cid: Cid, connector_cid: Cid },
+    /// Agent: the relay session could not be set up.
+    SessionRefused { request_id: u32, service: String, status: RefusedStatus },
+    /// Connector: an agent's data connection will arrive with DCID `connector_cid`.
+    SessionOffer { session_id: u32, service: String, agent_cid: Cid, connector_cid: Cid },
+    /// Either side: the intermediate ended a relay session.
+    SessionClosed { session_id: u32, reason: u8 },
 }
 
 /// Counters of what the client received and could not use.
@@ -110,6 +120,7 @@ pub struct ClientStats {
     pub malformed: u64,
     pub unknown_type: u64,
     pub unexpected: u64,
+    pub bad_frames: u64,
 }
 
 enum State {
@@ -134,6 +145,10 @@ pub struct ControlClient {
     last_send: Instant,
     stats: ClientStats,
     rng: SystemRandom,
+    frames: FrameIo,
+    next_request: u32,
+    /// request id → service, for relay-session requests in flight.
+    requests: BTreeMap<u32, String>,
 }
 
 fn quic_config(cfg: &ClientConfig) -> Result<quiche::Config, ClientError> {
@@ -168,6 +183,7 @@ fn quic_config(cfg: &ClientConfig) -> Result<quiche::Config, ClientError> {
     c.set_initial_max_data(10_000_000);
     c.set_initial_max_stream_data_bidi_local(1_000_000);
     c.set_initial_max_stream_data_bidi_remote(1_000_000);
+    c.set_initial_max_stream_data_uni(1_000_000);
     c.set_initial_max_streams_bidi(100);
     c.set_initial_max_streams_uni(100);
     c.set_disable_active_migration(true);
@@ -200,6 +216,9 @@ impl ControlClient {
             last_send: now,
             stats: ClientStats::default(),
             rng: SystemRandom::new(),
+            frames: FrameIo::default(),
+            next_request: 1,
+            requests: BTreeMap::new(),
         };
         client.start_connect(now)?;
         Ok(client)
@@ -219,6 +238,8 @@ impl ControlClient {
         self.conn = Some(conn);
         self.state = State::Connecting { started: now };
         self.stats.connects += 1;
+        self.frames.reset();
+        self.requests.clear();
         for v in self.registered.values_mut() {
             *v = false;
         }
@@ -275,6 +296,9 @@ impl ControlClient {
     /// Next UDP payload to send, written into `out`: (length, destination).
     pub fn poll_transmit(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, SocketAddr)> {
         let conn = self.conn.as_mut()?;
+        if conn.is_established() {
+            self.frames.flush(conn, frames::CLIENT_FRAME_STREAM);
+        }
         match conn.send(out) {
             Ok((n, info)) => {
                 self.last_send = now;
@@ -387,6 +411,44 @@ impl ControlClient {
             }),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Agent: asks the intermediate for a relay session to `service`; the answer
+    /// comes as `SessionReady` or `SessionRefused` with the returned request id.
+    pub fn request_session(&mut self, service: &str) -> Result<u32, ClientError> {
+        if !self.is_registered(service) {
+            return Err(ClientError::NotRegistered(service.to_string()));
+        }
+        let request_id = self.next_request;
+        self.next_request = self.next_request.wrapping_add(1);
+        self.send_frame(&Frame::SessionRequest { request_id, service })?;
+        self.requests.insert(request_id, service.to_string());
+        Ok(request_id)
+    }
+
+    /// Connector: accepts an offered session.
+    pub fn accept_session(&mut self, session_id: u32) -> Result<(), ClientError> {
+        self.send_frame(&Frame::SessionAccept { session_id })
+    }
+
+    /// Either side: tells the intermediate a session is over.
+    pub fn close_session(&mut self, session_id: u32, reason: u8) -> Result<(), ClientError> {
+        self.send_frame(&Frame::SessionClose { session_id, reason })
+    }
+
+    fn send_frame(&mut self, frame: &Frame<'_>) -> Result<(), ClientError> {
+        if !self.is_established() {
+            return Err(ClientError::NotConnected);
+        }
+        self.frames.queue(frame).map_err(|source| ClientError::ServiceId {
+            service: String::new(),
+            source,
+        })
+    }
+
+    /// The intermediate's address (where relayed data connections go too).
+    pub fn server(&self) -> SocketAddr {
+        self.cfg.server
     }
 
     /// Closes the connection for good; no reconnect follows.
@@ -514,6 +576,43 @@ impl ControlClient {
                 Err(e) => {
                     self.stats.malformed += 1;
                     tracing::debug!("ignoring malformed DATAGRAM: {e}");
+                }
+            }
+        }
+        let (raw, errors) = self.frames.read(conn, frames::SERVER_FRAME_STREAM);
+        self.stats.bad_frames += errors;
+        for bytes in raw {
+            match frame_io::decode(&bytes) {
+                Ok(Frame::SessionReady { request_id, session_id, agent_cid, connector_cid }) => {
+                    let service = self.requests.remove(&request_id).unwrap_or_default();
+                    self.events.push_back(ClientEvent::SessionReady {
+                        request_id,
+                        service,
+                        session_id,
+                        agent_cid,
+                        connector_cid,
+                    });
+                }
+                Ok(Frame::SessionRefused { request_id, status }) => {
+                    let service = self.requests.remove(&request_id).unwrap_or_default();
+                    self.events.push_back(ClientEvent::SessionRefused { request_id, service, status });
+                }
+                Ok(Frame::SessionOffer { session_id, agent_cid, connector_cid, service }) => {
+                    self.events.push_back(ClientEvent::SessionOffer {
+                        session_id,
+                        service: service.to_string(),
+                        agent_cid,
+                        connector_cid,
+                    });
+                }
+                Ok(Frame::SessionClose { session_id, reason }) => {
+                    self.events.push_back(ClientEvent::SessionClosed { session_id, reason });
+                }
+                Ok(Frame::Unknown { .. }) => {}
+                Ok(_) => self.stats.unexpected += 1,
+                Err(e) => {
+                    self.stats.bad_frames += 1;
+                    tracing::debug!("ignoring malformed frame: {e}");
                 }
             }
         }

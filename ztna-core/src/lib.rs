@@ -4,6 +4,8 @@
 //! Linux-only.
 
 pub mod client;
+pub mod data;
+pub mod frame_io;
 pub mod packet;
 
 pub use client::{ClientConfig, ClientError, ClientEvent, ClientStats, ControlClient, Role};
@@ -29,6 +31,8 @@ pub mod app_error {
     pub const CLIENT_CLOSING: u64 = 0x102;
     /// The peer's certificate could not be parsed.
     pub const BAD_CERTIFICATE: u64 = 0x103;
+    /// The peer's certificate does not cover the role and service (data connections).
+    pub const NOT_AUTHORIZED: u64 = 0x104;
 
     pub fn name(code: u64) -> &'static str {
         match code {
@@ -36,6 +40,7 @@ pub mod app_error {
             CERTIFICATE_REQUIRED => "client certificate required",
             CLIENT_CLOSING => "client closing",
             BAD_CERTIFICATE => "bad certificate",
+            NOT_AUTHORIZED => "not authorized",
             _ => "unknown",
         }
     }

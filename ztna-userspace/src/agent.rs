@@ -13,11 +13,38 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::Serialize;
 use ztna_common::NackStatus;
+use ztna_core::data::{self, DataConfig, DataConnection};
 use ztna_core::packet;
 use ztna_core::{ClientConfig, ClientError, ClientEvent, ControlClient, MAX_UDP_PAYLOAD, Role};
 
+use crate::connector::authorize;
+
+/// A data connection not usable after this long is given up (datagram relay used).
+const DATA_SETUP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Wait before asking again for a relay session that failed.
+const SESSION_RETRY: Duration = Duration::from_secs(2);
+
+/// How a service's packets currently travel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PathKind {
+    /// QUIC data connection through the forwarded relay (XDP or userspace forwarder).
+    Relay,
+    /// DATAGRAMs on the control connection, decrypted by the intermediate.
+    Datagram,
+}
+
 pub struct Agent {
     client: ControlClient,
+    data_quic: Option<quiche::Config>,
+    keepalive: Duration,
+    /// service → its data connection.
+    data: HashMap<String, DataConnection>,
+    /// service → earliest time to ask for a relay session.
+    want_session: HashMap<String, Instant>,
+    /// services with a session request in flight.
+    requested: std::collections::HashSet<String>,
+    path_changes: u64,
     socket: UdpSocket,
     packets: VecDeque<(Option<String>, Vec<u8>)>,
     events: Vec<ClientEvent>,
@@ -28,8 +55,14 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Binds a socket and starts connecting. Loopback servers get a loopback socket.
-    pub fn connect(mut cfg: ClientConfig) -> anyhow::Result<Self> {
+    /// Binds a socket and starts connecting, with relayed data connections.
+    pub fn connect(cfg: ClientConfig) -> anyhow::Result<Self> {
+        Self::connect_with(cfg, true)
+    }
+
+    /// Like `connect`; `data_path: false` keeps to the datagram relay.
+    /// Loopback servers get a loopback socket.
+    pub fn connect_with(mut cfg: ClientConfig, data_path: bool) -> anyhow::Result<Self> {
         cfg.role = Role::Agent;
         let bind: SocketAddr = match cfg.server {
             SocketAddr::V4(a) if a.ip().is_loopback() => "127.0.0.1:0".parse()?,
@@ -38,9 +71,26 @@ impl Agent {
         };
         let socket = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
         let local = socket.local_addr()?;
+        let data_quic = match (&cfg.ca_file, &cfg.cert_file, &cfg.key_file) {
+            (Some(ca), Some(cert), Some(key)) if data_path => Some(data::quic_config(&DataConfig {
+                ca_file: ca.clone(),
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+                idle_timeout: cfg.idle_timeout,
+                keepalive: cfg.keepalive,
+            })?),
+            _ => None,
+        };
+        let keepalive = cfg.keepalive;
         let client = ControlClient::new(cfg, local, Instant::now())?;
         let mut agent = Agent {
             client,
+            data_quic,
+            keepalive,
+            data: HashMap::new(),
+            want_session: HashMap::new(),
+            requested: Default::default(),
+            path_changes: 0,
             socket,
             packets: VecDeque::new(),
             events: Vec::new(),
@@ -83,12 +133,124 @@ impl Agent {
                 break;
             }
         }
+        for d in self.data.values_mut() {
+            while let Some((n, to)) = d.poll_transmit(&mut self.out, now) {
+                if let Err(e) = self.socket.send_to(&self.out[..n], to) {
+                    tracing::debug!("send to {to}: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// The path `service`'s packets take now.
+    pub fn path(&self, service: &str) -> PathKind {
+        match self.data.get(service) {
+            Some(d) if d.is_usable() => PathKind::Relay,
+            _ => PathKind::Datagram,
+        }
+    }
+
+    /// The data connection of `service`, if any.
+    pub fn data_connection(&self, service: &str) -> Option<&DataConnection> {
+        self.data.get(service)
+    }
+
+    /// Asks for relay sessions that are due, opens data connections, reads them,
+    /// and drops the ones that failed.
+    fn service_data(&mut self, now: Instant) {
+        if self.data_quic.is_none() {
+            return;
+        }
+        let due: Vec<String> = self
+            .want_session
+            .iter()
+            .filter(|(s, t)| **t <= now && !self.requested.contains(*s) && !self.data.contains_key(*s))
+            .map(|(s, _)| s.clone())
+            .collect();
+        for service in due {
+            let r = self.client.request_session(&service);
+            tracing::debug!("relay session request for {service:?}: {r:?}");
+            if r.is_ok() {
+                self.requested.insert(service);
+            }
+        }
+        let mut closed = Vec::new();
+        for (service, d) in self.data.iter_mut() {
+            if d.check_peer(now, |der| authorize(der, crate::identity::Role::Connector, service)) {
+                self.path_changes += 1;
+            }
+            let q = &mut self.packets;
+            d.recv_packets(|p| q.push_back((Some(service.clone()), p.to_vec())));
+            if !d.is_usable() && now.duration_since(d.started()) > DATA_SETUP_TIMEOUT {
+                d.close("setup timed out");
+            }
+            if d.is_closed() {
+                tracing::info!("data connection for {service:?} closed: {}", d.close_reason());
+                closed.push((service.clone(), d.session_id));
+            }
+        }
+        for (service, session) in closed {
+            self.data.remove(&service);
+            self.path_changes += 1;
+            let _ = self.client.close_session(session, ztna_common::frames::close_reason::NORMAL);
+            self.want_session.insert(service, now + SESSION_RETRY);
+        }
     }
 
     fn take_events(&mut self) {
+        let now = Instant::now();
         while let Some(ev) = self.client.poll_event() {
             match ev {
                 ClientEvent::Packet { service, packet } => self.packets.push_back((service, packet)),
+                ClientEvent::Registered(s) if self.data_quic.is_some() => {
+                    self.want_session.insert(s.clone(), now);
+                    self.events.push(ClientEvent::Registered(s));
+                }
+                ClientEvent::SessionReady { service, session_id, agent_cid, connector_cid, .. } => {
+                    self.requested.remove(&service);
+                    let Some(quic) = self.data_quic.as_mut() else { continue };
+                    let local = self.socket.local_addr().expect("bound");
+                    match DataConnection::connect(
+                        quic,
+                        self.keepalive,
+                        session_id,
+                        &service,
+                        agent_cid,
+                        connector_cid,
+                        local,
+                        self.client.server(),
+                        now,
+                    ) {
+                        Ok(d) => {
+                            self.data.insert(service, d);
+                        }
+                        Err(e) => {
+                            tracing::warn!("data connection for {service:?}: {e}");
+                            self.want_session.insert(service, now + SESSION_RETRY);
+                        }
+                    }
+                }
+                ClientEvent::SessionRefused { service, status, .. } => {
+                    tracing::info!("relay session for {service:?} refused: {status:?}; using the datagram relay");
+                    self.requested.remove(&service);
+                    self.want_session.insert(service, now + SESSION_RETRY);
+                }
+                ClientEvent::SessionClosed { session_id, .. } => {
+                    for d in self.data.values_mut() {
+                        if d.session_id == session_id {
+                            d.close("session closed by the intermediate");
+                        }
+                    }
+                }
+                ClientEvent::Disconnected { .. } => {
+                    // Sessions die with the control connection; ask again once it is back.
+                    self.requested.clear();
+                    for d in self.data.values_mut() {
+                        d.close("control connection lost");
+                    }
+                    self.events.push(ev);
+                }
                 ev => {
                     if let ClientEvent::Connected { handshake } = &ev {
                         self.handshake = Some(*handshake);
@@ -103,21 +265,30 @@ impl Agent {
 
     /// Runs IO until `deadline` or until something happened (an event or packet).
     pub fn drive(&mut self, deadline: Instant) -> io::Result<()> {
-        let before = (self.events.len(), self.packets.len());
+        let before = (self.events.len(), self.packets.len(), self.path_changes);
         loop {
             self.flush();
             let now = Instant::now();
             if now >= deadline {
                 return Ok(());
             }
-            let wake = self.client.poll_timeout().map_or(deadline, |t| t.min(deadline));
+            let wake = self
+                .data
+                .values()
+                .filter_map(|d| d.poll_timeout())
+                .chain(self.client.poll_timeout())
+                .chain(self.want_session.values().copied().filter(|t| *t > now))
+                .fold(deadline, |a, b| a.min(b));
             let wait = wake.saturating_duration_since(now).max(Duration::from_millis(1));
             self.socket.set_read_timeout(Some(wait))?;
             match self.socket.recv_from(&mut self.buf) {
                 Ok((n, from)) => {
                     let now = Instant::now();
-                    let (buf, client) = (&mut self.buf, &mut self.client);
-                    client.recv(&mut buf[..n], from, now);
+                    let pkt = &mut self.buf[..n];
+                    match self.data.values_mut().find(|d| data::dcid_is(pkt, &d.local_cid)) {
+                        Some(d) => d.recv(pkt, from),
+                        None => self.client.recv(pkt, from, now),
+                    }
                 }
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
@@ -127,9 +298,15 @@ impl Agent {
             if self.client.poll_timeout().is_some_and(|t| t <= now) {
                 self.client.handle_timeout(now);
             }
+            for d in self.data.values_mut() {
+                if d.poll_timeout().is_some_and(|t| t <= now) {
+                    d.handle_timeout(now);
+                }
+            }
             self.take_events();
+            self.service_data(now);
             self.flush();
-            if (self.events.len(), self.packets.len()) != before {
+            if (self.events.len(), self.packets.len(), self.path_changes) != before {
                 return Ok(());
             }
         }
@@ -191,9 +368,13 @@ impl Agent {
         }
     }
 
-    /// Sends an IP packet to `service`.
+    /// Sends an IP packet to `service`: over its data connection when that is up,
+    /// else as a DATAGRAM on the control connection.
     pub fn send_packet(&mut self, service: &str, packet: &[u8]) -> Result<(), ClientError> {
-        let r = self.client.send_packet(service, packet);
+        let r = match self.data.get_mut(service) {
+            Some(d) if d.is_usable() => d.send_packet(packet),
+            _ => self.client.send_packet(service, packet),
+        };
         self.flush();
         r
     }
@@ -211,10 +392,31 @@ impl Agent {
         Ok(())
     }
 
-    /// Largest UDP payload that fits one tunneled packet to `service` (IPv4 inner).
+    /// Largest UDP payload that fits one tunneled packet to `service` on its
+    /// current path.
     pub fn max_udp_payload(&self, service: &str, ipv6: bool) -> Option<usize> {
         let ip_udp = if ipv6 { 40 + 8 } else { 20 + 8 };
-        self.client.max_packet_len(service)?.checked_sub(ip_udp)
+        self.max_packet_len(service)?.checked_sub(ip_udp)
+    }
+
+    /// Largest IP packet to `service` on its current path.
+    pub fn max_packet_len(&self, service: &str) -> Option<usize> {
+        match self.data.get(service) {
+            Some(d) if d.is_usable() => d.max_packet_len(),
+            _ => self.client.max_packet_len(service),
+        }
+    }
+
+    /// Waits until `service` runs over a relayed data connection.
+    pub fn wait_relay_path(&mut self, service: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.path(service) != PathKind::Relay {
+            if Instant::now() >= deadline {
+                anyhow::bail!("no relayed data connection for {service:?} within {timeout:?}");
+            }
+            self.drive(deadline)?;
+        }
+        Ok(())
     }
 
     /// Next tunneled packet, waiting up to `timeout`.
@@ -246,6 +448,9 @@ impl Agent {
     }
 
     pub fn close(&mut self) {
+        for d in self.data.values_mut() {
+            d.close("agent exiting");
+        }
         self.client.close("agent exiting");
         self.flush();
     }

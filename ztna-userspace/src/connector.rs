@@ -18,8 +18,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
+use ztna_common::frames::{Cid, close_reason};
+use ztna_core::data::{self, DataConfig, DataConnection};
 use ztna_core::packet::{self, FlowKey, Proto};
 use ztna_core::{ClientConfig, ClientEvent, ControlClient, MAX_UDP_PAYLOAD};
+
+use crate::identity::{PeerIdentity, Role};
 
 const CONTROL: Token = Token(0);
 const FLOW_IDLE: Duration = Duration::from_secs(120);
@@ -96,13 +100,33 @@ counters!(ConnectorStats {
     dropped_send_failed,
     flows_opened,
     flows_expired,
+    sessions_offered,
+    data_connections,
+    data_connections_refused,
+    packets_from_data,
+    packets_to_data,
 });
 
 fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Which connection a flow's packets came in on, so replies go back the same way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    Control,
+    Data(Cid),
+}
+
+struct Offer {
+    session_id: u32,
+    service: String,
+    agent_cid: Cid,
+    at: Instant,
+}
+
 struct Flow {
+    origin: Origin,
     service: String,
     /// Tunnel-side key: agent → virtual address.
     key: FlowKey,
@@ -119,6 +143,12 @@ pub struct Connector {
     by_key: HashMap<(String, FlowKey), Token>,
     next_token: usize,
     stats: Arc<ConnectorStats>,
+    local: SocketAddr,
+    /// Server-side config for data connections; `None` without a certificate.
+    data_quic: Option<quiche::Config>,
+    keepalive: Duration,
+    offers: HashMap<Cid, Offer>,
+    data: HashMap<Cid, DataConnection>,
 }
 
 pub struct ConnectorHandle {
@@ -179,8 +209,27 @@ impl Connector {
         let poll = Poll::new()?;
         poll.registry()
             .register(&mut socket, CONTROL, Interest::READABLE)?;
+        let data_quic = match (&cfg.ca_file, &cfg.cert_file, &cfg.key_file) {
+            (Some(ca), Some(cert), Some(key)) => Some(data::quic_config(&DataConfig {
+                ca_file: ca.clone(),
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+                idle_timeout: cfg.idle_timeout,
+                keepalive: cfg.keepalive,
+            })?),
+            _ => {
+                tracing::warn!("no CA/certificate/key: relayed data connections are disabled");
+                None
+            }
+        };
+        let keepalive = cfg.keepalive;
         let client = ControlClient::new(cfg, local, Instant::now())?;
         Ok(Connector {
+            local,
+            data_quic,
+            keepalive,
+            offers: HashMap::new(),
+            data: HashMap::new(),
             services: services.into_iter().map(|s| (s.id.clone(), s)).collect(),
             client,
             socket,
@@ -208,12 +257,15 @@ impl Connector {
                 return Ok(());
             }
             let now = Instant::now();
-            let timeout = self
-                .client
-                .poll_timeout()
-                .map_or(Duration::from_millis(100), |t| {
-                    t.saturating_duration_since(now).min(Duration::from_millis(100))
-                });
+            let next = self
+                .data
+                .values()
+                .filter_map(|d| d.poll_timeout())
+                .chain(self.client.poll_timeout())
+                .min();
+            let timeout = next.map_or(Duration::from_millis(100), |t| {
+                t.saturating_duration_since(now).min(Duration::from_millis(100))
+            });
             if let Err(e) = self.poll.poll(&mut events, Some(timeout))
                 && e.kind() != io::ErrorKind::Interrupted
             {
@@ -224,7 +276,7 @@ impl Connector {
                 if ev.token() == CONTROL {
                     loop {
                         match self.socket.recv_from(&mut buf) {
-                            Ok((n, from)) => self.client.recv(&mut buf[..n], from, now),
+                            Ok((n, from)) => self.recv_udp(&mut buf[..n], from, now),
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                             Err(e) => {
                                 tracing::warn!("control socket: {e}");
@@ -239,7 +291,13 @@ impl Connector {
             if self.client.poll_timeout().is_some_and(|t| t <= now) {
                 self.client.handle_timeout(now);
             }
+            for d in self.data.values_mut() {
+                if d.poll_timeout().is_some_and(|t| t <= now) {
+                    d.handle_timeout(now);
+                }
+            }
             self.handle_events();
+            self.service_data(now);
             self.flush(&mut out);
             if now.duration_since(last_sweep) > Duration::from_secs(5) {
                 self.expire(now);
@@ -256,6 +314,86 @@ impl Connector {
                 break;
             }
         }
+        for d in self.data.values_mut() {
+            while let Some((n, to)) = d.poll_transmit(out, now) {
+                if let Err(e) = self.socket.send_to(&out[..n], to) {
+                    tracing::debug!("send to {to}: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Demultiplexes the one UDP socket: data connections by their relay CID,
+    /// everything else to the control connection.
+    fn recv_udp(&mut self, pkt: &mut [u8], from: SocketAddr, now: Instant) {
+        if let Some(dcid) = data::dcid_of(pkt) {
+            let mut cid = [0u8; 8];
+            cid.copy_from_slice(dcid);
+            if let Some(d) = self.data.get_mut(&cid) {
+                d.recv(pkt, from);
+                return;
+            }
+            if let Some(offer) = self.offers.remove(&cid) {
+                let Some(quic) = self.data_quic.as_mut() else {
+                    return;
+                };
+                match DataConnection::accept(
+                    quic,
+                    self.keepalive,
+                    offer.session_id,
+                    &offer.service,
+                    cid,
+                    offer.agent_cid,
+                    self.local,
+                    from,
+                    now,
+                ) {
+                    Ok(mut d) => {
+                        d.recv(pkt, from);
+                        self.data.insert(cid, d);
+                    }
+                    Err(e) => tracing::warn!("data connection for {}: {e}", offer.service),
+                }
+                return;
+            }
+        }
+        self.client.recv(pkt, from, now);
+    }
+
+    /// Checks new data connections' peers, reads their packets, drops closed ones.
+    fn service_data(&mut self, now: Instant) {
+        let mut incoming = Vec::new();
+        let mut closed = Vec::new();
+        for (cid, d) in self.data.iter_mut() {
+            let service = d.service.clone();
+            if d.check_peer(now, |der| authorize(der, Role::Agent, &service)) {
+                inc(&self.stats.data_connections);
+            }
+            d.recv_packets(|p| incoming.push((*cid, service.clone(), p.to_vec())));
+            if d.is_closed() {
+                if !d.is_usable() && d.handshake_time().is_none() {
+                    inc(&self.stats.data_connections_refused);
+                }
+                tracing::info!("data connection for {:?} closed: {}", d.service, d.close_reason());
+                closed.push((*cid, d.session_id));
+            }
+        }
+        for (cid, service, p) in incoming {
+            inc(&self.stats.packets_from_data);
+            self.from_tunnel(Origin::Data(cid), Some(service), p);
+        }
+        for (cid, session) in closed {
+            self.data.remove(&cid);
+            let _ = self.client.close_session(session, close_reason::NORMAL);
+            for f in self.flows.values_mut() {
+                if f.origin == Origin::Data(cid) {
+                    f.origin = Origin::Control;
+                }
+            }
+        }
+        self.offers
+            .retain(|_, o| now.duration_since(o.at) < Duration::from_secs(10));
     }
 
     fn handle_events(&mut self) {
@@ -279,13 +417,34 @@ impl Connector {
                 }
                 ClientEvent::Packet { service, packet } => {
                     inc(&self.stats.packets_from_tunnel);
-                    self.from_tunnel(service, packet);
+                    self.from_tunnel(Origin::Control, service, packet);
                 }
+                ClientEvent::SessionOffer { session_id, service, agent_cid, connector_cid } => {
+                    inc(&self.stats.sessions_offered);
+                    if self.data_quic.is_none() || !self.services.contains_key(&service) {
+                        continue;
+                    }
+                    if self.client.accept_session(session_id).is_ok() {
+                        self.offers.insert(
+                            connector_cid,
+                            Offer { session_id, service, agent_cid, at: Instant::now() },
+                        );
+                    }
+                }
+                ClientEvent::SessionClosed { session_id, .. } => {
+                    self.offers.retain(|_, o| o.session_id != session_id);
+                    for d in self.data.values_mut() {
+                        if d.session_id == session_id {
+                            d.close("session closed by the intermediate");
+                        }
+                    }
+                }
+                ClientEvent::SessionReady { .. } | ClientEvent::SessionRefused { .. } => {}
             }
         }
     }
 
-    fn from_tunnel(&mut self, service: Option<String>, packet: Vec<u8>) {
+    fn from_tunnel(&mut self, origin: Origin, service: Option<String>, packet: Vec<u8>) {
         let service = match service {
             Some(s) => s,
             // Raw datagram: the only service, if there is exactly one.
@@ -316,7 +475,7 @@ impl Connector {
             Proto::Icmp | Proto::Icmpv6 => match packet::icmp_echo_reply(&packet) {
                 Some(reply) => {
                     inc(&self.stats.icmp_echo_replies);
-                    self.to_tunnel(&service, &reply);
+                    self.to_tunnel(origin, &service, &reply);
                 }
                 None => inc(&self.stats.dropped_unsupported),
             },
@@ -333,6 +492,7 @@ impl Connector {
                 };
                 let flow = self.flows.get_mut(&token).expect("flow exists");
                 flow.last_seen = Instant::now();
+                flow.origin = origin;
                 match flow.socket.send(&payload) {
                     Ok(_) => inc(&self.stats.udp_to_backend),
                     Err(e) => {
@@ -378,6 +538,7 @@ impl Connector {
         self.flows.insert(
             token,
             Flow {
+                origin: Origin::Control,
                 service: service.to_string(),
                 key,
                 socket,
@@ -403,10 +564,10 @@ impl Connector {
             };
             flow.last_seen = Instant::now();
             inc(&self.stats.udp_from_backend);
-            let (service, key) = (flow.service.clone(), flow.key);
+            let (service, key, origin) = (flow.service.clone(), flow.key, flow.origin);
             // Reply as the address the agent sent to.
             match packet::build_udp(key.dst, key.src, &buf[..n]) {
-                Ok(reply) => self.to_tunnel(&service, &reply),
+                Ok(reply) => self.to_tunnel(origin, &service, &reply),
                 Err(e) => {
                     inc(&self.stats.dropped_send_failed);
                     tracing::debug!("{service}: building reply: {e}");
@@ -415,7 +576,19 @@ impl Connector {
         }
     }
 
-    fn to_tunnel(&mut self, service: &str, packet: &[u8]) {
+    fn to_tunnel(&mut self, origin: Origin, service: &str, packet: &[u8]) {
+        if let Origin::Data(cid) = origin
+            && let Some(d) = self.data.get_mut(&cid)
+            && d.is_usable()
+        {
+            match d.send_packet(packet) {
+                Ok(()) => {
+                    inc(&self.stats.packets_to_data);
+                    return;
+                }
+                Err(e) => tracing::debug!("{service}: data connection send: {e}; using the control connection"),
+            }
+        }
         if let Err(e) = self.client.send_packet(service, packet) {
             inc(&self.stats.dropped_send_failed);
             tracing::debug!("{service}: reply not sent: {e}");
@@ -436,5 +609,16 @@ impl Connector {
                 inc(&self.stats.flows_expired);
             }
         }
+    }
+}
+
+/// Checks a data-connection peer's certificate for `role` on `service`.
+pub fn authorize(der: Option<&[u8]>, role: Role, service: &str) -> Result<String, String> {
+    let der = der.ok_or("no peer certificate")?;
+    let id = PeerIdentity::from_der(der).map_err(|e| e.to_string())?;
+    if id.authorizes(role, service) {
+        Ok(id.name())
+    } else {
+        Err(format!("{} is not authorized as {} for {service:?}", id.name(), role.as_str()))
     }
 }

@@ -29,8 +29,12 @@ use ztna_common::wire::{ControlMessage, NackStatus, WireError};
 use ztna_core::packet::{self, PortField};
 use ztna_core::{ALPN, MAX_UDP_PAYLOAD, app_error};
 
+use ztna_common::frames::{self, Frame, RefusedStatus, close_reason};
+use ztna_core::frame_io::{self, FrameIo};
+
 use crate::flows::{ClientId, FlowTable};
 use crate::identity::{PeerIdentity, Role};
+use crate::relay::{ForwardResult, KernelTable, RelayTable, relay_cid_of};
 
 /// Length of the intermediate's own connection IDs.
 pub const LOCAL_CID_LEN: usize = 16;
@@ -112,6 +116,17 @@ stats!(IntermediateStats {
     dropped_no_flow,
     dropped_bad_inner_packet,
     dropped_send_failed,
+    relay_sessions_created,
+    relay_sessions_refused,
+    relay_sessions_closed,
+    /// Relayed data-connection packets forwarded by the userspace forwarder.
+    userspace_forwarded_packets,
+    userspace_forwarded_bytes,
+    relay_unknown_cid,
+    relay_sender_mismatch,
+    /// Sender changes accepted because the client's control connection moved too.
+    relay_sender_updated,
+    bad_frames,
 });
 
 fn inc(c: &AtomicU64) {
@@ -126,6 +141,7 @@ struct Client {
     qad_for: Option<SocketAddr>,
     agent_of: BTreeSet<String>,
     connector_of: BTreeSet<String>,
+    frames: FrameIo,
 }
 
 #[derive(Default)]
@@ -143,6 +159,7 @@ pub struct Intermediate {
     cids: HashMap<quiche::ConnectionId<'static>, ClientId>,
     services: HashMap<String, Service>,
     flows: FlowTable,
+    relay: RelayTable,
     next_id: ClientId,
     token_key: hmac::Key,
     reset_key: hmac::Key,
@@ -232,6 +249,7 @@ fn quic_config(cfg: &IntermediateConfig) -> anyhow::Result<quiche::Config> {
     c.set_initial_max_data(10_000_000);
     c.set_initial_max_stream_data_bidi_local(1_000_000);
     c.set_initial_max_stream_data_bidi_remote(1_000_000);
+    c.set_initial_max_stream_data_uni(1_000_000);
     c.set_initial_max_streams_bidi(100);
     c.set_initial_max_streams_uni(100);
     c.enable_dgram(true, 4096, 4096);
@@ -311,6 +329,7 @@ impl Intermediate {
             cids: HashMap::new(),
             services: HashMap::new(),
             flows: FlowTable::default(),
+            relay: RelayTable::new(ztna_common::relay::MAX_RELAY_ENTRIES as usize),
             next_id: 1,
             token_key,
             reset_key,
@@ -322,6 +341,11 @@ impl Intermediate {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// Mirrors the forwarding table into the kernel (the XDP program's map).
+    pub fn set_kernel_table(&mut self, kernel: Box<dyn KernelTable>) {
+        self.relay.set_kernel(kernel);
     }
 
     pub fn stats(&self) -> Arc<IntermediateStats> {
@@ -390,8 +414,9 @@ impl Intermediate {
             }
             self.flush(&mut out);
             self.collect_closed();
-            if now.duration_since(self.last_expiry) > Duration::from_secs(10) {
+            if now.duration_since(self.last_expiry) > Duration::from_secs(1) {
                 self.flows.expire(now);
+                self.expire_sessions(now);
                 self.last_expiry = now;
             }
         }
@@ -406,6 +431,9 @@ impl Intermediate {
 
     fn flush(&mut self, out: &mut [u8]) {
         for c in self.clients.values_mut() {
+            if c.conn.is_established() {
+                c.frames.flush(&mut c.conn, frames::SERVER_FRAME_STREAM);
+            }
             loop {
                 match c.conn.send(out) {
                     Ok((n, info)) => {
@@ -478,6 +506,10 @@ impl Intermediate {
     }
 
     fn handle_packet(&mut self, pkt: &mut [u8], from: SocketAddr, out: &mut [u8], draining: bool) {
+        if let Some(cid) = relay_cid_of(pkt) {
+            self.forward_relayed(&cid, pkt, from);
+            return;
+        }
         let hdr = match quiche::Header::from_slice(pkt, LOCAL_CID_LEN) {
             Ok(h) => h,
             Err(_) => {
@@ -509,6 +541,38 @@ impl Intermediate {
         if client.peer != from {
             tracing::info!("client {id} moved {} -> {from}", client.peer);
             client.peer = from;
+            self.relay.client_moved(id, from);
+        }
+    }
+
+    /// The userspace forwarder: relayed data-connection packets, by DCID.
+    fn forward_relayed(&mut self, cid: &frames::Cid, pkt: &[u8], from: SocketAddr) {
+        let now = Instant::now();
+        match self.relay.forward(cid, from, pkt.len(), now) {
+            ForwardResult::Send(to) => {
+                inc(&self.stats.userspace_forwarded_packets);
+                self.stats
+                    .userspace_forwarded_bytes
+                    .fetch_add(pkt.len() as u64, Ordering::Relaxed);
+                self.send_to(pkt, to);
+            }
+            ForwardResult::Unknown => inc(&self.stats.relay_unknown_cid),
+            ForwardResult::Mismatch { sender } => {
+                // The relay cannot authenticate a data packet (it has no keys), so a
+                // new sender address is only believed once the sender's control
+                // connection, which QUIC path validation vouches for, comes from it.
+                let moved = self.clients.get(&sender).is_some_and(|c| c.peer == from);
+                if moved {
+                    inc(&self.stats.relay_sender_updated);
+                    self.relay.client_moved(sender, from);
+                    if let ForwardResult::Send(to) = self.relay.forward(cid, from, pkt.len(), now) {
+                        inc(&self.stats.userspace_forwarded_packets);
+                        self.send_to(pkt, to);
+                    }
+                } else {
+                    inc(&self.stats.relay_sender_mismatch);
+                }
+            }
         }
     }
 
@@ -594,6 +658,7 @@ impl Intermediate {
                 qad_for: None,
                 agent_of: BTreeSet::new(),
                 connector_of: BTreeSet::new(),
+                frames: FrameIo::default(),
             },
         );
         Some(id)
@@ -666,6 +731,121 @@ impl Intermediate {
             };
             inc(&self.stats.datagrams_in);
             self.handle_datagram(id, &mut buf[..n], now);
+        }
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let (raw, errors) = client.frames.read(&mut client.conn, frames::CLIENT_FRAME_STREAM);
+        self.stats.bad_frames.fetch_add(errors, Ordering::Relaxed);
+        for bytes in raw {
+            match frame_io::decode(&bytes) {
+                Ok(frame) => self.handle_frame(id, frame, now),
+                Err(e) => {
+                    inc(&self.stats.bad_frames);
+                    tracing::debug!("client {id}: malformed frame: {e}");
+                }
+            }
+        }
+    }
+
+    fn queue_frame(&mut self, id: ClientId, frame: &Frame<'_>) {
+        if let Some(c) = self.clients.get_mut(&id)
+            && c.frames.queue(frame).is_err()
+        {
+            inc(&self.stats.bad_frames);
+        }
+    }
+
+    fn handle_frame(&mut self, id: ClientId, frame: Frame<'_>, now: Instant) {
+        match frame {
+            Frame::SessionRequest { request_id, service } => {
+                let refuse = |this: &mut Self, status: RefusedStatus| {
+                    inc(&this.stats.relay_sessions_refused);
+                    tracing::info!("client {id}: relay session for {service:?} refused: {status:?}");
+                    this.queue_frame(id, &Frame::SessionRefused { request_id, status });
+                };
+                let Some(agent) = self.clients.get(&id) else {
+                    return;
+                };
+                if !agent.agent_of.contains(service) {
+                    return refuse(self, RefusedStatus::NotAuthorized);
+                }
+                let agent_addr = agent.peer;
+                let Some(conn_id) = self.services.get(service).and_then(|s| s.connector) else {
+                    return refuse(self, RefusedStatus::NoConnector);
+                };
+                let Some(connector_addr) = self.clients.get(&conn_id).map(|c| c.peer) else {
+                    return refuse(self, RefusedStatus::NoConnector);
+                };
+                match self.relay.create(id, agent_addr, conn_id, connector_addr, service, request_id, now) {
+                    Ok(s) => {
+                        inc(&self.stats.relay_sessions_created);
+                        tracing::info!(
+                            "relay session {} for {service:?}: agent {id} ({agent_addr}) <-> connector {conn_id} ({connector_addr})",
+                            s.id
+                        );
+                        self.queue_frame(
+                            conn_id,
+                            &Frame::SessionOffer {
+                                session_id: s.id,
+                                agent_cid: s.agent_cid,
+                                connector_cid: s.connector_cid,
+                                service,
+                            },
+                        );
+                    }
+                    Err(status) => refuse(self, status),
+                }
+            }
+            Frame::SessionAccept { session_id } => match self.relay.accept(id, session_id) {
+                Some(s) => self.queue_frame(
+                    s.agent,
+                    &Frame::SessionReady {
+                        request_id: s.request_id,
+                        session_id,
+                        agent_cid: s.agent_cid,
+                        connector_cid: s.connector_cid,
+                    },
+                ),
+                None => inc(&self.stats.bad_frames),
+            },
+            Frame::SessionClose { session_id, reason } => {
+                let owned = self
+                    .relay
+                    .sessions()
+                    .any(|s| s.id == session_id && (s.agent == id || s.connector == id));
+                if owned && let Some(s) = self.relay.close(session_id) {
+                    inc(&self.stats.relay_sessions_closed);
+                    let other = if s.agent == id { s.connector } else { s.agent };
+                    self.queue_frame(other, &Frame::SessionClose { session_id, reason });
+                }
+            }
+            Frame::Unknown { .. } => {}
+            _ => inc(&self.stats.bad_frames),
+        }
+    }
+
+    fn expire_sessions(&mut self, now: Instant) {
+        let kernel_now = monotonic_ns();
+        let (unaccepted, idle) = self.relay.expire(now, Some(kernel_now));
+        for s in unaccepted {
+            inc(&self.stats.relay_sessions_refused);
+            tracing::info!("relay session {}: connector did not accept in time", s.id);
+            self.queue_frame(
+                s.agent,
+                &Frame::SessionRefused {
+                    request_id: s.request_id,
+                    status: RefusedStatus::ConnectorTimeout,
+                },
+            );
+            self.queue_frame(s.connector, &Frame::SessionClose { session_id: s.id, reason: close_reason::IDLE });
+        }
+        for s in idle {
+            inc(&self.stats.relay_sessions_closed);
+            tracing::info!("relay session {} idle: removed", s.id);
+            for c in [s.agent, s.connector] {
+                self.queue_frame(c, &Frame::SessionClose { session_id: s.id, reason: close_reason::IDLE });
+            }
         }
     }
 
@@ -877,6 +1057,11 @@ impl Intermediate {
             );
             self.cids.retain(|_, v| *v != id);
             self.flows.remove_client(id);
+            for s in self.relay.remove_client(id) {
+                inc(&self.stats.relay_sessions_closed);
+                let other = if s.agent == id { s.connector } else { s.agent };
+                self.queue_frame(other, &Frame::SessionClose { session_id: s.id, reason: close_reason::PEER_GONE });
+            }
             for s in &c.connector_of {
                 if let Some(entry) = self.services.get_mut(s)
                     && entry.connector == Some(id)
@@ -900,4 +1085,12 @@ fn token_mac_input(body: &[u8], peer: SocketAddr) -> Vec<u8> {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -8,3 +8,4 @@ pub mod flows;
 pub mod identity;
 pub mod intermediate;
 pub mod logging;
+pub mod relay;

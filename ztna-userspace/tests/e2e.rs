@@ -71,7 +71,13 @@ fn start_connector(pki: &DevPki, server: SocketAddr, backend: SocketAddr) -> con
     c
 }
 
+/// An agent on the datagram relay (the original protocol's path).
 fn agent(pki: &DevPki, server: SocketAddr) -> Agent {
+    Agent::connect_with(client_cfg(pki, server, Role::Agent, &pki.agent_cert, &pki.agent_key), false).unwrap()
+}
+
+/// An agent that sets up a relayed data connection (the default).
+fn agent_relay(pki: &DevPki, server: SocketAddr) -> Agent {
     Agent::connect(client_cfg(pki, server, Role::Agent, &pki.agent_cert, &pki.agent_key)).unwrap()
 }
 
@@ -229,7 +235,7 @@ fn nack_not_authorized_for_uncovered_san_and_invalid_id() {
     let dir = w.pki.dir.clone();
     // An agent certificate for another service.
     let (cert, key) = identity::issue_leaf(&w.pki.ca_cert, &w.pki.ca_key, &dir, "other", &["agent.other.ztna".into()]).unwrap();
-    let mut a = Agent::connect(client_cfg(&w.pki, w.server, Role::Agent, &cert, &key)).unwrap();
+    let mut a = Agent::connect_with(client_cfg(&w.pki, w.server, Role::Agent, &cert, &key), false).unwrap();
     assert_eq!(
         a.wait_registration_result(SERVICE, Duration::from_secs(10)).unwrap(),
         Some(NackStatus::NotAuthorized)
@@ -449,4 +455,84 @@ fn second_connector_takes_over_the_service() {
     assert!(second_echo.echoed.load(Ordering::Relaxed) > before, "the newest connector serves");
     drop(second);
     drop(w.conn.take());
+}
+
+#[test]
+fn relayed_data_connection_carries_echo_end_to_end_through_the_userspace_forwarder() {
+    let w = world("datapath");
+    let mut a = agent_relay(&w.pki, w.server);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
+    let d = a.data_connection(SERVICE).unwrap();
+    assert!(d.handshake_time().is_some());
+    assert_eq!(d.local_cid[0], ztna_common::relay::RELAY_CID_MARKER);
+    let max = a.max_udp_payload(SERVICE, false).unwrap();
+    assert!(max > 1200, "data path max UDP payload {max}");
+    let relayed_before = stat(&w, |s| &s.relayed_to_connector);
+    let opts = EchoOptions {
+        service: SERVICE.into(),
+        src: src(46000),
+        dst: dst(),
+        size: max,
+        pattern: Pattern::Seq,
+        count: 100,
+        burst: 10,
+        interval: Duration::ZERO,
+        timeout: Duration::from_secs(3),
+    };
+    let r = run_echo(&mut a, &opts).unwrap();
+    assert_eq!((r.echoed_exact, r.corrupted, r.lost), (100, 0, 0), "{r:?}");
+    assert_eq!(stat(&w, |s| &s.relay_sessions_created), 1);
+    // Every echo crossed the forwarder, none was decrypted by the intermediate.
+    assert!(stat(&w, |s| &s.userspace_forwarded_packets) >= 200);
+    assert_eq!(stat(&w, |s| &s.relayed_to_connector), relayed_before);
+    let cs = &w.conn.as_ref().unwrap().stats;
+    assert_eq!(cs.data_connections.load(Ordering::Relaxed), 1);
+    assert!(cs.packets_to_data.load(Ordering::Relaxed) >= 100);
+}
+
+#[test]
+fn relay_session_falls_back_to_datagrams_without_a_connector_and_recovers() {
+    let mut w = world("datafallback");
+    w.conn.take().unwrap().stop().unwrap();
+    let mut a = agent_relay(&w.pki, w.server);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    // No connector: the session is refused, traffic has nowhere to go yet.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stat(&w, |s| &s.relay_sessions_refused) == 0 && Instant::now() < deadline {
+        let _ = a.recv_packet(Duration::from_millis(50));
+    }
+    assert!(stat(&w, |s| &s.relay_sessions_refused) >= 1);
+    assert_eq!(a.path(SERVICE), ztna_userspace::agent::PathKind::Datagram);
+    w.conn = Some(start_connector(&w.pki, w.server, w.echo.addr));
+    // Datagram relay works at once; the data connection follows on the next request.
+    assert!(echo_until_ok(&mut a, src(47000), Duration::from_secs(5)).is_some());
+    a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
+    assert!(echo_until_ok(&mut a, src(47001), Duration::from_secs(5)).is_some());
+    assert!(stat(&w, |s| &s.userspace_forwarded_packets) > 0);
+}
+
+#[test]
+fn relay_session_is_removed_when_the_connector_goes_away() {
+    let mut w = world("datateardown");
+    let mut a = agent_relay(&w.pki, w.server);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
+    assert_eq!(stat(&w, |s| &s.relay_sessions_created), 1);
+    w.conn.take().unwrap().stop().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stat(&w, |s| &s.relay_sessions_closed) == 0 && Instant::now() < deadline {
+        let _ = a.recv_packet(Duration::from_millis(50));
+    }
+    assert_eq!(stat(&w, |s| &s.relay_sessions_closed), 1);
+    // The agent notices and drops to the datagram path.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.path(SERVICE) != ztna_userspace::agent::PathKind::Datagram && Instant::now() < deadline {
+        let _ = a.recv_packet(Duration::from_millis(50));
+    }
+    assert_eq!(a.path(SERVICE), ztna_userspace::agent::PathKind::Datagram);
+    // A new connector brings the relayed path back.
+    w.conn = Some(start_connector(&w.pki, w.server, w.echo.addr));
+    a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
+    assert!(echo_until_ok(&mut a, src(48000), Duration::from_secs(5)).is_some());
 }

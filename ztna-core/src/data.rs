@@ -1,0 +1,288 @@
+//! The data connection: QUIC end to end between an agent (client) and a connector
+//! (server), mutually authenticated, carrying tunneled IP packets as DATAGRAMs (each
+//! DATAGRAM payload is one raw IPv4/IPv6 packet; the connection belongs to one
+//! service, so no service prefix is needed). ALPN `ztna-data-v1`.
+//!
+//! It runs over the forwarded relay: the agent sends to the intermediate's UDP port
+//! with source CID = its relay CID and DCID = the connector's relay CID; the relay
+//! rewrites only IP/UDP headers and never holds these keys. Both CIDs are fixed for
+//! the connection's life: neither side issues further CIDs, since only the two
+//! registered ones are in the relay's forwarding table.
+//!
+//! Sans-IO like [`crate::ControlClient`]: bytes in, bytes out, `now` passed in.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ztna_common::frames::Cid;
+
+use crate::{ClientError, MAX_UDP_PAYLOAD, app_error};
+
+pub const DATA_ALPN: &[u8] = b"ztna-data-v1";
+
+/// TLS material and timers for data connections.
+#[derive(Clone, Debug)]
+pub struct DataConfig {
+    pub ca_file: String,
+    pub cert_file: String,
+    pub key_file: String,
+    pub idle_timeout: Duration,
+    pub keepalive: Duration,
+}
+
+/// Builds the quiche config for data connections (client or server side).
+pub fn quic_config(cfg: &DataConfig) -> Result<quiche::Config, ClientError> {
+    let mut c = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
+    c.set_application_protos(&[DATA_ALPN])?;
+    let tls = |path: &String, r: quiche::Result<()>| {
+        r.map_err(|source| ClientError::TlsFile { path: path.clone(), source })
+    };
+    tls(&cfg.ca_file, c.load_verify_locations_from_file(&cfg.ca_file))?;
+    tls(&cfg.cert_file, c.load_cert_chain_from_pem_file(&cfg.cert_file))?;
+    tls(&cfg.key_file, c.load_priv_key_from_pem_file(&cfg.key_file))?;
+    // Both sides present and verify certificates; SANs are checked after the handshake.
+    c.verify_peer(true);
+    c.set_max_idle_timeout(cfg.idle_timeout.as_millis() as u64);
+    c.set_max_recv_udp_payload_size(MAX_UDP_PAYLOAD);
+    c.set_max_send_udp_payload_size(MAX_UDP_PAYLOAD);
+    c.set_initial_max_data(10_000_000);
+    c.set_initial_max_stream_data_bidi_local(1_000_000);
+    c.set_initial_max_stream_data_bidi_remote(1_000_000);
+    c.set_initial_max_stream_data_uni(1_000_000);
+    c.set_initial_max_streams_bidi(16);
+    c.set_initial_max_streams_uni(16);
+    // Only the registered relay CIDs are forwarded; a migration would need new ones.
+    c.set_disable_active_migration(true);
+    c.set_active_connection_id_limit(2);
+    c.enable_dgram(true, 4096, 4096);
+    Ok(c)
+}
+
+pub struct DataConnection {
+    conn: quiche::Connection,
+    pub session_id: u32,
+    pub service: String,
+    /// Our relay CID (packets to us carry it as DCID).
+    pub local_cid: Cid,
+    pub peer_cid: Cid,
+    local: SocketAddr,
+    authorized: bool,
+    started: Instant,
+    handshake: Option<Duration>,
+    last_send: Instant,
+    keepalive: Duration,
+}
+
+impl DataConnection {
+    /// Agent side: connect through the relay at `relay`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn connect(
+        quic: &mut quiche::Config,
+        keepalive: Duration,
+        session_id: u32,
+        service: &str,
+        agent_cid: Cid,
+        connector_cid: Cid,
+        local: SocketAddr,
+        relay: SocketAddr,
+        now: Instant,
+    ) -> Result<Self, ClientError> {
+        let scid = quiche::ConnectionId::from_ref(&agent_cid);
+        let dcid = quiche::ConnectionId::from_ref(&connector_cid);
+        // No server name: the connector's identity is checked from its SANs after the
+        // handshake, since `connector.*.ztna` wildcards are not DNS-style wildcards.
+        let conn = quiche::connect_with_dcid(None, &scid, &dcid, local, relay, quic)?;
+        Ok(Self::new(conn, session_id, service, agent_cid, connector_cid, local, keepalive, now))
+    }
+
+    /// Connector side: accept the agent's first Initial (already known to carry
+    /// `connector_cid` as DCID).
+    #[allow(clippy::too_many_arguments)]
+    pub fn accept(
+        quic: &mut quiche::Config,
+        keepalive: Duration,
+        session_id: u32,
+        service: &str,
+        connector_cid: Cid,
+        agent_cid: Cid,
+        local: SocketAddr,
+        from: SocketAddr,
+        now: Instant,
+    ) -> Result<Self, ClientError> {
+        let scid = quiche::ConnectionId::from_ref(&connector_cid);
+        let conn = quiche::accept(&scid, None, local, from, quic)?;
+        Ok(Self::new(conn, session_id, service, connector_cid, agent_cid, local, keepalive, now))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        conn: quiche::Connection,
+        session_id: u32,
+        service: &str,
+        local_cid: Cid,
+        peer_cid: Cid,
+        local: SocketAddr,
+        keepalive: Duration,
+        now: Instant,
+    ) -> Self {
+        DataConnection {
+            conn,
+            session_id,
+            service: service.to_string(),
+            local_cid,
+            peer_cid,
+            local,
+            authorized: false,
+            started: now,
+            handshake: None,
+            last_send: now,
+            keepalive,
+        }
+    }
+
+    pub fn recv(&mut self, buf: &mut [u8], from: SocketAddr) {
+        let info = quiche::RecvInfo { from, to: self.local };
+        if let Err(e) = self.conn.recv(buf, info) {
+            tracing::debug!("data connection recv: {e}");
+        }
+    }
+
+    pub fn poll_transmit(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, SocketAddr)> {
+        match self.conn.send(out) {
+            Ok((n, info)) => {
+                self.last_send = now;
+                Some((n, info.to))
+            }
+            Err(quiche::Error::Done) => None,
+            Err(e) => {
+                tracing::debug!("data connection send: {e}");
+                let _ = self.conn.close(false, 0x1, b"send failure");
+                None
+            }
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let quic = self.conn.timeout_instant();
+        if self.authorized {
+            let k = self.last_send + self.keepalive;
+            Some(quic.map_or(k, |q| q.min(k)))
+        } else {
+            quic
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.conn.timeout_instant().is_some_and(|t| t <= now) {
+            self.conn.on_timeout();
+        }
+        if self.authorized && now >= self.last_send + self.keepalive {
+            let _ = self.conn.send_ack_eliciting();
+        }
+    }
+
+    /// Once established, checks the peer's certificate with `authorize` (DER in,
+    /// `Ok(name)` or `Err(reason)` out) and closes the connection if it fails.
+    /// Returns true when the connection became usable by this call.
+    pub fn check_peer(&mut self, now: Instant, authorize: impl FnOnce(Option<&[u8]>) -> Result<String, String>) -> bool {
+        if self.authorized || !self.conn.is_established() || self.conn.is_closed() {
+            return false;
+        }
+        match authorize(self.conn.peer_cert()) {
+            Ok(name) => {
+                tracing::info!("data connection for {:?} up with {name}", self.service);
+                self.authorized = true;
+                self.handshake = Some(now.saturating_duration_since(self.started));
+                true
+            }
+            Err(reason) => {
+                tracing::warn!("data connection for {:?} refused: {reason}", self.service);
+                let _ = self.conn.close(true, app_error::NOT_AUTHORIZED, reason.as_bytes());
+                false
+            }
+        }
+    }
+
+    /// Established and the peer's certificate checked.
+    pub fn is_usable(&self) -> bool {
+        self.authorized && !self.conn.is_closed() && !self.conn.is_draining()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.conn.is_closed()
+    }
+
+    pub fn is_established(&self) -> bool {
+        self.conn.is_established()
+    }
+
+    pub fn handshake_time(&self) -> Option<Duration> {
+        self.handshake
+    }
+
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    pub fn close_reason(&self) -> String {
+        crate::client::close_reason(&self.conn)
+    }
+
+    pub fn max_packet_len(&self) -> Option<usize> {
+        self.conn.dgram_max_writable_len()
+    }
+
+    pub fn send_packet(&mut self, packet: &[u8]) -> Result<(), ClientError> {
+        if !self.is_usable() {
+            return Err(ClientError::NotConnected);
+        }
+        match self.conn.dgram_send(packet) {
+            Ok(()) => Ok(()),
+            Err(quiche::Error::Done) => Err(ClientError::QueueFull),
+            Err(quiche::Error::BufferTooShort) => Err(ClientError::PacketTooLarge {
+                size: packet.len(),
+                max: self.conn.dgram_max_writable_len().unwrap_or(0),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Calls `f` with every received tunneled packet.
+    pub fn recv_packets(&mut self, mut f: impl FnMut(&[u8])) {
+        if !self.authorized {
+            return;
+        }
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = self.conn.dgram_recv(&mut buf) {
+            f(&buf[..n]);
+        }
+    }
+
+    pub fn close(&mut self, reason: &str) {
+        let _ = self.conn.close(true, app_error::CLIENT_CLOSING, reason.as_bytes());
+    }
+
+    pub fn stats(&self) -> quiche::Stats {
+        self.conn.stats()
+    }
+}
+
+/// True if `pkt` (a received UDP payload) is a QUIC packet whose DCID is `cid`.
+/// Short headers carry the DCID right after the first byte; long headers after the
+/// version and a length byte.
+pub fn dcid_is(pkt: &[u8], cid: &Cid) -> bool {
+    dcid_of(pkt).is_some_and(|d| d == cid)
+}
+
+/// The 8-byte relay-CID-sized DCID of a packet, if it has one.
+pub fn dcid_of(pkt: &[u8]) -> Option<&[u8]> {
+    let first = *pkt.first()?;
+    if first & 0x80 == 0 {
+        pkt.get(1..9)
+    } else {
+        if *pkt.get(5)? as usize != ztna_common::relay::RELAY_CID_LEN {
+            return None;
+        }
+        pkt.get(6..14)
+    }
+}

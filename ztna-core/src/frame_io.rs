@@ -1,0 +1,78 @@
+//! Buffers for the length-prefixed control frames on one QUIC stream in each
+//! direction (see `ztna_common::frames`). Partial writes stay queued; partial reads
+//! wait for the rest of the frame.
+
+use ztna_common::frames::{Frame, frame_len};
+use ztna_common::WireError;
+
+#[derive(Default)]
+pub struct FrameIo {
+    out: Vec<u8>,
+    inbuf: Vec<u8>,
+}
+
+impl FrameIo {
+    /// Drops everything (the connection was replaced).
+    pub fn reset(&mut self) {
+        self.out.clear();
+        self.inbuf.clear();
+    }
+
+    pub fn queue(&mut self, frame: &Frame<'_>) -> Result<(), WireError> {
+        let mut buf = [0u8; 512];
+        let n = frame.encode(&mut buf)?;
+        self.out.extend_from_slice(&buf[..n]);
+        Ok(())
+    }
+
+    /// Writes queued bytes to `stream`; whatever does not fit stays queued.
+    pub fn flush(&mut self, conn: &mut quiche::Connection, stream: u64) {
+        if self.out.is_empty() {
+            return;
+        }
+        let r = conn.stream_send(stream, &self.out, false);
+        tracing::debug!("frame stream {stream}: wrote {r:?} of {}", self.out.len());
+        match r {
+            Ok(n) => {
+                self.out.drain(..n);
+            }
+            Err(quiche::Error::Done) => {}
+            Err(e) => tracing::debug!("frame stream {stream}: {e}"),
+        }
+    }
+
+    /// Reads what `stream` has and returns every complete frame, each as its bytes.
+    /// A frame whose length prefix is invalid poisons the stream: the rest is dropped
+    /// and counted by the caller through the returned error count.
+    pub fn read(&mut self, conn: &mut quiche::Connection, stream: u64) -> (Vec<Vec<u8>>, u64) {
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.stream_recv(stream, &mut buf) {
+                Ok((n, _fin)) => self.inbuf.extend_from_slice(&buf[..n]),
+                Err(_) => break,
+            }
+        }
+        let mut frames = Vec::new();
+        let mut errors = 0;
+        loop {
+            match frame_len(&self.inbuf) {
+                Ok(Some(n)) => frames.push(self.inbuf.drain(..n).collect()),
+                Ok(None) => break,
+                Err(_) => {
+                    errors += 1;
+                    self.inbuf.clear();
+                    break;
+                }
+            }
+        }
+        (frames, errors)
+    }
+}
+
+/// Decodes one complete frame's bytes.
+pub fn decode(bytes: &[u8]) -> Result<Frame<'_>, WireError> {
+    match Frame::decode(bytes)? {
+        Some((f, _)) => Ok(f),
+        None => Err(WireError::Truncated { needed: bytes.len() + 1, have: bytes.len() }),
+    }
+}

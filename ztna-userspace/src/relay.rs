@@ -1,0 +1,410 @@
+//! Relay sessions and the forwarding table of the intermediate.
+//!
+//! A session joins one agent and one connector of a service through two relay CIDs
+//! (`ztna_common::relay`). Each CID has a forwarding entry: packets whose DCID is the
+//! connector's CID come from the agent and go to the connector, and the other way
+//! round. The table lives here in userspace (the userspace forwarder serves it) and,
+//! when XDP is attached, is mirrored into the kernel map through [`KernelTable`].
+//!
+//! Addresses are those of the endpoints' control connections: agents and connectors
+//! use one UDP socket for everything, so the NAT mapping the intermediate observed on
+//! the control connection is the one relayed packets use.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ring::rand::{SecureRandom, SystemRandom};
+use ztna_common::frames::{Cid, RefusedStatus};
+use ztna_common::relay::{RELAY_CID_LEN, RELAY_CID_MARKER};
+
+use crate::flows::ClientId;
+
+/// A connector has this long to accept an offered session.
+pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A session with no forwarded packet for this long is removed. Data connections
+/// send keepalives well within it.
+pub const SESSION_IDLE: Duration = Duration::from_secs(60);
+
+/// The kernel side of the forwarding table (the XDP program's map).
+pub trait KernelTable: Send {
+    /// Installs or replaces the entry for `cid`. IPv4 only: others stay in userspace.
+    fn insert(&mut self, cid: &Cid, peer: SocketAddr, expected: SocketAddr, session: u32) -> Result<(), String>;
+    fn remove(&mut self, cid: &Cid);
+    /// (packets, bytes, last seen as CLOCK_MONOTONIC ns) summed over CPUs.
+    fn stats(&self, cid: &Cid) -> Option<(u64, u64, u64)>;
+}
+
+#[derive(Clone, Debug)]
+pub struct RelaySession {
+    pub id: u32,
+    pub service: String,
+    pub agent: ClientId,
+    pub connector: ClientId,
+    pub request_id: u32,
+    pub agent_cid: Cid,
+    pub connector_cid: Cid,
+    pub accepted: bool,
+    pub created: Instant,
+}
+
+#[derive(Clone, Debug)]
+pub struct Forward {
+    pub peer: SocketAddr,
+    pub expected: SocketAddr,
+    pub session: u32,
+    /// Client whose packets carry this CID as DCID.
+    pub sender: ClientId,
+    /// Client the packets go to.
+    pub receiver: ClientId,
+    /// Forwarded in userspace.
+    pub packets: u64,
+    pub bytes: u64,
+    pub last_seen: Instant,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ForwardResult {
+    Send(SocketAddr),
+    Unknown,
+    /// From another address than expected; `sender` is the client that should own it.
+    Mismatch { sender: ClientId },
+}
+
+pub struct RelayTable {
+    sessions: HashMap<u32, RelaySession>,
+    fwd: HashMap<Cid, Forward>,
+    kernel: Option<Box<dyn KernelTable>>,
+    next_session: u32,
+    max_entries: usize,
+    rng: SystemRandom,
+}
+
+impl RelayTable {
+    pub fn new(max_entries: usize) -> Self {
+        RelayTable {
+            sessions: HashMap::new(),
+            fwd: HashMap::new(),
+            kernel: None,
+            next_session: 1,
+            max_entries,
+            rng: SystemRandom::new(),
+        }
+    }
+
+    pub fn set_kernel(&mut self, kernel: Box<dyn KernelTable>) {
+        // Entries made before attaching must reach the kernel too.
+        let mut k = kernel;
+        for (cid, f) in &self.fwd {
+            if let Err(e) = k.insert(cid, f.peer, f.expected, f.session) {
+                tracing::debug!("kernel table: {e}");
+            }
+        }
+        self.kernel = Some(k);
+    }
+
+    pub fn has_kernel(&self) -> bool {
+        self.kernel.is_some()
+    }
+
+    pub fn sessions(&self) -> impl Iterator<Item = &RelaySession> {
+        self.sessions.values()
+    }
+
+    pub fn entry(&self, cid: &Cid) -> Option<&Forward> {
+        self.fwd.get(cid)
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    fn new_cid(&self) -> Cid {
+        loop {
+            let mut c = [0u8; RELAY_CID_LEN];
+            let _ = self.rng.fill(&mut c);
+            c[0] = RELAY_CID_MARKER;
+            if !self.fwd.contains_key(&c) {
+                return c;
+            }
+        }
+    }
+
+    fn install(&mut self, cid: Cid, f: Forward) {
+        if let Some(k) = self.kernel.as_mut()
+            && let Err(e) = k.insert(&cid, f.peer, f.expected, f.session)
+        {
+            tracing::debug!("kernel table: {e}");
+        }
+        self.fwd.insert(cid, f);
+    }
+
+    /// Allocates a session and installs both forwarding entries.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        &mut self,
+        agent: ClientId,
+        agent_addr: SocketAddr,
+        connector: ClientId,
+        connector_addr: SocketAddr,
+        service: &str,
+        request_id: u32,
+        now: Instant,
+    ) -> Result<RelaySession, RefusedStatus> {
+        if self.fwd.len() + 2 > self.max_entries {
+            return Err(RefusedStatus::TableFull);
+        }
+        let id = self.next_session;
+        self.next_session = self.next_session.wrapping_add(1).max(1);
+        let agent_cid = self.new_cid();
+        let connector_cid = loop {
+            let c = self.new_cid();
+            if c != agent_cid {
+                break c;
+            }
+        };
+        let entry = |peer, expected, sender, receiver| Forward {
+            peer,
+            expected,
+            session: id,
+            sender,
+            receiver,
+            packets: 0,
+            bytes: 0,
+            last_seen: now,
+        };
+        self.install(connector_cid, entry(connector_addr, agent_addr, agent, connector));
+        self.install(agent_cid, entry(agent_addr, connector_addr, connector, agent));
+        let s = RelaySession {
+            id,
+            service: service.to_string(),
+            agent,
+            connector,
+            request_id,
+            agent_cid,
+            connector_cid,
+            accepted: false,
+            created: now,
+        };
+        self.sessions.insert(id, s.clone());
+        Ok(s)
+    }
+
+    /// The connector accepted; returns the session for the READY answer.
+    pub fn accept(&mut self, connector: ClientId, session_id: u32) -> Option<RelaySession> {
+        let s = self.sessions.get_mut(&session_id)?;
+        if s.connector != connector || s.accepted {
+            return None;
+        }
+        s.accepted = true;
+        Some(s.clone())
+    }
+
+    pub fn close(&mut self, session_id: u32) -> Option<RelaySession> {
+        let s = self.sessions.remove(&session_id)?;
+        for cid in [s.agent_cid, s.connector_cid] {
+            self.fwd.remove(&cid);
+            if let Some(k) = self.kernel.as_mut() {
+                k.remove(&cid);
+            }
+        }
+        Some(s)
+    }
+
+    /// Removes every session of a client that went away.
+    pub fn remove_client(&mut self, id: ClientId) -> Vec<RelaySession> {
+        let ids: Vec<u32> = self
+            .sessions
+            .values()
+            .filter(|s| s.agent == id || s.connector == id)
+            .map(|s| s.id)
+            .collect();
+        ids.into_iter().filter_map(|i| self.close(i)).collect()
+    }
+
+    /// A client's control connection now comes from `addr`: its relayed packets will
+    /// too, and packets for it must go there.
+    pub fn client_moved(&mut self, id: ClientId, addr: SocketAddr) {
+        let mut changed = Vec::new();
+        for (cid, f) in self.fwd.iter_mut() {
+            if f.receiver == id && f.peer != addr {
+                f.peer = addr;
+                changed.push(*cid);
+            }
+            if f.sender == id && f.expected != addr {
+                f.expected = addr;
+                changed.push(*cid);
+            }
+        }
+        for cid in changed {
+            if let (Some(k), Some(f)) = (self.kernel.as_mut(), self.fwd.get(&cid))
+                && let Err(e) = k.insert(&cid, f.peer, f.expected, f.session)
+            {
+                tracing::debug!("kernel table: {e}");
+            }
+        }
+    }
+
+    /// Userspace forwarding decision for one packet.
+    pub fn forward(&mut self, cid: &Cid, from: SocketAddr, len: usize, now: Instant) -> ForwardResult {
+        let Some(f) = self.fwd.get_mut(cid) else {
+            return ForwardResult::Unknown;
+        };
+        if f.expected != from {
+            return ForwardResult::Mismatch { sender: f.sender };
+        }
+        f.packets += 1;
+        f.bytes += len as u64;
+        f.last_seen = now;
+        ForwardResult::Send(f.peer)
+    }
+
+    /// Expires offers nobody accepted and sessions nothing used.
+    /// Returns (unaccepted offers, idle sessions).
+    pub fn expire(&mut self, now: Instant, kernel_now_ns: Option<u64>) -> (Vec<RelaySession>, Vec<RelaySession>) {
+        let mut unaccepted = Vec::new();
+        let mut idle = Vec::new();
+        let ids: Vec<u32> = self.sessions.keys().copied().collect();
+        for id in ids {
+            let s = &self.sessions[&id];
+            if !s.accepted {
+                if now.saturating_duration_since(s.created) > ACCEPT_TIMEOUT {
+                    unaccepted.extend(self.close(id));
+                }
+                continue;
+            }
+            let idle_for = [s.agent_cid, s.connector_cid]
+                .iter()
+                .map(|cid| self.idle_for(cid, now, kernel_now_ns))
+                .min()
+                .unwrap_or_default();
+            if idle_for > SESSION_IDLE {
+                idle.extend(self.close(id));
+            }
+        }
+        (unaccepted, idle)
+    }
+
+    fn idle_for(&self, cid: &Cid, now: Instant, kernel_now_ns: Option<u64>) -> Duration {
+        let user = self
+            .fwd
+            .get(cid)
+            .map_or(Duration::MAX, |f| now.saturating_duration_since(f.last_seen));
+        let kernel = match (self.kernel.as_ref().and_then(|k| k.stats(cid)), kernel_now_ns) {
+            (Some((p, _, last)), Some(know)) if p > 0 => Duration::from_nanos(know.saturating_sub(last)),
+            _ => Duration::MAX,
+        };
+        user.min(kernel)
+    }
+
+    /// Counters of a forwarding entry: userspace and kernel, summed.
+    pub fn counters(&self, cid: &Cid) -> (u64, u64, u64, u64) {
+        let f = self.fwd.get(cid);
+        let (kp, kb) = self
+            .kernel
+            .as_ref()
+            .and_then(|k| k.stats(cid))
+            .map_or((0, 0), |(p, b, _)| (p, b));
+        (f.map_or(0, |f| f.packets), f.map_or(0, |f| f.bytes), kp, kb)
+    }
+}
+
+/// The relay CID of a received packet, if its DCID is one.
+pub fn relay_cid_of(pkt: &[u8]) -> Option<Cid> {
+    let d = ztna_core::data::dcid_of(pkt)?;
+    if d[0] != RELAY_CID_MARKER {
+        return None;
+    }
+    let mut c = [0u8; RELAY_CID_LEN];
+    c.copy_from_slice(d);
+    Some(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn create_forward_mismatch_move_close() {
+        let now = Instant::now();
+        let mut t = RelayTable::new(100);
+        let s = t.create(1, a("192.0.2.1:1000"), 2, a("198.51.100.1:2000"), "echo", 7, now).unwrap();
+        assert_eq!(s.agent_cid[0], RELAY_CID_MARKER);
+        assert_ne!(s.agent_cid, s.connector_cid);
+        // agent → connector
+        assert_eq!(
+            t.forward(&s.connector_cid, a("192.0.2.1:1000"), 100, now),
+            ForwardResult::Send(a("198.51.100.1:2000"))
+        );
+        // connector → agent
+        assert_eq!(
+            t.forward(&s.agent_cid, a("198.51.100.1:2000"), 100, now),
+            ForwardResult::Send(a("192.0.2.1:1000"))
+        );
+        assert_eq!(
+            t.forward(&s.connector_cid, a("192.0.2.9:1000"), 100, now),
+            ForwardResult::Mismatch { sender: 1 }
+        );
+        t.client_moved(1, a("192.0.2.9:1000"));
+        assert_eq!(
+            t.forward(&s.connector_cid, a("192.0.2.9:1000"), 100, now),
+            ForwardResult::Send(a("198.51.100.1:2000"))
+        );
+        assert_eq!(
+            t.forward(&s.agent_cid, a("198.51.100.1:2000"), 100, now),
+            ForwardResult::Send(a("192.0.2.9:1000"))
+        );
+        assert_eq!(t.counters(&s.connector_cid).0, 2);
+        assert!(t.accept(3, s.id).is_none(), "only the offered connector accepts");
+        assert!(t.accept(2, s.id).is_some());
+        assert_eq!(t.remove_client(2).len(), 1);
+        assert_eq!(t.forward(&s.agent_cid, a("198.51.100.1:2000"), 1, now), ForwardResult::Unknown);
+    }
+
+    #[test]
+    fn unaccepted_offers_and_idle_sessions_expire() {
+        let now = Instant::now();
+        let mut t = RelayTable::new(100);
+        let s1 = t.create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 1, now).unwrap();
+        let s2 = t.create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 2, now).unwrap();
+        t.accept(2, s2.id).unwrap();
+        let (un, idle) = t.expire(now + ACCEPT_TIMEOUT + Duration::from_millis(1), None);
+        assert_eq!(un.iter().map(|s| s.id).collect::<Vec<_>>(), vec![s1.id]);
+        assert!(idle.is_empty());
+        let (_, idle) = t.expire(now + SESSION_IDLE + Duration::from_secs(1), None);
+        assert_eq!(idle.len(), 1);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn table_full() {
+        let now = Instant::now();
+        let mut t = RelayTable::new(2);
+        t.create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 1, now).unwrap();
+        assert_eq!(
+            t.create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 2, now).unwrap_err(),
+            RefusedStatus::TableFull
+        );
+    }
+
+    #[test]
+    fn relay_cid_detection() {
+        let mut short = vec![0x40u8, RELAY_CID_MARKER, 1, 2, 3, 4, 5, 6, 7, 0, 0];
+        assert_eq!(relay_cid_of(&short), Some([RELAY_CID_MARKER, 1, 2, 3, 4, 5, 6, 7]));
+        short[1] = 0;
+        assert_eq!(relay_cid_of(&short), None);
+        let long = [0xc0u8, 0, 0, 0, 1, 8, RELAY_CID_MARKER, 1, 2, 3, 4, 5, 6, 7, 0];
+        assert!(relay_cid_of(&long).is_some());
+        let long16 = [0xc0u8, 0, 0, 0, 1, 16, RELAY_CID_MARKER, 1, 2, 3, 4, 5, 6, 7, 0];
+        assert_eq!(relay_cid_of(&long16), None);
+        assert_eq!(relay_cid_of(&[0x40, RELAY_CID_MARKER]), None);
+    }
+}
