@@ -201,6 +201,7 @@ fn demo_in(bin: &Path, dir: &Path, count: u32, size: &str) -> anyhow::Result<()>
     if !out.status.success() {
         bail!("agent failed: {}\n{}", String::from_utf8_lossy(&out.stderr), log.join("\n"));
     }
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("agent report: {}", String::from_utf8_lossy(&out.stdout)))?;
     for p in procs.iter_mut().rev() {
@@ -209,7 +210,8 @@ fn demo_in(bin: &Path, dir: &Path, count: u32, size: &str) -> anyhow::Result<()>
     let n = |k: &str| report[k].as_u64().unwrap_or(0);
     let ms = |k: &str| report[k].as_f64().map_or("-".into(), |v| format!("{:.3} ms", v / 1000.0));
     println!("\nztna demo report (agent -> intermediate -> connector -> echo service and back, QUIC on loopback)");
-    println!("  handshake         {:.3} ms", report["handshake_ms"].as_f64().unwrap_or(f64::NAN));
+    println!("  path              {}", report["path"].as_str().unwrap_or("-"));
+    println!("  handshake         {:.3} ms control, {:.3} ms data connection", report["handshake_ms"].as_f64().unwrap_or(f64::NAN), report["data_handshake_ms"].as_f64().unwrap_or(f64::NAN));
     println!("  max DATAGRAM      {} B (UDP payload in tunnel up to {} B)", n("max_datagram"), n("max_udp_payload"));
     println!("  payload           {} B x {}", n("payload_size"), n("sent"));
     println!("  RTT p50 / p99     {} / {}", ms("rtt_p50_us"), ms("rtt_p99_us"));

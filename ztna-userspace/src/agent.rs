@@ -267,6 +267,7 @@ impl Agent {
     pub fn drive(&mut self, deadline: Instant) -> io::Result<()> {
         let before = (self.events.len(), self.packets.len(), self.path_changes);
         loop {
+            self.service_data(Instant::now());
             self.flush();
             let now = Instant::now();
             if now >= deadline {
@@ -509,7 +510,13 @@ pub struct EchoOptions {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct EchoReport {
     pub service: String,
+    /// Path the echoes took: "relay" (end-to-end QUIC data connection through the
+    /// forwarded relay) or "datagram" (DATAGRAMs on the control connection).
+    pub path: Option<PathKind>,
+    /// Control connection handshake.
     pub handshake_ms: Option<f64>,
+    /// Data connection handshake (agent ↔ connector through the relay).
+    pub data_handshake_ms: Option<f64>,
     pub max_datagram: Option<usize>,
     pub max_udp_payload: Option<usize>,
     pub payload_size: usize,
@@ -531,11 +538,16 @@ impl EchoReport {
     pub fn summary(&self) -> String {
         let ms = |us: Option<u64>| us.map_or("-".into(), |u| format!("{:.3} ms", u as f64 / 1000.0));
         format!(
-            "service {}: handshake {}, max DATAGRAM {} B, max UDP payload {} B\n\
+            "service {} over {}: handshake {} (data connection {}), max DATAGRAM {} B, max UDP payload {} B\n\
              sent {} x {} B, echoed byte-exact {}, corrupted {}, lost {}\n\
              RTT p50 {}, p99 {}, min {}, max {}",
             self.service,
+            match self.path {
+                Some(PathKind::Relay) => "the forwarded relay",
+                _ => "the datagram relay",
+            },
             self.handshake_ms.map_or("-".into(), |h| format!("{h:.3} ms")),
+            self.data_handshake_ms.map_or("-".into(), |h| format!("{h:.3} ms")),
             self.max_datagram.map_or("-".into(), |v| v.to_string()),
             self.max_udp_payload.map_or("-".into(), |v| v.to_string()),
             self.sent,
@@ -563,8 +575,16 @@ pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
 pub fn run_echo(agent: &mut Agent, opts: &EchoOptions) -> anyhow::Result<EchoReport> {
     let mut report = EchoReport {
         service: opts.service.clone(),
+        path: Some(agent.path(&opts.service)),
         handshake_ms: agent.handshake_time().map(|d| d.as_secs_f64() * 1000.0),
-        max_datagram: agent.client().max_datagram_payload(),
+        data_handshake_ms: agent
+            .data_connection(&opts.service)
+            .and_then(|d| d.handshake_time())
+            .map(|d| d.as_secs_f64() * 1000.0),
+        max_datagram: match agent.path(&opts.service) {
+            PathKind::Relay => agent.data_connection(&opts.service).and_then(|d| d.max_packet_len()),
+            PathKind::Datagram => agent.client().max_datagram_payload(),
+        },
         max_udp_payload: agent.max_udp_payload(&opts.service, opts.src.is_ipv6()),
         payload_size: opts.size,
         ..Default::default()

@@ -37,6 +37,13 @@ struct ConnArgs {
     /// Service to register for (repeatable; the first is used by `echo`).
     #[arg(long = "service", global = true)]
     services: Vec<String>,
+    /// Keep to the datagram relay (no end-to-end data connection).
+    #[arg(long, global = true)]
+    datagram_only: bool,
+    /// How long to wait for the relayed data connection before using the datagram
+    /// relay, in milliseconds.
+    #[arg(long, global = true, default_value_t = 3000)]
+    data_wait_ms: u64,
     #[arg(long, global = true, default_value = "warn")]
     log: String,
 }
@@ -99,9 +106,14 @@ fn main() -> anyhow::Result<()> {
     match args.cmd {
         Cmd::Echo { dst, tunnel_ip, src_port, size, pattern, count, burst, interval_ms, timeout_ms, verify, json } => {
             let start = Instant::now();
-            let mut agent = Agent::connect(cfg)?;
+            let mut agent = Agent::connect_with(cfg, !c.datagram_only)?;
             agent.wait_registered(Duration::from_secs(10))?;
             let service = c.services[0].clone();
+            if !c.datagram_only
+                && let Err(e) = agent.wait_relay_path(&service, Duration::from_millis(c.data_wait_ms))
+            {
+                eprintln!("warning: {e}; using the datagram relay");
+            }
             let max = agent
                 .max_udp_payload(&service, tunnel_ip.is_ipv6())
                 .ok_or_else(|| anyhow::anyhow!("connection lost before sending"))?;
