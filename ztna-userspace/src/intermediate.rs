@@ -54,6 +54,12 @@ pub struct IntermediateConfig {
     pub idle_timeout: Duration,
     /// Stateless retry (address validation) before creating connection state.
     pub retry: bool,
+    /// XDP fast path for relayed data connections.
+    pub xdp: crate::xdp::XdpChoice,
+    /// Interfaces to attach the XDP program to.
+    pub xdp_interfaces: Vec<String>,
+    /// Write counters as JSON here every second (and at exit).
+    pub stats_file: Option<PathBuf>,
 }
 
 impl IntermediateConfig {
@@ -66,6 +72,9 @@ impl IntermediateConfig {
             require_client_cert: true,
             idle_timeout: Duration::from_secs(30),
             retry: true,
+            xdp: crate::xdp::XdpChoice::Off,
+            xdp_interfaces: Vec::new(),
+            stats_file: None,
         }
     }
 }
@@ -166,6 +175,7 @@ pub struct Intermediate {
     rng: SystemRandom,
     stats: Arc<IntermediateStats>,
     last_expiry: Instant,
+    xdp: Option<crate::xdp::XdpRelay>,
 }
 
 /// A running intermediate on its own thread (tests, demo).
@@ -336,11 +346,65 @@ impl Intermediate {
             rng,
             stats: Arc::new(IntermediateStats::default()),
             last_expiry: Instant::now(),
+            xdp: None,
+        })
+        .and_then(|mut server| {
+            server.setup_xdp()?;
+            Ok(server)
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    fn setup_xdp(&mut self) -> anyhow::Result<()> {
+        use crate::xdp::XdpChoice;
+        let choice = self.cfg.xdp;
+        if choice == XdpChoice::Off {
+            crate::xdp::remove_stale_pins();
+            tracing::info!("XDP off: relayed packets are forwarded in userspace");
+            return Ok(());
+        }
+        match crate::xdp::load(choice, &self.cfg.xdp_interfaces, self.local.port()) {
+            Ok((relay, table)) => {
+                self.relay.set_kernel(Box::new(table));
+                self.xdp = Some(relay);
+                Ok(())
+            }
+            Err(e) if choice == XdpChoice::Auto => {
+                tracing::warn!("XDP off (auto): {e:#}; relayed packets are forwarded in userspace");
+                Ok(())
+            }
+            Err(e) => Err(e.context(format!("--xdp {choice:?}"))),
+        }
+    }
+
+    /// The XDP mode in use: "native", "generic" or "off".
+    pub fn xdp_mode(&self) -> &'static str {
+        self.xdp.as_ref().map_or("off", |x| x.mode)
+    }
+
+    fn write_stats_file(&self) {
+        let Some(path) = &self.cfg.stats_file else {
+            return;
+        };
+        let mut v = self.stats.snapshot();
+        v["xdp_mode"] = self.xdp_mode().into();
+        v["relay_sessions"] = self.relay.len().into();
+        if self.xdp.is_some()
+            && let Ok(counters) = crate::xdp::verdict_counters()
+        {
+            v["xdp_verdicts"] = counters
+                .into_iter()
+                .map(|(k, n)| (k.to_string(), serde_json::Value::from(n)))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, v.to_string()).and_then(|_| std::fs::rename(&tmp, path)).is_err() {
+            tracing::debug!("writing {}", path.display());
+        }
     }
 
     /// Mirrors the forwarding table into the kernel (the XDP program's map).
@@ -376,6 +440,7 @@ impl Intermediate {
                 && (self.clients.is_empty() || since.elapsed() > DRAIN_TIMEOUT)
             {
                 self.flush(&mut out);
+                self.write_stats_file();
                 tracing::info!("stopped; stats {}", self.stats.snapshot());
                 return Ok(());
             }
@@ -417,6 +482,7 @@ impl Intermediate {
             if now.duration_since(self.last_expiry) > Duration::from_secs(1) {
                 self.flows.expire(now);
                 self.expire_sessions(now);
+                self.write_stats_file();
                 self.last_expiry = now;
             }
         }

@@ -9,3 +9,4 @@ pub mod identity;
 pub mod intermediate;
 pub mod logging;
 pub mod relay;
+pub mod xdp;

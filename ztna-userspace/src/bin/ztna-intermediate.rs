@@ -35,6 +35,15 @@ struct Args {
     /// Skip stateless retry (address validation) before creating connection state.
     #[arg(long)]
     no_retry: bool,
+    /// XDP fast path: off, auto (native, then generic, then off), generic or native.
+    #[arg(long, value_enum, default_value = "off")]
+    xdp: ztna_userspace::xdp::XdpChoice,
+    /// Interface(s) to attach the XDP program to (repeatable).
+    #[arg(long = "iface")]
+    ifaces: Vec<String>,
+    /// Write counters as JSON to this file every second.
+    #[arg(long)]
+    stats_file: Option<PathBuf>,
     /// Default log filter (RUST_LOG overrides).
     #[arg(long, default_value = "info")]
     log: String,
@@ -47,6 +56,9 @@ fn main() -> anyhow::Result<()> {
     cfg.require_client_cert = !args.insecure_no_client_auth;
     cfg.idle_timeout = Duration::from_secs(args.idle_timeout_secs);
     cfg.retry = !args.no_retry;
+    cfg.xdp = args.xdp;
+    cfg.xdp_interfaces = args.ifaces;
+    cfg.stats_file = args.stats_file;
     let server = Intermediate::bind(cfg)?;
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

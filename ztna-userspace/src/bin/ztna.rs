@@ -26,6 +26,12 @@ enum Cmd {
         #[arg(long = "service", default_value = "echo")]
         services: Vec<String>,
     },
+    /// List relay sessions from the XDP program's pinned maps (/sys/fs/bpf/ztna):
+    /// CIDs, peers, packets, bytes, last seen; and the per-verdict counters.
+    Sessions {
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a UDP echo service.
     EchoServer {
         #[arg(long, default_value = "127.0.0.1:9000")]
@@ -46,6 +52,7 @@ fn main() -> anyhow::Result<()> {
             println!("connector:    {} {}", pki.connector_cert.display(), pki.connector_key.display());
             Ok(())
         }
+        Cmd::Sessions { json } => sessions(json),
         Cmd::EchoServer { listen } => {
             let socket = std::net::UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
             socket.set_read_timeout(Some(std::time::Duration::from_millis(100)))?;
@@ -58,4 +65,53 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn sessions(json: bool) -> anyhow::Result<()> {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    let table = ztna_userspace::xdp::XdpTable::open()
+        .context("no pinned relay maps (is the intermediate running with --xdp?)")?;
+    let now = monotonic_ns();
+    let mut rows = Vec::new();
+    for (k, e, s) in table.entries() {
+        let peer = SocketAddrV4::new(Ipv4Addr::from(e.peer_addr.to_ne_bytes()), u16::from_be(e.peer_port));
+        let from = SocketAddrV4::new(
+            Ipv4Addr::from(e.expected_src_addr.to_ne_bytes()),
+            u16::from_be(e.expected_src_port),
+        );
+        let last = (s.last_seen_ns > 0).then(|| now.saturating_sub(s.last_seen_ns) as f64 / 1e9);
+        rows.push(serde_json::json!({
+            "session": e.session_id, "cid": hex(&k.cid), "from": from.to_string(), "to": peer.to_string(),
+            "packets": s.packets, "bytes": s.bytes, "last_seen_secs_ago": last,
+        }));
+    }
+    rows.sort_by_key(|r| (r["session"].as_u64(), r["cid"].as_str().map(String::from)));
+    let verdicts = ztna_userspace::xdp::verdict_counters()?;
+    if json {
+        let v: serde_json::Map<_, _> = verdicts.iter().map(|(k, n)| (k.to_string(), (*n).into())).collect();
+        println!("{}", serde_json::json!({ "entries": rows, "verdicts": v }));
+        return Ok(());
+    }
+    println!("{:>8}  {:16}  {:21}  {:21}  {:>10}  {:>12}  {:>10}", "session", "relay cid", "from", "to", "packets", "bytes", "last seen");
+    for r in &rows {
+        println!(
+            "{:>8}  {:16}  {:21}  {:21}  {:>10}  {:>12}  {:>10}",
+            r["session"], r["cid"].as_str().unwrap_or(""), r["from"].as_str().unwrap_or(""), r["to"].as_str().unwrap_or(""),
+            r["packets"], r["bytes"],
+            r["last_seen_secs_ago"].as_f64().map_or("never".into(), |s| format!("{s:.1}s ago")),
+        );
+    }
+    println!("\nverdicts: {}", verdicts.iter().filter(|(_, n)| *n > 0).map(|(k, n)| format!("{k}={n}")).collect::<Vec<_>>().join(" "));
+    Ok(())
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

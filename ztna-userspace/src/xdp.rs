@@ -1,0 +1,255 @@
+//! Loading the XDP fast path and keeping its maps in step with the relay table.
+//!
+//! The program (`ztna-ebpf/`, built by `cargo xtask build-ebpf`) is embedded at build
+//! time. `load` removes pins left by an earlier run, so a restarted intermediate never
+//! forwards on stale entries, loads the program, pins its maps under
+//! `/sys/fs/bpf/ztna/` (BTF included, so `bpftool map dump pinned` prints field
+//! names), writes the relay port into `ZTNA_CONFIG` and attaches to each interface.
+//! Links are bpf_links owned by this process: they go away with it, also on a crash.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::programs::{Xdp, XdpMode};
+use aya::Ebpf;
+use ztna_common::frames::Cid;
+use ztna_common::relay::{
+    MAP_CONFIG, MAP_RELAY, MAP_SESSION_STATS, MAP_STATS, PIN_DIR, PROGRAM_NAME, RelayConfig, RelayEntry,
+    RelayKey, SessionStats, VERDICT_COUNT, Verdict,
+};
+
+use crate::relay::KernelTable;
+
+/// The eBPF object built by `cargo xtask build-ebpf`; empty if it was not built.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztna-ebpf.o"));
+
+pub fn embedded_object() -> Option<&'static [u8]> {
+    (!EBPF_OBJECT.is_empty()).then_some(EBPF_OBJECT)
+}
+
+/// `--xdp` choices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpChoice {
+    /// No XDP: the userspace forwarder serves the table.
+    Off,
+    /// Native, else generic, else off; logs which and why.
+    Auto,
+    /// Generic (SKB) mode: works on any interface, slower.
+    Generic,
+    /// Native (driver) mode.
+    Native,
+}
+
+/// A loaded, attached program with its maps.
+pub struct XdpRelay {
+    _ebpf: Ebpf,
+    pub mode: &'static str,
+    pub interfaces: Vec<String>,
+}
+
+fn mount_bpffs() -> anyhow::Result<()> {
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let path = c"/sys/fs/bpf";
+    // SAFETY: statfs fills the struct we own.
+    let rc = unsafe { libc::statfs(path.as_ptr(), &mut st) };
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    if rc == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    // SAFETY: plain mount(2) with static C strings.
+    let rc = unsafe {
+        libc::mount(c"bpf".as_ptr(), path.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        bail!("mounting bpffs on /sys/fs/bpf: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn pin_path(name: &str) -> PathBuf {
+    Path::new(PIN_DIR).join(name)
+}
+
+/// Removes the pins of an earlier run.
+pub fn remove_stale_pins() {
+    for m in [MAP_RELAY, MAP_SESSION_STATS, MAP_STATS, MAP_CONFIG] {
+        let _ = std::fs::remove_file(pin_path(m));
+    }
+}
+
+/// Loads and attaches with `choice` (not `Off`). Returns the relay and the kernel
+/// table that mirrors the forwarding entries.
+pub fn load(
+    choice: XdpChoice,
+    interfaces: &[String],
+    relay_port: u16,
+) -> anyhow::Result<(XdpRelay, XdpTable)> {
+    let object = embedded_object().context(
+        "this build has no eBPF object (run `cargo xtask build-ebpf` before building the intermediate)",
+    )?;
+    if interfaces.is_empty() {
+        bail!("--xdp needs at least one --iface");
+    }
+    mount_bpffs()?;
+    std::fs::create_dir_all(PIN_DIR).with_context(|| format!("creating {PIN_DIR}"))?;
+    remove_stale_pins();
+    let modes: &[(XdpMode, &'static str)] = match choice {
+        XdpChoice::Native => &[(XdpMode::Driver, "native")],
+        XdpChoice::Generic => &[(XdpMode::Skb, "generic")],
+        XdpChoice::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+        XdpChoice::Off => bail!("XDP is off"),
+    };
+    let mut last_err = None;
+    for (mode, name) in modes {
+        match try_load(object, *mode, interfaces, relay_port) {
+            Ok((ebpf, table)) => {
+                tracing::info!("XDP relay attached in {name} mode to {}", interfaces.join(", "));
+                return Ok((
+                    XdpRelay {
+                        _ebpf: ebpf,
+                        mode: name,
+                        interfaces: interfaces.to_vec(),
+                    },
+                    table,
+                ));
+            }
+            Err(e) => {
+                tracing::warn!("XDP {name} mode on {}: {e:#}", interfaces.join(", "));
+                remove_stale_pins();
+                last_err = Some(e);
+            }
+        }
+    }
+    Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no XDP mode tried")))
+}
+
+fn try_load(object: &[u8], mode: XdpMode, interfaces: &[String], relay_port: u16) -> anyhow::Result<(Ebpf, XdpTable)> {
+    let mut ebpf = aya::EbpfLoader::new()
+        .default_map_pin_directory(PIN_DIR)
+        .load(object)
+        .context("loading the eBPF object")?;
+    for m in [MAP_RELAY, MAP_SESSION_STATS, MAP_STATS, MAP_CONFIG] {
+        // Maps declared without by-name pinning are pinned here.
+        if let Some(map) = ebpf.map(m)
+            && !pin_path(m).exists()
+        {
+            map.pin(pin_path(m)).with_context(|| format!("pinning {m}"))?;
+        }
+    }
+    {
+        let mut config: Array<_, RelayConfig> =
+            Array::try_from(ebpf.map_mut(MAP_CONFIG).context("map ZTNA_CONFIG missing")?)?;
+        config.set(0, RelayConfig { port: relay_port.to_be(), ..Default::default() }, 0)?;
+    }
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .context("program ztna_relay missing")?
+        .try_into()?;
+    prog.load().context("verifier rejected the program")?;
+    for iface in interfaces {
+        prog.attach(iface, mode)
+            .with_context(|| format!("attaching to {iface}"))?;
+    }
+    let table = XdpTable::open()?;
+    Ok((ebpf, table))
+}
+
+/// The forwarding and session-stats maps, opened from their pins.
+pub struct XdpTable {
+    relay: HashMap<MapData, RelayKey, RelayEntry>,
+    sessions: PerCpuHashMap<MapData, RelayKey, SessionStats>,
+    ncpu: usize,
+}
+
+fn open_pinned(name: &str) -> anyhow::Result<aya::maps::Map> {
+    let data = MapData::from_pin(pin_path(name)).with_context(|| format!("opening pinned {}", pin_path(name).display()))?;
+    Ok(aya::maps::Map::from_map_data(data)?)
+}
+
+impl XdpTable {
+    pub fn open() -> anyhow::Result<Self> {
+        Ok(XdpTable {
+            relay: HashMap::try_from(open_pinned(MAP_RELAY)?)?,
+            sessions: PerCpuHashMap::try_from(open_pinned(MAP_SESSION_STATS)?)?,
+            ncpu: aya::util::nr_cpus().map_err(|(_, e)| e)?,
+        })
+    }
+
+    /// Every entry with its summed counters (for `ztna sessions`).
+    pub fn entries(&self) -> Vec<(RelayKey, RelayEntry, SessionStats)> {
+        let mut out = Vec::new();
+        for item in self.relay.iter().flatten() {
+            let (k, v) = item;
+            let s = self.session_stats(&k).unwrap_or_default();
+            out.push((k, v, s));
+        }
+        out
+    }
+
+    fn session_stats(&self, k: &RelayKey) -> Option<SessionStats> {
+        let per_cpu = self.sessions.get(k, 0).ok()?;
+        let mut sum = SessionStats::default();
+        for s in per_cpu.iter() {
+            sum.packets += s.packets;
+            sum.bytes += s.bytes;
+            sum.last_seen_ns = sum.last_seen_ns.max(s.last_seen_ns);
+        }
+        Some(sum)
+    }
+}
+
+fn v4(a: SocketAddr) -> Option<(u32, u16)> {
+    match a {
+        SocketAddr::V4(a) => Some((u32::from_ne_bytes(a.ip().octets()), a.port().to_be())),
+        SocketAddr::V6(a) => a
+            .ip()
+            .to_ipv4_mapped()
+            .map(|ip| (u32::from_ne_bytes(ip.octets()), a.port().to_be())),
+    }
+}
+
+impl KernelTable for XdpTable {
+    fn insert(&mut self, cid: &Cid, peer: SocketAddr, expected: SocketAddr, session: u32) -> Result<(), String> {
+        let (Some((pa, pp)), Some((ea, ep))) = (v4(peer), v4(expected)) else {
+            return Err("IPv6 relay entries stay in userspace".into());
+        };
+        let key = RelayKey { cid: *cid };
+        if self.sessions.get(&key, 0).is_err() {
+            let zero = PerCpuValues::try_from(vec![SessionStats::default(); self.ncpu]).map_err(|e| e.to_string())?;
+            self.sessions.insert(key, zero, 0).map_err(|e| e.to_string())?;
+        }
+        let entry = RelayEntry {
+            peer_addr: pa,
+            expected_src_addr: ea,
+            peer_port: pp,
+            expected_src_port: ep,
+            session_id: session,
+        };
+        self.relay.insert(key, entry, 0).map_err(|e| e.to_string())
+    }
+
+    fn remove(&mut self, cid: &Cid) {
+        let key = RelayKey { cid: *cid };
+        let _ = self.relay.remove(&key);
+        let _ = self.sessions.remove(&key);
+    }
+
+    fn stats(&self, cid: &Cid) -> Option<(u64, u64, u64)> {
+        self.session_stats(&RelayKey { cid: *cid })
+            .map(|s| (s.packets, s.bytes, s.last_seen_ns))
+    }
+}
+
+/// Per-verdict counters summed over CPUs, from the pinned map.
+pub fn verdict_counters() -> anyhow::Result<Vec<(&'static str, u64)>> {
+    let stats: PerCpuArray<MapData, u64> = PerCpuArray::try_from(open_pinned(MAP_STATS)?)?;
+    let mut out = Vec::new();
+    for v in Verdict::ALL {
+        let per_cpu = stats.get(&(v as u32), 0)?;
+        out.push((v.name(), per_cpu.iter().sum()));
+    }
+    debug_assert_eq!(out.len(), VERDICT_COUNT as usize);
+    Ok(out)
+}
