@@ -79,6 +79,13 @@ pub fn remove_stale_pins() {
     }
 }
 
+impl Drop for XdpRelay {
+    fn drop(&mut self) {
+        // The links detach when the Ebpf drops; the pins would outlive us.
+        remove_stale_pins();
+    }
+}
+
 /// Loads and attaches with `choice` (not `Off`). Returns the relay and the kernel
 /// table that mirrors the forwarding entries.
 pub fn load(

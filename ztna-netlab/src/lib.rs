@@ -1,0 +1,306 @@
+//! Network-namespace lab for privileged tests and benchmarks: real hosts made of
+//! namespaces and veth pairs, the real ztna binaries run inside them.
+//!
+//! Relay topology (one-NIC relay, as deployed; addresses exist only inside the
+//! namespaces this process creates, and are deleted with them):
+//!
+//! ```text
+//!  agent ns            router ns                       relay ns
+//!  a0 10.201.1.2 ── a1 10.201.1.1                      
+//!                      r1 10.201.0.254 ────────────── x0 10.201.0.1  (XDP here)
+//!  conn ns             c1 10.201.2.1
+//!  c0 10.201.2.2 ──────┘
+//! ```
+//!
+//! Relayed packets arrive on x0 and leave on x0 again (XDP_TX), so source = the
+//! relay's one address, as the endpoints' NAT mappings expect. XDP_TX into a veth is
+//! only delivered if the peer end has GRO on or an XDP program, so r1 gets GRO.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+pub const RELAY_IP: &str = "10.201.0.1";
+pub const AGENT_IP: &str = "10.201.1.2";
+pub const CONN_IP: &str = "10.201.2.2";
+pub const RELAY_PORT: u16 = 4433;
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs a command, failing with its stderr.
+pub fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<Output> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// Workspace root (for binaries and the eBPF object).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Directory of the ztna binaries: $ZTNA_BIN_DIR, else target/debug.
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os("ZTNA_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/debug"))
+}
+
+/// Namespaces made by this process; deleted on drop.
+pub struct Lab {
+    pub prefix: String,
+    namespaces: Vec<String>,
+    pub dir: PathBuf,
+    children: Vec<(String, Child)>,
+}
+
+impl Lab {
+    fn new(tag: &str) -> anyhow::Result<Self> {
+        if !is_root() {
+            bail!("needs root (network namespaces)");
+        }
+        let prefix = format!("zt{}{}", tag, std::process::id() % 100000);
+        let dir = std::env::temp_dir().join(format!("{prefix}-lab"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Lab {
+            prefix,
+            namespaces: Vec::new(),
+            dir,
+            children: Vec::new(),
+        })
+    }
+
+    pub fn ns(&self, short: &str) -> String {
+        format!("{}-{short}", self.prefix)
+    }
+
+    fn add_ns(&mut self, short: &str) -> anyhow::Result<String> {
+        let name = self.ns(short);
+        let _ = sh("ip", &["netns", "del", &name]);
+        sh("ip", &["netns", "add", &name])?;
+        self.namespaces.push(name.clone());
+        self.exec(&name, "ip", &["link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+
+    /// Runs a command inside network namespace `ns`. `nsenter --net` switches only
+    /// the network namespace (unlike `ip netns exec`, which also remounts /sys), so
+    /// every process shares the host's /sys/fs/bpf and its pinned maps.
+    pub fn exec(&self, ns: &str, cmd: &str, args: &[&str]) -> anyhow::Result<Output> {
+        let net = format!("--net=/run/netns/{ns}");
+        let mut all = vec![net.as_str(), cmd];
+        all.extend_from_slice(args);
+        sh("nsenter", &all)
+    }
+
+    /// A `Command` that runs `program` inside `ns` (see `exec`).
+    pub fn command(&self, ns: &str, program: &Path) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{ns}")).arg(program);
+        c
+    }
+
+    fn veth(&self, ns_a: &str, a: &str, ip_a: &str, ns_b: &str, b: &str, ip_b: &str) -> anyhow::Result<()> {
+        // Created in ns_a, the peer moved to ns_b: names are per-namespace.
+        self.exec(ns_a, "ip", &["link", "add", a, "type", "veth", "peer", "name", b, "netns", ns_b])?;
+        self.exec(ns_a, "ip", &["addr", "add", ip_a, "dev", a])?;
+        self.exec(ns_b, "ip", &["addr", "add", ip_b, "dev", b])?;
+        self.exec(ns_a, "ip", &["link", "set", a, "up"])?;
+        self.exec(ns_b, "ip", &["link", "set", b, "up"])?;
+        Ok(())
+    }
+
+    /// The relay topology of the module docs.
+    pub fn relay_topology(tag: &str) -> anyhow::Result<Self> {
+        let mut lab = Lab::new(tag)?;
+        let a = lab.add_ns("a")?;
+        let c = lab.add_ns("c")?;
+        let r = lab.add_ns("r")?;
+        let x = lab.add_ns("x")?;
+        lab.veth(&a, "a0", "10.201.1.2/24", &r, "a1", "10.201.1.1/24")?;
+        lab.veth(&c, "c0", "10.201.2.2/24", &r, "c1", "10.201.2.1/24")?;
+        lab.veth(&x, "x0", "10.201.0.1/24", &r, "r1", "10.201.0.254/24")?;
+        lab.exec(&r, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        lab.exec(&a, "ip", &["route", "add", "default", "via", "10.201.1.1"])?;
+        lab.exec(&c, "ip", &["route", "add", "default", "via", "10.201.2.1"])?;
+        lab.exec(&x, "ip", &["route", "add", "default", "via", "10.201.0.254"])?;
+        // XDP_TX out of x0 reaches r1 only with GRO (or an XDP program) on r1.
+        lab.exec(&r, "ethtool", &["-K", "r1", "gro", "on"])?;
+        // Resolve neighbours up front so the first relayed packets find them.
+        lab.exec(&x, "ping", &["-c1", "-W1", "10.201.0.254"])?;
+        lab.exec(&a, "ping", &["-c1", "-W1", RELAY_IP])?;
+        lab.exec(&c, "ping", &["-c1", "-W1", RELAY_IP])?;
+        Ok(lab)
+    }
+
+    /// Starts a binary from `bin_dir()` inside `ns`; stderr goes to `<dir>/<name>.log`.
+    pub fn spawn(&mut self, ns: &str, name: &str, bin: &str, args: &[String]) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let child = self
+            .command(ns, &bin_dir().join(bin))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {bin}"))?;
+        self.children.push((name.to_string(), child));
+        Ok(())
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Waits until `name`'s log contains `needle`.
+    pub fn wait_log(&self, name: &str, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log(name).contains(needle) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("{name} did not log {needle:?} within {timeout:?}:\n{}", self.log(name))
+    }
+
+    /// Sends SIGTERM to a started process and waits for it.
+    pub fn stop(&mut self, name: &str) {
+        if let Some(i) = self.children.iter().position(|(n, _)| n == name) {
+            let (_, mut child) = self.children.remove(i);
+            terminate(&mut child);
+        }
+    }
+
+    /// Certificates for the lab (dev CA).
+    pub fn certs(&self) -> anyhow::Result<PathBuf> {
+        let dir = self.dir.join("certs");
+        let out = Command::new(bin_dir().join("ztna"))
+            .args(["gen-certs", "--out"])
+            .arg(&dir)
+            .args(["--service", "echo"])
+            .output()?;
+        if !out.status.success() {
+            bail!("gen-certs: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(dir)
+    }
+
+    /// Starts echo service, intermediate (`xdp`: off|generic|native) and connector.
+    pub fn start_relay_stack(&mut self, xdp: &str) -> anyhow::Result<PathBuf> {
+        let certs = self.certs()?;
+        let c = |f: &str| certs.join(f).display().to_string();
+        let (a, cn, x) = (self.ns("a"), self.ns("c"), self.ns("x"));
+        let _ = a;
+        self.spawn(&cn, "echo", "ztna", &["echo-server".into(), "--listen".into(), format!("{CONN_IP}:9000")])?;
+        let stats = self.dir.join("intermediate-stats.json");
+        let mut args: Vec<String> = vec![
+            "--listen".into(), format!("{RELAY_IP}:{RELAY_PORT}"),
+            "--cert".into(), c("intermediate.pem"), "--key".into(), c("intermediate.key"), "--ca".into(), c("ca.pem"),
+            "--stats-file".into(), stats.display().to_string(), "--xdp".into(), xdp.into(),
+        ];
+        if xdp != "off" {
+            args.extend(["--iface".into(), "x0".into()]);
+        }
+        self.spawn(&x, "intermediate", "ztna-intermediate", &args)?;
+        self.wait_log("intermediate", "listening", Duration::from_secs(10))?;
+        self.spawn(&cn, "connector", "ztna-connector", &[
+            "--server".into(), format!("{RELAY_IP}:{RELAY_PORT}"), "--ca".into(), c("ca.pem"),
+            "--cert".into(), c("connector.pem"), "--key".into(), c("connector.key"),
+            "--service".into(), format!("echo={CONN_IP}:9000@10.100.0.1"),
+        ])?;
+        self.wait_log("connector", "registered as connector", Duration::from_secs(10))?;
+        Ok(certs)
+    }
+
+    /// Runs the agent's echo inside the agent namespace; returns its JSON report.
+    pub fn agent_echo(&self, certs: &Path, extra: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let c = |f: &str| certs.join(f).display().to_string();
+        let bin = bin_dir().join("ztna-agent");
+        let relay = format!("{RELAY_IP}:{RELAY_PORT}");
+        let mut args: Vec<String> = vec![
+            "--server".into(), relay, "--ca".into(), c("ca.pem"), "--cert".into(), c("agent.pem"),
+            "--key".into(), c("agent.key"), "--service".into(), "echo".into(), "echo".into(),
+            "--dst".into(), "10.100.0.1:7".into(), "--json".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let out = self.command(&self.ns("a"), &bin).args(&args).env("NO_COLOR", "1").output()?;
+        if !out.status.success() {
+            bail!("agent: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("agent output {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// The intermediate's latest counters.
+    pub fn relay_stats(&self) -> anyhow::Result<serde_json::Value> {
+        let p = self.dir.join("intermediate-stats.json");
+        let s = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        Ok(serde_json::from_str(&s)?)
+    }
+
+    /// Waits for the next stats file write (written every second).
+    pub fn fresh_relay_stats(&self) -> anyhow::Result<serde_json::Value> {
+        let p = self.dir.join("intermediate-stats.json");
+        let before = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let now = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
+            if now.is_some() && now != before {
+                return self.relay_stats();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("stats file {} not refreshed", p.display())
+    }
+}
+
+fn terminate(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        // nsenter execs the binary, so the pid is the binary's.
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (_, c) in self.children.iter_mut().rev() {
+            terminate(c);
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = sh("ip", &["netns", "del", ns]);
+        }
+    }
+}
+
+/// Field `k` of a JSON object as u64 (0 if absent).
+pub fn n(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or(0)
+}
