@@ -61,11 +61,82 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Crates whose tests need root (network namespaces, BPF). Their tests are
+/// `#[ignore]`d in a plain `cargo test` and run here with `--ignored` when root.
+const PRIVILEGED_CRATES: &[&str] = &["ztna-netlab"];
+
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Runs `cargo test ARGS`, streaming its output, and adds up its result lines.
+fn cargo_test(args: &[&str], tally: &mut Tally) -> anyhow::Result<bool> {
+    let mut child = cargo()
+        .arg("test")
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let stdout = child.stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |key: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(key).map(|n| n.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").trim().to_string()))
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0)
+            };
+            tally.passed += num(" passed");
+            tally.failed += num(" failed");
+            tally.ignored += num(" ignored");
+        }
+    }
+    Ok(child.wait()?.success())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 fn test() -> anyhow::Result<()> {
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
-    run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    let mut plain = Tally::default();
+    let mut ok = cargo_test(&["--workspace", "--no-fail-fast", "--lib", "--bins", "--tests"], &mut plain)?;
+    let mut privileged = Tally::default();
+    let skipped;
+    if is_root() {
+        println!("\n== privileged tests (root): network namespaces, XDP, BPF maps ==");
+        let mut args = vec!["--no-fail-fast"];
+        for c in PRIVILEGED_CRATES {
+            args.extend(["-p", c]);
+        }
+        args.extend(["--", "--ignored", "--test-threads=1"]);
+        ok &= cargo_test(&args, &mut privileged)?;
+        skipped = 0;
+    } else {
+        skipped = plain.ignored;
+        println!("\nSKIPPED: {skipped} privileged tests (not root; CI runs them as root)");
+    }
     println!("\n== demo (smoke test of the real binaries) ==");
-    demo(50, "max")
+    let demo_ok = match demo(50, "max") {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("demo failed: {e:#}");
+            false
+        }
+    };
+    let passed = plain.passed + privileged.passed + u64::from(demo_ok);
+    let failed = plain.failed + privileged.failed + u64::from(!demo_ok);
+    println!("\nxtask: {passed} passed, {failed} failed, {skipped} skipped");
+    if !ok || !demo_ok || failed > 0 {
+        bail!("tests failed");
+    }
+    Ok(())
 }
 
 /// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.

@@ -60,6 +60,8 @@ pub struct IntermediateConfig {
     pub xdp_interfaces: Vec<String>,
     /// Write counters as JSON here every second (and at exit).
     pub stats_file: Option<PathBuf>,
+    /// Fixed relay sessions between address pairs (benchmarks, diagnostics).
+    pub static_sessions: Vec<(SocketAddr, SocketAddr)>,
 }
 
 impl IntermediateConfig {
@@ -75,6 +77,7 @@ impl IntermediateConfig {
             xdp: crate::xdp::XdpChoice::Off,
             xdp_interfaces: Vec::new(),
             stats_file: None,
+            static_sessions: Vec::new(),
         }
     }
 }
@@ -350,6 +353,18 @@ impl Intermediate {
         })
         .and_then(|mut server| {
             server.setup_xdp()?;
+            for (a, b) in server.cfg.static_sessions.clone() {
+                let s = server
+                    .relay
+                    .create_static(a, b, Instant::now())
+                    .map_err(|e| anyhow::anyhow!("static session {a}={b}: {e:?}"))?;
+                tracing::info!(
+                    "static relay session {}: {a} -> {b} with DCID {}, {b} -> {a} with DCID {}",
+                    s.id,
+                    hex(&s.connector_cid),
+                    hex(&s.agent_cid)
+                );
+            }
             Ok(server)
         })
     }
@@ -392,6 +407,17 @@ impl Intermediate {
         let mut v = self.stats.snapshot();
         v["xdp_mode"] = self.xdp_mode().into();
         v["relay_sessions"] = self.relay.len().into();
+        v["static_sessions"] = self
+            .relay
+            .sessions()
+            .filter(|s| s.is_static)
+            .map(|s| {
+                let a = self.relay.entry(&s.agent_cid).map(|f| f.peer.to_string());
+                let b = self.relay.entry(&s.connector_cid).map(|f| f.peer.to_string());
+                serde_json::json!({ "a": a, "b": b, "dcid_a_to_b": hex(&s.connector_cid), "dcid_b_to_a": hex(&s.agent_cid) })
+            })
+            .collect::<Vec<_>>()
+            .into();
         if self.xdp.is_some()
             && let Ok(counters) = crate::xdp::verdict_counters()
         {
@@ -1159,4 +1185,8 @@ fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

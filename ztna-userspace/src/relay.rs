@@ -46,7 +46,12 @@ pub struct RelaySession {
     pub connector_cid: Cid,
     pub accepted: bool,
     pub created: Instant,
+    /// Configured with `--static-session`: never expires, owned by no client.
+    pub is_static: bool,
 }
+
+/// Client id of static sessions' endpoints (real clients start at 1).
+pub const STATIC_CLIENT: ClientId = 0;
 
 #[derive(Clone, Debug)]
 pub struct Forward {
@@ -189,8 +194,20 @@ impl RelayTable {
             connector_cid,
             accepted: false,
             created: now,
+            is_static: false,
         };
         self.sessions.insert(id, s.clone());
+        Ok(s)
+    }
+
+    /// A session between two fixed addresses, for benchmarks and path diagnostics:
+    /// packets from `a` with DCID `connector_cid` go to `b`, packets from `b` with
+    /// DCID `agent_cid` go to `a`.
+    pub fn create_static(&mut self, a: SocketAddr, b: SocketAddr, now: Instant) -> Result<RelaySession, RefusedStatus> {
+        let mut s = self.create(STATIC_CLIENT, a, STATIC_CLIENT, b, "static", 0, now)?;
+        s.accepted = true;
+        s.is_static = true;
+        self.sessions.insert(s.id, s.clone());
         Ok(s)
     }
 
@@ -220,7 +237,7 @@ impl RelayTable {
         let ids: Vec<u32> = self
             .sessions
             .values()
-            .filter(|s| s.agent == id || s.connector == id)
+            .filter(|s| !s.is_static && (s.agent == id || s.connector == id))
             .map(|s| s.id)
             .collect();
         ids.into_iter().filter_map(|i| self.close(i)).collect()
@@ -271,6 +288,9 @@ impl RelayTable {
         let ids: Vec<u32> = self.sessions.keys().copied().collect();
         for id in ids {
             let s = &self.sessions[&id];
+            if s.is_static {
+                continue;
+            }
             if !s.accepted {
                 if now.saturating_duration_since(s.created) > ACCEPT_TIMEOUT {
                     unaccepted.extend(self.close(id));

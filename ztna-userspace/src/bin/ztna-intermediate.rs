@@ -41,6 +41,11 @@ struct Args {
     /// Interface(s) to attach the XDP program to (repeatable).
     #[arg(long = "iface")]
     ifaces: Vec<String>,
+    /// A fixed relay session between two UDP addresses, A=B (repeatable): the log
+    /// and the stats file give its two relay CIDs. For benchmarks and for checking
+    /// a relay path without agents.
+    #[arg(long = "static-session", value_parser = parse_pair)]
+    static_sessions: Vec<(SocketAddr, SocketAddr)>,
     /// Write counters as JSON to this file every second.
     #[arg(long)]
     stats_file: Option<PathBuf>,
@@ -59,10 +64,17 @@ fn main() -> anyhow::Result<()> {
     cfg.xdp = args.xdp;
     cfg.xdp_interfaces = args.ifaces;
     cfg.stats_file = args.stats_file;
+    cfg.static_sessions = args.static_sessions;
     let server = Intermediate::bind(cfg)?;
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handler")?;
     }
     server.run(&shutdown, &AtomicBool::new(false))
+}
+
+fn parse_pair(s: &str) -> Result<(SocketAddr, SocketAddr), String> {
+    let (a, b) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected A=B"))?;
+    let p = |x: &str| x.parse::<SocketAddr>().map_err(|e| format!("{x:?}: {e}"));
+    Ok((p(a)?, p(b)?))
 }
