@@ -14,6 +14,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,6 +33,7 @@ use ztna_core::{ALPN, MAX_UDP_PAYLOAD, app_error};
 use ztna_common::frames::{self, Frame, RefusedStatus, close_reason};
 use ztna_core::frame_io::{self, FrameIo};
 
+use crate::batch::{RecvBatch, SendBatch};
 use crate::flows::{ClientId, FlowTable};
 use crate::identity::{PeerIdentity, Role};
 use crate::relay::{ForwardResult, KernelTable, RelayTable, relay_cid_of};
@@ -179,6 +181,8 @@ pub struct Intermediate {
     stats: Arc<IntermediateStats>,
     last_expiry: Instant,
     xdp: Option<crate::xdp::XdpRelay>,
+    /// Relayed packets waiting for one sendmmsg.
+    forwarded: SendBatch,
 }
 
 /// A running intermediate on its own thread (tests, demo).
@@ -350,6 +354,7 @@ impl Intermediate {
             stats: Arc::new(IntermediateStats::default()),
             last_expiry: Instant::now(),
             xdp: None,
+            forwarded: SendBatch::default(),
         })
         .and_then(|mut server| {
             server.setup_xdp()?;
@@ -445,7 +450,7 @@ impl Intermediate {
     /// Runs until `shutdown` (graceful) or `crash` (immediate, silent) is set.
     pub fn run(mut self, shutdown: &AtomicBool, crash: &AtomicBool) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(64);
-        let mut buf = vec![0u8; 65535];
+        let mut batch = RecvBatch::default();
         let mut out = vec![0u8; MAX_UDP_PAYLOAD];
         let mut draining_since: Option<Instant> = None;
         loop {
@@ -488,16 +493,25 @@ impl Intermediate {
                     c.conn.on_timeout();
                 }
             }
+            let fd = self.socket.as_raw_fd();
             loop {
-                let (n, from) = match self.socket.recv_from(&mut buf) {
-                    Ok(v) => v,
+                let n = match batch.recv(fd) {
+                    Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         tracing::warn!("recv: {e}");
                         break;
                     }
                 };
-                self.handle_packet(&mut buf[..n], from, &mut out, draining_since.is_some());
+                for i in 0..n {
+                    if let Some((pkt, from)) = batch.get(i) {
+                        self.handle_packet(pkt, from, &mut out, draining_since.is_some());
+                    }
+                }
+                self.forwarded.flush(fd);
+                if n < crate::batch::BATCH {
+                    break;
+                }
             }
             let ids: Vec<ClientId> = self.clients.keys().copied().collect();
             for id in ids {
@@ -646,7 +660,7 @@ impl Intermediate {
                 self.stats
                     .userspace_forwarded_bytes
                     .fetch_add(pkt.len() as u64, Ordering::Relaxed);
-                self.send_to(pkt, to);
+                self.forwarded.push(pkt, to);
             }
             ForwardResult::Unknown => inc(&self.stats.relay_unknown_cid),
             ForwardResult::Mismatch { sender } => {
@@ -659,7 +673,7 @@ impl Intermediate {
                     self.relay.client_moved(sender, from);
                     if let ForwardResult::Send(to) = self.relay.forward(cid, from, pkt.len(), now) {
                         inc(&self.stats.userspace_forwarded_packets);
-                        self.send_to(pkt, to);
+                        self.forwarded.push(pkt, to);
                     }
                 } else {
                     inc(&self.stats.relay_sender_mismatch);

@@ -2,6 +2,7 @@
 //! the command-line tools. Binaries in `src/bin/` are thin wrappers over this library.
 
 pub mod agent;
+pub mod batch;
 pub mod connector;
 pub mod echo;
 pub mod flows;
