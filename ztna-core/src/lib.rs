@@ -6,6 +6,7 @@
 pub mod client;
 pub mod data;
 pub mod frame_io;
+pub mod p2p;
 pub mod packet;
 
 pub use client::{ClientConfig, ClientError, ClientEvent, ClientStats, ControlClient, Role};

@@ -1,0 +1,485 @@
+//! NAT traversal: ICE-style connectivity checks between an agent and a connector,
+//! sent from each side's one UDP socket (the one that also carries QUIC).
+//!
+//! Candidates (host addresses and the server-reflexive address from QAD) are
+//! exchanged through the intermediate in `CANDIDATES` frames (`ztna_common::frames`),
+//! each with the sender's random 16-byte check password. Both sides then check every
+//! remote candidate at once (so both NATs open mappings), paced, retransmitted with
+//! backoff; the controlling side (the agent) nominates the best pair that worked.
+//!
+//! Check packet (never confused with QUIC, whose first byte always has bit 0x40 set):
+//!
+//! ```text
+//! 0x01 | "ZTNA" | kind[1] | session_id[4 BE] | txn[8] | flags[1] | family[1] | ip[16] | port[2 BE] | tag[16]
+//! ```
+//! `kind` 1 = request, 2 = response; `flags` bit 0 = nominate. A request carries the
+//! address it is sent to, a response the address the request came from (what the
+//! responder saw, like STUN's XOR-MAPPED-ADDRESS); IPv4 uses the first 4 bytes of
+//! `ip`. `tag` = HMAC-SHA256(receiver-of-the-request's password, bytes before tag),
+//! first 16 bytes; so only the two endpoints of the session can make valid checks.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
+
+pub const CHECK_LEN: usize = 1 + 4 + 1 + 4 + 8 + 1 + 1 + 16 + 2 + 16;
+const MAGIC: &[u8; 5] = b"\x01ZTNA";
+const KIND_REQUEST: u8 = 1;
+const KIND_RESPONSE: u8 = 2;
+const FLAG_NOMINATE: u8 = 1;
+
+/// Pacing between new checks (RFC 8445 Ta).
+pub const PACING: Duration = Duration::from_millis(20);
+pub const FIRST_RTO: Duration = Duration::from_millis(100);
+pub const MAX_TRIES: u32 = 7;
+
+/// Candidate types with RFC 8445 type preferences.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CandidateKind {
+    Host = 1,
+    ServerReflexive = 2,
+}
+
+impl CandidateKind {
+    pub fn type_preference(self) -> u32 {
+        match self {
+            CandidateKind::Host => 126,
+            CandidateKind::ServerReflexive => 100,
+        }
+    }
+    pub fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(CandidateKind::Host),
+            2 => Some(CandidateKind::ServerReflexive),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Candidate {
+    pub kind: CandidateKind,
+    pub addr: SocketAddr,
+}
+
+impl Candidate {
+    /// RFC 8445 §5.1.2.1 with one component; IPv4 preferred slightly (local pref).
+    pub fn priority(&self) -> u32 {
+        let local_pref: u32 = if self.addr.is_ipv4() { 65535 } else { 65000 };
+        (self.kind.type_preference() << 24) + (local_pref << 8) + (256 - 1)
+    }
+}
+
+/// RFC 8445 §6.1.2.3 pair priority; G = controlling side's candidate priority.
+pub fn pair_priority(controlling: u32, controlled: u32) -> u64 {
+    let (g, d) = (u64::from(controlling), u64::from(controlled));
+    (1u64 << 32) * g.min(d) + 2 * g.max(d) + u64::from(g > d)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Controlling,
+    Controlled,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PairState {
+    Waiting,
+    InProgress { txn: [u8; 8], next: Instant, rto: Duration, tries: u32 },
+    Succeeded,
+    Failed,
+}
+
+#[derive(Clone, Debug)]
+struct Pair {
+    remote: Candidate,
+    priority: u64,
+    state: PairState,
+    nominating: Option<[u8; 8]>,
+}
+
+/// A parsed check packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Check {
+    pub request: bool,
+    pub session_id: u32,
+    pub txn: [u8; 8],
+    pub nominate: bool,
+    pub addr: SocketAddr,
+}
+
+fn put_addr(out: &mut [u8], a: SocketAddr) {
+    match a.ip() {
+        IpAddr::V4(ip) => {
+            out[0] = 4;
+            out[1..5].copy_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out[0] = 6;
+            out[1..17].copy_from_slice(&ip.octets());
+        }
+    }
+    out[17..19].copy_from_slice(&a.port().to_be_bytes());
+}
+
+fn get_addr(b: &[u8]) -> Option<SocketAddr> {
+    let ip = match b[0] {
+        4 => IpAddr::V4(Ipv4Addr::new(b[1], b[2], b[3], b[4])),
+        6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&b[1..17]).ok()?)),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, u16::from_be_bytes([b[17], b[18]])))
+}
+
+/// True if a received UDP payload is a check packet (not QUIC).
+pub fn is_check(pkt: &[u8]) -> bool {
+    pkt.len() == CHECK_LEN && pkt.starts_with(MAGIC)
+}
+
+/// Builds a check signed with `key`.
+pub fn encode_check(c: &Check, key: &[u8; 16]) -> Vec<u8> {
+    let mut p = vec![0u8; CHECK_LEN];
+    p[..5].copy_from_slice(MAGIC);
+    p[5] = if c.request { KIND_REQUEST } else { KIND_RESPONSE };
+    p[6..10].copy_from_slice(&c.session_id.to_be_bytes());
+    p[10..18].copy_from_slice(&c.txn);
+    p[18] = if c.nominate { FLAG_NOMINATE } else { 0 };
+    put_addr(&mut p[19..38], c.addr);
+    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), &p[..38]);
+    p[38..].copy_from_slice(&tag.as_ref()[..16]);
+    p
+}
+
+/// Parses a check and verifies its tag with `key`.
+pub fn decode_check(p: &[u8], key: &[u8; 16]) -> Option<Check> {
+    if !is_check(p) {
+        return None;
+    }
+    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), &p[..38]);
+    let ok = tag.as_ref()[..16].iter().zip(&p[38..]).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
+    if !ok {
+        return None;
+    }
+    Some(Check {
+        request: match p[5] {
+            KIND_REQUEST => true,
+            KIND_RESPONSE => false,
+            _ => return None,
+        },
+        session_id: u32::from_be_bytes(p[6..10].try_into().ok()?),
+        txn: p[10..18].try_into().ok()?,
+        nominate: p[18] & FLAG_NOMINATE != 0,
+        addr: get_addr(&p[19..38])?,
+    })
+}
+
+/// Session id of a check packet, before its tag is verified (to find its checker).
+pub fn check_session(p: &[u8]) -> Option<u32> {
+    is_check(p).then(|| u32::from_be_bytes([p[6], p[7], p[8], p[9]]))
+}
+
+/// One side's connectivity checks for one session.
+pub struct Checker {
+    pub role: Role,
+    pub session_id: u32,
+    local_password: [u8; 16],
+    remote_password: Option<[u8; 16]>,
+    local_best: u32,
+    pairs: Vec<Pair>,
+    next_check: Instant,
+    selected: Option<SocketAddr>,
+    rng: SystemRandom,
+    started: Instant,
+    /// Checks that failed verification or came for pairs we don't have.
+    pub rejected: u64,
+}
+
+impl Checker {
+    pub fn new(role: Role, session_id: u32, local: &[Candidate], now: Instant) -> Self {
+        let rng = SystemRandom::new();
+        let mut pw = [0u8; 16];
+        let _ = rng.fill(&mut pw);
+        Checker {
+            role,
+            session_id,
+            local_password: pw,
+            remote_password: None,
+            local_best: local.iter().map(|c| c.priority()).max().unwrap_or(0),
+            pairs: Vec::new(),
+            next_check: now,
+            selected: None,
+            rng,
+            started: now,
+            rejected: 0,
+        }
+    }
+
+    pub fn local_password(&self) -> [u8; 16] {
+        self.local_password
+    }
+
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Remote candidates and password arrived (through the intermediate).
+    pub fn set_remote(&mut self, password: [u8; 16], remote: &[Candidate], now: Instant) {
+        self.remote_password = Some(password);
+        self.pairs = remote
+            .iter()
+            .map(|r| {
+                let (g, d) = match self.role {
+                    Role::Controlling => (self.local_best, r.priority()),
+                    Role::Controlled => (r.priority(), self.local_best),
+                };
+                Pair { remote: *r, priority: pair_priority(g, d), state: PairState::Waiting, nominating: None }
+            })
+            .collect();
+        self.pairs.sort_by(|a, b| b.priority.cmp(&a.priority));
+        self.next_check = now;
+    }
+
+    pub fn has_remote(&self) -> bool {
+        self.remote_password.is_some()
+    }
+
+    /// The nominated remote address once both sides agreed.
+    pub fn selected(&self) -> Option<SocketAddr> {
+        self.selected
+    }
+
+    /// Every pair failed (or there were none).
+    pub fn failed(&self) -> bool {
+        self.remote_password.is_some()
+            && self.selected.is_none()
+            && self.pairs.iter().all(|p| p.state == PairState::Failed)
+    }
+
+    fn txn(&self) -> [u8; 8] {
+        let mut t = [0u8; 8];
+        let _ = self.rng.fill(&mut t);
+        t
+    }
+
+    /// Next check to send: (packet, destination).
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<(Vec<u8>, SocketAddr)> {
+        let key = self.remote_password?;
+        if now < self.next_check || self.selected.is_some() {
+            return None;
+        }
+        // Nomination first (controlling side), then retransmissions, then new checks.
+        let txn = self.txn();
+        let session_id = self.session_id;
+        if self.role == Role::Controlling && self.selected.is_none() {
+            let best = self.pairs.iter_mut().find(|p| p.state == PairState::Succeeded);
+            if let Some(p) = best
+                && p.nominating.is_none()
+            {
+                p.nominating = Some(txn);
+                self.next_check = now + PACING;
+                let c = Check { request: true, session_id, txn, nominate: true, addr: p.remote.addr };
+                return Some((encode_check(&c, &key), p.remote.addr));
+            }
+        }
+        let mut chosen = None;
+        for (i, p) in self.pairs.iter_mut().enumerate() {
+            match p.state {
+                PairState::InProgress { next, rto, tries, .. } if next <= now => {
+                    if tries >= MAX_TRIES {
+                        p.state = PairState::Failed;
+                        continue;
+                    }
+                    p.state = PairState::InProgress { txn, next: now + rto * 2, rto: rto * 2, tries: tries + 1 };
+                    chosen = Some(i);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if chosen.is_none()
+            && let Some(i) = self.pairs.iter().position(|p| p.state == PairState::Waiting)
+        {
+            self.pairs[i].state = PairState::InProgress { txn, next: now + FIRST_RTO, rto: FIRST_RTO, tries: 1 };
+            chosen = Some(i);
+        }
+        // Keep nominations alive until answered.
+        if chosen.is_none()
+            && self.role == Role::Controlling
+            && self.selected.is_none()
+            && let Some(p) = self.pairs.iter_mut().find(|p| p.nominating.is_some())
+        {
+            p.nominating = Some(txn);
+            self.next_check = now + FIRST_RTO;
+            let c = Check { request: true, session_id, txn, nominate: true, addr: p.remote.addr };
+            return Some((encode_check(&c, &key), p.remote.addr));
+        }
+        let i = chosen?;
+        self.next_check = now + PACING;
+        let to = self.pairs[i].remote.addr;
+        let c = Check { request: true, session_id, txn, nominate: false, addr: to };
+        Some((encode_check(&c, &key), to))
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.remote_password.is_none() || self.selected.is_some() {
+            return None;
+        }
+        let retx = self
+            .pairs
+            .iter()
+            .filter_map(|p| match p.state {
+                PairState::InProgress { next, .. } => Some(next),
+                PairState::Waiting => Some(self.next_check),
+                _ => None,
+            })
+            .min();
+        retx.map(|t| t.max(self.next_check))
+    }
+
+    /// Handles a received check; returns a response to send, if any.
+    pub fn handle(&mut self, pkt: &[u8], from: SocketAddr, _now: Instant) -> Option<(Vec<u8>, SocketAddr)> {
+        // Both messages of one transaction are signed with the password of the
+        // request's receiver: requests to us with ours, responses to our requests
+        // with the remote one.
+        if let Some(c) = decode_check(pkt, &self.local_password).filter(|c| c.request) {
+            if c.session_id != self.session_id {
+                self.rejected += 1;
+                return None;
+            }
+            if c.nominate && self.role == Role::Controlled {
+                self.selected = Some(from);
+            }
+            let resp = Check { request: false, session_id: c.session_id, txn: c.txn, nominate: c.nominate, addr: from };
+            return Some((encode_check(&resp, &self.local_password), from));
+        }
+        let key = self.remote_password?;
+        let Some(c) = decode_check(pkt, &key).filter(|c| !c.request) else {
+            self.rejected += 1;
+            return None;
+        };
+        for p in self.pairs.iter_mut() {
+            if let PairState::InProgress { txn, .. } = p.state
+                && txn == c.txn
+                && p.remote.addr == from
+            {
+                p.state = PairState::Succeeded;
+            }
+            if p.nominating == Some(c.txn) && p.remote.addr == from {
+                p.state = PairState::Succeeded;
+                self.selected = Some(from);
+            }
+        }
+        None
+    }
+
+    /// Starts over (after the direct path failed): all pairs back to waiting.
+    pub fn restart(&mut self, now: Instant) {
+        self.selected = None;
+        for p in self.pairs.iter_mut() {
+            p.state = PairState::Waiting;
+            p.nominating = None;
+        }
+        self.next_check = now;
+        self.started = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(kind: CandidateKind, a: &str) -> Candidate {
+        Candidate { kind, addr: a.parse().unwrap() }
+    }
+
+    #[test]
+    fn check_round_trip_and_tamper() {
+        let key = [7u8; 16];
+        let c = Check { request: true, session_id: 9, txn: [1; 8], nominate: true, addr: "192.0.2.1:5000".parse().unwrap() };
+        let mut p = encode_check(&c, &key);
+        assert_eq!(p.len(), CHECK_LEN);
+        assert!(p[0] & 0x40 == 0, "never looks like QUIC");
+        assert_eq!(decode_check(&p, &key), Some(c));
+        assert_eq!(decode_check(&p, &[8u8; 16]), None);
+        p[12] ^= 1;
+        assert_eq!(decode_check(&p, &key), None);
+        assert_eq!(check_session(&p), Some(9));
+    }
+
+    #[test]
+    fn priorities_follow_rfc8445() {
+        let h = cand(CandidateKind::Host, "10.0.0.1:1");
+        let s = cand(CandidateKind::ServerReflexive, "203.0.113.1:1");
+        assert!(h.priority() > s.priority());
+        assert_eq!(pair_priority(10, 20), (1 << 32) * 10 + 40);
+        assert_eq!(pair_priority(20, 10), (1 << 32) * 10 + 40 + 1);
+    }
+
+    /// Two checkers talking over a lossless "network": both sides select.
+    #[test]
+    fn both_sides_select_the_working_pair() {
+        let now = Instant::now();
+        let a_addr: SocketAddr = "198.51.100.1:1000".parse().unwrap();
+        let b_addr: SocketAddr = "203.0.113.2:2000".parse().unwrap();
+        let dead: SocketAddr = "10.9.9.9:9".parse().unwrap();
+        let la = [cand(CandidateKind::ServerReflexive, "198.51.100.1:1000")];
+        let lb = [cand(CandidateKind::ServerReflexive, "203.0.113.2:2000")];
+        let mut a = Checker::new(Role::Controlling, 1, &la, now);
+        let mut b = Checker::new(Role::Controlled, 1, &lb, now);
+        a.set_remote(b.local_password(), &[cand(CandidateKind::Host, "10.9.9.9:9"), lb[0]], now);
+        b.set_remote(a.local_password(), &la, now);
+        let mut t = now;
+        for _ in 0..200 {
+            t += Duration::from_millis(10);
+            let mut wire = Vec::new();
+            while let Some((p, to)) = a.poll_transmit(t) {
+                wire.push((p, a_addr, to));
+            }
+            while let Some((p, to)) = b.poll_transmit(t) {
+                wire.push((p, b_addr, to));
+            }
+            while let Some((p, from, to)) = wire.pop() {
+                if to == dead {
+                    continue;
+                }
+                let target = if to == a_addr { &mut a } else { &mut b };
+                if let Some((r, rto)) = target.handle(&p, from, t) {
+                    wire.push((r, to, rto));
+                }
+            }
+            if a.selected().is_some() && b.selected().is_some() {
+                break;
+            }
+        }
+        assert_eq!(a.selected(), Some(b_addr));
+        assert_eq!(b.selected(), Some(a_addr));
+    }
+
+    #[test]
+    fn all_pairs_fail_when_nothing_answers() {
+        let now = Instant::now();
+        let mut a = Checker::new(Role::Controlling, 1, &[], now);
+        a.set_remote([0; 16], &[cand(CandidateKind::Host, "10.9.9.9:9")], now);
+        let mut t = now;
+        for _ in 0..2000 {
+            t += Duration::from_millis(10);
+            while a.poll_transmit(t).is_some() {}
+        }
+        assert!(a.failed());
+    }
+
+    #[test]
+    fn checks_from_strangers_are_rejected() {
+        let now = Instant::now();
+        let mut a = Checker::new(Role::Controlled, 1, &[], now);
+        a.set_remote([3; 16], &[], now);
+        let forged = encode_check(
+            &Check { request: false, session_id: 1, txn: [0; 8], nominate: false, addr: "10.0.0.1:1".parse().unwrap() },
+            &[9; 16],
+        );
+        assert!(a.handle(&forged, "10.0.0.2:2".parse().unwrap(), now).is_none());
+        assert_eq!(a.rejected, 1);
+    }
+}
