@@ -18,7 +18,17 @@
 //! 0x04 SESSION_READY    intermediate → agent      request_id[4] | session_id[4] | agent_cid[8] | connector_cid[8]
 //! 0x05 SESSION_REFUSED  intermediate → agent      request_id[4] | status[1]
 //! 0x06 SESSION_CLOSE    any direction             session_id[4] | reason[1]
+//! 0x07 CANDIDATES       endpoint → intermediate → the session's other endpoint
+//!                       session_id[4] | password[16] | count[1] | count × candidate
+//!                       candidate = kind[1] (1 host, 2 server-reflexive) | family[1] (4|6)
+//!                                   | ip[4|16] | port[2]
+//! 0x08 SESSION_PATH     intermediate → endpoints  session_id[4] | forwarding[1]
+//!                       (1 XDP native, 2 XDP generic, 3 userspace forwarder)
 //! ```
+//!
+//! CANDIDATES carry the sender's NAT-traversal candidates and its check password
+//! (`ztna_core::p2p`). The intermediate passes them on only between the agent and
+//! the connector of that session; from anyone else they are refused and counted.
 //!
 //! Setup: the agent asks for a session to a service it is registered for; the
 //! intermediate allocates both relay CIDs, installs the forwarding entries and offers
@@ -37,6 +47,18 @@ pub const FRAME_SESSION_ACCEPT: u8 = 0x03;
 pub const FRAME_SESSION_READY: u8 = 0x04;
 pub const FRAME_SESSION_REFUSED: u8 = 0x05;
 pub const FRAME_SESSION_CLOSE: u8 = 0x06;
+pub const FRAME_CANDIDATES: u8 = 0x07;
+pub const FRAME_SESSION_PATH: u8 = 0x08;
+
+/// SESSION_PATH values: how the intermediate forwards a session.
+pub mod forwarding {
+    pub const XDP_NATIVE: u8 = 1;
+    pub const XDP_GENERIC: u8 = 2;
+    pub const USERSPACE: u8 = 3;
+}
+
+/// Most candidates one CANDIDATES frame may carry.
+pub const MAX_CANDIDATES: usize = 16;
 
 /// Stream the client writes its frames on (client-initiated unidirectional).
 pub const CLIENT_FRAME_STREAM: u64 = 2;
@@ -96,6 +118,10 @@ pub enum Frame<'a> {
     SessionReady { request_id: u32, session_id: u32, agent_cid: Cid, connector_cid: Cid },
     SessionRefused { request_id: u32, status: RefusedStatus },
     SessionClose { session_id: u32, reason: u8 },
+    /// `candidates` is `count` encoded candidates, already validated by `decode`;
+    /// read them with [`candidates`].
+    Candidates { session_id: u32, password: [u8; 16], count: u8, candidates: &'a [u8] },
+    SessionPath { session_id: u32, forwarding: u8 },
     /// A frame type this version does not know; skipped.
     Unknown { frame_type: u8 },
 }
@@ -194,6 +220,25 @@ impl<'a> Frame<'a> {
                 session_id: r.u32()?,
                 reason: r.u8()?,
             },
+            FRAME_CANDIDATES => {
+                let session_id = r.u32()?;
+                let mut password = [0u8; 16];
+                password.copy_from_slice(r.take(16)?);
+                let count = r.u8()?;
+                if count as usize > MAX_CANDIDATES {
+                    return Err(WireError::LengthTooLong { len: count as usize });
+                }
+                let start = r.buf;
+                for _ in 0..count {
+                    candidate(&mut r)?;
+                }
+                let used = start.len() - r.buf.len();
+                Frame::Candidates { session_id, password, count, candidates: &start[..used] }
+            }
+            FRAME_SESSION_PATH => Frame::SessionPath {
+                session_id: r.u32()?,
+                forwarding: r.u8()?,
+            },
             t => {
                 r.buf = &[];
                 Frame::Unknown { frame_type: t }
@@ -240,6 +285,18 @@ impl<'a> Frame<'a> {
                 w.put(&[reason])?;
                 FRAME_SESSION_CLOSE
             }
+            Frame::Candidates { session_id, password, count, candidates } => {
+                w.put(&session_id.to_be_bytes())?;
+                w.put(&password)?;
+                w.put(&[count])?;
+                w.put(candidates)?;
+                FRAME_CANDIDATES
+            }
+            Frame::SessionPath { session_id, forwarding } => {
+                w.put(&session_id.to_be_bytes())?;
+                w.put(&[forwarding])?;
+                FRAME_SESSION_PATH
+            }
             Frame::Unknown { frame_type } => frame_type,
         };
         let n = w.pos;
@@ -251,6 +308,56 @@ impl<'a> Frame<'a> {
         w.out[2] = ty;
         Ok(n)
     }
+}
+
+fn candidate(r: &mut Reader<'_>) -> Result<(u8, core::net::SocketAddr), WireError> {
+    let kind = r.u8()?;
+    if !(1..=2).contains(&kind) {
+        return Err(WireError::UnknownType(kind));
+    }
+    let ip: core::net::IpAddr = match r.u8()? {
+        4 => {
+            let b = r.take(4)?;
+            core::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).into()
+        }
+        6 => {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(r.take(16)?);
+            core::net::Ipv6Addr::from(a).into()
+        }
+        f => return Err(WireError::UnknownType(f)),
+    };
+    let p = r.take(2)?;
+    Ok((kind, core::net::SocketAddr::new(ip, u16::from_be_bytes([p[0], p[1]]))))
+}
+
+/// The candidates of a decoded CANDIDATES frame: (kind, address).
+pub fn candidates(raw: &[u8]) -> impl Iterator<Item = (u8, core::net::SocketAddr)> + '_ {
+    let mut r = Reader { buf: raw, total: raw.len() };
+    core::iter::from_fn(move || if r.buf.is_empty() { None } else { candidate(&mut r).ok() })
+}
+
+/// Appends one encoded candidate to `out` at `*pos`; returns false if it doesn't fit.
+pub fn encode_candidate(kind: u8, addr: core::net::SocketAddr, out: &mut [u8], pos: &mut usize) -> bool {
+    let need = match addr { core::net::SocketAddr::V4(_) => 8, core::net::SocketAddr::V6(_) => 20 };
+    if out.len() < *pos + need {
+        return false;
+    }
+    let o = &mut out[*pos..*pos + need];
+    o[0] = kind;
+    match addr.ip() {
+        core::net::IpAddr::V4(ip) => {
+            o[1] = 4;
+            o[2..6].copy_from_slice(&ip.octets());
+        }
+        core::net::IpAddr::V6(ip) => {
+            o[1] = 6;
+            o[2..18].copy_from_slice(&ip.octets());
+        }
+    }
+    o[need - 2..].copy_from_slice(&addr.port().to_be_bytes());
+    *pos += need;
+    true
 }
 
 /// Total length (prefix included) of the frame at the start of `buf`, or `None` if
@@ -315,6 +422,48 @@ mod tests {
         rt(Frame::SessionReady { request_id: 7, session_id: 1, agent_cid: a, connector_cid: c });
         rt(Frame::SessionRefused { request_id: 7, status: RefusedStatus::NoConnector });
         rt(Frame::SessionClose { session_id: 1, reason: close_reason::IDLE });
+        rt(Frame::SessionPath { session_id: 1, forwarding: forwarding::XDP_NATIVE });
+        let mut raw = [0u8; 64];
+        let mut n = 0;
+        assert!(encode_candidate(1, "10.0.0.1:5".parse().unwrap(), &mut raw, &mut n));
+        assert!(encode_candidate(2, "[2001:db8::1]:6".parse().unwrap(), &mut raw, &mut n));
+        let f = Frame::Candidates { session_id: 3, password: [9; 16], count: 2, candidates: &raw[..n] };
+        rt(f);
+        let got: heapless_list::List = candidates(&raw[..n]).collect();
+        assert_eq!(got.0[0], Some((1, "10.0.0.1:5".parse().unwrap())));
+        assert_eq!(got.0[1], Some((2, "[2001:db8::1]:6".parse().unwrap())));
+    }
+
+    #[test]
+    fn candidates_malformed() {
+        // count says 2, only one candidate present
+        let mut buf = [0u8; 64];
+        let mut raw = [0u8; 16];
+        let mut n = 0;
+        encode_candidate(1, "10.0.0.1:5".parse().unwrap(), &mut raw, &mut n);
+        let len = Frame::Candidates { session_id: 1, password: [0; 16], count: 2, candidates: &raw[..n] }
+            .encode(&mut buf)
+            .unwrap();
+        assert!(matches!(Frame::decode(&buf[..len]), Err(WireError::Truncated { .. })));
+        // unknown family
+        raw[1] = 5;
+        let len = Frame::Candidates { session_id: 1, password: [0; 16], count: 1, candidates: &raw[..n] }
+            .encode(&mut buf)
+            .unwrap();
+        assert_eq!(Frame::decode(&buf[..len]), Err(WireError::UnknownType(5)));
+    }
+
+    mod heapless_list {
+        pub struct List(pub [Option<(u8, core::net::SocketAddr)>; 4]);
+        impl FromIterator<(u8, core::net::SocketAddr)> for List {
+            fn from_iter<I: IntoIterator<Item = (u8, core::net::SocketAddr)>>(it: I) -> Self {
+                let mut l = List([None; 4]);
+                for (i, x) in it.into_iter().take(4).enumerate() {
+                    l.0[i] = Some(x);
+                }
+                l
+            }
+        }
     }
 
     #[test]

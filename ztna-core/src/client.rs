@@ -109,6 +109,10 @@ pub enum ClientEvent {
     SessionOffer { session_id: u32, service: String, agent_cid: Cid, connector_cid: Cid },
     /// Either side: the intermediate ended a relay session.
     SessionClosed { session_id: u32, reason: u8 },
+    /// Either side: the other endpoint's NAT-traversal candidates.
+    Candidates { session_id: u32, password: [u8; 16], candidates: Vec<crate::p2p::Candidate> },
+    /// Either side: how the intermediate forwards the session (`frames::forwarding`).
+    SessionPath { session_id: u32, forwarding: u8 },
 }
 
 /// Counters of what the client received and could not use.
@@ -436,6 +440,24 @@ impl ControlClient {
         self.send_frame(&Frame::SessionClose { session_id, reason })
     }
 
+    /// Either side: sends our candidates for `session_id` to the other endpoint.
+    pub fn send_candidates(
+        &mut self,
+        session_id: u32,
+        password: [u8; 16],
+        candidates: &[crate::p2p::Candidate],
+    ) -> Result<(), ClientError> {
+        let mut raw = [0u8; frames::MAX_CANDIDATES * 20];
+        let mut n = 0;
+        let mut count = 0u8;
+        for c in candidates.iter().take(frames::MAX_CANDIDATES) {
+            if frames::encode_candidate(c.kind as u8, c.addr, &mut raw, &mut n) {
+                count += 1;
+            }
+        }
+        self.send_frame(&Frame::Candidates { session_id, password, count, candidates: &raw[..n] })
+    }
+
     fn send_frame(&mut self, frame: &Frame<'_>) -> Result<(), ClientError> {
         if !self.is_established() {
             return Err(ClientError::NotConnected);
@@ -607,6 +629,17 @@ impl ControlClient {
                 }
                 Ok(Frame::SessionClose { session_id, reason }) => {
                     self.events.push_back(ClientEvent::SessionClosed { session_id, reason });
+                }
+                Ok(Frame::Candidates { session_id, password, candidates, .. }) => {
+                    let candidates = frames::candidates(candidates)
+                        .filter_map(|(k, addr)| {
+                            Some(crate::p2p::Candidate { kind: crate::p2p::CandidateKind::from_byte(k)?, addr })
+                        })
+                        .collect();
+                    self.events.push_back(ClientEvent::Candidates { session_id, password, candidates });
+                }
+                Ok(Frame::SessionPath { session_id, forwarding }) => {
+                    self.events.push_back(ClientEvent::SessionPath { session_id, forwarding });
                 }
                 Ok(Frame::Unknown { .. }) => {}
                 Ok(_) => self.stats.unexpected += 1,

@@ -70,6 +70,7 @@ pub struct DataConnection {
     started: Instant,
     handshake: Option<Duration>,
     last_send: Instant,
+    last_recv: Instant,
     keepalive: Duration,
 }
 
@@ -136,15 +137,50 @@ impl DataConnection {
             started: now,
             handshake: None,
             last_send: now,
+            last_recv: now,
             keepalive,
         }
     }
 
-    pub fn recv(&mut self, buf: &mut [u8], from: SocketAddr) {
+    pub fn recv(&mut self, buf: &mut [u8], from: SocketAddr, now: Instant) {
         let info = quiche::RecvInfo { from, to: self.local };
-        if let Err(e) = self.conn.recv(buf, info) {
-            tracing::debug!("data connection recv: {e}");
+        match self.conn.recv(buf, info) {
+            Ok(_) => self.last_recv = now,
+            Err(e) => tracing::debug!("data connection recv: {e}"),
         }
+    }
+
+    /// When the last packet from the peer was processed.
+    pub fn last_recv(&self) -> Instant {
+        self.last_recv
+    }
+
+    /// The peer's address on the active path.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.conn.path_stats().find(|p| p.active).map(|p| p.peer_addr)
+    }
+
+    /// Agent side, direct path: connect straight to the connector at `peer` with
+    /// fresh random CIDs (the relay never sees this connection).
+    pub fn connect_direct(
+        quic: &mut quiche::Config,
+        keepalive: Duration,
+        session_id: u32,
+        service: &str,
+        local: SocketAddr,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> Result<Self, ClientError> {
+        let (scid, dcid) = (random_cid(), random_cid());
+        let conn = quiche::connect_with_dcid(
+            None,
+            &quiche::ConnectionId::from_ref(&scid),
+            &quiche::ConnectionId::from_ref(&dcid),
+            local,
+            peer,
+            quic,
+        )?;
+        Ok(Self::new(conn, session_id, service, scid, dcid, local, keepalive, now))
     }
 
     pub fn poll_transmit(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, SocketAddr)> {
@@ -262,6 +298,16 @@ impl DataConnection {
         let _ = self.conn.close(true, app_error::CLIENT_CLOSING, reason.as_bytes());
     }
 
+    /// Smoothed RTT of the active path.
+    pub fn stats_rtt(&self) -> Option<Duration> {
+        self.conn.path_stats().find(|p| p.active).map(|p| p.rtt)
+    }
+
+    /// When we last sent a packet.
+    pub fn last_send_instant(&self) -> Instant {
+        self.last_send
+    }
+
     pub fn stats(&self) -> quiche::Stats {
         self.conn.stats()
     }
@@ -285,4 +331,15 @@ pub fn dcid_of(pkt: &[u8]) -> Option<&[u8]> {
         }
         pkt.get(6..14)
     }
+}
+
+/// A random 8-byte CID that is not a relay CID.
+pub fn random_cid() -> Cid {
+    use ring::rand::SecureRandom;
+    let mut c = [0u8; 8];
+    let _ = ring::rand::SystemRandom::new().fill(&mut c);
+    if c[0] == ztna_common::relay::RELAY_CID_MARKER {
+        c[0] ^= 1;
+    }
+    c
 }

@@ -237,7 +237,7 @@ impl Lab {
         let relay = format!("{RELAY_IP}:{RELAY_PORT}");
         let mut args: Vec<String> = vec![
             "--server".into(), relay, "--ca".into(), c("ca.pem"), "--cert".into(), c("agent.pem"),
-            "--key".into(), c("agent.key"), "--service".into(), "echo".into(), "echo".into(),
+            "--key".into(), c("agent.key"), "--service".into(), "echo".into(), "--no-p2p".into(), "echo".into(),
             "--dst".into(), "10.100.0.1:7".into(), "--json".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));

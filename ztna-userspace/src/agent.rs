@@ -14,6 +14,7 @@ use anyhow::Context;
 use serde::Serialize;
 use ztna_common::NackStatus;
 use ztna_core::data::{self, DataConfig, DataConnection};
+use ztna_core::p2p::{self, Checker};
 use ztna_core::packet;
 use ztna_core::{ClientConfig, ClientError, ClientEvent, ControlClient, MAX_UDP_PAYLOAD, Role};
 
@@ -23,15 +24,51 @@ use crate::connector::authorize;
 const DATA_SETUP_TIMEOUT: Duration = Duration::from_secs(3);
 /// Wait before asking again for a relay session that failed.
 const SESSION_RETRY: Duration = Duration::from_secs(2);
+/// Keepalive on the direct path: silence for `DIRECT_DEAD` means the path is gone.
+const DIRECT_KEEPALIVE: Duration = Duration::from_millis(200);
+const DIRECT_DEAD: Duration = Duration::from_millis(1000);
+/// With packets of ours unanswered, give up sooner: this many RTTs, at least
+/// `DIRECT_DEAD_MIN`.
+const DIRECT_DEAD_RTTS: u32 = 4;
+const DIRECT_DEAD_MIN: Duration = Duration::from_millis(400);
+/// Wait before trying the direct path again after it failed.
+const DIRECT_RETRY: Duration = Duration::from_secs(5);
 
 /// How a service's packets currently travel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PathKind {
-    /// QUIC data connection through the forwarded relay (XDP or userspace forwarder).
-    Relay,
+    /// QUIC data connection straight to the connector (after hole punching).
+    Direct,
+    /// QUIC data connection through the relay, forwarded by its XDP program.
+    RelayXdp,
+    /// QUIC data connection through the relay's userspace forwarder.
+    RelayUserspace,
     /// DATAGRAMs on the control connection, decrypted by the intermediate.
     Datagram,
+}
+
+impl PathKind {
+    /// Either forwarded-relay kind.
+    pub fn is_relay(self) -> bool {
+        matches!(self, PathKind::RelayXdp | PathKind::RelayUserspace)
+    }
+}
+
+/// The direct path of one service: connectivity checks, then a data connection.
+struct Direct {
+    session_id: u32,
+    checker: Checker,
+    conn: Option<DataConnection>,
+    retry_at: Option<Instant>,
+}
+
+/// One entry of the path timeline.
+#[derive(Clone, Debug, Serialize)]
+pub struct PathChange {
+    pub service: String,
+    pub at_ms: u64,
+    pub path: PathKind,
 }
 
 pub struct Agent {
@@ -45,6 +82,16 @@ pub struct Agent {
     /// services with a session request in flight.
     requested: std::collections::HashSet<String>,
     path_changes: u64,
+    /// Hole punching and direct data connections (on unless disabled).
+    p2p: bool,
+    direct: HashMap<String, Direct>,
+    /// session id → `frames::forwarding` value from SESSION_PATH.
+    forwarding: HashMap<u32, u8>,
+    /// CANDIDATES for sessions we don't have.
+    pub candidates_refused: u64,
+    last_path: HashMap<String, PathKind>,
+    timeline: Vec<PathChange>,
+    created: Instant,
     socket: UdpSocket,
     packets: VecDeque<(Option<String>, Vec<u8>)>,
     events: Vec<ClientEvent>,
@@ -91,6 +138,13 @@ impl Agent {
             want_session: HashMap::new(),
             requested: Default::default(),
             path_changes: 0,
+            p2p: true,
+            direct: HashMap::new(),
+            forwarding: HashMap::new(),
+            candidates_refused: 0,
+            last_path: HashMap::new(),
+            timeline: Vec::new(),
+            created: Instant::now(),
             socket,
             packets: VecDeque::new(),
             events: Vec::new(),
@@ -105,6 +159,28 @@ impl Agent {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.socket.local_addr().expect("bound socket")
+    }
+
+    /// Turns hole punching on or off (on by default with the data path).
+    pub fn set_p2p(&mut self, on: bool) {
+        self.p2p = on;
+        if !on {
+            for d in self.direct.values_mut() {
+                if let Some(c) = d.conn.as_mut() {
+                    c.close("p2p disabled");
+                }
+            }
+        }
+    }
+
+    /// Every path change so far, per service, with time since the agent started.
+    pub fn timeline(&self) -> &[PathChange] {
+        &self.timeline
+    }
+
+    /// The direct data connection of `service`, if one is up.
+    pub fn direct_connection(&self, service: &str) -> Option<&DataConnection> {
+        self.direct.get(service)?.conn.as_ref().filter(|c| c.is_usable())
     }
 
     pub fn client(&self) -> &ControlClient {
@@ -133,7 +209,7 @@ impl Agent {
                 break;
             }
         }
-        for d in self.data.values_mut() {
+        for d in self.data.values_mut().chain(self.direct.values_mut().filter_map(|d| d.conn.as_mut())) {
             while let Some((n, to)) = d.poll_transmit(&mut self.out, now) {
                 if let Err(e) = self.socket.send_to(&self.out[..n], to) {
                     tracing::debug!("send to {to}: {e}");
@@ -141,13 +217,121 @@ impl Agent {
                 }
             }
         }
+        for d in self.direct.values_mut() {
+            while let Some((pkt, to)) = d.checker.poll_transmit(now) {
+                let _ = self.socket.send_to(&pkt, to);
+            }
+        }
     }
 
     /// The path `service`'s packets take now.
     pub fn path(&self, service: &str) -> PathKind {
+        if self.direct_connection(service).is_some() {
+            return PathKind::Direct;
+        }
         match self.data.get(service) {
-            Some(d) if d.is_usable() => PathKind::Relay,
+            Some(d) if d.is_usable() => match self.forwarding.get(&d.session_id) {
+                Some(&ztna_common::frames::forwarding::XDP_NATIVE)
+                | Some(&ztna_common::frames::forwarding::XDP_GENERIC) => PathKind::RelayXdp,
+                _ => PathKind::RelayUserspace,
+            },
             _ => PathKind::Datagram,
+        }
+    }
+
+    fn record_paths(&mut self) {
+        let services: Vec<String> = self.client.config().services.clone();
+        for s in services {
+            let p = self.path(&s);
+            if self.last_path.get(&s) != Some(&p) {
+                tracing::info!("service {s:?}: path is now {p:?}");
+                self.last_path.insert(s.clone(), p);
+                self.timeline.push(PathChange {
+                    service: s,
+                    at_ms: self.created.elapsed().as_millis() as u64,
+                    path: p,
+                });
+                self.path_changes += 1;
+            }
+        }
+    }
+
+    /// Starts, runs and retires the direct paths.
+    fn service_direct(&mut self, now: Instant) {
+        if !self.p2p || self.data_quic.is_none() {
+            return;
+        }
+        // A usable relayed data connection is the anchor for hole punching.
+        let relays: Vec<(String, u32)> = self
+            .data
+            .iter()
+            .filter(|(_, d)| d.is_usable())
+            .map(|(s, d)| (s.clone(), d.session_id))
+            .collect();
+        let local = self.socket.local_addr().expect("bound");
+        let observed = self.client.observed_address();
+        for (service, session_id) in &relays {
+            let fresh = match self.direct.get(service) {
+                None => true,
+                Some(d) => d.session_id != *session_id || d.retry_at.is_some_and(|t| t <= now),
+            };
+            if fresh {
+                let cands = crate::netif::candidates(local, observed);
+                let checker = Checker::new(p2p::Role::Controlling, *session_id, &cands, now);
+                if self.client.send_candidates(*session_id, checker.local_password(), &cands).is_ok() {
+                    tracing::debug!("service {service:?}: checking direct path, candidates {cands:?}");
+                    if let Some(old) = self.direct.get_mut(service).and_then(|d| d.conn.as_mut()) {
+                        old.close("retrying");
+                    }
+                    self.direct.insert(service.clone(), Direct { session_id: *session_id, checker, conn: None, retry_at: None });
+                }
+            }
+        }
+        self.direct.retain(|s, _| relays.iter().any(|(r, _)| r == s));
+        for (service, d) in self.direct.iter_mut() {
+            if d.retry_at.is_some() {
+                continue;
+            }
+            if d.conn.is_none()
+                && let Some(peer) = d.checker.selected()
+                && let Some(quic) = self.data_quic.as_mut()
+            {
+                match DataConnection::connect_direct(quic, DIRECT_KEEPALIVE, d.session_id, service, local, peer, now) {
+                    Ok(c) => {
+                        tracing::info!("service {service:?}: direct path to {peer} selected, connecting");
+                        d.conn = Some(c);
+                    }
+                    Err(e) => tracing::warn!("direct connection to {peer}: {e}"),
+                }
+            }
+            if d.checker.failed() {
+                tracing::info!("service {service:?}: no direct path (all checks failed); staying relayed");
+                d.retry_at = Some(now + DIRECT_RETRY);
+                continue;
+            }
+            let Some(c) = d.conn.as_mut() else { continue };
+            c.check_peer(now, |der| authorize(der, crate::identity::Role::Connector, service));
+            let q = &mut self.packets;
+            c.recv_packets(|p| q.push_back((Some(service.clone()), p.to_vec())));
+            let silence = now.saturating_duration_since(c.last_recv());
+            let rtt = c.stats_rtt().unwrap_or(Duration::from_millis(100));
+            let unanswered = c.last_send_instant() > c.last_recv() + rtt;
+            let dead = c.is_usable()
+                && (silence > DIRECT_DEAD || unanswered && silence > (rtt * DIRECT_DEAD_RTTS).max(DIRECT_DEAD_MIN));
+            let stuck = !c.is_usable() && now.saturating_duration_since(c.started()) > DATA_SETUP_TIMEOUT;
+            if dead || stuck || c.is_closed() {
+                tracing::info!(
+                    "service {service:?}: direct path lost ({}); back to the relay",
+                    if dead { format!("silent for {silence:?}") } else if stuck { "setup timed out".into() } else { c.close_reason() }
+                );
+                c.close("direct path lost");
+                d.retry_at = Some(now + DIRECT_RETRY);
+            }
+        }
+        for d in self.direct.values_mut() {
+            if d.retry_at.is_some() && d.conn.as_ref().is_some_and(|c| c.is_closed() || !c.is_usable()) {
+                d.conn = None;
+            }
         }
     }
 
@@ -159,6 +343,14 @@ impl Agent {
     /// Asks for relay sessions that are due, opens data connections, reads them,
     /// and drops the ones that failed.
     fn service_data(&mut self, now: Instant) {
+        self.service_relay(now);
+        self.service_direct(now);
+        self.record_paths();
+    }
+
+    /// Asks for relay sessions that are due, opens relayed data connections, reads
+    /// them, and drops the ones that failed.
+    fn service_relay(&mut self, now: Instant) {
         if self.data_quic.is_none() {
             return;
         }
@@ -236,7 +428,20 @@ impl Agent {
                     self.requested.remove(&service);
                     self.want_session.insert(service, now + SESSION_RETRY);
                 }
+                ClientEvent::Candidates { session_id, password, candidates } => {
+                    match self.direct.values_mut().find(|d| d.session_id == session_id) {
+                        Some(d) => d.checker.set_remote(password, &candidates, now),
+                        None => {
+                            self.candidates_refused += 1;
+                            tracing::warn!("CANDIDATES for unknown session {session_id}: refused");
+                        }
+                    }
+                }
+                ClientEvent::SessionPath { session_id, forwarding } => {
+                    self.forwarding.insert(session_id, forwarding);
+                }
                 ClientEvent::SessionClosed { session_id, .. } => {
+                    self.direct.retain(|_, d| d.session_id != session_id);
                     for d in self.data.values_mut() {
                         if d.session_id == session_id {
                             d.close("session closed by the intermediate");
@@ -276,7 +481,13 @@ impl Agent {
             let wake = self
                 .data
                 .values()
+                .chain(self.direct.values().filter_map(|d| d.conn.as_ref()))
                 .filter_map(|d| d.poll_timeout())
+                .chain(self.direct.values().filter_map(|d| d.checker.poll_timeout()))
+                .chain(self.direct.values().filter_map(|d| d.retry_at))
+                .chain(self.direct.values().filter_map(|d| {
+                    d.conn.as_ref().filter(|c| c.is_usable()).map(|c| c.last_recv() + DIRECT_DEAD_MIN)
+                }))
                 .chain(self.client.poll_timeout())
                 .chain(self.want_session.values().copied().filter(|t| *t > now))
                 .fold(deadline, |a, b| a.min(b));
@@ -286,9 +497,19 @@ impl Agent {
                 Ok((n, from)) => {
                     let now = Instant::now();
                     let pkt = &mut self.buf[..n];
-                    match self.data.values_mut().find(|d| data::dcid_is(pkt, &d.local_cid)) {
-                        Some(d) => d.recv(pkt, from),
-                        None => self.client.recv(pkt, from, now),
+                    if p2p::is_check(pkt) {
+                        let session = p2p::check_session(pkt);
+                        if let Some(d) = self.direct.values_mut().find(|d| Some(d.session_id) == session)
+                            && let Some((resp, to)) = d.checker.handle(pkt, from, now)
+                        {
+                            let _ = self.socket.send_to(&resp, to);
+                        }
+                    } else {
+                        let direct = self.direct.values_mut().filter_map(|d| d.conn.as_mut());
+                        match self.data.values_mut().chain(direct).find(|d| data::dcid_is(pkt, &d.local_cid)) {
+                            Some(d) => d.recv(pkt, from, now),
+                            None => self.client.recv(pkt, from, now),
+                        }
                     }
                 }
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
@@ -299,7 +520,7 @@ impl Agent {
             if self.client.poll_timeout().is_some_and(|t| t <= now) {
                 self.client.handle_timeout(now);
             }
-            for d in self.data.values_mut() {
+            for d in self.data.values_mut().chain(self.direct.values_mut().filter_map(|d| d.conn.as_mut())) {
                 if d.poll_timeout().is_some_and(|t| t <= now) {
                     d.handle_timeout(now);
                 }
@@ -372,8 +593,10 @@ impl Agent {
     /// Sends an IP packet to `service`: over its data connection when that is up,
     /// else as a DATAGRAM on the control connection.
     pub fn send_packet(&mut self, service: &str, packet: &[u8]) -> Result<(), ClientError> {
-        let r = match self.data.get_mut(service) {
-            Some(d) if d.is_usable() => d.send_packet(packet),
+        let direct = self.direct.get_mut(service).and_then(|d| d.conn.as_mut()).filter(|c| c.is_usable());
+        let r = match (direct, self.data.get_mut(service)) {
+            (Some(c), _) => c.send_packet(packet),
+            (None, Some(d)) if d.is_usable() => d.send_packet(packet),
             _ => self.client.send_packet(service, packet),
         };
         self.flush();
@@ -402,16 +625,19 @@ impl Agent {
 
     /// Largest IP packet to `service` on its current path.
     pub fn max_packet_len(&self, service: &str) -> Option<usize> {
+        if let Some(c) = self.direct_connection(service) {
+            return c.max_packet_len();
+        }
         match self.data.get(service) {
             Some(d) if d.is_usable() => d.max_packet_len(),
             _ => self.client.max_packet_len(service),
         }
     }
 
-    /// Waits until `service` runs over a relayed data connection.
+    /// Waits until `service` runs over a data connection (relayed or direct).
     pub fn wait_relay_path(&mut self, service: &str, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
-        while self.path(service) != PathKind::Relay {
+        while !(self.path(service).is_relay() || self.path(service) == PathKind::Direct) {
             if Instant::now() >= deadline {
                 anyhow::bail!("no relayed data connection for {service:?} within {timeout:?}");
             }
@@ -448,7 +674,23 @@ impl Agent {
         }
     }
 
+    /// Waits until `service`'s path is `want`.
+    pub fn wait_path(&mut self, service: &str, want: PathKind, timeout: Duration) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        while self.path(service) != want {
+            if Instant::now() >= deadline {
+                anyhow::bail!("{service:?} not on {want:?} within {timeout:?} (now {:?})", self.path(service));
+            }
+            self.drive(deadline)?;
+        }
+        Ok(start.elapsed())
+    }
+
     pub fn close(&mut self) {
+        for d in self.direct.values_mut().filter_map(|d| d.conn.as_mut()) {
+            d.close("agent exiting");
+        }
         for d in self.data.values_mut() {
             d.close("agent exiting");
         }
@@ -543,7 +785,9 @@ impl EchoReport {
              RTT p50 {}, p99 {}, min {}, max {}",
             self.service,
             match self.path {
-                Some(PathKind::Relay) => "the forwarded relay",
+                Some(PathKind::Direct) => "the direct path",
+                Some(PathKind::RelayXdp) => "the forwarded relay (XDP)",
+                Some(PathKind::RelayUserspace) => "the forwarded relay (userspace)",
                 _ => "the datagram relay",
             },
             self.handshake_ms.map_or("-".into(), |h| format!("{h:.3} ms")),
@@ -582,7 +826,7 @@ pub fn run_echo(agent: &mut Agent, opts: &EchoOptions) -> anyhow::Result<EchoRep
             .and_then(|d| d.handshake_time())
             .map(|d| d.as_secs_f64() * 1000.0),
         max_datagram: match agent.path(&opts.service) {
-            PathKind::Relay => agent.data_connection(&opts.service).and_then(|d| d.max_packet_len()),
+            PathKind::Direct | PathKind::RelayXdp | PathKind::RelayUserspace => agent.max_packet_len(&opts.service),
             PathKind::Datagram => agent.client().max_datagram_payload(),
         },
         max_udp_payload: agent.max_udp_payload(&opts.service, opts.src.is_ipv6()),

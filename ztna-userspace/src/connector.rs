@@ -20,6 +20,7 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use ztna_common::frames::{Cid, close_reason};
 use ztna_core::data::{self, DataConfig, DataConnection};
+use ztna_core::p2p::{self, Checker};
 use ztna_core::packet::{self, FlowKey, Proto};
 use ztna_core::{ClientConfig, ClientEvent, ControlClient, MAX_UDP_PAYLOAD};
 
@@ -72,9 +73,9 @@ impl std::str::FromStr for ServiceSpec {
 }
 
 macro_rules! counters {
-    ($name:ident { $($field:ident),* $(,)? }) => {
+    ($name:ident { $($(#[$m:meta])* $field:ident),* $(,)? }) => {
         #[derive(Debug, Default)]
-        pub struct $name { $(pub $field: AtomicU64,)* }
+        pub struct $name { $($(#[$m])* pub $field: AtomicU64,)* }
         impl $name {
             pub fn snapshot(&self) -> serde_json::Value {
                 let mut m = serde_json::Map::new();
@@ -105,7 +106,21 @@ counters!(ConnectorStats {
     data_connections_refused,
     packets_from_data,
     packets_to_data,
+    direct_connections,
+    /// CANDIDATES for sessions this connector does not have.
+    candidates_refused,
 });
+
+/// A direct data connection silent this long is dropped (the agent decides when to
+/// fall back; this only frees the state).
+const DIRECT_SILENCE: Duration = Duration::from_secs(3);
+const DIRECT_KEEPALIVE: Duration = Duration::from_millis(200);
+
+/// Connectivity checks of one session, answering the agent's.
+struct CDirect {
+    service: String,
+    checker: Checker,
+}
 
 fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
@@ -149,6 +164,12 @@ pub struct Connector {
     keepalive: Duration,
     offers: HashMap<Cid, Offer>,
     data: HashMap<Cid, DataConnection>,
+    /// session id → its connectivity checks.
+    direct: HashMap<u32, CDirect>,
+    /// Local CIDs of direct (not relayed) data connections.
+    direct_cids: std::collections::HashSet<Cid>,
+    /// Initial DCID an agent chose for a direct connection → our CID for it.
+    initial_dcids: HashMap<Cid, Cid>,
 }
 
 pub struct ConnectorHandle {
@@ -230,6 +251,9 @@ impl Connector {
             keepalive,
             offers: HashMap::new(),
             data: HashMap::new(),
+            direct: HashMap::new(),
+            direct_cids: Default::default(),
+            initial_dcids: HashMap::new(),
             services: services.into_iter().map(|s| (s.id.clone(), s)).collect(),
             client,
             socket,
@@ -261,6 +285,7 @@ impl Connector {
                 .data
                 .values()
                 .filter_map(|d| d.poll_timeout())
+                .chain(self.direct.values().filter_map(|d| d.checker.poll_timeout()))
                 .chain(self.client.poll_timeout())
                 .min();
             let timeout = next.map_or(Duration::from_millis(100), |t| {
@@ -322,16 +347,53 @@ impl Connector {
                 }
             }
         }
+        for d in self.direct.values_mut() {
+            while let Some((pkt, to)) = d.checker.poll_transmit(now) {
+                let _ = self.socket.send_to(&pkt, to);
+            }
+        }
     }
 
     /// Demultiplexes the one UDP socket: data connections by their relay CID,
     /// everything else to the control connection.
     fn recv_udp(&mut self, pkt: &mut [u8], from: SocketAddr, now: Instant) {
+        if p2p::is_check(pkt) {
+            let session = p2p::check_session(pkt);
+            if let Some(d) = session.and_then(|s| self.direct.get_mut(&s))
+                && let Some((resp, to)) = d.checker.handle(pkt, from, now)
+            {
+                let _ = self.socket.send_to(&resp, to);
+            }
+            return;
+        }
         if let Some(dcid) = data::dcid_of(pkt) {
             let mut cid = [0u8; 8];
             cid.copy_from_slice(dcid);
+            let cid = self.initial_dcids.get(&cid).copied().unwrap_or(cid);
             if let Some(d) = self.data.get_mut(&cid) {
-                d.recv(pkt, from);
+                d.recv(pkt, from, now);
+                return;
+            }
+            // A direct connection's first Initial, from the address the checks chose.
+            if pkt[0] & 0x80 != 0
+                && let Some((session_id, service)) = self
+                    .direct
+                    .iter()
+                    .find(|(_, d)| d.checker.selected() == Some(from))
+                    .map(|(id, d)| (*id, d.service.clone()))
+                && let Some(quic) = self.data_quic.as_mut()
+            {
+                let ours = data::random_cid();
+                match DataConnection::accept(quic, DIRECT_KEEPALIVE, session_id, &service, ours, [0; 8], self.local, from, now) {
+                    Ok(mut d) => {
+                        tracing::info!("direct data connection for {service:?} from {from}");
+                        d.recv(pkt, from, now);
+                        self.initial_dcids.insert(cid, ours);
+                        self.direct_cids.insert(ours);
+                        self.data.insert(ours, d);
+                    }
+                    Err(e) => tracing::warn!("direct data connection from {from}: {e}"),
+                }
                 return;
             }
             if let Some(offer) = self.offers.remove(&cid) {
@@ -350,7 +412,7 @@ impl Connector {
                     now,
                 ) {
                     Ok(mut d) => {
-                        d.recv(pkt, from);
+                        d.recv(pkt, from, now);
                         self.data.insert(cid, d);
                     }
                     Err(e) => tracing::warn!("data connection for {}: {e}", offer.service),
@@ -368,7 +430,17 @@ impl Connector {
         for (cid, d) in self.data.iter_mut() {
             let service = d.service.clone();
             if d.check_peer(now, |der| authorize(der, Role::Agent, &service)) {
-                inc(&self.stats.data_connections);
+                if self.direct_cids.contains(cid) {
+                    inc(&self.stats.direct_connections);
+                } else {
+                    inc(&self.stats.data_connections);
+                }
+            }
+            if self.direct_cids.contains(cid)
+                && d.is_usable()
+                && now.saturating_duration_since(d.last_recv()) > DIRECT_SILENCE
+            {
+                d.close("direct path silent");
             }
             d.recv_packets(|p| incoming.push((*cid, service.clone(), p.to_vec())));
             if d.is_closed() {
@@ -385,7 +457,11 @@ impl Connector {
         }
         for (cid, session) in closed {
             self.data.remove(&cid);
-            let _ = self.client.close_session(session, close_reason::NORMAL);
+            self.initial_dcids.retain(|_, v| *v != cid);
+            if !self.direct_cids.remove(&cid) {
+                let _ = self.client.close_session(session, close_reason::NORMAL);
+                self.direct.remove(&session);
+            }
             for f in self.flows.values_mut() {
                 if f.origin == Origin::Data(cid) {
                     f.origin = Origin::Control;
@@ -431,7 +507,29 @@ impl Connector {
                         );
                     }
                 }
+                ClientEvent::Candidates { session_id, password, candidates } => {
+                    let relayed = self
+                        .data
+                        .iter()
+                        .find(|(cid, d)| d.session_id == session_id && !self.direct_cids.contains(*cid))
+                        .map(|(_, d)| d.service.clone());
+                    let Some(service) = relayed else {
+                        inc(&self.stats.candidates_refused);
+                        tracing::warn!("CANDIDATES for unknown session {session_id}: refused");
+                        continue;
+                    };
+                    // The agent (re)starts checks: answer with fresh candidates.
+                    let now = Instant::now();
+                    let cands = crate::netif::candidates(self.local, self.client.observed_address());
+                    let mut checker = Checker::new(p2p::Role::Controlled, session_id, &cands, now);
+                    checker.set_remote(password, &candidates, now);
+                    if self.client.send_candidates(session_id, checker.local_password(), &cands).is_ok() {
+                        self.direct.insert(session_id, CDirect { service, checker });
+                    }
+                }
+                ClientEvent::SessionPath { .. } => {}
                 ClientEvent::SessionClosed { session_id, .. } => {
+                    self.direct.remove(&session_id);
                     self.offers.retain(|_, o| o.session_id != session_id);
                     for d in self.data.values_mut() {
                         if d.session_id == session_id {

@@ -141,6 +141,9 @@ stats!(IntermediateStats {
     /// Sender changes accepted because the client's control connection moved too.
     relay_sender_updated,
     bad_frames,
+    candidates_forwarded,
+    /// CANDIDATES from a client that is not an endpoint of that session.
+    candidates_refused,
 });
 
 fn inc(c: &AtomicU64) {
@@ -904,17 +907,44 @@ impl Intermediate {
                 }
             }
             Frame::SessionAccept { session_id } => match self.relay.accept(id, session_id) {
-                Some(s) => self.queue_frame(
-                    s.agent,
-                    &Frame::SessionReady {
-                        request_id: s.request_id,
-                        session_id,
-                        agent_cid: s.agent_cid,
-                        connector_cid: s.connector_cid,
-                    },
-                ),
+                Some(s) => {
+                    self.queue_frame(
+                        s.agent,
+                        &Frame::SessionReady {
+                            request_id: s.request_id,
+                            session_id,
+                            agent_cid: s.agent_cid,
+                            connector_cid: s.connector_cid,
+                        },
+                    );
+                    let forwarding = self.forwarding_of(&s);
+                    for c in [s.agent, s.connector] {
+                        self.queue_frame(c, &Frame::SessionPath { session_id, forwarding });
+                    }
+                }
                 None => inc(&self.stats.bad_frames),
             },
+            Frame::Candidates { session_id, password, count, candidates } => {
+                let other = self.relay.sessions().find(|s| s.id == session_id && s.accepted).and_then(|s| {
+                    if s.agent == id {
+                        Some(s.connector)
+                    } else if s.connector == id {
+                        Some(s.agent)
+                    } else {
+                        None
+                    }
+                });
+                match other {
+                    Some(other) => {
+                        inc(&self.stats.candidates_forwarded);
+                        self.queue_frame(other, &Frame::Candidates { session_id, password, count, candidates });
+                    }
+                    None => {
+                        inc(&self.stats.candidates_refused);
+                        tracing::warn!("client {id}: CANDIDATES for session {session_id} it is not part of: refused");
+                    }
+                }
+            }
             Frame::SessionClose { session_id, reason } => {
                 let owned = self
                     .relay
@@ -928,6 +958,19 @@ impl Intermediate {
             }
             Frame::Unknown { .. } => {}
             _ => inc(&self.stats.bad_frames),
+        }
+    }
+
+    /// How a session's packets are forwarded: XDP only handles IPv4 entries.
+    fn forwarding_of(&self, s: &crate::relay::RelaySession) -> u8 {
+        use ztna_common::frames::forwarding;
+        let v4 = [s.agent_cid, s.connector_cid]
+            .iter()
+            .all(|c| self.relay.entry(c).is_some_and(|f| f.peer.is_ipv4() && f.expected.is_ipv4()));
+        match (self.xdp_mode(), v4) {
+            ("native", true) => forwarding::XDP_NATIVE,
+            ("generic", true) => forwarding::XDP_GENERIC,
+            _ => forwarding::USERSPACE,
         }
     }
 

@@ -9,5 +9,6 @@ pub mod flows;
 pub mod identity;
 pub mod intermediate;
 pub mod logging;
+pub mod netif;
 pub mod relay;
 pub mod xdp;

@@ -76,8 +76,15 @@ fn agent(pki: &DevPki, server: SocketAddr) -> Agent {
     Agent::connect_with(client_cfg(pki, server, Role::Agent, &pki.agent_cert, &pki.agent_key), false).unwrap()
 }
 
-/// An agent that sets up a relayed data connection (the default).
+/// An agent that sets up a relayed data connection, without hole punching.
 fn agent_relay(pki: &DevPki, server: SocketAddr) -> Agent {
+    let mut a = Agent::connect(client_cfg(pki, server, Role::Agent, &pki.agent_cert, &pki.agent_key)).unwrap();
+    a.set_p2p(false);
+    a
+}
+
+/// An agent with everything on: relayed data connection, then the direct path.
+fn agent_p2p(pki: &DevPki, server: SocketAddr) -> Agent {
     Agent::connect(client_cfg(pki, server, Role::Agent, &pki.agent_cert, &pki.agent_key)).unwrap()
 }
 
@@ -535,4 +542,57 @@ fn relay_session_is_removed_when_the_connector_goes_away() {
     w.conn = Some(start_connector(&w.pki, w.server, w.echo.addr));
     a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
     assert!(echo_until_ok(&mut a, src(48000), Duration::from_secs(5)).is_some());
+}
+
+#[test]
+fn direct_path_on_loopback_carries_both_directions_and_the_relay_goes_quiet() {
+    use ztna_userspace::agent::PathKind;
+    let w = world("p2p");
+    let mut a = agent_p2p(&w.pki, w.server);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    let took = a.wait_path(SERVICE, PathKind::Direct, Duration::from_secs(10)).unwrap();
+    assert!(took < Duration::from_secs(5), "direct after {took:?}");
+    let path: Vec<PathKind> = a.timeline().iter().map(|c| c.path).collect();
+    assert!(path.contains(&PathKind::RelayUserspace), "relayed first: {path:?}");
+    let relayed = stat(&w, |s| &s.userspace_forwarded_packets);
+    let opts = EchoOptions {
+        service: SERVICE.into(),
+        src: src(49000),
+        dst: dst(),
+        size: 800,
+        pattern: Pattern::Seq,
+        count: 200,
+        burst: 10,
+        interval: Duration::ZERO,
+        timeout: Duration::from_secs(3),
+    };
+    let r = run_echo(&mut a, &opts).unwrap();
+    assert_eq!((r.echoed_exact, r.corrupted, r.lost), (200, 0, 0), "{r:?}");
+    assert_eq!(r.path, Some(PathKind::Direct));
+    // Neither direction touched the relay: its forwarder saw at most keepalives.
+    let after = stat(&w, |s| &s.userspace_forwarded_packets);
+    assert!(after - relayed < 20, "relay forwarded {} packets during the direct echo", after - relayed);
+    let cs = &w.conn.as_ref().unwrap().stats;
+    assert_eq!(cs.direct_connections.load(Ordering::Relaxed), 1);
+    assert!(stat(&w, |s| &s.candidates_forwarded) >= 2, "candidates went both ways");
+    assert_eq!(a.candidates_refused, 0);
+}
+
+#[test]
+fn candidates_for_a_session_the_sender_is_not_part_of_are_refused() {
+    let w = world("candref");
+    let mut a = agent_p2p(&w.pki, w.server);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
+    // A second agent sends candidates for the first agent's session.
+    let mut b = agent_relay(&w.pki, w.server);
+    b.wait_registered(Duration::from_secs(10)).unwrap();
+    let session = a.data_connection(SERVICE).unwrap().session_id;
+    let cand = [ztna_core::p2p::Candidate { kind: ztna_core::p2p::CandidateKind::Host, addr: "127.0.0.1:9".parse().unwrap() }];
+    b.client_mut().send_candidates(session, [1; 16], &cand).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stat(&w, |s| &s.candidates_refused) == 0 && Instant::now() < deadline {
+        let _ = b.recv_packet(Duration::from_millis(50));
+    }
+    assert_eq!(stat(&w, |s| &s.candidates_refused), 1);
 }

@@ -40,6 +40,12 @@ struct ConnArgs {
     /// Keep to the datagram relay (no end-to-end data connection).
     #[arg(long, global = true)]
     datagram_only: bool,
+    /// No hole punching: keep the data connection on the forwarded relay.
+    #[arg(long, global = true)]
+    no_p2p: bool,
+    /// Wait this long for a direct path before sending, in milliseconds (0: don't).
+    #[arg(long, global = true, default_value_t = 0)]
+    direct_wait_ms: u64,
     /// How long to wait for the relayed data connection before using the datagram
     /// relay, in milliseconds.
     #[arg(long, global = true, default_value_t = 3000)]
@@ -107,12 +113,18 @@ fn main() -> anyhow::Result<()> {
         Cmd::Echo { dst, tunnel_ip, src_port, size, pattern, count, burst, interval_ms, timeout_ms, verify, json } => {
             let start = Instant::now();
             let mut agent = Agent::connect_with(cfg, !c.datagram_only)?;
+            agent.set_p2p(!c.no_p2p);
             agent.wait_registered(Duration::from_secs(10))?;
             let service = c.services[0].clone();
             if !c.datagram_only
                 && let Err(e) = agent.wait_relay_path(&service, Duration::from_millis(c.data_wait_ms))
             {
                 eprintln!("warning: {e}; using the datagram relay");
+            }
+            if c.direct_wait_ms > 0
+                && let Err(e) = agent.wait_path(&service, ztna_userspace::agent::PathKind::Direct, Duration::from_millis(c.direct_wait_ms))
+            {
+                eprintln!("warning: {e}");
             }
             let max = agent
                 .max_udp_payload(&service, tunnel_ip.is_ipv6())

@@ -1,0 +1,83 @@
+//! Local interface addresses, for host candidates.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use ztna_core::p2p::{Candidate, CandidateKind};
+
+/// Addresses of the interfaces that are up, without loopback and link-local ones.
+pub fn interface_addrs() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we walk read-only and free below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return out;
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: cur points into the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_flags & libc::IFF_UP as u32 == 0 {
+            continue;
+        }
+        // SAFETY: sa_family tells the layout.
+        let ip = unsafe {
+            match (*ifa.ifa_addr).sa_family as i32 {
+                libc::AF_INET => {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    IpAddr::V4(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()))
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))
+                }
+                _ => continue,
+            }
+        };
+        let skip = match ip {
+            IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
+            IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xffc0) == 0xfe80,
+        };
+        if !skip && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    // SAFETY: frees the list from getifaddrs.
+    unsafe { libc::freeifaddrs(ifap) };
+    out
+}
+
+/// Host candidates for a socket bound to `local`, plus the server-reflexive one.
+pub fn candidates(local: SocketAddr, reflexive: Option<SocketAddr>) -> Vec<Candidate> {
+    let mut c: Vec<Candidate> = if local.ip().is_unspecified() {
+        interface_addrs()
+            .into_iter()
+            .filter(|ip| ip.is_ipv4() == local.is_ipv4())
+            .map(|ip| Candidate { kind: CandidateKind::Host, addr: SocketAddr::new(ip, local.port()) })
+            .collect()
+    } else {
+        vec![Candidate { kind: CandidateKind::Host, addr: local }]
+    };
+    if let Some(r) = reflexive
+        && !c.iter().any(|x| x.addr == r)
+    {
+        c.push(Candidate { kind: CandidateKind::ServerReflexive, addr: r });
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_for_a_bound_socket() {
+        let c = candidates("127.0.0.1:5000".parse().unwrap(), Some("203.0.113.9:6000".parse().unwrap()));
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].kind, CandidateKind::Host);
+        assert_eq!(c[1].kind, CandidateKind::ServerReflexive);
+        let same = candidates("127.0.0.1:5000".parse().unwrap(), Some("127.0.0.1:5000".parse().unwrap()));
+        assert_eq!(same.len(), 1, "a reflexive address equal to a host one is not repeated");
+        let any = candidates("0.0.0.0:5000".parse().unwrap(), None);
+        assert!(any.iter().all(|c| c.addr.port() == 5000 && c.addr.is_ipv4() && !c.addr.ip().is_loopback()));
+    }
+}
