@@ -263,31 +263,50 @@ fn demo_in(bin: &Path, dir: &Path, count: u32, size: &str) -> anyhow::Result<()>
     wait_for(&rx, "connector", "registered as connector", &mut log)?;
     println!("ztna demo: intermediate {relay}, connector registered service echo -> 127.0.0.1:{echo_port} as 10.100.0.1");
 
-    let out = Command::new(bin.join("ztna-agent"))
-        .args(["--server", &relay, "--ca", &c("ca.pem"), "--cert", &c("agent.pem"), "--key", &c("agent.key"), "--service", "echo"])
-        .args(["echo", "--dst", "10.100.0.1:7", "--size", size, "--count", &count.to_string(), "--burst", "10", "--json"])
-        .env("NO_COLOR", "1")
-        .output()
-        .context("running ztna-agent")?;
-    if !out.status.success() {
-        bail!("agent failed: {}\n{}", String::from_utf8_lossy(&out.stderr), log.join("\n"));
+    // Three runs of the same agent: the original datagram relay, the end-to-end QUIC
+    // data connection through the forwarded relay, and the direct path after hole
+    // punching (on loopback the "NAT" is trivially open).
+    let runs: [(&str, &[&str]); 3] = [
+        ("datagram relay (intermediate decrypts)", &["--datagram-only"]),
+        ("forwarded relay (end-to-end QUIC)", &["--no-p2p"]),
+        ("direct path (hole punched)", &["--direct-wait-ms", "5000"]),
+    ];
+    let mut reports = Vec::new();
+    for (name, flags) in runs {
+        let out = Command::new(bin.join("ztna-agent"))
+            .args(["--server", &relay, "--ca", &c("ca.pem"), "--cert", &c("agent.pem"), "--key", &c("agent.key"), "--service", "echo"])
+            .args(flags)
+            .args(["echo", "--dst", "10.100.0.1:7", "--size", size, "--count", &count.to_string(), "--burst", "10", "--json"])
+            .env("NO_COLOR", "1")
+            .output()
+            .context("running ztna-agent")?;
+        if !out.status.success() {
+            bail!("agent failed: {}\n{}", String::from_utf8_lossy(&out.stderr), log.join("\n"));
+        }
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("agent report: {}", String::from_utf8_lossy(&out.stdout)))?;
+        reports.push((name, report));
     }
-    eprint!("{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("agent report: {}", String::from_utf8_lossy(&out.stdout)))?;
     for p in procs.iter_mut().rev() {
         p.terminate();
     }
-    let n = |k: &str| report[k].as_u64().unwrap_or(0);
-    let ms = |k: &str| report[k].as_f64().map_or("-".into(), |v| format!("{:.3} ms", v / 1000.0));
     println!("\nztna demo report (agent -> intermediate -> connector -> echo service and back, QUIC on loopback)");
-    println!("  path              {}", report["path"].as_str().unwrap_or("-"));
-    println!("  handshake         {:.3} ms control, {:.3} ms data connection", report["handshake_ms"].as_f64().unwrap_or(f64::NAN), report["data_handshake_ms"].as_f64().unwrap_or(f64::NAN));
-    println!("  max DATAGRAM      {} B (UDP payload in tunnel up to {} B)", n("max_datagram"), n("max_udp_payload"));
-    println!("  payload           {} B x {}", n("payload_size"), n("sent"));
-    println!("  RTT p50 / p99     {} / {}", ms("rtt_p50_us"), ms("rtt_p99_us"));
-    println!("  sent {} / echoed byte-exact {} / corrupted {} / lost {}", n("sent"), n("echoed_exact"), n("corrupted"), n("lost"));
-    if n("sent") == 0 || n("echoed_exact") != n("sent") || n("corrupted") != 0 {
+    let mut all_ok = true;
+    for (name, report) in &reports {
+        let n = |k: &str| report[k].as_u64().unwrap_or(0);
+        let ms = |k: &str| report[k].as_f64().map_or("-".into(), |v| format!("{:.3} ms", v / 1000.0));
+        let f = |k: &str| report[k].as_f64().map_or("-".into(), |v| format!("{v:.3} ms"));
+        println!("\n  {name}");
+        println!("    path              {}", report["path"].as_str().unwrap_or("-"));
+        println!("    handshake         {} control, {} data connection", f("handshake_ms"), f("data_handshake_ms"));
+        println!("    max DATAGRAM      {} B (UDP payload in tunnel up to {} B)", n("max_datagram"), n("max_udp_payload"));
+        println!("    payload           {} B x {}", n("payload_size"), n("sent"));
+        println!("    RTT p50 / p99     {} / {}", ms("rtt_p50_us"), ms("rtt_p99_us"));
+        println!("    sent {} / echoed byte-exact {} / corrupted {} / lost {}", n("sent"), n("echoed_exact"), n("corrupted"), n("lost"));
+        all_ok &= n("sent") > 0 && n("echoed_exact") == n("sent") && n("corrupted") == 0;
+    }
+    if !all_ok {
         bail!("demo FAILED: not every echo came back byte-exact");
     }
     println!("demo OK");

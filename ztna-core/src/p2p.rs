@@ -335,7 +335,11 @@ impl Checker {
                 _ => None,
             })
             .min();
-        retx.map(|t| t.max(self.next_check))
+        // The controlling side nominates (and re-nominates) on the pacing timer.
+        let nominate = (self.role == Role::Controlling
+            && self.pairs.iter().any(|p| p.state == PairState::Succeeded))
+            .then_some(self.next_check);
+        retx.into_iter().chain(nominate).min().map(|t| t.max(self.next_check))
     }
 
     /// Handles a received check; returns a response to send, if any.
@@ -455,6 +459,24 @@ mod tests {
         }
         assert_eq!(a.selected(), Some(b_addr));
         assert_eq!(b.selected(), Some(a_addr));
+    }
+
+    #[test]
+    fn a_succeeded_pair_schedules_its_nomination() {
+        let now = Instant::now();
+        let peer: SocketAddr = "203.0.113.2:2000".parse().unwrap();
+        let mut a = Checker::new(Role::Controlling, 1, &[], now);
+        let mut b = Checker::new(Role::Controlled, 1, &[], now);
+        a.set_remote(b.local_password(), &[cand(CandidateKind::Host, "203.0.113.2:2000")], now);
+        b.set_remote(a.local_password(), &[], now);
+        let (req, _) = a.poll_transmit(now).unwrap();
+        let (resp, _) = b.handle(&req, "198.51.100.1:1000".parse().unwrap(), now).unwrap();
+        assert!(a.handle(&resp, peer, now).is_none());
+        let t = a.poll_timeout().expect("a nomination is due");
+        assert!(t <= now + PACING);
+        let (nom, to) = a.poll_transmit(t).unwrap();
+        assert_eq!(to, peer);
+        assert!(decode_check(&nom, &b.local_password()).unwrap().nominate);
     }
 
     #[test]

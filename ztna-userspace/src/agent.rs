@@ -219,6 +219,7 @@ impl Agent {
         }
         for d in self.direct.values_mut() {
             while let Some((pkt, to)) = d.checker.poll_transmit(now) {
+                tracing::debug!("check to {to}");
                 let _ = self.socket.send_to(&pkt, to);
             }
         }
@@ -430,7 +431,10 @@ impl Agent {
                 }
                 ClientEvent::Candidates { session_id, password, candidates } => {
                     match self.direct.values_mut().find(|d| d.session_id == session_id) {
-                        Some(d) => d.checker.set_remote(password, &candidates, now),
+                        Some(d) => {
+                            tracing::debug!("remote candidates {candidates:?}");
+                            d.checker.set_remote(password, &candidates, now)
+                        }
                         None => {
                             self.candidates_refused += 1;
                             tracing::warn!("CANDIDATES for unknown session {session_id}: refused");
@@ -499,6 +503,7 @@ impl Agent {
                     let pkt = &mut self.buf[..n];
                     if p2p::is_check(pkt) {
                         let session = p2p::check_session(pkt);
+                        tracing::debug!("check from {from} for session {session:?}");
                         if let Some(d) = self.direct.values_mut().find(|d| Some(d.session_id) == session)
                             && let Some((resp, to)) = d.checker.handle(pkt, from, now)
                         {
