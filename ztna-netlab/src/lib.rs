@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub mod p2p;
+
 pub const RELAY_IP: &str = "10.201.0.1";
 pub const AGENT_IP: &str = "10.201.1.2";
 pub const CONN_IP: &str = "10.201.2.2";

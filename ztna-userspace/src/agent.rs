@@ -82,6 +82,8 @@ pub struct Agent {
     /// services with a session request in flight.
     requested: std::collections::HashSet<String>,
     path_changes: u64,
+    /// Judge direct-path liveness in this pass (only right after reading the socket).
+    liveness: bool,
     /// Hole punching and direct data connections (on unless disabled).
     p2p: bool,
     direct: HashMap<String, Direct>,
@@ -138,6 +140,7 @@ impl Agent {
             want_session: HashMap::new(),
             requested: Default::default(),
             path_changes: 0,
+            liveness: true,
             p2p: true,
             direct: HashMap::new(),
             forwarding: HashMap::new(),
@@ -317,7 +320,8 @@ impl Agent {
             let silence = now.saturating_duration_since(c.last_recv());
             let rtt = c.stats_rtt().unwrap_or(Duration::from_millis(100));
             let unanswered = c.last_send_instant() > c.last_recv() + rtt;
-            let dead = c.is_usable()
+            let dead = self.liveness
+                && c.is_usable()
                 && (silence > DIRECT_DEAD || unanswered && silence > (rtt * DIRECT_DEAD_RTTS).max(DIRECT_DEAD_MIN));
             let stuck = !c.is_usable() && now.saturating_duration_since(c.started()) > DATA_SETUP_TIMEOUT;
             if dead || stuck || c.is_closed() {
@@ -476,7 +480,9 @@ impl Agent {
     pub fn drive(&mut self, deadline: Instant) -> io::Result<()> {
         let before = (self.events.len(), self.packets.len(), self.path_changes);
         loop {
+            self.liveness = false;
             self.service_data(Instant::now());
+            self.liveness = true;
             self.flush();
             let now = Instant::now();
             if now >= deadline {
@@ -497,8 +503,25 @@ impl Agent {
                 .fold(deadline, |a, b| a.min(b));
             let wait = wake.saturating_duration_since(now).max(Duration::from_millis(1));
             self.socket.set_read_timeout(Some(wait))?;
-            match self.socket.recv_from(&mut self.buf) {
-                Ok((n, from)) => {
+            // One blocking read, then whatever else is queued, so that liveness is
+            // judged on everything that arrived.
+            let mut first = true;
+            loop {
+                if !first {
+                    self.socket.set_nonblocking(true)?;
+                }
+                let r = self.socket.recv_from(&mut self.buf);
+                if !first {
+                    self.socket.set_nonblocking(false)?;
+                }
+                first = false;
+                let (n, from) = match r {
+                    Ok(v) => v,
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => break,
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => break,
+                    Err(e) => return Err(e),
+                };
+                {
                     let now = Instant::now();
                     let pkt = &mut self.buf[..n];
                     if p2p::is_check(pkt) {
@@ -517,9 +540,6 @@ impl Agent {
                         }
                     }
                 }
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
-                Err(e) => return Err(e),
             }
             let now = Instant::now();
             if self.client.poll_timeout().is_some_and(|t| t <= now) {
