@@ -34,12 +34,19 @@ enum Cmd {
     },
     /// Run every test (the README's test command; CI runs this).
     Test,
+    /// NAT traversal matrix in network namespaces (root): every pair of
+    /// {no NAT, cone-like, symmetric-like}; JSON to --out, a table on stdout.
+    NatMatrix {
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Args::parse().cmd {
         Cmd::Demo { count, size } => demo(count, &size),
         Cmd::Test => test(),
+        Cmd::NatMatrix { out } => nat_matrix(&out),
     }
 }
 
@@ -96,6 +103,15 @@ fn cargo_test(args: &[&str], tally: &mut Tally) -> anyhow::Result<bool> {
         }
     }
     Ok(child.wait()?.success())
+}
+
+fn nat_matrix(out: &Path) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("nat-matrix needs root (network namespaces, iptables)");
+    }
+    run(cargo().args(["build", "-p", "ztna-userspace", "-p", "ztna-netlab", "--bins"]))?;
+    let out = std::path::absolute(out)?;
+    run(Command::new(root().join("target/debug/nat-matrix")).arg("--out").arg(&out))
 }
 
 fn is_root() -> bool {

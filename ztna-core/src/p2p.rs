@@ -40,6 +40,9 @@ pub const MAX_TRIES: u32 = 7;
 pub enum CandidateKind {
     Host = 1,
     ServerReflexive = 2,
+    /// Learned from a check that arrived from an address the peer did not list
+    /// (its NAT gave it a new mapping towards us). Never sent in CANDIDATES.
+    PeerReflexive = 3,
 }
 
 impl CandidateKind {
@@ -47,6 +50,7 @@ impl CandidateKind {
         match self {
             CandidateKind::Host => 126,
             CandidateKind::ServerReflexive => 100,
+            CandidateKind::PeerReflexive => 110,
         }
     }
     pub fn from_byte(b: u8) -> Option<Self> {
@@ -355,6 +359,17 @@ impl Checker {
             if c.nominate && self.role == Role::Controlled {
                 self.selected = Some(from);
             }
+            // RFC 8445 §7.3.1.3: a request from an unknown address is a peer-reflexive
+            // candidate; check it too (behind a symmetric NAT it is the only way in).
+            if self.remote_password.is_some() && !self.pairs.iter().any(|p| p.remote.addr == from) {
+                let remote = Candidate { kind: CandidateKind::PeerReflexive, addr: from };
+                let (g, d) = match self.role {
+                    Role::Controlling => (self.local_best, remote.priority()),
+                    Role::Controlled => (remote.priority(), self.local_best),
+                };
+                self.pairs.push(Pair { remote, priority: pair_priority(g, d), state: PairState::Waiting, nominating: None });
+                self.pairs.sort_by(|a, b| b.priority.cmp(&a.priority));
+            }
             let resp = Check { request: false, session_id: c.session_id, txn: c.txn, nominate: c.nominate, addr: from };
             return Some((encode_check(&resp, &self.local_password), from));
         }
@@ -477,6 +492,29 @@ mod tests {
         let (nom, to) = a.poll_transmit(t).unwrap();
         assert_eq!(to, peer);
         assert!(decode_check(&nom, &b.local_password()).unwrap().nominate);
+    }
+
+    #[test]
+    fn a_request_from_an_unlisted_address_becomes_a_peer_reflexive_pair() {
+        let now = Instant::now();
+        let mut a = Checker::new(Role::Controlling, 1, &[], now);
+        let b_pw = [5u8; 16];
+        a.set_remote(b_pw, &[cand(CandidateKind::ServerReflexive, "203.0.113.2:2000")], now);
+        let prflx: SocketAddr = "203.0.113.2:31337".parse().unwrap();
+        let req = encode_check(
+            &Check { request: true, session_id: 1, txn: [2; 8], nominate: false, addr: "198.51.100.1:1".parse().unwrap() },
+            &a.local_password(),
+        );
+        assert!(a.handle(&req, prflx, now).is_some(), "answered");
+        let mut sent_to = Vec::new();
+        let mut t = now;
+        for _ in 0..10 {
+            t += PACING;
+            while let Some((_, to)) = a.poll_transmit(t) {
+                sent_to.push(to);
+            }
+        }
+        assert!(sent_to.contains(&prflx), "checked the peer-reflexive address: {sent_to:?}");
     }
 
     #[test]

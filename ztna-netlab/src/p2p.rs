@@ -11,7 +11,7 @@
 //! for every destination) or `MASQUERADE --random-fully` (`Symmetric`: a new random
 //! port per destination, so the address the relay saw is useless to the peer). The
 //! NATs drop unsolicited inbound packets, as home routers do.
-//! A cut drops traffic between the two NATs' outside addresses in the inet router.
+//! A cut drops everything the inet router would forward between the two sides.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -113,16 +113,6 @@ impl Lab {
         Ok(lab)
     }
 
-    /// Drops (or, with `restore`, allows again) traffic between the two NATs.
-    pub fn cut_direct(&self, restore: bool) -> anyhow::Result<()> {
-        let inet = self.ns("i");
-        let op = if restore { "-D" } else { "-I" };
-        for (s, d) in [(A_OUT, C_OUT), (C_OUT, A_OUT)] {
-            self.exec(&inet, "iptables", &[op, "FORWARD", "-s", s, "-d", d, "-j", "DROP"])?;
-        }
-        Ok(())
-    }
-
     /// Echo service, intermediate (XDP off: counters come from the userspace
     /// forwarder) and connector in the NAT topology.
     pub fn start_nat_stack(&mut self) -> anyhow::Result<std::path::PathBuf> {
@@ -207,10 +197,12 @@ pub fn run_scenario(lab: &Lab, certs: &std::path::Path, agent_nat: Nat, conn_nat
                 .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
                 .map_or(0, |v| n(&v, "userspace_forwarded_packets"))
         };
+        // Everything between the two sides' links in the inet router, whatever the
+        // addresses (with no NAT the direct path uses the inside ones).
         let cut_fn = |restore: bool| -> anyhow::Result<()> {
             let op = if restore { "-D" } else { "-I" };
-            for (s, d) in [(A_OUT, C_OUT), (C_OUT, A_OUT)] {
-                crate::sh("nsenter", &[&format!("--net=/run/netns/{inet}"), "iptables", op, "FORWARD", "-s", s, "-d", d, "-j", "DROP"])?;
+            for (i, o) in [("ia", "ic"), ("ic", "ia")] {
+                crate::sh("nsenter", &[&format!("--net=/run/netns/{inet}"), "iptables", op, "FORWARD", "-i", i, "-o", o, "-j", "DROP"])?;
             }
             Ok(())
         };
