@@ -142,6 +142,8 @@ stats!(IntermediateStats {
     relay_sender_updated,
     bad_frames,
     candidates_forwarded,
+    /// Clients whose address changed (NAT rebinding, migration).
+    client_moves,
     /// CANDIDATES from a client that is not an endpoint of that session.
     candidates_refused,
 });
@@ -648,6 +650,7 @@ impl Intermediate {
             return;
         }
         if client.peer != from {
+            inc(&self.stats.client_moves);
             tracing::info!("client {id} moved {} -> {from}", client.peer);
             client.peer = from;
             self.relay.client_moved(id, from);

@@ -596,3 +596,83 @@ fn candidates_for_a_session_the_sender_is_not_part_of_are_refused() {
     }
     assert_eq!(stat(&w, |s| &s.candidates_refused), 1);
 }
+
+/// A one-client UDP NAT on loopback: the agent talks to it, it talks to the
+/// intermediate from an outside socket that `rebind` replaces (a NAT rebinding).
+struct LoopNat {
+    addr: SocketAddr,
+    rebind: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LoopNat {
+    fn new(server: SocketAddr) -> Self {
+        use std::net::UdpSocket;
+        let inside = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = inside.local_addr().unwrap();
+        inside.set_nonblocking(true).unwrap();
+        let rebind = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (r, st) = (rebind.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut outside = UdpSocket::bind("127.0.0.1:0").unwrap();
+            outside.set_nonblocking(true).unwrap();
+            let mut client: Option<SocketAddr> = None;
+            let mut buf = [0u8; 2048];
+            while !st.load(Ordering::SeqCst) {
+                if r.swap(false, Ordering::SeqCst) {
+                    outside = UdpSocket::bind("127.0.0.1:0").unwrap();
+                    outside.set_nonblocking(true).unwrap();
+                }
+                let mut idle = true;
+                while let Ok((n, from)) = inside.recv_from(&mut buf) {
+                    client = Some(from);
+                    let _ = outside.send_to(&buf[..n], server);
+                    idle = false;
+                }
+                while let Ok((n, _)) = outside.recv_from(&mut buf) {
+                    if let Some(c) = client {
+                        let _ = inside.send_to(&buf[..n], c);
+                    }
+                    idle = false;
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        });
+        LoopNat { addr, rebind, stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for LoopNat {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn nat_rebinding_moves_the_relay_entry_after_the_control_connection_proves_it() {
+    let w = world("rebind");
+    let nat = LoopNat::new(w.server);
+    let mut a = agent_relay(&w.pki, nat.addr);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
+    assert!(echo_until_ok(&mut a, src(50000), Duration::from_secs(5)).is_some());
+    let forwarded = stat(&w, |s| &s.userspace_forwarded_packets);
+    nat.rebind.store(true, Ordering::SeqCst);
+    // Same session, new outside address: traffic resumes without a new session.
+    let took = echo_until_ok(&mut a, src(50000), Duration::from_secs(10)).expect("traffic resumed");
+    assert!(took < Duration::from_secs(5), "resumed after {took:?}");
+    assert!(a.path(SERVICE).is_relay());
+    assert_eq!(stat(&w, |s| &s.relay_sessions_created), 1);
+    assert!(stat(&w, |s| &s.client_moves) >= 1);
+    assert!(stat(&w, |s| &s.userspace_forwarded_packets) > forwarded);
+    // The observed address was reported again (QAD on change).
+    let qads = a.events().iter().filter(|e| matches!(e, ClientEvent::ObservedAddress(_))).count();
+    assert!(qads >= 2, "QAD after the rebinding: {qads}");
+}
