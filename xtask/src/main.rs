@@ -12,6 +12,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+
+mod ebpf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -32,6 +34,9 @@ enum Cmd {
         #[arg(long, default_value = "512")]
         size: String,
     },
+    /// Build the XDP program (installs rust-src and bpf-linker if missing) into
+    /// target/ztna-ebpf.o, which the intermediate embeds.
+    BuildEbpf,
     /// Run every test (the README's test command; CI runs this).
     Test,
     /// NAT traversal matrix in network namespaces (root): every pair of
@@ -46,6 +51,7 @@ fn main() -> anyhow::Result<()> {
     match Args::parse().cmd {
         Cmd::Demo { count, size } => demo(count, &size),
         Cmd::Test => test(),
+        Cmd::BuildEbpf => ebpf::build_ebpf(&root()).map(|_| ()),
         Cmd::NatMatrix { out } => nat_matrix(&out),
     }
 }
@@ -120,6 +126,7 @@ fn is_root() -> bool {
 }
 
 fn test() -> anyhow::Result<()> {
+    ebpf::build_ebpf(&root())?;
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     let mut plain = Tally::default();
     let mut ok = cargo_test(&["--workspace", "--no-fail-fast", "--lib", "--bins", "--tests"], &mut plain)?;

@@ -68,6 +68,8 @@ pub struct Lab {
     namespaces: Vec<String>,
     pub dir: PathBuf,
     children: Vec<(String, Child)>,
+    /// XDP programs this lab attached (kept alive with it).
+    xdp_handles: Vec<aya::Ebpf>,
 }
 
 impl Lab {
@@ -84,6 +86,7 @@ impl Lab {
             namespaces: Vec::new(),
             dir,
             children: Vec::new(),
+            xdp_handles: Vec::new(),
         })
     }
 
@@ -141,8 +144,15 @@ impl Lab {
         lab.exec(&a, "ip", &["route", "add", "default", "via", "10.201.1.1"])?;
         lab.exec(&c, "ip", &["route", "add", "default", "via", "10.201.2.1"])?;
         lab.exec(&x, "ip", &["route", "add", "default", "via", "10.201.0.254"])?;
-        // XDP_TX out of x0 reaches r1 only with GRO (or an XDP program) on r1.
-        lab.exec(&r, "ethtool", &["-K", "r1", "gro", "on"])?;
+        // A frame sent back out of x0 with XDP_TX in native mode is only delivered
+        // if r1, the other end of the veth, runs an XDP program.
+        let handle = crate::p2p::in_netns(&r, || ztna_userspace::xdp::attach_pass("r1"))?;
+        lab.xdp_handles.push(handle);
+        // veth offloads checksums to a NIC that does not exist; a real network
+        // carries full checksums, and XDP_TX'd frames lose the offload state.
+        for (ns, dev) in [(&a, "a0"), (&c, "c0"), (&x, "x0"), (&r, "a1"), (&r, "c1"), (&r, "r1")] {
+            lab.exec(ns, "ethtool", &["-K", dev, "tx", "off"])?;
+        }
         // Resolve neighbours up front so the first relayed packets find them.
         lab.exec(&x, "ping", &["-c1", "-W1", "10.201.0.254"])?;
         lab.exec(&a, "ping", &["-c1", "-W1", RELAY_IP])?;
@@ -293,6 +303,7 @@ fn terminate(child: &mut Child) {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        self.xdp_handles.clear();
         for (_, c) in self.children.iter_mut().rev() {
             terminate(c);
         }

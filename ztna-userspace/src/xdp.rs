@@ -68,6 +68,18 @@ fn mount_bpffs() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `bpf_fib_lookup` refuses to route packets that arrive on an interface with IPv4
+/// forwarding off (BPF_FIB_LKUP_RET_FWD_DISABLED), like the kernel's own forwarding.
+fn enable_forwarding(iface: &str) -> anyhow::Result<()> {
+    let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
+    let now = std::fs::read_to_string(&path).with_context(|| format!("reading {path} (does {iface} exist?)"))?;
+    if now.trim() != "1" {
+        std::fs::write(&path, "1").with_context(|| format!("enabling IPv4 forwarding in {path}"))?;
+        tracing::warn!("enabled IPv4 forwarding on {iface} ({path}): XDP forwarding needs it for route lookups");
+    }
+    Ok(())
+}
+
 fn pin_path(name: &str) -> PathBuf {
     Path::new(PIN_DIR).join(name)
 }
@@ -100,6 +112,9 @@ pub fn load(
         bail!("--xdp needs at least one --iface");
     }
     mount_bpffs()?;
+    for iface in interfaces {
+        enable_forwarding(iface)?;
+    }
     std::fs::create_dir_all(PIN_DIR).with_context(|| format!("creating {PIN_DIR}"))?;
     remove_stale_pins();
     let modes: &[(XdpMode, &'static str)] = match choice {
@@ -161,6 +176,18 @@ fn try_load(object: &[u8], mode: XdpMode, interfaces: &[String], relay_port: u16
     }
     let table = XdpTable::open()?;
     Ok((ebpf, table))
+}
+
+/// Attaches the embedded object's pass-everything program to `iface` in native mode
+/// (for the peer end of a veth that receives XDP_TX frames). Detached when the
+/// returned handle drops.
+pub fn attach_pass(iface: &str) -> anyhow::Result<Ebpf> {
+    let object = embedded_object().context("this build has no eBPF object")?;
+    let mut ebpf = Ebpf::load(object).context("loading the eBPF object")?;
+    let prog: &mut Xdp = ebpf.program_mut("ztna_pass").context("program ztna_pass missing")?.try_into()?;
+    prog.load()?;
+    prog.attach(iface, XdpMode::Driver).with_context(|| format!("attaching ztna_pass to {iface}"))?;
+    Ok(ebpf)
 }
 
 /// The forwarding and session-stats maps, opened from their pins.
