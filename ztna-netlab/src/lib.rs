@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub mod p2p;
+pub mod xdp_run;
 
 pub const RELAY_IP: &str = "10.201.0.1";
 pub const AGENT_IP: &str = "10.201.1.2";
