@@ -39,6 +39,15 @@ enum Cmd {
     BuildEbpf,
     /// Run every test (the README's test command; CI runs this).
     Test,
+    /// Benchmarks (root): `relay` drives the same load through XDP native, XDP
+    /// generic, the userspace forwarder and the datagram relay; JSON to --out, an
+    /// SVG next to it, a table on stdout.
+    Bench {
+        /// What to benchmark: `relay`.
+        what: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// NAT traversal matrix in network namespaces (root): every pair of
     /// {no NAT, cone-like, symmetric-like}; JSON to --out, a table on stdout.
     NatMatrix {
@@ -53,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test => test(),
         Cmd::BuildEbpf => ebpf::build_ebpf(&root()).map(|_| ()),
         Cmd::NatMatrix { out } => nat_matrix(&out),
+        Cmd::Bench { what, out } => bench(&what, &out),
     }
 }
 
@@ -109,6 +119,22 @@ fn cargo_test(args: &[&str], tally: &mut Tally) -> anyhow::Result<bool> {
         }
     }
     Ok(child.wait()?.success())
+}
+
+fn bench(what: &str, out: &Path) -> anyhow::Result<()> {
+    if what != "relay" {
+        bail!("unknown benchmark {what:?} (known: relay)");
+    }
+    if !is_root() {
+        bail!("the relay benchmark needs root (network namespaces, XDP)");
+    }
+    ebpf::build_ebpf(&root())?;
+    run(cargo().args(["build", "--release", "-p", "ztna-userspace", "-p", "ztna-netlab", "--bins"]))?;
+    let out = std::path::absolute(out)?;
+    run(Command::new(root().join("target/release/relay-bench"))
+        .arg("--out")
+        .arg(&out)
+        .env("ZTNA_BIN_DIR", root().join("target/release")))
 }
 
 fn nat_matrix(out: &Path) -> anyhow::Result<()> {
