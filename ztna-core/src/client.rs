@@ -18,7 +18,7 @@ use ztna_common::frames::{self, Cid, Frame, RefusedStatus};
 use ztna_common::wire::{self, ControlMessage, NackStatus, WireError};
 
 use crate::frame_io::{self, FrameIo};
-use crate::{ALPN, MAX_UDP_PAYLOAD, app_error};
+use crate::{ALPN, app_error};
 
 /// What the client registers as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,18 +180,8 @@ fn quic_config(cfg: &ClientConfig) -> Result<quiche::Config, ClientError> {
                 source,
             })?;
     }
-    c.set_max_idle_timeout(cfg.idle_timeout.as_millis() as u64);
-    // quiche's default of 1200 leaves too little room for a full inner packet.
-    c.set_max_recv_udp_payload_size(MAX_UDP_PAYLOAD);
-    c.set_max_send_udp_payload_size(MAX_UDP_PAYLOAD);
-    c.set_initial_max_data(10_000_000);
-    c.set_initial_max_stream_data_bidi_local(1_000_000);
-    c.set_initial_max_stream_data_bidi_remote(1_000_000);
-    c.set_initial_max_stream_data_uni(1_000_000);
-    c.set_initial_max_streams_bidi(100);
-    c.set_initial_max_streams_uni(100);
+    crate::apply_transport_defaults(&mut c, cfg.idle_timeout);
     c.set_disable_active_migration(true);
-    c.enable_dgram(true, 4096, 4096);
     Ok(c)
 }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use ztna_common::frames::Cid;
 
-use crate::{ClientError, MAX_UDP_PAYLOAD, app_error};
+use crate::{ClientError, app_error};
 
 pub const DATA_ALPN: &[u8] = b"ztna-data-v1";
 
@@ -42,19 +42,10 @@ pub fn quic_config(cfg: &DataConfig) -> Result<quiche::Config, ClientError> {
     tls(&cfg.key_file, c.load_priv_key_from_pem_file(&cfg.key_file))?;
     // Both sides present and verify certificates; SANs are checked after the handshake.
     c.verify_peer(true);
-    c.set_max_idle_timeout(cfg.idle_timeout.as_millis() as u64);
-    c.set_max_recv_udp_payload_size(MAX_UDP_PAYLOAD);
-    c.set_max_send_udp_payload_size(MAX_UDP_PAYLOAD);
-    c.set_initial_max_data(10_000_000);
-    c.set_initial_max_stream_data_bidi_local(1_000_000);
-    c.set_initial_max_stream_data_bidi_remote(1_000_000);
-    c.set_initial_max_stream_data_uni(1_000_000);
-    c.set_initial_max_streams_bidi(16);
-    c.set_initial_max_streams_uni(16);
+    crate::apply_transport_defaults(&mut c, cfg.idle_timeout);
     // Only the registered relay CIDs are forwarded; a migration would need new ones.
     c.set_disable_active_migration(true);
     c.set_active_connection_id_limit(2);
-    c.enable_dgram(true, 4096, 4096);
     Ok(c)
 }
 

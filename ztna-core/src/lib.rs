@@ -19,6 +19,22 @@ pub const ALPN: &[u8] = b"ztna-v1";
 /// with IPv6 and tunnel headers to spare.
 pub const MAX_UDP_PAYLOAD: usize = 1350;
 
+/// Transport settings every ztna QUIC connection shares: idle timeout, 1350-byte UDP
+/// payloads (quiche's default of 1200 leaves too little room for a full inner packet),
+/// flow-control windows, DATAGRAM queues.
+pub fn apply_transport_defaults(c: &mut quiche::Config, idle_timeout: std::time::Duration) {
+    c.set_max_idle_timeout(idle_timeout.as_millis() as u64);
+    c.set_max_recv_udp_payload_size(MAX_UDP_PAYLOAD);
+    c.set_max_send_udp_payload_size(MAX_UDP_PAYLOAD);
+    c.set_initial_max_data(10_000_000);
+    c.set_initial_max_stream_data_bidi_local(1_000_000);
+    c.set_initial_max_stream_data_bidi_remote(1_000_000);
+    c.set_initial_max_stream_data_uni(1_000_000);
+    c.set_initial_max_streams_bidi(100);
+    c.set_initial_max_streams_uni(100);
+    c.enable_dgram(true, 4096, 4096);
+}
+
 /// Default UDP port of the intermediate.
 pub const DEFAULT_PORT: u16 = 4433;
 

@@ -265,16 +265,7 @@ fn quic_config(cfg: &IntermediateConfig) -> anyhow::Result<quiche::Config> {
         ),
         (None, false) => c.verify_peer(false),
     }
-    c.set_max_idle_timeout(cfg.idle_timeout.as_millis() as u64);
-    c.set_max_recv_udp_payload_size(MAX_UDP_PAYLOAD);
-    c.set_max_send_udp_payload_size(MAX_UDP_PAYLOAD);
-    c.set_initial_max_data(10_000_000);
-    c.set_initial_max_stream_data_bidi_local(1_000_000);
-    c.set_initial_max_stream_data_bidi_remote(1_000_000);
-    c.set_initial_max_stream_data_uni(1_000_000);
-    c.set_initial_max_streams_bidi(100);
-    c.set_initial_max_streams_uni(100);
-    c.enable_dgram(true, 4096, 4096);
+    ztna_core::apply_transport_defaults(&mut c, cfg.idle_timeout);
     Ok(c)
 }
 
