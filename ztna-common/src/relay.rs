@@ -8,7 +8,8 @@
 //! port whose QUIC DCID is a relay CID and whose source is `expected_src` is rewritten
 //! to come from the relay's address and port (the packet's own destination) and to go
 //! to `peer`. Map `ZTNA_SESSION_STATS` (per-CPU hash, same key →
-//! [`SessionStats`]): packets, bytes, last seen. Map `ZTNA_STATS` (per-CPU array,
+//! [`SessionStats`]): packets, bytes, last seen. Map `ZTNA_NEXTHOP` (per-CPU LRU,
+//! peer address → [`NextHop`]): cached route lookups. Map `ZTNA_STATS` (per-CPU array,
 //! index [`Verdict`] → u64). Map `ZTNA_CONFIG` (array, index 0 → [`RelayConfig`]).
 //!
 //! All addresses and ports in map values are in network byte order, exactly as they
@@ -25,6 +26,9 @@ pub const MAP_RELAY: &str = "ZTNA_RELAY";
 pub const MAP_SESSION_STATS: &str = "ZTNA_SESSION_STATS";
 pub const MAP_STATS: &str = "ZTNA_STATS";
 pub const MAP_CONFIG: &str = "ZTNA_CONFIG";
+pub const MAP_NEXTHOP: &str = "ZTNA_NEXTHOP";
+/// How long the program reuses a route lookup's result for a peer.
+pub const NEXTHOP_CACHE_NS: u64 = 1_000_000_000;
 pub const PIN_DIR: &str = "/sys/fs/bpf/ztna";
 pub const PROGRAM_NAME: &str = "ztna_relay";
 /// Capacity of the forwarding table (two entries per session).
@@ -59,6 +63,20 @@ pub struct SessionStats {
     pub bytes: u64,
     /// `bpf_ktime_get_ns()` of the last forwarded packet (CLOCK_MONOTONIC).
     pub last_seen_ns: u64,
+}
+
+/// Cached result of `bpf_fib_lookup` for a peer address (per-CPU LRU map
+/// `ZTNA_NEXTHOP`, key: the peer's IPv4 address in network order). A route lookup
+/// costs more than the rest of the forward path, so the program does one per peer
+/// per CPU per [`NEXTHOP_CACHE_NS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// `bpf_ktime_get_ns()` after which the entry is looked up again.
+    pub expires_ns: u64,
 }
 
 /// Program configuration, index 0 of `ZTNA_CONFIG`.
@@ -159,9 +177,11 @@ mod pod {
     unsafe impl aya::Pod for super::RelayEntry {}
     unsafe impl aya::Pod for super::SessionStats {}
     unsafe impl aya::Pod for super::RelayConfig {}
+    unsafe impl aya::Pod for super::NextHop {}
 }
 
 const _: () = assert!(core::mem::size_of::<RelayKey>() == 8);
 const _: () = assert!(core::mem::size_of::<RelayEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<SessionStats>() == 24);
 const _: () = assert!(core::mem::size_of::<RelayConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 24);

@@ -3,9 +3,10 @@
 //! Ethernet → IPv4 (no options, not a fragment) → UDP to the relay port → QUIC DCID
 //! (short header: the 8 bytes after the first byte; long header: version, a DCID
 //! length of 8, the DCID) → `ZTNA_RELAY` lookup → sender check → `bpf_fib_lookup` for
-//! the new destination → rewrite (source = the relay's own address and port, i.e. the
-//! packet's destination; destination = the peer; TTL - 1) with incremental IP and UDP
-//! checksum updates → `XDP_TX` or `bpf_redirect`. Anything else is `XDP_PASS` to the
+//! the new destination (cached per CPU for a second in `ZTNA_NEXTHOP`) → rewrite
+//! (source = the relay's own address and port, i.e. the packet's destination;
+//! destination = the peer; TTL 64, as the userspace forwarder's own sends) with
+//! incremental IP and UDP checksum updates → `XDP_TX` or `bpf_redirect`. Anything else is `XDP_PASS` to the
 //! kernel and the intermediate's userspace forwarder, which also handles sender
 //! changes (NAT rebinding) and peers without a route or neighbour entry yet.
 //! Each decision increments one per-CPU counter of `ZTNA_STATS` (`Verdict`).
@@ -15,13 +16,13 @@
 use core::mem::size_of;
 
 use aya_ebpf::bindings::xdp_action;
-use aya_ebpf::btf_maps::{Array, HashMap, PerCpuArray, PerCpuHashMap};
+use aya_ebpf::btf_maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::helpers::generated::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect};
 use aya_ebpf::macros::{btf_map, xdp};
 use aya_ebpf::programs::XdpContext;
 use ztna_common::relay::{
-    MAX_RELAY_ENTRIES, RELAY_CID_LEN, RELAY_CID_MARKER, RelayConfig, RelayEntry, RelayKey, SessionStats,
-    VERDICT_COUNT, Verdict,
+    MAX_RELAY_ENTRIES, NEXTHOP_CACHE_NS, NextHop, RELAY_CID_LEN, RELAY_CID_MARKER, RelayConfig, RelayEntry,
+    RelayKey, SessionStats, VERDICT_COUNT, Verdict,
 };
 
 #[btf_map]
@@ -36,6 +37,13 @@ static ZTNA_STATS: PerCpuArray<u64, { VERDICT_COUNT as usize }> = PerCpuArray::n
 
 #[btf_map]
 static ZTNA_CONFIG: Array<RelayConfig, 1> = Array::new();
+
+#[btf_map]
+static ZTNA_NEXTHOP: LruPerCpuHashMap<u32, NextHop, 65536> = LruPerCpuHashMap::new();
+
+/// TTL of forwarded packets: the relay sends them as their new source, like the
+/// userspace forwarder's socket does, so they start over.
+const RELAY_TTL: u8 = 64;
 
 const ETH_LEN: usize = 14;
 const IP_LEN: usize = 20;
@@ -192,38 +200,25 @@ fn try_ztna_relay(ctx: &XdpContext) -> (u32, Verdict) {
     if saddr != entry.expected_src_addr || sport != entry.expected_src_port {
         return (PASS, Verdict::PassSenderMismatch);
     }
-    if ip[8] <= 1 {
-        // TTL would expire: let the kernel answer with ICMP time exceeded.
-        return (PASS, Verdict::PassFibMiss);
-    }
-    // Route and neighbour for the new destination, before touching the packet.
-    let mut fib = FibParams {
-        family: AF_INET,
-        l4_protocol: IPPROTO_UDP,
-        sport: dport,
-        dport: entry.peer_port,
-        tot_len: u16::from_be_bytes([ip[2], ip[3]]),
-        // SAFETY: reading the xdp_md context field.
-        ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
-        tos: u32::from(ip[1]),
-        src: [daddr, 0, 0, 0],
-        dst: [entry.peer_addr, 0, 0, 0],
-        vlan: 0,
-        smac: [0; 6],
-        dmac: [0; 6],
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: reading the xdp_md context field.
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    // Route and neighbour for the new destination, before touching the packet:
+    // cached per CPU, else one bpf_fib_lookup.
+    // SAFETY: per-CPU value copied out at once.
+    let cached = unsafe { ZTNA_NEXTHOP.get(&entry.peer_addr) }.copied().filter(|h| h.expires_ns > now);
+    let hop = match cached {
+        Some(h) => h,
+        None => match route(ctx, &ip, daddr, dport, &entry, ingress) {
+            Some(mut h) => {
+                h.expires_ns = now + NEXTHOP_CACHE_NS;
+                let _ = ZTNA_NEXTHOP.insert(&entry.peer_addr, &h, 0);
+                h
+            }
+            None => return (PASS, Verdict::PassFibMiss),
+        },
     };
-    // SAFETY: helper call with a 64-byte bpf_fib_lookup on our stack.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx.cast(),
-            (&mut fib as *mut FibParams).cast(),
-            size_of::<FibParams>() as i32,
-            0,
-        )
-    };
-    if rc != 0 {
-        return (PASS, Verdict::PassFibMiss);
-    }
     // Rewrite. From here on a failure is XDP_ABORTED.
     let (Some(eth), Some(iph), Some(udph)) = (
         ptr_at::<[u8; 12]>(ctx, 0),
@@ -239,14 +234,14 @@ fn try_ztna_relay(ctx: &XdpContext) -> (u32, Verdict) {
     // SAFETY: all three pointers were bounds-checked by ptr_at.
     unsafe {
         let e = &mut *eth;
-        e[..6].copy_from_slice(&fib.dmac);
-        e[6..].copy_from_slice(&fib.smac);
+        e[..6].copy_from_slice(&hop.dmac);
+        e[6..].copy_from_slice(&hop.smac);
 
         let h = &mut *iph;
         let mut ip_check = u16::from_ne_bytes([h[10], h[11]]);
         // TTL shares a 16-bit word with the protocol.
         let old_ttl_word = u16::from_ne_bytes([h[8], h[9]]);
-        h[8] -= 1;
+        h[8] = RELAY_TTL;
         let new_ttl_word = u16::from_ne_bytes([h[8], h[9]]);
         ip_check = csum_replace16(ip_check, old_ttl_word, new_ttl_word);
         ip_check = csum_replace32(ip_check, saddr, new_saddr);
@@ -272,18 +267,45 @@ fn try_ztna_relay(ctx: &XdpContext) -> (u32, Verdict) {
         unsafe {
             (*s).packets += 1;
             (*s).bytes += (ctx.data_end() - ctx.data()) as u64;
-            (*s).last_seen_ns = bpf_ktime_get_ns();
+            (*s).last_seen_ns = now;
         }
     }
-    // SAFETY: reading the xdp_md context field.
-    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
-    if fib.ifindex == ingress {
+    if hop.ifindex == ingress {
         (xdp_action::XDP_TX, Verdict::Tx)
     } else {
         // SAFETY: plain helper call.
-        let action = unsafe { bpf_redirect(fib.ifindex, 0) } as u32;
+        let action = unsafe { bpf_redirect(hop.ifindex, 0) } as u32;
         (action, Verdict::Redirect)
     }
+}
+
+/// `bpf_fib_lookup` for the rewritten packet: egress interface and MACs.
+#[inline(always)]
+fn route(ctx: &XdpContext, ip: &[u8; IP_LEN], new_saddr: u32, new_sport: u16, entry: &RelayEntry, ingress: u32) -> Option<NextHop> {
+    let mut fib = FibParams {
+        family: AF_INET,
+        l4_protocol: IPPROTO_UDP,
+        sport: new_sport,
+        dport: entry.peer_port,
+        tot_len: u16::from_be_bytes([ip[2], ip[3]]),
+        ifindex: ingress,
+        tos: u32::from(ip[1]),
+        src: [new_saddr, 0, 0, 0],
+        dst: [entry.peer_addr, 0, 0, 0],
+        vlan: 0,
+        smac: [0; 6],
+        dmac: [0; 6],
+    };
+    // SAFETY: helper call with a 64-byte bpf_fib_lookup on our stack.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast(),
+            (&mut fib as *mut FibParams).cast(),
+            size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    (rc == 0).then_some(NextHop { ifindex: fib.ifindex, smac: fib.smac, dmac: fib.dmac, expires_ns: 0 })
 }
 
 #[cfg(not(test))]

@@ -97,6 +97,26 @@ impl XdpRun {
         Ok(())
     }
 
+    /// Puts a next hop for `peer` into every CPU's route cache.
+    pub fn prime_nexthop(&mut self, peer: Ipv4Addr, hop: ztna_common::relay::NextHop) -> anyhow::Result<()> {
+        let ncpu = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let mut m: PerCpuHashMap<&mut MapData, u32, ztna_common::relay::NextHop> =
+            PerCpuHashMap::try_from(self.ebpf.map_mut("ZTNA_NEXTHOP").context("nexthop")?)?;
+        m.insert(ne(peer), PerCpuValues::try_from(vec![hop; ncpu])?, 0)?;
+        Ok(())
+    }
+
+    /// Empties the route cache.
+    pub fn flush_nexthops(&mut self) -> anyhow::Result<()> {
+        let mut m: PerCpuHashMap<&mut MapData, u32, ztna_common::relay::NextHop> =
+            PerCpuHashMap::try_from(self.ebpf.map_mut("ZTNA_NEXTHOP").context("nexthop")?)?;
+        let keys: Vec<u32> = m.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = m.remove(&k);
+        }
+        Ok(())
+    }
+
     pub fn counter(&self, v: Verdict) -> anyhow::Result<u64> {
         let s: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.ebpf.map("ZTNA_STATS").context("stats")?)?;
         Ok(s.get(&(v as u32), 0)?.iter().sum())
@@ -169,4 +189,9 @@ pub fn frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: SocketAddrV4, dst: SocketA
     let mut out = Vec::with_capacity(b.size(payload.len()));
     b.write(&mut out, payload).expect("frame");
     out
+}
+
+/// A relay CID for tests and benchmarks, distinguished by `n`.
+pub fn quic_cid(n: u8) -> [u8; 8] {
+    [ztna_common::relay::RELAY_CID_MARKER, 0x42, n, 0, 0, 0, 0, n]
 }

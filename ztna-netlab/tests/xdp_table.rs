@@ -43,13 +43,20 @@ fn known_cid_short_header_is_rewritten_byte_for_byte() {
     let mac = x.relay_mac;
     let payload = quic_short(CID, 200);
     let out = expect(&mut x, &to_relay(mac, &payload), XDP_TX, Verdict::Tx);
-    // Built independently: from the relay's address and port, to the peer, TTL - 1,
-    // MACs from the neighbour table, both checksums computed from scratch.
-    let want = frame(mac, PEER_MAC, RELAY, PEER, 63, &payload);
+    // Built independently: from the relay's address and port, to the peer, TTL 64
+    // (the relay sends it anew), MACs from the neighbour table, both checksums
+    // computed from scratch.
+    let want = frame(mac, PEER_MAC, RELAY, PEER, 64, &payload);
     assert_eq!(out, want);
     let s = x.session(CID).unwrap();
     assert_eq!((s.packets, s.bytes), (1, want.len() as u64));
     assert!(s.last_seen_ns > 0);
+    // The second packet takes the cached route and comes out the same.
+    let again = expect(&mut x, &to_relay(mac, &payload), XDP_TX, Verdict::Tx);
+    assert_eq!(again, want);
+    // Whatever TTL arrives, the relay sends with 64.
+    let low = frame(SENDER_MAC, mac, SENDER, RELAY, 1, &payload);
+    assert_eq!(expect(&mut x, &low, XDP_TX, Verdict::Tx), want);
 }
 
 #[test]
@@ -62,7 +69,7 @@ fn long_header_initial_with_a_relay_cid_is_forwarded() {
     p.extend_from_slice(&[8; 8]); // SCID length + ...
     p.resize(1200, 0);
     let out = expect(&mut x, &to_relay(mac, &p), XDP_TX, Verdict::Tx);
-    assert_eq!(out, frame(mac, PEER_MAC, RELAY, PEER, 63, &p));
+    assert_eq!(out, frame(mac, PEER_MAC, RELAY, PEER, 64, &p));
 }
 
 #[test]
@@ -137,9 +144,6 @@ fn everything_that_is_not_ours_passes_untouched_with_its_counter() {
     cid2[1] = 0x99;
     x.insert(cid2, unroutable, SENDER).unwrap();
     expect(&mut x, &to_relay(mac, &quic_short(cid2, 100)), XDP_PASS, Verdict::PassFibMiss);
-    // TTL 1 would expire in our hands
-    let ttl1 = frame(SENDER_MAC, mac, SENDER, RELAY, 1, &good);
-    expect(&mut x, &ttl1, XDP_PASS, Verdict::PassFibMiss);
     // port 0 in the config: not configured
     x.set_port(0).unwrap();
     expect(&mut x, &to_relay(mac, &good), XDP_PASS, Verdict::PassNotConfigured);
