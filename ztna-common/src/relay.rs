@@ -8,8 +8,7 @@
 //! port whose QUIC DCID is a relay CID and whose source is `expected_src` is rewritten
 //! to come from the relay's address and port (the packet's own destination) and to go
 //! to `peer`. Map `ZTNA_SESSION_STATS` (per-CPU hash, same key →
-//! [`SessionStats`]): packets, bytes, last seen. Map `ZTNA_NEXTHOP` (per-CPU LRU,
-//! peer address → [`NextHop`]): cached route lookups. Map `ZTNA_STATS` (per-CPU array,
+//! [`SessionStats`]): packets, bytes, last seen, cached route. Map `ZTNA_STATS` (per-CPU array,
 //! index [`Verdict`] → u64). Map `ZTNA_CONFIG` (array, index 0 → [`RelayConfig`]).
 //!
 //! All addresses and ports in map values are in network byte order, exactly as they
@@ -26,7 +25,6 @@ pub const MAP_RELAY: &str = "ZTNA_RELAY";
 pub const MAP_SESSION_STATS: &str = "ZTNA_SESSION_STATS";
 pub const MAP_STATS: &str = "ZTNA_STATS";
 pub const MAP_CONFIG: &str = "ZTNA_CONFIG";
-pub const MAP_NEXTHOP: &str = "ZTNA_NEXTHOP";
 /// How long the program reuses a route lookup's result for a peer.
 pub const NEXTHOP_CACHE_NS: u64 = 1_000_000_000;
 pub const PIN_DIR: &str = "/sys/fs/bpf/ztna";
@@ -55,7 +53,7 @@ pub struct RelayEntry {
     pub session_id: u32,
 }
 
-/// Per-session, per-CPU counters. Userspace sums the CPUs.
+/// Per-session, per-CPU counters and route cache. Userspace sums the counters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SessionStats {
@@ -63,19 +61,24 @@ pub struct SessionStats {
     pub bytes: u64,
     /// `bpf_ktime_get_ns()` of the last forwarded packet (CLOCK_MONOTONIC).
     pub last_seen_ns: u64,
+    /// This CPU's cached route to the entry's peer.
+    pub next_hop: NextHop,
 }
 
-/// Cached result of `bpf_fib_lookup` for a peer address (per-CPU LRU map
-/// `ZTNA_NEXTHOP`, key: the peer's IPv4 address in network order). A route lookup
-/// costs more than the rest of the forward path, so the program does one per peer
-/// per CPU per [`NEXTHOP_CACHE_NS`].
+/// Cached result of `bpf_fib_lookup`, kept per CPU in the session's
+/// [`SessionStats`]. A route lookup costs several times the rest of the forward
+/// path, so the program does one per session per CPU per [`NEXTHOP_CACHE_NS`], and
+/// again at once when the entry's peer changes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NextHop {
     pub ifindex: u32,
+    /// The peer address the route was looked up for (network order).
+    pub peer_addr: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    /// `bpf_ktime_get_ns()` after which the entry is looked up again.
+    pub _pad: [u8; 4],
+    /// `bpf_ktime_get_ns()` after which the route is looked up again.
     pub expires_ns: u64,
 }
 
@@ -182,6 +185,6 @@ mod pod {
 
 const _: () = assert!(core::mem::size_of::<RelayKey>() == 8);
 const _: () = assert!(core::mem::size_of::<RelayEntry>() == 16);
-const _: () = assert!(core::mem::size_of::<SessionStats>() == 24);
+const _: () = assert!(core::mem::size_of::<SessionStats>() == 56);
 const _: () = assert!(core::mem::size_of::<RelayConfig>() == 8);
-const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 32);

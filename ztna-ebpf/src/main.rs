@@ -3,7 +3,7 @@
 //! Ethernet → IPv4 (no options, not a fragment) → UDP to the relay port → QUIC DCID
 //! (short header: the 8 bytes after the first byte; long header: version, a DCID
 //! length of 8, the DCID) → `ZTNA_RELAY` lookup → sender check → `bpf_fib_lookup` for
-//! the new destination (cached per CPU for a second in `ZTNA_NEXTHOP`) → rewrite
+//! the new destination (cached per session and CPU for a second) → rewrite
 //! (source = the relay's own address and port, i.e. the packet's destination;
 //! destination = the peer; TTL 64, as the userspace forwarder's own sends) with
 //! incremental IP and UDP checksum updates → `XDP_TX` or `bpf_redirect`. Anything else is `XDP_PASS` to the
@@ -16,8 +16,8 @@
 use core::mem::size_of;
 
 use aya_ebpf::bindings::xdp_action;
-use aya_ebpf::btf_maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap};
-use aya_ebpf::helpers::generated::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect};
+use aya_ebpf::btf_maps::{Array, HashMap, PerCpuArray, PerCpuHashMap};
+use aya_ebpf::helpers::generated::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect};
 use aya_ebpf::macros::{btf_map, xdp};
 use aya_ebpf::programs::XdpContext;
 use ztna_common::relay::{
@@ -37,9 +37,6 @@ static ZTNA_STATS: PerCpuArray<u64, { VERDICT_COUNT as usize }> = PerCpuArray::n
 
 #[btf_map]
 static ZTNA_CONFIG: Array<RelayConfig, 1> = Array::new();
-
-#[btf_map]
-static ZTNA_NEXTHOP: LruPerCpuHashMap<u32, NextHop, 65536> = LruPerCpuHashMap::new();
 
 /// TTL of forwarded packets: the relay sends them as their new source, like the
 /// userspace forwarder's socket does, so they start over.
@@ -201,19 +198,27 @@ fn try_ztna_relay(ctx: &XdpContext) -> (u32, Verdict) {
         return (PASS, Verdict::PassSenderMismatch);
     }
     // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The coarse clock (jiffies resolution) is ample for "last seen" and the route
+    // cache, and several times cheaper than the precise one in a VM.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: reading the xdp_md context field.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
     // Route and neighbour for the new destination, before touching the packet:
-    // cached per CPU, else one bpf_fib_lookup.
-    // SAFETY: per-CPU value copied out at once.
-    let cached = unsafe { ZTNA_NEXTHOP.get(&entry.peer_addr) }.copied().filter(|h| h.expires_ns > now);
+    // this CPU's cached lookup for this session, else one bpf_fib_lookup.
+    let session = ZTNA_SESSION_STATS.get_ptr_mut(&key);
+    // SAFETY: per-CPU value, only this CPU touches it while we run.
+    let cached = session
+        .map(|s| unsafe { (*s).next_hop })
+        .filter(|h| h.expires_ns > now && h.peer_addr == entry.peer_addr);
     let hop = match cached {
         Some(h) => h,
         None => match route(ctx, &ip, daddr, dport, &entry, ingress) {
             Some(mut h) => {
                 h.expires_ns = now + NEXTHOP_CACHE_NS;
-                let _ = ZTNA_NEXTHOP.insert(&entry.peer_addr, &h, 0);
+                if let Some(s) = session {
+                    // SAFETY: as above.
+                    unsafe { (*s).next_hop = h };
+                }
                 h
             }
             None => return (PASS, Verdict::PassFibMiss),
@@ -262,7 +267,7 @@ fn try_ztna_relay(ctx: &XdpContext) -> (u32, Verdict) {
             u[3] = if c == 0 { 0xffff } else { c };
         }
     }
-    if let Some(s) = ZTNA_SESSION_STATS.get_ptr_mut(&key) {
+    if let Some(s) = session {
         // SAFETY: per-CPU value, only this CPU writes it while we run.
         unsafe {
             (*s).packets += 1;
@@ -305,7 +310,14 @@ fn route(ctx: &XdpContext, ip: &[u8; IP_LEN], new_saddr: u32, new_sport: u16, en
             0,
         )
     };
-    (rc == 0).then_some(NextHop { ifindex: fib.ifindex, smac: fib.smac, dmac: fib.dmac, expires_ns: 0 })
+    (rc == 0).then_some(NextHop {
+        ifindex: fib.ifindex,
+        peer_addr: entry.peer_addr,
+        smac: fib.smac,
+        dmac: fib.dmac,
+        _pad: [0; 4],
+        expires_ns: 0,
+    })
 }
 
 #[cfg(not(test))]

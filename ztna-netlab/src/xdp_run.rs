@@ -97,23 +97,22 @@ impl XdpRun {
         Ok(())
     }
 
-    /// Puts a next hop for `peer` into every CPU's route cache.
-    pub fn prime_nexthop(&mut self, peer: Ipv4Addr, hop: ztna_common::relay::NextHop) -> anyhow::Result<()> {
-        let ncpu = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        let mut m: PerCpuHashMap<&mut MapData, u32, ztna_common::relay::NextHop> =
-            PerCpuHashMap::try_from(self.ebpf.map_mut("ZTNA_NEXTHOP").context("nexthop")?)?;
-        m.insert(ne(peer), PerCpuValues::try_from(vec![hop; ncpu])?, 0)?;
-        Ok(())
+    /// Puts `hop` into every CPU's route cache of session `cid`.
+    pub fn prime_nexthop(&mut self, cid: [u8; 8], hop: ztna_common::relay::NextHop) -> anyhow::Result<()> {
+        self.set_nexthop(cid, hop)
     }
 
-    /// Empties the route cache.
-    pub fn flush_nexthops(&mut self) -> anyhow::Result<()> {
-        let mut m: PerCpuHashMap<&mut MapData, u32, ztna_common::relay::NextHop> =
-            PerCpuHashMap::try_from(self.ebpf.map_mut("ZTNA_NEXTHOP").context("nexthop")?)?;
-        let keys: Vec<u32> = m.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            let _ = m.remove(&k);
-        }
+    /// Empties session `cid`'s route cache.
+    pub fn flush_nexthop(&mut self, cid: [u8; 8]) -> anyhow::Result<()> {
+        self.set_nexthop(cid, Default::default())
+    }
+
+    fn set_nexthop(&mut self, cid: [u8; 8], hop: ztna_common::relay::NextHop) -> anyhow::Result<()> {
+        let ncpu = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let mut st: PerCpuHashMap<&mut MapData, RelayKey, SessionStats> =
+            PerCpuHashMap::try_from(self.ebpf.map_mut("ZTNA_SESSION_STATS").context("session stats")?)?;
+        let v = SessionStats { next_hop: hop, ..Default::default() };
+        st.insert(RelayKey { cid }, PerCpuValues::try_from(vec![v; ncpu])?, 0)?;
         Ok(())
     }
 

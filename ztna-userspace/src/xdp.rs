@@ -16,7 +16,7 @@ use aya::programs::{Xdp, XdpMode};
 use aya::Ebpf;
 use ztna_common::frames::Cid;
 use ztna_common::relay::{
-    MAP_CONFIG, MAP_NEXTHOP, MAP_RELAY, MAP_SESSION_STATS, MAP_STATS, PIN_DIR, PROGRAM_NAME, RelayConfig, RelayEntry,
+    MAP_CONFIG, MAP_RELAY, MAP_SESSION_STATS, MAP_STATS, PIN_DIR, PROGRAM_NAME, RelayConfig, RelayEntry,
     RelayKey, SessionStats, VERDICT_COUNT, Verdict,
 };
 
@@ -86,7 +86,7 @@ fn pin_path(name: &str) -> PathBuf {
 
 /// Removes the pins of an earlier run.
 pub fn remove_stale_pins() {
-    for m in [MAP_RELAY, MAP_SESSION_STATS, MAP_STATS, MAP_CONFIG, MAP_NEXTHOP] {
+    for m in [MAP_RELAY, MAP_SESSION_STATS, MAP_STATS, MAP_CONFIG] {
         let _ = std::fs::remove_file(pin_path(m));
     }
 }
@@ -152,7 +152,7 @@ fn try_load(object: &[u8], mode: XdpMode, interfaces: &[String], relay_port: u16
         .default_map_pin_directory(PIN_DIR)
         .load(object)
         .context("loading the eBPF object")?;
-    for m in [MAP_RELAY, MAP_SESSION_STATS, MAP_STATS, MAP_CONFIG, MAP_NEXTHOP] {
+    for m in [MAP_RELAY, MAP_SESSION_STATS, MAP_STATS, MAP_CONFIG] {
         // Maps declared without by-name pinning are pinned here.
         if let Some(map) = ebpf.map(m)
             && !pin_path(m).exists()
