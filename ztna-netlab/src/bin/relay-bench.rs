@@ -509,7 +509,7 @@ fn main() -> anyhow::Result<()> {
         .map(|(n, k)| (*n, f(k).unwrap_or(0.0)))
         .collect();
     let max = bars.iter().map(|b| b.1).fold(1.0, f64::max);
-    let mut svg = String::from("<svg xmlns='http://www.w3.org/2000/svg' width='640' height='260' font-family='sans-serif' font-size='13'>\n<text x='10' y='20' font-size='15'>ztna relay: delivered packets per second (64-byte payloads)</text>\n");
+    let mut svg = String::from("<svg xmlns='http://www.w3.org/2000/svg' width='720' height='260' font-family='sans-serif' font-size='13'>\n<text x='10' y='20' font-size='15'>ztna relay: delivered packets per second (64-byte payloads; datagram relay 1000-byte)</text>\n");
     for (i, (name, v)) in bars.iter().enumerate() {
         let y = 40.0 + i as f64 * 50.0;
         let w = 400.0 * v / max;
