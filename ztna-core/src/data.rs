@@ -30,6 +30,20 @@ pub struct DataConfig {
     pub keepalive: Duration,
 }
 
+impl DataConfig {
+    /// The TLS files and timers of a control-connection config; `None` without a
+    /// CA, certificate and key (data connections need mutual authentication).
+    pub fn from_client(cfg: &crate::ClientConfig) -> Option<Self> {
+        Some(DataConfig {
+            ca_file: cfg.ca_file.clone()?,
+            cert_file: cfg.cert_file.clone()?,
+            key_file: cfg.key_file.clone()?,
+            idle_timeout: cfg.idle_timeout,
+            keepalive: cfg.keepalive,
+        })
+    }
+}
+
 /// Builds the quiche config for data connections (client or server side).
 pub fn quic_config(cfg: &DataConfig) -> Result<quiche::Config, ClientError> {
     let mut c = quiche::Config::new(quiche::PROTOCOL_VERSION)?;

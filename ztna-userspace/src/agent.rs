@@ -120,14 +120,8 @@ impl Agent {
         };
         let socket = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
         let local = socket.local_addr()?;
-        let data_quic = match (&cfg.ca_file, &cfg.cert_file, &cfg.key_file) {
-            (Some(ca), Some(cert), Some(key)) if data_path => Some(data::quic_config(&DataConfig {
-                ca_file: ca.clone(),
-                cert_file: cert.clone(),
-                key_file: key.clone(),
-                idle_timeout: cfg.idle_timeout,
-                keepalive: cfg.keepalive,
-            })?),
+        let data_quic = match DataConfig::from_client(&cfg) {
+            Some(d) if data_path => Some(data::quic_config(&d)?),
             _ => None,
         };
         let keepalive = cfg.keepalive;

@@ -230,15 +230,9 @@ impl Connector {
         let poll = Poll::new()?;
         poll.registry()
             .register(&mut socket, CONTROL, Interest::READABLE)?;
-        let data_quic = match (&cfg.ca_file, &cfg.cert_file, &cfg.key_file) {
-            (Some(ca), Some(cert), Some(key)) => Some(data::quic_config(&DataConfig {
-                ca_file: ca.clone(),
-                cert_file: cert.clone(),
-                key_file: key.clone(),
-                idle_timeout: cfg.idle_timeout,
-                keepalive: cfg.keepalive,
-            })?),
-            _ => {
+        let data_quic = match DataConfig::from_client(&cfg) {
+            Some(d) => Some(data::quic_config(&d)?),
+            None => {
                 tracing::warn!("no CA/certificate/key: relayed data connections are disabled");
                 None
             }
