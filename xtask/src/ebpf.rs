@@ -8,7 +8,10 @@ use std::process::Command;
 use anyhow::{Context, bail};
 
 fn sysroot() -> anyhow::Result<PathBuf> {
-    let out = Command::new("rustc").args(["--print", "sysroot"]).output().context("running rustc")?;
+    let out = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .context("running rustc")?;
     Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
 }
 
@@ -24,8 +27,14 @@ fn bpf_linker() -> Option<PathBuf> {
     if p.exists() {
         return Some(p);
     }
-    let which = Command::new("sh").args(["-c", "command -v bpf-linker"]).output().ok()?;
-    which.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&which.stdout).trim()))
+    let which = Command::new("sh")
+        .args(["-c", "command -v bpf-linker"])
+        .output()
+        .ok()?;
+    which
+        .status
+        .success()
+        .then(|| PathBuf::from(String::from_utf8_lossy(&which.stdout).trim()))
 }
 
 fn install_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
@@ -34,14 +43,32 @@ fn install_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
         .map(|e| e.file_name().to_string_lossy().to_string())
         .find(|n| n.starts_with("libLLVM-") && n.ends_with(".so"))
         .context("no libLLVM-*.so in the rustc sysroot")?;
-    let lib = lib.trim_start_matches("lib").trim_end_matches(".so").to_string();
-    let llvm_major = lib.trim_start_matches("LLVM-").split(['-', '.']).next().unwrap_or("22").to_string();
+    let lib = lib
+        .trim_start_matches("lib")
+        .trim_end_matches(".so")
+        .to_string();
+    let llvm_major = lib
+        .trim_start_matches("LLVM-")
+        .split(['-', '.'])
+        .next()
+        .unwrap_or("22")
+        .to_string();
     let sr = sysroot.display().to_string();
     println!("xtask: installing bpf-linker 0.13.0 against rustc's {lib}");
     let status = Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", "0.13.0", "--locked", "--no-default-features"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            "0.13.0",
+            "--locked",
+            "--no-default-features",
+        ])
         .args(["--features", &format!("llvm-{llvm_major},no-llvm-linking")])
-        .env("RUSTFLAGS", format!("-L native={sr}/lib -l dylib={lib} -C link-arg=-Wl,-rpath,{sr}/lib"))
+        .env(
+            "RUSTFLAGS",
+            format!("-L native={sr}/lib -l dylib={lib} -C link-arg=-Wl,-rpath,{sr}/lib"),
+        )
         .status()
         .context("running cargo install bpf-linker")?;
     if !status.success() {
@@ -55,7 +82,9 @@ pub fn build_ebpf(root: &Path) -> anyhow::Result<PathBuf> {
     let sysroot = sysroot()?;
     if !have_rust_src(&sysroot) {
         println!("xtask: rustup component add rust-src");
-        let status = Command::new("rustup").args(["component", "add", "rust-src"]).status()?;
+        let status = Command::new("rustup")
+            .args(["component", "add", "rust-src"])
+            .status()?;
         if !status.success() {
             bail!("rustup component add rust-src failed");
         }

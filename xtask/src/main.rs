@@ -67,7 +67,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn cargo() -> Command {
@@ -109,7 +112,15 @@ fn cargo_test(args: &[&str], tally: &mut Tally) -> anyhow::Result<bool> {
         if let Some(rest) = line.strip_prefix("test result: ") {
             let num = |key: &str| -> u64 {
                 rest.split(';')
-                    .find_map(|part| part.trim().strip_suffix(key).map(|n| n.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").trim().to_string()))
+                    .find_map(|part| {
+                        part.trim().strip_suffix(key).map(|n| {
+                            n.trim()
+                                .trim_start_matches("ok. ")
+                                .trim_start_matches("FAILED. ")
+                                .trim()
+                                .to_string()
+                        })
+                    })
                     .and_then(|n| n.parse().ok())
                     .unwrap_or(0)
             };
@@ -129,7 +140,15 @@ fn bench(what: &str, out: &Path) -> anyhow::Result<()> {
         bail!("the relay benchmark needs root (network namespaces, XDP)");
     }
     ebpf::build_ebpf(&root())?;
-    run(cargo().args(["build", "--release", "-p", "ztna-userspace", "-p", "ztna-netlab", "--bins"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "ztna-userspace",
+        "-p",
+        "ztna-netlab",
+        "--bins",
+    ]))?;
     let out = std::path::absolute(out)?;
     run(Command::new(root().join("target/release/relay-bench"))
         .arg("--out")
@@ -141,9 +160,18 @@ fn nat_matrix(out: &Path) -> anyhow::Result<()> {
     if !is_root() {
         bail!("nat-matrix needs root (network namespaces, iptables)");
     }
-    run(cargo().args(["build", "-p", "ztna-userspace", "-p", "ztna-netlab", "--bins"]))?;
+    run(cargo().args([
+        "build",
+        "-p",
+        "ztna-userspace",
+        "-p",
+        "ztna-netlab",
+        "--bins",
+    ]))?;
     let out = std::path::absolute(out)?;
-    run(Command::new(root().join("target/debug/nat-matrix")).arg("--out").arg(&out))
+    run(Command::new(root().join("target/debug/nat-matrix"))
+        .arg("--out")
+        .arg(&out))
 }
 
 fn is_root() -> bool {
@@ -155,7 +183,16 @@ fn test() -> anyhow::Result<()> {
     ebpf::build_ebpf(&root())?;
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     let mut plain = Tally::default();
-    let mut ok = cargo_test(&["--workspace", "--no-fail-fast", "--lib", "--bins", "--tests"], &mut plain)?;
+    let mut ok = cargo_test(
+        &[
+            "--workspace",
+            "--no-fail-fast",
+            "--lib",
+            "--bins",
+            "--tests",
+        ],
+        &mut plain,
+    )?;
     let mut privileged = Tally::default();
     let skipped;
     if is_root() {
@@ -224,7 +261,12 @@ fn free_udp_port() -> anyhow::Result<u16> {
 }
 
 /// Starts a binary with stderr piped; lines are forwarded to `tx` tagged by name.
-fn spawn(bin: &Path, name: &'static str, args: &[String], tx: &mpsc::Sender<(&'static str, String)>) -> anyhow::Result<Proc> {
+fn spawn(
+    bin: &Path,
+    name: &'static str,
+    args: &[String],
+    tx: &mpsc::Sender<(&'static str, String)>,
+) -> anyhow::Result<Proc> {
     let mut child = Command::new(bin)
         .args(args)
         .env("RUST_LOG", "info")
@@ -244,7 +286,12 @@ fn spawn(bin: &Path, name: &'static str, args: &[String], tx: &mpsc::Sender<(&'s
     Ok(Proc { name, child })
 }
 
-fn wait_for(rx: &mpsc::Receiver<(&'static str, String)>, who: &str, needle: &str, log: &mut Vec<String>) -> anyhow::Result<()> {
+fn wait_for(
+    rx: &mpsc::Receiver<(&'static str, String)>,
+    who: &str,
+    needle: &str,
+    log: &mut Vec<String>,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
         match rx.recv_timeout(left) {
@@ -258,7 +305,10 @@ fn wait_for(rx: &mpsc::Receiver<(&'static str, String)>, who: &str, needle: &str
             Err(_) => break,
         }
     }
-    bail!("{who} did not log {needle:?} within 15 s; log:\n{}", log.join("\n"))
+    bail!(
+        "{who} did not log {needle:?} within 15 s; log:\n{}",
+        log.join("\n")
+    )
 }
 
 fn demo(count: u32, size: &str) -> anyhow::Result<()> {
@@ -291,12 +341,30 @@ fn demo_in(bin: &Path, dir: &Path, count: u32, size: &str) -> anyhow::Result<()>
 
     println!("ztna demo: certificates in {}", certs.display());
     let mut procs = Vec::new();
-    procs.push(spawn(&bin.join("ztna"), "echo", &["echo-server".into(), "--listen".into(), format!("127.0.0.1:{echo_port}")], &tx)?);
+    procs.push(spawn(
+        &bin.join("ztna"),
+        "echo",
+        &[
+            "echo-server".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{echo_port}"),
+        ],
+        &tx,
+    )?);
     wait_for(&rx, "echo", "echo service on", &mut log)?;
     procs.push(spawn(
         &bin.join("ztna-intermediate"),
         "intermediate",
-        &["--listen".into(), relay.clone(), "--cert".into(), c("intermediate.pem"), "--key".into(), c("intermediate.key"), "--ca".into(), c("ca.pem")],
+        &[
+            "--listen".into(),
+            relay.clone(),
+            "--cert".into(),
+            c("intermediate.pem"),
+            "--key".into(),
+            c("intermediate.key"),
+            "--ca".into(),
+            c("ca.pem"),
+        ],
         &tx,
     )?);
     wait_for(&rx, "intermediate", "listening", &mut log)?;
@@ -304,33 +372,72 @@ fn demo_in(bin: &Path, dir: &Path, count: u32, size: &str) -> anyhow::Result<()>
         &bin.join("ztna-connector"),
         "connector",
         &[
-            "--server".into(), relay.clone(), "--ca".into(), c("ca.pem"), "--cert".into(), c("connector.pem"), "--key".into(), c("connector.key"),
-            "--service".into(), format!("echo=127.0.0.1:{echo_port}@10.100.0.1"),
+            "--server".into(),
+            relay.clone(),
+            "--ca".into(),
+            c("ca.pem"),
+            "--cert".into(),
+            c("connector.pem"),
+            "--key".into(),
+            c("connector.key"),
+            "--service".into(),
+            format!("echo=127.0.0.1:{echo_port}@10.100.0.1"),
         ],
         &tx,
     )?);
     wait_for(&rx, "connector", "registered as connector", &mut log)?;
-    println!("ztna demo: intermediate {relay}, connector registered service echo -> 127.0.0.1:{echo_port} as 10.100.0.1");
+    println!(
+        "ztna demo: intermediate {relay}, connector registered service echo -> 127.0.0.1:{echo_port} as 10.100.0.1"
+    );
 
     // Three runs of the same agent: the original datagram relay, the end-to-end QUIC
     // data connection through the forwarded relay, and the direct path after hole
     // punching (on loopback the "NAT" is trivially open).
     let runs: [(&str, &[&str]); 3] = [
-        ("datagram relay (intermediate decrypts)", &["--datagram-only"]),
+        (
+            "datagram relay (intermediate decrypts)",
+            &["--datagram-only"],
+        ),
         ("forwarded relay (end-to-end QUIC)", &["--no-p2p"]),
         ("direct path (hole punched)", &["--direct-wait-ms", "5000"]),
     ];
     let mut reports = Vec::new();
     for (name, flags) in runs {
         let out = Command::new(bin.join("ztna-agent"))
-            .args(["--server", &relay, "--ca", &c("ca.pem"), "--cert", &c("agent.pem"), "--key", &c("agent.key"), "--service", "echo"])
+            .args([
+                "--server",
+                &relay,
+                "--ca",
+                &c("ca.pem"),
+                "--cert",
+                &c("agent.pem"),
+                "--key",
+                &c("agent.key"),
+                "--service",
+                "echo",
+            ])
             .args(flags)
-            .args(["echo", "--dst", "10.100.0.1:7", "--size", size, "--count", &count.to_string(), "--burst", "10", "--json"])
+            .args([
+                "echo",
+                "--dst",
+                "10.100.0.1:7",
+                "--size",
+                size,
+                "--count",
+                &count.to_string(),
+                "--burst",
+                "10",
+                "--json",
+            ])
             .env("NO_COLOR", "1")
             .output()
             .context("running ztna-agent")?;
         if !out.status.success() {
-            bail!("agent failed: {}\n{}", String::from_utf8_lossy(&out.stderr), log.join("\n"));
+            bail!(
+                "agent failed: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                log.join("\n")
+            );
         }
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
         let report: serde_json::Value = serde_json::from_slice(&out.stdout)
@@ -340,19 +447,54 @@ fn demo_in(bin: &Path, dir: &Path, count: u32, size: &str) -> anyhow::Result<()>
     for p in procs.iter_mut().rev() {
         p.terminate();
     }
-    println!("\nztna demo report (agent -> intermediate -> connector -> echo service and back, QUIC on loopback)");
+    println!(
+        "\nztna demo report (agent -> intermediate -> connector -> echo service and back, QUIC on loopback)"
+    );
     let mut all_ok = true;
     for (name, report) in &reports {
         let n = |k: &str| report[k].as_u64().unwrap_or(0);
-        let ms = |k: &str| report[k].as_f64().map_or("-".into(), |v| format!("{:.3} ms", v / 1000.0));
-        let f = |k: &str| report[k].as_f64().map_or("-".into(), |v| format!("{v:.3} ms"));
+        let ms = |k: &str| {
+            report[k]
+                .as_f64()
+                .map_or("-".into(), |v| format!("{:.3} ms", v / 1000.0))
+        };
+        let f = |k: &str| {
+            report[k]
+                .as_f64()
+                .map_or("-".into(), |v| format!("{v:.3} ms"))
+        };
         println!("\n  {name}");
-        println!("    path              {}", report["path"].as_str().unwrap_or("-"));
-        println!("    handshake         {} control, {} data connection", f("handshake_ms"), f("data_handshake_ms"));
-        println!("    max DATAGRAM      {} B (UDP payload in tunnel up to {} B)", n("max_datagram"), n("max_udp_payload"));
-        println!("    payload           {} B x {}", n("payload_size"), n("sent"));
-        println!("    RTT p50 / p99     {} / {}", ms("rtt_p50_us"), ms("rtt_p99_us"));
-        println!("    sent {} / echoed byte-exact {} / corrupted {} / lost {}", n("sent"), n("echoed_exact"), n("corrupted"), n("lost"));
+        println!(
+            "    path              {}",
+            report["path"].as_str().unwrap_or("-")
+        );
+        println!(
+            "    handshake         {} control, {} data connection",
+            f("handshake_ms"),
+            f("data_handshake_ms")
+        );
+        println!(
+            "    max DATAGRAM      {} B (UDP payload in tunnel up to {} B)",
+            n("max_datagram"),
+            n("max_udp_payload")
+        );
+        println!(
+            "    payload           {} B x {}",
+            n("payload_size"),
+            n("sent")
+        );
+        println!(
+            "    RTT p50 / p99     {} / {}",
+            ms("rtt_p50_us"),
+            ms("rtt_p99_us")
+        );
+        println!(
+            "    sent {} / echoed byte-exact {} / corrupted {} / lost {}",
+            n("sent"),
+            n("echoed_exact"),
+            n("corrupted"),
+            n("lost")
+        );
         all_ok &= n("sent") > 0 && n("echoed_exact") == n("sent") && n("corrupted") == 0;
     }
     if !all_ok {

@@ -112,18 +112,49 @@ pub mod close_reason {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
-    SessionRequest { request_id: u32, service: &'a str },
-    SessionOffer { session_id: u32, agent_cid: Cid, connector_cid: Cid, service: &'a str },
-    SessionAccept { session_id: u32 },
-    SessionReady { request_id: u32, session_id: u32, agent_cid: Cid, connector_cid: Cid },
-    SessionRefused { request_id: u32, status: RefusedStatus },
-    SessionClose { session_id: u32, reason: u8 },
+    SessionRequest {
+        request_id: u32,
+        service: &'a str,
+    },
+    SessionOffer {
+        session_id: u32,
+        agent_cid: Cid,
+        connector_cid: Cid,
+        service: &'a str,
+    },
+    SessionAccept {
+        session_id: u32,
+    },
+    SessionReady {
+        request_id: u32,
+        session_id: u32,
+        agent_cid: Cid,
+        connector_cid: Cid,
+    },
+    SessionRefused {
+        request_id: u32,
+        status: RefusedStatus,
+    },
+    SessionClose {
+        session_id: u32,
+        reason: u8,
+    },
     /// `candidates` is `count` encoded candidates, already validated by `decode`;
     /// read them with [`candidates`].
-    Candidates { session_id: u32, password: [u8; 16], count: u8, candidates: &'a [u8] },
-    SessionPath { session_id: u32, forwarding: u8 },
+    Candidates {
+        session_id: u32,
+        password: [u8; 16],
+        count: u8,
+        candidates: &'a [u8],
+    },
+    SessionPath {
+        session_id: u32,
+        forwarding: u8,
+    },
     /// A frame type this version does not know; skipped.
-    Unknown { frame_type: u8 },
+    Unknown {
+        frame_type: u8,
+    },
 }
 
 struct Reader<'a> {
@@ -226,14 +257,21 @@ impl<'a> Frame<'a> {
                 password.copy_from_slice(r.take(16)?);
                 let count = r.u8()?;
                 if count as usize > MAX_CANDIDATES {
-                    return Err(WireError::LengthTooLong { len: count as usize });
+                    return Err(WireError::LengthTooLong {
+                        len: count as usize,
+                    });
                 }
                 let start = r.buf;
                 for _ in 0..count {
                     candidate(&mut r)?;
                 }
                 let used = start.len() - r.buf.len();
-                Frame::Candidates { session_id, password, count, candidates: &start[..used] }
+                Frame::Candidates {
+                    session_id,
+                    password,
+                    count,
+                    candidates: &start[..used],
+                }
             }
             FRAME_SESSION_PATH => Frame::SessionPath {
                 session_id: r.u32()?,
@@ -252,12 +290,20 @@ impl<'a> Frame<'a> {
     pub fn encode(&self, out: &mut [u8]) -> Result<usize, WireError> {
         let mut w = Writer { out, pos: 3 };
         let ty = match *self {
-            Frame::SessionRequest { request_id, service } => {
+            Frame::SessionRequest {
+                request_id,
+                service,
+            } => {
                 w.put(&request_id.to_be_bytes())?;
                 w.service(service)?;
                 FRAME_SESSION_REQUEST
             }
-            Frame::SessionOffer { session_id, agent_cid, connector_cid, service } => {
+            Frame::SessionOffer {
+                session_id,
+                agent_cid,
+                connector_cid,
+                service,
+            } => {
                 w.put(&session_id.to_be_bytes())?;
                 w.put(&agent_cid)?;
                 w.put(&connector_cid)?;
@@ -268,7 +314,12 @@ impl<'a> Frame<'a> {
                 w.put(&session_id.to_be_bytes())?;
                 FRAME_SESSION_ACCEPT
             }
-            Frame::SessionReady { request_id, session_id, agent_cid, connector_cid } => {
+            Frame::SessionReady {
+                request_id,
+                session_id,
+                agent_cid,
+                connector_cid,
+            } => {
                 w.put(&request_id.to_be_bytes())?;
                 w.put(&session_id.to_be_bytes())?;
                 w.put(&agent_cid)?;
@@ -285,14 +336,22 @@ impl<'a> Frame<'a> {
                 w.put(&[reason])?;
                 FRAME_SESSION_CLOSE
             }
-            Frame::Candidates { session_id, password, count, candidates } => {
+            Frame::Candidates {
+                session_id,
+                password,
+                count,
+                candidates,
+            } => {
                 w.put(&session_id.to_be_bytes())?;
                 w.put(&password)?;
                 w.put(&[count])?;
                 w.put(candidates)?;
                 FRAME_CANDIDATES
             }
-            Frame::SessionPath { session_id, forwarding } => {
+            Frame::SessionPath {
+                session_id,
+                forwarding,
+            } => {
                 w.put(&session_id.to_be_bytes())?;
                 w.put(&[forwarding])?;
                 FRAME_SESSION_PATH
@@ -301,7 +360,10 @@ impl<'a> Frame<'a> {
         };
         let n = w.pos;
         if w.out.len() < 3 {
-            return Err(WireError::BufferTooSmall { needed: 3, have: w.out.len() });
+            return Err(WireError::BufferTooSmall {
+                needed: 3,
+                have: w.out.len(),
+            });
         }
         let len = (n - 2) as u16;
         w.out[..2].copy_from_slice(&len.to_be_bytes());
@@ -328,18 +390,38 @@ fn candidate(r: &mut Reader<'_>) -> Result<(u8, core::net::SocketAddr), WireErro
         f => return Err(WireError::UnknownType(f)),
     };
     let p = r.take(2)?;
-    Ok((kind, core::net::SocketAddr::new(ip, u16::from_be_bytes([p[0], p[1]]))))
+    Ok((
+        kind,
+        core::net::SocketAddr::new(ip, u16::from_be_bytes([p[0], p[1]])),
+    ))
 }
 
 /// The candidates of a decoded CANDIDATES frame: (kind, address).
 pub fn candidates(raw: &[u8]) -> impl Iterator<Item = (u8, core::net::SocketAddr)> + '_ {
-    let mut r = Reader { buf: raw, total: raw.len() };
-    core::iter::from_fn(move || if r.buf.is_empty() { None } else { candidate(&mut r).ok() })
+    let mut r = Reader {
+        buf: raw,
+        total: raw.len(),
+    };
+    core::iter::from_fn(move || {
+        if r.buf.is_empty() {
+            None
+        } else {
+            candidate(&mut r).ok()
+        }
+    })
 }
 
 /// Appends one encoded candidate to `out` at `*pos`; returns false if it doesn't fit.
-pub fn encode_candidate(kind: u8, addr: core::net::SocketAddr, out: &mut [u8], pos: &mut usize) -> bool {
-    let need = match addr { core::net::SocketAddr::V4(_) => 8, core::net::SocketAddr::V6(_) => 20 };
+pub fn encode_candidate(
+    kind: u8,
+    addr: core::net::SocketAddr,
+    out: &mut [u8],
+    pos: &mut usize,
+) -> bool {
+    let need = match addr {
+        core::net::SocketAddr::V4(_) => 8,
+        core::net::SocketAddr::V6(_) => 20,
+    };
     if out.len() < *pos + need {
         return false;
     }
@@ -385,7 +467,10 @@ impl Writer<'_> {
     fn put(&mut self, b: &[u8]) -> Result<(), WireError> {
         let end = self.pos + b.len();
         if end > self.out.len() {
-            return Err(WireError::BufferTooSmall { needed: end, have: self.out.len() });
+            return Err(WireError::BufferTooSmall {
+                needed: end,
+                have: self.out.len(),
+            });
         }
         self.out[self.pos..end].copy_from_slice(b);
         self.pos = end;
@@ -408,7 +493,10 @@ mod tests {
         assert_eq!(Frame::decode(&buf[..n]), Ok(Some((f, n))));
         // every strict prefix asks for more bytes or is an error, never a wrong frame
         for cut in 0..n {
-            assert!(!matches!(Frame::decode(&buf[..cut]), Ok(Some(_))), "cut {cut}");
+            assert!(
+                !matches!(Frame::decode(&buf[..cut]), Ok(Some(_))),
+                "cut {cut}"
+            );
         }
     }
 
@@ -416,18 +504,57 @@ mod tests {
     fn round_trips() {
         let a = [0xA5, 1, 2, 3, 4, 5, 6, 7];
         let c = [0xA5, 9, 9, 9, 9, 9, 9, 9];
-        rt(Frame::SessionRequest { request_id: 7, service: "echo" });
-        rt(Frame::SessionOffer { session_id: 1, agent_cid: a, connector_cid: c, service: "db" });
-        rt(Frame::SessionAccept { session_id: 0xdead_beef });
-        rt(Frame::SessionReady { request_id: 7, session_id: 1, agent_cid: a, connector_cid: c });
-        rt(Frame::SessionRefused { request_id: 7, status: RefusedStatus::NoConnector });
-        rt(Frame::SessionClose { session_id: 1, reason: close_reason::IDLE });
-        rt(Frame::SessionPath { session_id: 1, forwarding: forwarding::XDP_NATIVE });
+        rt(Frame::SessionRequest {
+            request_id: 7,
+            service: "echo",
+        });
+        rt(Frame::SessionOffer {
+            session_id: 1,
+            agent_cid: a,
+            connector_cid: c,
+            service: "db",
+        });
+        rt(Frame::SessionAccept {
+            session_id: 0xdead_beef,
+        });
+        rt(Frame::SessionReady {
+            request_id: 7,
+            session_id: 1,
+            agent_cid: a,
+            connector_cid: c,
+        });
+        rt(Frame::SessionRefused {
+            request_id: 7,
+            status: RefusedStatus::NoConnector,
+        });
+        rt(Frame::SessionClose {
+            session_id: 1,
+            reason: close_reason::IDLE,
+        });
+        rt(Frame::SessionPath {
+            session_id: 1,
+            forwarding: forwarding::XDP_NATIVE,
+        });
         let mut raw = [0u8; 64];
         let mut n = 0;
-        assert!(encode_candidate(1, "10.0.0.1:5".parse().unwrap(), &mut raw, &mut n));
-        assert!(encode_candidate(2, "[2001:db8::1]:6".parse().unwrap(), &mut raw, &mut n));
-        let f = Frame::Candidates { session_id: 3, password: [9; 16], count: 2, candidates: &raw[..n] };
+        assert!(encode_candidate(
+            1,
+            "10.0.0.1:5".parse().unwrap(),
+            &mut raw,
+            &mut n
+        ));
+        assert!(encode_candidate(
+            2,
+            "[2001:db8::1]:6".parse().unwrap(),
+            &mut raw,
+            &mut n
+        ));
+        let f = Frame::Candidates {
+            session_id: 3,
+            password: [9; 16],
+            count: 2,
+            candidates: &raw[..n],
+        };
         rt(f);
         let got: heapless_list::List = candidates(&raw[..n]).collect();
         assert_eq!(got.0[0], Some((1, "10.0.0.1:5".parse().unwrap())));
@@ -441,15 +568,28 @@ mod tests {
         let mut raw = [0u8; 16];
         let mut n = 0;
         encode_candidate(1, "10.0.0.1:5".parse().unwrap(), &mut raw, &mut n);
-        let len = Frame::Candidates { session_id: 1, password: [0; 16], count: 2, candidates: &raw[..n] }
-            .encode(&mut buf)
-            .unwrap();
-        assert!(matches!(Frame::decode(&buf[..len]), Err(WireError::Truncated { .. })));
+        let len = Frame::Candidates {
+            session_id: 1,
+            password: [0; 16],
+            count: 2,
+            candidates: &raw[..n],
+        }
+        .encode(&mut buf)
+        .unwrap();
+        assert!(matches!(
+            Frame::decode(&buf[..len]),
+            Err(WireError::Truncated { .. })
+        ));
         // unknown family
         raw[1] = 5;
-        let len = Frame::Candidates { session_id: 1, password: [0; 16], count: 1, candidates: &raw[..n] }
-            .encode(&mut buf)
-            .unwrap();
+        let len = Frame::Candidates {
+            session_id: 1,
+            password: [0; 16],
+            count: 1,
+            candidates: &raw[..n],
+        }
+        .encode(&mut buf)
+        .unwrap();
         assert_eq!(Frame::decode(&buf[..len]), Err(WireError::UnknownType(5)));
     }
 
@@ -469,9 +609,19 @@ mod tests {
     #[test]
     fn known_bytes() {
         let mut buf = [0u8; 64];
-        let n = Frame::SessionRequest { request_id: 1, service: "ab" }.encode(&mut buf).unwrap();
+        let n = Frame::SessionRequest {
+            request_id: 1,
+            service: "ab",
+        }
+        .encode(&mut buf)
+        .unwrap();
         assert_eq!(&buf[..n], &[0, 8, 1, 0, 0, 0, 1, 2, b'a', b'b']);
-        let n = Frame::SessionClose { session_id: 2, reason: 1 }.encode(&mut buf).unwrap();
+        let n = Frame::SessionClose {
+            session_id: 2,
+            reason: 1,
+        }
+        .encode(&mut buf)
+        .unwrap();
         assert_eq!(&buf[..n], &[0, 6, 6, 0, 0, 0, 2, 1]);
     }
 
@@ -488,7 +638,10 @@ mod tests {
         );
         assert_eq!(
             Frame::decode(&[0, 7, FRAME_SESSION_REQUEST, 0, 0, 0, 1, 3, b'a']),
-            Err(WireError::LengthPastPayload { len: 3, available: 1 })
+            Err(WireError::LengthPastPayload {
+                len: 3,
+                available: 1
+            })
         );
         assert_eq!(
             Frame::decode(&[0, 7, FRAME_SESSION_REQUEST, 0, 0, 0, 1, 1, 0xff]),
@@ -498,7 +651,10 @@ mod tests {
             Frame::decode(&[0, 6, FRAME_SESSION_REQUEST, 0, 0, 0, 1, 0]),
             Err(WireError::LengthZero)
         );
-        assert_eq!(Frame::decode(&[0, 3, 0x77, 1, 2, 0xee]), Ok(Some((Frame::Unknown { frame_type: 0x77 }, 5))));
+        assert_eq!(
+            Frame::decode(&[0, 3, 0x77, 1, 2, 0xee]),
+            Ok(Some((Frame::Unknown { frame_type: 0x77 }, 5)))
+        );
         assert_eq!(Frame::decode(&[0]), Ok(None));
     }
 }

@@ -75,15 +75,35 @@ impl fmt::Display for NackStatus {
 /// One control DATAGRAM, borrowing from the buffer it was decoded from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ControlMessage<'a> {
-    QadV4 { ip: [u8; 4], port: u16 },
-    QadV6 { ip: [u8; 16], port: u16 },
-    RegisterAgent { service: &'a str },
-    RegisterConnector { service: &'a str },
-    RegisterAck { service: &'a str },
-    RegisterNack { status: NackStatus, service: &'a str },
-    ServicePacket { service: &'a str, packet: &'a [u8] },
+    QadV4 {
+        ip: [u8; 4],
+        port: u16,
+    },
+    QadV6 {
+        ip: [u8; 16],
+        port: u16,
+    },
+    RegisterAgent {
+        service: &'a str,
+    },
+    RegisterConnector {
+        service: &'a str,
+    },
+    RegisterAck {
+        service: &'a str,
+    },
+    RegisterNack {
+        status: NackStatus,
+        service: &'a str,
+    },
+    ServicePacket {
+        service: &'a str,
+        packet: &'a [u8],
+    },
     /// A raw IPv4 or IPv6 packet (datagram relay of the original protocol).
-    RawIp { packet: &'a [u8] },
+    RawIp {
+        packet: &'a [u8],
+    },
 }
 
 /// Malformed-input classes. Each is distinct so receivers can count them apart.
@@ -143,10 +163,9 @@ impl core::error::Error for WireError {}
 
 /// Reads `len | id[len]` at `buf[0..]`, returning the id and the bytes after it.
 fn take_service_id(buf: &[u8]) -> Result<(&str, &[u8]), WireError> {
-    let (&len, rest) = buf.split_first().ok_or(WireError::Truncated {
-        needed: 1,
-        have: 0,
-    })?;
+    let (&len, rest) = buf
+        .split_first()
+        .ok_or(WireError::Truncated { needed: 1, have: 0 })?;
     let len = len as usize;
     if len == 0 {
         return Err(WireError::LengthZero);
@@ -263,9 +282,8 @@ impl<'a> ControlMessage<'a> {
             ControlMessage::QadV6 { .. } => 19,
             ControlMessage::RegisterAgent { service }
             | ControlMessage::RegisterConnector { service } => 2 + service.len(),
-            ControlMessage::RegisterAck { service } | ControlMessage::RegisterNack { service, .. } => {
-                3 + service.len()
-            }
+            ControlMessage::RegisterAck { service }
+            | ControlMessage::RegisterNack { service, .. } => 3 + service.len(),
             ControlMessage::ServicePacket { service, packet } => 2 + service.len() + packet.len(),
             ControlMessage::RawIp { packet } => packet.len(),
         }
@@ -403,7 +421,9 @@ mod tests {
         .encode(&mut buf)
         .unwrap();
         assert_eq!(&buf[..n], &[1, 127, 0, 0, 1, 0x11, 0x51]);
-        let n = ControlMessage::RegisterAck { service: "ab" }.encode(&mut buf).unwrap();
+        let n = ControlMessage::RegisterAck { service: "ab" }
+            .encode(&mut buf)
+            .unwrap();
         assert_eq!(&buf[..n], &[0x12, 0, 2, b'a', b'b']);
         let n = ControlMessage::RegisterNack {
             status: NackStatus::NotAuthorized,
@@ -492,7 +512,11 @@ mod tests {
             &[0x13, 1, 0][..],
             &[0x2F, 0, 0x45][..],
         ] {
-            assert_eq!(ControlMessage::decode(msg), Err(WireError::LengthZero), "{msg:?}");
+            assert_eq!(
+                ControlMessage::decode(msg),
+                Err(WireError::LengthZero),
+                "{msg:?}"
+            );
         }
     }
 
@@ -513,7 +537,10 @@ mod tests {
                 packet: &[],
             },
         ] {
-            assert_eq!(msg.encode(&mut buf), Err(WireError::LengthTooLong { len: 256 }));
+            assert_eq!(
+                msg.encode(&mut buf),
+                Err(WireError::LengthTooLong { len: 256 })
+            );
         }
         assert_eq!(check_service_id(""), Err(WireError::LengthZero));
     }
@@ -526,7 +553,11 @@ mod tests {
             &[0x13, 2, 1, 0xc3][..],
             &[0x2F, 1, 0xff, 0x45][..],
         ] {
-            assert_eq!(ControlMessage::decode(msg), Err(WireError::BadUtf8), "{msg:?}");
+            assert_eq!(
+                ControlMessage::decode(msg),
+                Err(WireError::BadUtf8),
+                "{msg:?}"
+            );
         }
     }
 

@@ -92,27 +92,63 @@ pub enum ClientError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClientEvent {
     /// Handshake completed; `handshake` is the time from the first Initial.
-    Connected { handshake: Duration },
+    Connected {
+        handshake: Duration,
+    },
     /// QAD: the address the intermediate sees us at.
     ObservedAddress(SocketAddr),
     Registered(String),
-    Refused { service: String, status: NackStatus },
+    Refused {
+        service: String,
+        status: NackStatus,
+    },
     /// A tunneled IP packet; `service` is `None` for raw (0x4_/0x6_) datagrams.
-    Packet { service: Option<String>, packet: Vec<u8> },
+    Packet {
+        service: Option<String>,
+        packet: Vec<u8>,
+    },
     /// The connection closed. `retry_in` is `None` when the client will not reconnect.
-    Disconnected { reason: String, retry_in: Option<Duration> },
+    Disconnected {
+        reason: String,
+        retry_in: Option<Duration>,
+    },
     /// Agent: the relay session asked for with `request_session` is set up.
-    SessionReady { request_id: u32, service: String, session_id: u32, agent_cid: Cid, connector_cid: Cid },
+    SessionReady {
+        request_id: u32,
+        service: String,
+        session_id: u32,
+        agent_cid: Cid,
+        connector_cid: Cid,
+    },
     /// Agent: the relay session could not be set up.
-    SessionRefused { request_id: u32, service: String, status: RefusedStatus },
+    SessionRefused {
+        request_id: u32,
+        service: String,
+        status: RefusedStatus,
+    },
     /// Connector: an agent's data connection will arrive with DCID `connector_cid`.
-    SessionOffer { session_id: u32, service: String, agent_cid: Cid, connector_cid: Cid },
+    SessionOffer {
+        session_id: u32,
+        service: String,
+        agent_cid: Cid,
+        connector_cid: Cid,
+    },
     /// Either side: the intermediate ended a relay session.
-    SessionClosed { session_id: u32, reason: u8 },
+    SessionClosed {
+        session_id: u32,
+        reason: u8,
+    },
     /// Either side: the other endpoint's NAT-traversal candidates.
-    Candidates { session_id: u32, password: [u8; 16], candidates: Vec<crate::p2p::Candidate> },
+    Candidates {
+        session_id: u32,
+        password: [u8; 16],
+        candidates: Vec<crate::p2p::Candidate>,
+    },
     /// Either side: how the intermediate forwards the session (`frames::forwarding`).
-    SessionPath { session_id: u32, forwarding: u8 },
+    SessionPath {
+        session_id: u32,
+        forwarding: u8,
+    },
 }
 
 /// Counters of what the client received and could not use.
@@ -128,9 +164,13 @@ pub struct ClientStats {
 }
 
 enum State {
-    Connecting { started: Instant },
+    Connecting {
+        started: Instant,
+    },
     Established,
-    Backoff { until: Instant },
+    Backoff {
+        until: Instant,
+    },
     /// Closed for good (`reconnect` off, or `close` called).
     Stopped,
 }
@@ -220,7 +260,9 @@ impl ControlClient {
 
     fn start_connect(&mut self, now: Instant) -> Result<(), ClientError> {
         let mut scid = [0u8; 16];
-        self.rng.fill(&mut scid).map_err(|_| quiche::Error::CryptoFail)?;
+        self.rng
+            .fill(&mut scid)
+            .map_err(|_| quiche::Error::CryptoFail)?;
         let scid = quiche::ConnectionId::from_ref(&scid);
         let conn = quiche::connect(
             Some(&self.cfg.server_name),
@@ -359,7 +401,9 @@ impl ControlClient {
                 ClientError::NotConnected
             });
         }
-        let max = self.max_packet_len(service).ok_or(ClientError::NotConnected)?;
+        let max = self
+            .max_packet_len(service)
+            .ok_or(ClientError::NotConnected)?;
         if packet.len() > max {
             return Err(ClientError::PacketTooLarge {
                 size: packet.len(),
@@ -368,10 +412,11 @@ impl ControlClient {
         }
         let msg = ControlMessage::ServicePacket { service, packet };
         let mut buf = vec![0u8; msg.encoded_len()];
-        msg.encode(&mut buf).map_err(|source| ClientError::ServiceId {
-            service: service.to_string(),
-            source,
-        })?;
+        msg.encode(&mut buf)
+            .map_err(|source| ClientError::ServiceId {
+                service: service.to_string(),
+                source,
+            })?;
         self.send_datagram(&buf)
     }
 
@@ -380,7 +425,9 @@ impl ControlClient {
         if !self.is_established() {
             return Err(ClientError::NotConnected);
         }
-        let max = self.max_datagram_payload().ok_or(ClientError::NotConnected)?;
+        let max = self
+            .max_datagram_payload()
+            .ok_or(ClientError::NotConnected)?;
         if packet.len() > max {
             return Err(ClientError::PacketTooLarge {
                 size: packet.len(),
@@ -415,7 +462,10 @@ impl ControlClient {
         }
         let request_id = self.next_request;
         self.next_request = self.next_request.wrapping_add(1);
-        self.send_frame(&Frame::SessionRequest { request_id, service })?;
+        self.send_frame(&Frame::SessionRequest {
+            request_id,
+            service,
+        })?;
         self.requests.insert(request_id, service.to_string());
         Ok(request_id)
     }
@@ -445,17 +495,24 @@ impl ControlClient {
                 count += 1;
             }
         }
-        self.send_frame(&Frame::Candidates { session_id, password, count, candidates: &raw[..n] })
+        self.send_frame(&Frame::Candidates {
+            session_id,
+            password,
+            count,
+            candidates: &raw[..n],
+        })
     }
 
     fn send_frame(&mut self, frame: &Frame<'_>) -> Result<(), ClientError> {
         if !self.is_established() {
             return Err(ClientError::NotConnected);
         }
-        self.frames.queue(frame).map_err(|source| ClientError::ServiceId {
-            service: String::new(),
-            source,
-        })
+        self.frames
+            .queue(frame)
+            .map_err(|source| ClientError::ServiceId {
+                service: String::new(),
+                source,
+            })
     }
 
     /// The intermediate's address (where relayed data connections go too).
@@ -555,7 +612,8 @@ impl ControlClient {
                         *v = true;
                         // A working registration ends the backoff escalation.
                         self.backoff = self.cfg.backoff_initial;
-                        self.events.push_back(ClientEvent::Registered(service.to_string()));
+                        self.events
+                            .push_back(ClientEvent::Registered(service.to_string()));
                     } else {
                         self.stats.unexpected += 1;
                     }
@@ -578,7 +636,9 @@ impl ControlClient {
                         packet: packet.to_vec(),
                     });
                 }
-                Ok(ControlMessage::RegisterAgent { .. } | ControlMessage::RegisterConnector { .. }) => {
+                Ok(
+                    ControlMessage::RegisterAgent { .. } | ControlMessage::RegisterConnector { .. },
+                ) => {
                     self.stats.unexpected += 1;
                 }
                 Err(WireError::UnknownType(t)) => {
@@ -595,7 +655,12 @@ impl ControlClient {
         self.stats.bad_frames += errors;
         for bytes in raw {
             match frame_io::decode(&bytes) {
-                Ok(Frame::SessionReady { request_id, session_id, agent_cid, connector_cid }) => {
+                Ok(Frame::SessionReady {
+                    request_id,
+                    session_id,
+                    agent_cid,
+                    connector_cid,
+                }) => {
                     let service = self.requests.remove(&request_id).unwrap_or_default();
                     self.events.push_back(ClientEvent::SessionReady {
                         request_id,
@@ -607,9 +672,18 @@ impl ControlClient {
                 }
                 Ok(Frame::SessionRefused { request_id, status }) => {
                     let service = self.requests.remove(&request_id).unwrap_or_default();
-                    self.events.push_back(ClientEvent::SessionRefused { request_id, service, status });
+                    self.events.push_back(ClientEvent::SessionRefused {
+                        request_id,
+                        service,
+                        status,
+                    });
                 }
-                Ok(Frame::SessionOffer { session_id, agent_cid, connector_cid, service }) => {
+                Ok(Frame::SessionOffer {
+                    session_id,
+                    agent_cid,
+                    connector_cid,
+                    service,
+                }) => {
                     self.events.push_back(ClientEvent::SessionOffer {
                         session_id,
                         service: service.to_string(),
@@ -618,18 +692,37 @@ impl ControlClient {
                     });
                 }
                 Ok(Frame::SessionClose { session_id, reason }) => {
-                    self.events.push_back(ClientEvent::SessionClosed { session_id, reason });
+                    self.events
+                        .push_back(ClientEvent::SessionClosed { session_id, reason });
                 }
-                Ok(Frame::Candidates { session_id, password, candidates, .. }) => {
+                Ok(Frame::Candidates {
+                    session_id,
+                    password,
+                    candidates,
+                    ..
+                }) => {
                     let candidates = frames::candidates(candidates)
                         .filter_map(|(k, addr)| {
-                            Some(crate::p2p::Candidate { kind: crate::p2p::CandidateKind::from_byte(k)?, addr })
+                            Some(crate::p2p::Candidate {
+                                kind: crate::p2p::CandidateKind::from_byte(k)?,
+                                addr,
+                            })
                         })
                         .collect();
-                    self.events.push_back(ClientEvent::Candidates { session_id, password, candidates });
+                    self.events.push_back(ClientEvent::Candidates {
+                        session_id,
+                        password,
+                        candidates,
+                    });
                 }
-                Ok(Frame::SessionPath { session_id, forwarding }) => {
-                    self.events.push_back(ClientEvent::SessionPath { session_id, forwarding });
+                Ok(Frame::SessionPath {
+                    session_id,
+                    forwarding,
+                }) => {
+                    self.events.push_back(ClientEvent::SessionPath {
+                        session_id,
+                        forwarding,
+                    });
                 }
                 Ok(Frame::Unknown { .. }) => {}
                 Ok(_) => self.stats.unexpected += 1,
@@ -656,7 +749,10 @@ pub fn close_reason(conn: &quiche::Connection) -> String {
                 e.error_code
             )
         } else {
-            format!("closed by {who}: transport error 0x{:x} {reason}", e.error_code)
+            format!(
+                "closed by {who}: transport error 0x{:x} {reason}",
+                e.error_code
+            )
         }
     };
     if let Some(e) = conn.peer_error() {

@@ -49,10 +49,19 @@ pub fn quic_config(cfg: &DataConfig) -> Result<quiche::Config, ClientError> {
     let mut c = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
     c.set_application_protos(&[DATA_ALPN])?;
     let tls = |path: &String, r: quiche::Result<()>| {
-        r.map_err(|source| ClientError::TlsFile { path: path.clone(), source })
+        r.map_err(|source| ClientError::TlsFile {
+            path: path.clone(),
+            source,
+        })
     };
-    tls(&cfg.ca_file, c.load_verify_locations_from_file(&cfg.ca_file))?;
-    tls(&cfg.cert_file, c.load_cert_chain_from_pem_file(&cfg.cert_file))?;
+    tls(
+        &cfg.ca_file,
+        c.load_verify_locations_from_file(&cfg.ca_file),
+    )?;
+    tls(
+        &cfg.cert_file,
+        c.load_cert_chain_from_pem_file(&cfg.cert_file),
+    )?;
     tls(&cfg.key_file, c.load_priv_key_from_pem_file(&cfg.key_file))?;
     // Both sides present and verify certificates; SANs are checked after the handshake.
     c.verify_peer(true);
@@ -98,7 +107,16 @@ impl DataConnection {
         // No server name: the connector's identity is checked from its SANs after the
         // handshake, since `connector.*.ztna` wildcards are not DNS-style wildcards.
         let conn = quiche::connect_with_dcid(None, &scid, &dcid, local, relay, quic)?;
-        Ok(Self::new(conn, session_id, service, agent_cid, connector_cid, local, keepalive, now))
+        Ok(Self::new(
+            conn,
+            session_id,
+            service,
+            agent_cid,
+            connector_cid,
+            local,
+            keepalive,
+            now,
+        ))
     }
 
     /// Connector side: accept the agent's first Initial (already known to carry
@@ -117,7 +135,16 @@ impl DataConnection {
     ) -> Result<Self, ClientError> {
         let scid = quiche::ConnectionId::from_ref(&connector_cid);
         let conn = quiche::accept(&scid, None, local, from, quic)?;
-        Ok(Self::new(conn, session_id, service, connector_cid, agent_cid, local, keepalive, now))
+        Ok(Self::new(
+            conn,
+            session_id,
+            service,
+            connector_cid,
+            agent_cid,
+            local,
+            keepalive,
+            now,
+        ))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -148,7 +175,10 @@ impl DataConnection {
     }
 
     pub fn recv(&mut self, buf: &mut [u8], from: SocketAddr, now: Instant) {
-        let info = quiche::RecvInfo { from, to: self.local };
+        let info = quiche::RecvInfo {
+            from,
+            to: self.local,
+        };
         match self.conn.recv(buf, info) {
             Ok(_) => self.last_recv = now,
             Err(e) => tracing::debug!("data connection recv: {e}"),
@@ -162,7 +192,10 @@ impl DataConnection {
 
     /// The peer's address on the active path.
     pub fn peer_addr(&self) -> Option<SocketAddr> {
-        self.conn.path_stats().find(|p| p.active).map(|p| p.peer_addr)
+        self.conn
+            .path_stats()
+            .find(|p| p.active)
+            .map(|p| p.peer_addr)
     }
 
     /// Agent side, direct path: connect straight to the connector at `peer` with
@@ -185,7 +218,9 @@ impl DataConnection {
             peer,
             quic,
         )?;
-        Ok(Self::new(conn, session_id, service, scid, dcid, local, keepalive, now))
+        Ok(Self::new(
+            conn, session_id, service, scid, dcid, local, keepalive, now,
+        ))
     }
 
     pub fn poll_transmit(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, SocketAddr)> {
@@ -225,7 +260,11 @@ impl DataConnection {
     /// Once established, checks the peer's certificate with `authorize` (DER in,
     /// `Ok(name)` or `Err(reason)` out) and closes the connection if it fails.
     /// Returns true when the connection became usable by this call.
-    pub fn check_peer(&mut self, now: Instant, authorize: impl FnOnce(Option<&[u8]>) -> Result<String, String>) -> bool {
+    pub fn check_peer(
+        &mut self,
+        now: Instant,
+        authorize: impl FnOnce(Option<&[u8]>) -> Result<String, String>,
+    ) -> bool {
         if self.authorized || !self.conn.is_established() || self.conn.is_closed() {
             return false;
         }
@@ -238,7 +277,9 @@ impl DataConnection {
             }
             Err(reason) => {
                 tracing::warn!("data connection for {:?} refused: {reason}", self.service);
-                let _ = self.conn.close(true, app_error::NOT_AUTHORIZED, reason.as_bytes());
+                let _ = self
+                    .conn
+                    .close(true, app_error::NOT_AUTHORIZED, reason.as_bytes());
                 false
             }
         }
@@ -300,7 +341,9 @@ impl DataConnection {
     }
 
     pub fn close(&mut self, reason: &str) {
-        let _ = self.conn.close(true, app_error::CLIENT_CLOSING, reason.as_bytes());
+        let _ = self
+            .conn
+            .close(true, app_error::CLIENT_CLOSING, reason.as_bytes());
     }
 
     /// Smoothed RTT of the active path.

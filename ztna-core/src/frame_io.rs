@@ -2,8 +2,8 @@
 //! direction (see `ztna_common::frames`). Partial writes stay queued; partial reads
 //! wait for the rest of the frame.
 
-use ztna_common::frames::{Frame, frame_len};
 use ztna_common::WireError;
+use ztna_common::frames::{Frame, frame_len};
 
 #[derive(Default)]
 pub struct FrameIo {
@@ -46,11 +46,8 @@ impl FrameIo {
     /// and counted by the caller through the returned error count.
     pub fn read(&mut self, conn: &mut quiche::Connection, stream: u64) -> (Vec<Vec<u8>>, u64) {
         let mut buf = [0u8; 4096];
-        loop {
-            match conn.stream_recv(stream, &mut buf) {
-                Ok((n, _fin)) => self.inbuf.extend_from_slice(&buf[..n]),
-                Err(_) => break,
-            }
+        while let Ok((n, _fin)) = conn.stream_recv(stream, &mut buf) {
+            self.inbuf.extend_from_slice(&buf[..n]);
         }
         let mut frames = Vec::new();
         let mut errors = 0;
@@ -73,6 +70,9 @@ impl FrameIo {
 pub fn decode(bytes: &[u8]) -> Result<Frame<'_>, WireError> {
     match Frame::decode(bytes)? {
         Some((f, _)) => Ok(f),
-        None => Err(WireError::Truncated { needed: bytes.len() + 1, have: bytes.len() }),
+        None => Err(WireError::Truncated {
+            needed: bytes.len() + 1,
+            have: bytes.len(),
+        }),
     }
 }

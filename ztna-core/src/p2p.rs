@@ -91,7 +91,12 @@ pub enum Role {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum PairState {
     Waiting,
-    InProgress { txn: [u8; 8], next: Instant, rto: Duration, tries: u32 },
+    InProgress {
+        txn: [u8; 8],
+        next: Instant,
+        rto: Duration,
+        tries: u32,
+    },
     Succeeded,
     Failed,
 }
@@ -146,7 +151,11 @@ pub fn is_check(pkt: &[u8]) -> bool {
 pub fn encode_check(c: &Check, key: &[u8; 16]) -> Vec<u8> {
     let mut p = vec![0u8; CHECK_LEN];
     p[..5].copy_from_slice(MAGIC);
-    p[5] = if c.request { KIND_REQUEST } else { KIND_RESPONSE };
+    p[5] = if c.request {
+        KIND_REQUEST
+    } else {
+        KIND_RESPONSE
+    };
     p[6..10].copy_from_slice(&c.session_id.to_be_bytes());
     p[10..18].copy_from_slice(&c.txn);
     p[18] = if c.nominate { FLAG_NOMINATE } else { 0 };
@@ -162,7 +171,11 @@ pub fn decode_check(p: &[u8], key: &[u8; 16]) -> Option<Check> {
         return None;
     }
     let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), &p[..38]);
-    let ok = tag.as_ref()[..16].iter().zip(&p[38..]).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
+    let ok = tag.as_ref()[..16]
+        .iter()
+        .zip(&p[38..])
+        .fold(0u8, |a, (x, y)| a | (x ^ y))
+        == 0;
     if !ok {
         return None;
     }
@@ -238,10 +251,15 @@ impl Checker {
                     Role::Controlling => (self.local_best, r.priority()),
                     Role::Controlled => (r.priority(), self.local_best),
                 };
-                Pair { remote: *r, priority: pair_priority(g, d), state: PairState::Waiting, nominating: None }
+                Pair {
+                    remote: *r,
+                    priority: pair_priority(g, d),
+                    state: PairState::Waiting,
+                    nominating: None,
+                }
             })
             .collect();
-        self.pairs.sort_by(|a, b| b.priority.cmp(&a.priority));
+        self.pairs.sort_by_key(|p| std::cmp::Reverse(p.priority));
         self.next_check = now;
     }
 
@@ -277,25 +295,41 @@ impl Checker {
         let txn = self.txn();
         let session_id = self.session_id;
         if self.role == Role::Controlling && self.selected.is_none() {
-            let best = self.pairs.iter_mut().find(|p| p.state == PairState::Succeeded);
+            let best = self
+                .pairs
+                .iter_mut()
+                .find(|p| p.state == PairState::Succeeded);
             if let Some(p) = best
                 && p.nominating.is_none()
             {
                 p.nominating = Some(txn);
                 self.next_check = now + PACING;
-                let c = Check { request: true, session_id, txn, nominate: true, addr: p.remote.addr };
+                let c = Check {
+                    request: true,
+                    session_id,
+                    txn,
+                    nominate: true,
+                    addr: p.remote.addr,
+                };
                 return Some((encode_check(&c, &key), p.remote.addr));
             }
         }
         let mut chosen = None;
         for (i, p) in self.pairs.iter_mut().enumerate() {
             match p.state {
-                PairState::InProgress { next, rto, tries, .. } if next <= now => {
+                PairState::InProgress {
+                    next, rto, tries, ..
+                } if next <= now => {
                     if tries >= MAX_TRIES {
                         p.state = PairState::Failed;
                         continue;
                     }
-                    p.state = PairState::InProgress { txn, next: now + rto * 2, rto: rto * 2, tries: tries + 1 };
+                    p.state = PairState::InProgress {
+                        txn,
+                        next: now + rto * 2,
+                        rto: rto * 2,
+                        tries: tries + 1,
+                    };
                     chosen = Some(i);
                     break;
                 }
@@ -303,9 +337,17 @@ impl Checker {
             }
         }
         if chosen.is_none()
-            && let Some(i) = self.pairs.iter().position(|p| p.state == PairState::Waiting)
+            && let Some(i) = self
+                .pairs
+                .iter()
+                .position(|p| p.state == PairState::Waiting)
         {
-            self.pairs[i].state = PairState::InProgress { txn, next: now + FIRST_RTO, rto: FIRST_RTO, tries: 1 };
+            self.pairs[i].state = PairState::InProgress {
+                txn,
+                next: now + FIRST_RTO,
+                rto: FIRST_RTO,
+                tries: 1,
+            };
             chosen = Some(i);
         }
         // Keep nominations alive until answered.
@@ -316,13 +358,25 @@ impl Checker {
         {
             p.nominating = Some(txn);
             self.next_check = now + FIRST_RTO;
-            let c = Check { request: true, session_id, txn, nominate: true, addr: p.remote.addr };
+            let c = Check {
+                request: true,
+                session_id,
+                txn,
+                nominate: true,
+                addr: p.remote.addr,
+            };
             return Some((encode_check(&c, &key), p.remote.addr));
         }
         let i = chosen?;
         self.next_check = now + PACING;
         let to = self.pairs[i].remote.addr;
-        let c = Check { request: true, session_id, txn, nominate: false, addr: to };
+        let c = Check {
+            request: true,
+            session_id,
+            txn,
+            nominate: false,
+            addr: to,
+        };
         Some((encode_check(&c, &key), to))
     }
 
@@ -342,12 +396,20 @@ impl Checker {
         // The controlling side nominates (and re-nominates) on the pacing timer.
         let nominate = (self.role == Role::Controlling
             && self.pairs.iter().any(|p| p.state == PairState::Succeeded))
-            .then_some(self.next_check);
-        retx.into_iter().chain(nominate).min().map(|t| t.max(self.next_check))
+        .then_some(self.next_check);
+        retx.into_iter()
+            .chain(nominate)
+            .min()
+            .map(|t| t.max(self.next_check))
     }
 
     /// Handles a received check; returns a response to send, if any.
-    pub fn handle(&mut self, pkt: &[u8], from: SocketAddr, _now: Instant) -> Option<(Vec<u8>, SocketAddr)> {
+    pub fn handle(
+        &mut self,
+        pkt: &[u8],
+        from: SocketAddr,
+        _now: Instant,
+    ) -> Option<(Vec<u8>, SocketAddr)> {
         // Both messages of one transaction are signed with the password of the
         // request's receiver: requests to us with ours, responses to our requests
         // with the remote one.
@@ -362,15 +424,29 @@ impl Checker {
             // RFC 8445 §7.3.1.3: a request from an unknown address is a peer-reflexive
             // candidate; check it too (behind a symmetric NAT it is the only way in).
             if self.remote_password.is_some() && !self.pairs.iter().any(|p| p.remote.addr == from) {
-                let remote = Candidate { kind: CandidateKind::PeerReflexive, addr: from };
+                let remote = Candidate {
+                    kind: CandidateKind::PeerReflexive,
+                    addr: from,
+                };
                 let (g, d) = match self.role {
                     Role::Controlling => (self.local_best, remote.priority()),
                     Role::Controlled => (remote.priority(), self.local_best),
                 };
-                self.pairs.push(Pair { remote, priority: pair_priority(g, d), state: PairState::Waiting, nominating: None });
-                self.pairs.sort_by(|a, b| b.priority.cmp(&a.priority));
+                self.pairs.push(Pair {
+                    remote,
+                    priority: pair_priority(g, d),
+                    state: PairState::Waiting,
+                    nominating: None,
+                });
+                self.pairs.sort_by_key(|p| std::cmp::Reverse(p.priority));
             }
-            let resp = Check { request: false, session_id: c.session_id, txn: c.txn, nominate: c.nominate, addr: from };
+            let resp = Check {
+                request: false,
+                session_id: c.session_id,
+                txn: c.txn,
+                nominate: c.nominate,
+                addr: from,
+            };
             return Some((encode_check(&resp, &self.local_password), from));
         }
         let key = self.remote_password?;
@@ -410,13 +486,22 @@ mod tests {
     use super::*;
 
     fn cand(kind: CandidateKind, a: &str) -> Candidate {
-        Candidate { kind, addr: a.parse().unwrap() }
+        Candidate {
+            kind,
+            addr: a.parse().unwrap(),
+        }
     }
 
     #[test]
     fn check_round_trip_and_tamper() {
         let key = [7u8; 16];
-        let c = Check { request: true, session_id: 9, txn: [1; 8], nominate: true, addr: "192.0.2.1:5000".parse().unwrap() };
+        let c = Check {
+            request: true,
+            session_id: 9,
+            txn: [1; 8],
+            nominate: true,
+            addr: "192.0.2.1:5000".parse().unwrap(),
+        };
         let mut p = encode_check(&c, &key);
         assert_eq!(p.len(), CHECK_LEN);
         assert!(p[0] & 0x40 == 0, "never looks like QUIC");
@@ -447,7 +532,11 @@ mod tests {
         let lb = [cand(CandidateKind::ServerReflexive, "203.0.113.2:2000")];
         let mut a = Checker::new(Role::Controlling, 1, &la, now);
         let mut b = Checker::new(Role::Controlled, 1, &lb, now);
-        a.set_remote(b.local_password(), &[cand(CandidateKind::Host, "10.9.9.9:9"), lb[0]], now);
+        a.set_remote(
+            b.local_password(),
+            &[cand(CandidateKind::Host, "10.9.9.9:9"), lb[0]],
+            now,
+        );
         b.set_remote(a.local_password(), &la, now);
         let mut t = now;
         for _ in 0..200 {
@@ -482,10 +571,16 @@ mod tests {
         let peer: SocketAddr = "203.0.113.2:2000".parse().unwrap();
         let mut a = Checker::new(Role::Controlling, 1, &[], now);
         let mut b = Checker::new(Role::Controlled, 1, &[], now);
-        a.set_remote(b.local_password(), &[cand(CandidateKind::Host, "203.0.113.2:2000")], now);
+        a.set_remote(
+            b.local_password(),
+            &[cand(CandidateKind::Host, "203.0.113.2:2000")],
+            now,
+        );
         b.set_remote(a.local_password(), &[], now);
         let (req, _) = a.poll_transmit(now).unwrap();
-        let (resp, _) = b.handle(&req, "198.51.100.1:1000".parse().unwrap(), now).unwrap();
+        let (resp, _) = b
+            .handle(&req, "198.51.100.1:1000".parse().unwrap(), now)
+            .unwrap();
         assert!(a.handle(&resp, peer, now).is_none());
         let t = a.poll_timeout().expect("a nomination is due");
         assert!(t <= now + PACING);
@@ -499,10 +594,20 @@ mod tests {
         let now = Instant::now();
         let mut a = Checker::new(Role::Controlling, 1, &[], now);
         let b_pw = [5u8; 16];
-        a.set_remote(b_pw, &[cand(CandidateKind::ServerReflexive, "203.0.113.2:2000")], now);
+        a.set_remote(
+            b_pw,
+            &[cand(CandidateKind::ServerReflexive, "203.0.113.2:2000")],
+            now,
+        );
         let prflx: SocketAddr = "203.0.113.2:31337".parse().unwrap();
         let req = encode_check(
-            &Check { request: true, session_id: 1, txn: [2; 8], nominate: false, addr: "198.51.100.1:1".parse().unwrap() },
+            &Check {
+                request: true,
+                session_id: 1,
+                txn: [2; 8],
+                nominate: false,
+                addr: "198.51.100.1:1".parse().unwrap(),
+            },
             &a.local_password(),
         );
         assert!(a.handle(&req, prflx, now).is_some(), "answered");
@@ -514,7 +619,10 @@ mod tests {
                 sent_to.push(to);
             }
         }
-        assert!(sent_to.contains(&prflx), "checked the peer-reflexive address: {sent_to:?}");
+        assert!(
+            sent_to.contains(&prflx),
+            "checked the peer-reflexive address: {sent_to:?}"
+        );
     }
 
     #[test]
@@ -536,10 +644,19 @@ mod tests {
         let mut a = Checker::new(Role::Controlled, 1, &[], now);
         a.set_remote([3; 16], &[], now);
         let forged = encode_check(
-            &Check { request: false, session_id: 1, txn: [0; 8], nominate: false, addr: "10.0.0.1:1".parse().unwrap() },
+            &Check {
+                request: false,
+                session_id: 1,
+                txn: [0; 8],
+                nominate: false,
+                addr: "10.0.0.1:1".parse().unwrap(),
+            },
             &[9; 16],
         );
-        assert!(a.handle(&forged, "10.0.0.2:2".parse().unwrap(), now).is_none());
+        assert!(
+            a.handle(&forged, "10.0.0.2:2".parse().unwrap(), now)
+                .is_none()
+        );
         assert_eq!(a.rejected, 1);
     }
 }

@@ -189,7 +189,7 @@ fn try_ztna_relay(ctx: &XdpContext) -> (u32, Verdict) {
     }
     let key = RelayKey { cid };
     // SAFETY: the value is copied out at once; userspace replaces whole entries.
-    let Some(entry) = (unsafe { ZTNA_RELAY.get(&key) }).copied() else {
+    let Some(entry) = (unsafe { ZTNA_RELAY.get(key) }).copied() else {
         return (PASS, Verdict::PassUnknownCid);
     };
     let saddr = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
@@ -205,7 +205,7 @@ fn try_ztna_relay(ctx: &XdpContext) -> (u32, Verdict) {
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
     // Route and neighbour for the new destination, before touching the packet:
     // this CPU's cached lookup for this session, else one bpf_fib_lookup.
-    let session = ZTNA_SESSION_STATS.get_ptr_mut(&key);
+    let session = ZTNA_SESSION_STATS.get_ptr_mut(key);
     // SAFETY: per-CPU value, only this CPU touches it while we run.
     let cached = session
         .map(|s| unsafe { (*s).next_hop })

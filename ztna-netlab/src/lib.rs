@@ -53,7 +53,10 @@ pub fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<Output> {
 
 /// Workspace root (for binaries and the eBPF object).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Directory of the ztna binaries: $ZTNA_BIN_DIR, else target/debug.
@@ -121,9 +124,23 @@ impl Lab {
         c
     }
 
-    fn veth(&self, ns_a: &str, a: &str, ip_a: &str, ns_b: &str, b: &str, ip_b: &str) -> anyhow::Result<()> {
+    fn veth(
+        &self,
+        ns_a: &str,
+        a: &str,
+        ip_a: &str,
+        ns_b: &str,
+        b: &str,
+        ip_b: &str,
+    ) -> anyhow::Result<()> {
         // Created in ns_a, the peer moved to ns_b: names are per-namespace.
-        self.exec(ns_a, "ip", &["link", "add", a, "type", "veth", "peer", "name", b, "netns", ns_b])?;
+        self.exec(
+            ns_a,
+            "ip",
+            &[
+                "link", "add", a, "type", "veth", "peer", "name", b, "netns", ns_b,
+            ],
+        )?;
         self.exec(ns_a, "ip", &["addr", "add", ip_a, "dev", a])?;
         self.exec(ns_b, "ip", &["addr", "add", ip_b, "dev", b])?;
         self.exec(ns_a, "ip", &["link", "set", a, "up"])?;
@@ -144,14 +161,25 @@ impl Lab {
         lab.exec(&r, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
         lab.exec(&a, "ip", &["route", "add", "default", "via", "10.201.1.1"])?;
         lab.exec(&c, "ip", &["route", "add", "default", "via", "10.201.2.1"])?;
-        lab.exec(&x, "ip", &["route", "add", "default", "via", "10.201.0.254"])?;
+        lab.exec(
+            &x,
+            "ip",
+            &["route", "add", "default", "via", "10.201.0.254"],
+        )?;
         // A frame sent back out of x0 with XDP_TX in native mode is only delivered
         // if r1, the other end of the veth, runs an XDP program.
         let handle = crate::p2p::in_netns(&r, || ztna_userspace::xdp::attach_pass("r1"))?;
         lab.xdp_handles.push(handle);
         // veth offloads checksums to a NIC that does not exist; a real network
         // carries full checksums, and XDP_TX'd frames lose the offload state.
-        for (ns, dev) in [(&a, "a0"), (&c, "c0"), (&x, "x0"), (&r, "a1"), (&r, "c1"), (&r, "r1")] {
+        for (ns, dev) in [
+            (&a, "a0"),
+            (&c, "c0"),
+            (&x, "x0"),
+            (&r, "a1"),
+            (&r, "c1"),
+            (&r, "r1"),
+        ] {
             lab.exec(ns, "ethtool", &["-K", dev, "tx", "off"])?;
         }
         // Resolve neighbours up front so the first relayed packets find them.
@@ -162,7 +190,13 @@ impl Lab {
     }
 
     /// Starts a binary from `bin_dir()` inside `ns`; stderr goes to `<dir>/<name>.log`.
-    pub fn spawn(&mut self, ns: &str, name: &str, bin: &str, args: &[String]) -> anyhow::Result<()> {
+    pub fn spawn(
+        &mut self,
+        ns: &str,
+        name: &str,
+        bin: &str,
+        args: &[String],
+    ) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
         let child = self
             .command(ns, &bin_dir().join(bin))
@@ -180,7 +214,10 @@ impl Lab {
 
     /// Process id of a started process.
     pub fn pid(&self, name: &str) -> Option<u32> {
-        self.children.iter().find(|(n, _)| n == name).map(|(_, c)| c.id())
+        self.children
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.id())
     }
 
     pub fn log(&self, name: &str) -> String {
@@ -196,7 +233,10 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!("{name} did not log {needle:?} within {timeout:?}:\n{}", self.log(name))
+        bail!(
+            "{name} did not log {needle:?} within {timeout:?}:\n{}",
+            self.log(name)
+        )
     }
 
     /// Sends SIGTERM to a started process and waits for it.
@@ -227,24 +267,58 @@ impl Lab {
         let c = |f: &str| certs.join(f).display().to_string();
         let (a, cn, x) = (self.ns("a"), self.ns("c"), self.ns("x"));
         let _ = a;
-        self.spawn(&cn, "echo", "ztna", &["echo-server".into(), "--listen".into(), format!("{CONN_IP}:9000")])?;
+        self.spawn(
+            &cn,
+            "echo",
+            "ztna",
+            &[
+                "echo-server".into(),
+                "--listen".into(),
+                format!("{CONN_IP}:9000"),
+            ],
+        )?;
         let stats = self.dir.join("intermediate-stats.json");
         let mut args: Vec<String> = vec![
-            "--listen".into(), format!("{RELAY_IP}:{RELAY_PORT}"),
-            "--cert".into(), c("intermediate.pem"), "--key".into(), c("intermediate.key"), "--ca".into(), c("ca.pem"),
-            "--stats-file".into(), stats.display().to_string(), "--xdp".into(), xdp.into(),
+            "--listen".into(),
+            format!("{RELAY_IP}:{RELAY_PORT}"),
+            "--cert".into(),
+            c("intermediate.pem"),
+            "--key".into(),
+            c("intermediate.key"),
+            "--ca".into(),
+            c("ca.pem"),
+            "--stats-file".into(),
+            stats.display().to_string(),
+            "--xdp".into(),
+            xdp.into(),
         ];
         if xdp != "off" {
             args.extend(["--iface".into(), "x0".into()]);
         }
         self.spawn(&x, "intermediate", "ztna-intermediate", &args)?;
         self.wait_log("intermediate", "listening", Duration::from_secs(10))?;
-        self.spawn(&cn, "connector", "ztna-connector", &[
-            "--server".into(), format!("{RELAY_IP}:{RELAY_PORT}"), "--ca".into(), c("ca.pem"),
-            "--cert".into(), c("connector.pem"), "--key".into(), c("connector.key"),
-            "--service".into(), format!("echo={CONN_IP}:9000@10.100.0.1"),
-        ])?;
-        self.wait_log("connector", "registered as connector", Duration::from_secs(10))?;
+        self.spawn(
+            &cn,
+            "connector",
+            "ztna-connector",
+            &[
+                "--server".into(),
+                format!("{RELAY_IP}:{RELAY_PORT}"),
+                "--ca".into(),
+                c("ca.pem"),
+                "--cert".into(),
+                c("connector.pem"),
+                "--key".into(),
+                c("connector.key"),
+                "--service".into(),
+                format!("echo={CONN_IP}:9000@10.100.0.1"),
+            ],
+        )?;
+        self.wait_log(
+            "connector",
+            "registered as connector",
+            Duration::from_secs(10),
+        )?;
         Ok(certs)
     }
 
@@ -254,12 +328,28 @@ impl Lab {
         let bin = bin_dir().join("ztna-agent");
         let relay = format!("{RELAY_IP}:{RELAY_PORT}");
         let mut args: Vec<String> = vec![
-            "--server".into(), relay, "--ca".into(), c("ca.pem"), "--cert".into(), c("agent.pem"),
-            "--key".into(), c("agent.key"), "--service".into(), "echo".into(), "--no-p2p".into(), "echo".into(),
-            "--dst".into(), "10.100.0.1:7".into(), "--json".into(),
+            "--server".into(),
+            relay,
+            "--ca".into(),
+            c("ca.pem"),
+            "--cert".into(),
+            c("agent.pem"),
+            "--key".into(),
+            c("agent.key"),
+            "--service".into(),
+            "echo".into(),
+            "--no-p2p".into(),
+            "echo".into(),
+            "--dst".into(),
+            "10.100.0.1:7".into(),
+            "--json".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let out = self.command(&self.ns("a"), &bin).args(&args).env("NO_COLOR", "1").output()?;
+        let out = self
+            .command(&self.ns("a"), &bin)
+            .args(&args)
+            .env("NO_COLOR", "1")
+            .output()?;
         if !out.status.success() {
             bail!("agent: {}", String::from_utf8_lossy(&out.stderr));
         }

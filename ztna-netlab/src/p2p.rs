@@ -77,23 +77,51 @@ impl Lab {
         let agent = lab.add_ns("a")?;
         let conn = lab.add_ns("c")?;
         lab.exec(&inet, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-        lab.veth(&relay, "x0", "10.202.10.2/24", &inet, "ix", "10.202.10.1/24")?;
-        lab.exec(&relay, "ip", &["route", "add", "default", "via", "10.202.10.1"])?;
+        lab.veth(
+            &relay,
+            "x0",
+            "10.202.10.2/24",
+            &inet,
+            "ix",
+            "10.202.10.1/24",
+        )?;
+        lab.exec(
+            &relay,
+            "ip",
+            &["route", "add", "default", "via", "10.202.10.1"],
+        )?;
         let na = lab.add_ns("na")?;
         let nc = lab.add_ns("nc")?;
         lab.veth(&na, "out0", "10.202.11.2/24", &inet, "ia", "10.202.11.1/24")?;
         lab.veth(&nc, "out0", "10.202.12.2/24", &inet, "ic", "10.202.12.1/24")?;
         lab.veth(&agent, "a0", "10.202.1.2/24", &na, "in0", "10.202.1.1/24")?;
         lab.veth(&conn, "c0", "10.202.2.2/24", &nc, "in0", "10.202.2.1/24")?;
-        lab.exec(&agent, "ip", &["route", "add", "default", "via", "10.202.1.1"])?;
-        lab.exec(&conn, "ip", &["route", "add", "default", "via", "10.202.2.1"])?;
+        lab.exec(
+            &agent,
+            "ip",
+            &["route", "add", "default", "via", "10.202.1.1"],
+        )?;
+        lab.exec(
+            &conn,
+            "ip",
+            &["route", "add", "default", "via", "10.202.2.1"],
+        )?;
         for (ns, nat, gw, inside, out) in [
             (&na, agent_nat, "10.202.11.1", "10.202.1.0/24", A_OUT),
             (&nc, conn_nat, "10.202.12.1", "10.202.2.0/24", C_OUT),
         ] {
             lab.exec(ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
             lab.exec(ns, "ip", &["route", "add", "default", "via", gw])?;
-            let mut rule = vec!["-t", "nat", "-A", "POSTROUTING", "-o", "out0", "-j", "MASQUERADE"];
+            let mut rule = vec![
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                "out0",
+                "-j",
+                "MASQUERADE",
+            ];
             match nat {
                 // Without NAT the inside network is routable from outside.
                 Nat::None => {
@@ -108,7 +136,22 @@ impl Lab {
             // them from leaving a conntrack entry that would make the NAT pick
             // another port for the inside host's own packets to that peer (entries
             // of dropped packets are never confirmed).
-            lab.exec(ns, "iptables", &["-A", "INPUT", "-i", "out0", "-m", "conntrack", "--ctstate", "NEW,INVALID", "-j", "DROP"])?;
+            lab.exec(
+                ns,
+                "iptables",
+                &[
+                    "-A",
+                    "INPUT",
+                    "-i",
+                    "out0",
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "NEW,INVALID",
+                    "-j",
+                    "DROP",
+                ],
+            )?;
         }
         Ok(lab)
     }
@@ -119,24 +162,66 @@ impl Lab {
         let certs = self.certs()?;
         let c = |f: &str| certs.join(f).display().to_string();
         let (cn, x) = (self.ns("c"), self.ns("x"));
-        self.spawn(&cn, "echo", "ztna", &["echo-server".into(), "--listen".into(), "10.202.2.2:9000".into()])?;
+        self.spawn(
+            &cn,
+            "echo",
+            "ztna",
+            &[
+                "echo-server".into(),
+                "--listen".into(),
+                "10.202.2.2:9000".into(),
+            ],
+        )?;
         let stats = self.dir.join("intermediate-stats.json");
-        self.spawn(&x, "intermediate", "ztna-intermediate", &[
-            "--listen".into(), RELAY.into(), "--cert".into(), c("intermediate.pem"), "--key".into(), c("intermediate.key"),
-            "--ca".into(), c("ca.pem"), "--stats-file".into(), stats.display().to_string(),
-        ])?;
+        self.spawn(
+            &x,
+            "intermediate",
+            "ztna-intermediate",
+            &[
+                "--listen".into(),
+                RELAY.into(),
+                "--cert".into(),
+                c("intermediate.pem"),
+                "--key".into(),
+                c("intermediate.key"),
+                "--ca".into(),
+                c("ca.pem"),
+                "--stats-file".into(),
+                stats.display().to_string(),
+            ],
+        )?;
         self.wait_log("intermediate", "listening", Duration::from_secs(10))?;
-        self.spawn(&cn, "connector", "ztna-connector", &[
-            "--server".into(), RELAY.into(), "--ca".into(), c("ca.pem"), "--cert".into(), c("connector.pem"),
-            "--key".into(), c("connector.key"), "--service".into(), "echo=10.202.2.2:9000@10.100.0.1".into(),
-        ])?;
-        self.wait_log("connector", "registered as connector", Duration::from_secs(10))?;
+        self.spawn(
+            &cn,
+            "connector",
+            "ztna-connector",
+            &[
+                "--server".into(),
+                RELAY.into(),
+                "--ca".into(),
+                c("ca.pem"),
+                "--cert".into(),
+                c("connector.pem"),
+                "--key".into(),
+                c("connector.key"),
+                "--service".into(),
+                "echo=10.202.2.2:9000@10.100.0.1".into(),
+            ],
+        )?;
+        self.wait_log(
+            "connector",
+            "registered as connector",
+            Duration::from_secs(10),
+        )?;
         Ok(certs)
     }
 }
 
 /// Runs `f` on a thread inside network namespace `ns` (sockets it opens live there).
-pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
     let path = format!("/run/netns/{ns}");
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
@@ -174,7 +259,13 @@ fn echo_once(a: &mut Agent, seq: u32, wait: Duration) -> bool {
 
 /// Agent in its namespace: waits for the paths, streams echoes, optionally cuts and
 /// restores the direct path, and reports timings.
-pub fn run_scenario(lab: &Lab, certs: &std::path::Path, agent_nat: Nat, conn_nat: Nat, cut: bool) -> anyhow::Result<ScenarioResult> {
+pub fn run_scenario(
+    lab: &Lab,
+    certs: &std::path::Path,
+    agent_nat: Nat,
+    conn_nat: Nat,
+    cut: bool,
+) -> anyhow::Result<ScenarioResult> {
     let mut cfg = ClientConfig::new(RELAY.parse()?, Role::Agent, vec![SERVICE.into()]);
     cfg.ca_file = Some(certs.join("ca.pem").display().to_string());
     cfg.cert_file = Some(certs.join("agent.pem").display().to_string());
@@ -185,7 +276,11 @@ pub fn run_scenario(lab: &Lab, certs: &std::path::Path, agent_nat: Nat, conn_nat
     in_netns(&agent_ns, move || {
         // Waits for the next rewrite of the stats file (once a second) and reads it.
         let relay_forwarded = |a: &mut Agent| -> u64 {
-            let mtime = || std::fs::metadata(&stats_path).and_then(|m| m.modified()).ok();
+            let mtime = || {
+                std::fs::metadata(&stats_path)
+                    .and_then(|m| m.modified())
+                    .ok()
+            };
             let before = mtime();
             let deadline = Instant::now() + Duration::from_secs(3);
             while mtime() == before && Instant::now() < deadline {
@@ -202,11 +297,29 @@ pub fn run_scenario(lab: &Lab, certs: &std::path::Path, agent_nat: Nat, conn_nat
         let cut_fn = |restore: bool| -> anyhow::Result<()> {
             let op = if restore { "-D" } else { "-I" };
             for (i, o) in [("ia", "ic"), ("ic", "ia")] {
-                crate::sh("nsenter", &[&format!("--net=/run/netns/{inet}"), "iptables", op, "FORWARD", "-i", i, "-o", o, "-j", "DROP"])?;
+                crate::sh(
+                    "nsenter",
+                    &[
+                        &format!("--net=/run/netns/{inet}"),
+                        "iptables",
+                        op,
+                        "FORWARD",
+                        "-i",
+                        i,
+                        "-o",
+                        o,
+                        "-j",
+                        "DROP",
+                    ],
+                )?;
             }
             Ok(())
         };
-        let mut r = ScenarioResult { agent_nat: Some(agent_nat), connector_nat: Some(conn_nat), ..Default::default() };
+        let mut r = ScenarioResult {
+            agent_nat: Some(agent_nat),
+            connector_nat: Some(conn_nat),
+            ..Default::default()
+        };
         let mut a = Agent::connect(cfg)?;
         a.wait_registered(Duration::from_secs(10))?;
         a.wait_relay_path(SERVICE, Duration::from_secs(10))?;
@@ -216,7 +329,10 @@ pub fn run_scenario(lab: &Lab, certs: &std::path::Path, agent_nat: Nat, conn_nat
         if direct.is_ok() {
             r.time_to_direct_ms = Some(relayed_at.elapsed().as_millis() as u64);
         }
-        r.path = serde_json::to_value(a.path(SERVICE))?.as_str().unwrap_or("").to_string();
+        r.path = serde_json::to_value(a.path(SERVICE))?
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         // Two seconds of echoes every 10 ms on the settled path.
         let before = relay_forwarded(&mut a);
         let mut seq = 0u32;
@@ -251,7 +367,9 @@ pub fn run_scenario(lab: &Lab, certs: &std::path::Path, agent_nat: Nat, conn_nat
             r.lost_during_fallback = Some(lost);
             cut_fn(true)?;
             let restored = Instant::now();
-            if a.wait_path(SERVICE, PathKind::Direct, Duration::from_secs(15)).is_ok() {
+            if a.wait_path(SERVICE, PathKind::Direct, Duration::from_secs(15))
+                .is_ok()
+            {
                 r.direct_again_ms = Some(restored.elapsed().as_millis() as u64);
                 seq += 1;
                 r.echoes_sent += 1;

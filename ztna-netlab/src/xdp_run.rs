@@ -11,9 +11,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::Context;
+use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use aya::Ebpf;
 use ztna_common::relay::{RelayConfig, RelayEntry, RelayKey, SessionStats, Verdict};
 
 use crate::Lab;
@@ -40,45 +40,96 @@ impl XdpRun {
     pub fn new(tag: &str) -> anyhow::Result<Self> {
         let mut lab = Lab::new(tag)?;
         let ns = lab.add_ns("t")?;
-        lab.exec(&ns, "ip", &["link", "add", "t0", "type", "veth", "peer", "name", "t1"])?;
+        lab.exec(
+            &ns,
+            "ip",
+            &["link", "add", "t0", "type", "veth", "peer", "name", "t1"],
+        )?;
         lab.exec(&ns, "ip", &["addr", "add", "10.250.0.1/24", "dev", "t0"])?;
         lab.exec(&ns, "ip", &["link", "set", "t0", "up"])?;
         lab.exec(&ns, "ip", &["link", "set", "t1", "up"])?;
-        lab.exec(&ns, "ip", &["neigh", "add", "10.250.0.2", "lladdr", "02:00:00:00:00:02", "dev", "t0", "nud", "permanent"])?;
+        lab.exec(
+            &ns,
+            "ip",
+            &[
+                "neigh",
+                "add",
+                "10.250.0.2",
+                "lladdr",
+                "02:00:00:00:00:02",
+                "dev",
+                "t0",
+                "nud",
+                "permanent",
+            ],
+        )?;
         lab.exec(&ns, "sysctl", &["-qw", "net.ipv4.conf.t0.forwarding=1"])?;
         let link = lab.exec(&ns, "cat", &["/sys/class/net/t0/address"]);
         // /sys is the host's under nsenter; ask ip for the MAC instead.
         let _ = link;
         let out = lab.exec(&ns, "ip", &["-o", "link", "show", "t0"])?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let mac_s = text.split("link/ether ").nth(1).and_then(|r| r.split_whitespace().next()).context("t0 MAC")?;
+        let mac_s = text
+            .split("link/ether ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .context("t0 MAC")?;
         let mut relay_mac = [0u8; 6];
         for (i, b) in mac_s.split(':').enumerate().take(6) {
             relay_mac[i] = u8::from_str_radix(b, 16)?;
         }
         let idx = lab.exec(&ns, "ip", &["-o", "link", "show", "t0"])?;
-        let ifindex: u32 = String::from_utf8_lossy(&idx.stdout).split(':').next().context("ifindex")?.trim().parse()?;
-        let object = ztna_userspace::xdp::embedded_object().context("no eBPF object in this build (cargo xtask build-ebpf)")?;
+        let ifindex: u32 = String::from_utf8_lossy(&idx.stdout)
+            .split(':')
+            .next()
+            .context("ifindex")?
+            .trim()
+            .parse()?;
+        let object = ztna_userspace::xdp::embedded_object()
+            .context("no eBPF object in this build (cargo xtask build-ebpf)")?;
         let mut ebpf = Ebpf::load(object).context("loading the eBPF object")?;
         {
-            let prog: &mut Xdp = ebpf.program_mut("ztna_relay").context("ztna_relay")?.try_into()?;
+            let prog: &mut Xdp = ebpf
+                .program_mut("ztna_relay")
+                .context("ztna_relay")?
+                .try_into()?;
             prog.load().context("verifier")?;
         }
-        let mut run = XdpRun { lab, ebpf, ifindex, relay_mac, ns };
+        let mut run = XdpRun {
+            lab,
+            ebpf,
+            ifindex,
+            relay_mac,
+            ns,
+        };
         run.set_port(RELAY.port())?;
         Ok(run)
     }
 
     pub fn set_port(&mut self, port: u16) -> anyhow::Result<()> {
-        let mut c: Array<&mut MapData, RelayConfig> = Array::try_from(self.ebpf.map_mut("ZTNA_CONFIG").context("config")?)?;
-        c.set(0, RelayConfig { port: port.to_be(), ..Default::default() }, 0)?;
+        let mut c: Array<&mut MapData, RelayConfig> =
+            Array::try_from(self.ebpf.map_mut("ZTNA_CONFIG").context("config")?)?;
+        c.set(
+            0,
+            RelayConfig {
+                port: port.to_be(),
+                ..Default::default()
+            },
+            0,
+        )?;
         Ok(())
     }
 
     /// Installs `cid` → send to `peer`, accept only from `expected`.
-    pub fn insert(&mut self, cid: [u8; 8], peer: SocketAddrV4, expected: SocketAddrV4) -> anyhow::Result<()> {
+    pub fn insert(
+        &mut self,
+        cid: [u8; 8],
+        peer: SocketAddrV4,
+        expected: SocketAddrV4,
+    ) -> anyhow::Result<()> {
         let key = RelayKey { cid };
-        let mut relay: HashMap<&mut MapData, RelayKey, RelayEntry> = HashMap::try_from(self.ebpf.map_mut("ZTNA_RELAY").context("relay")?)?;
+        let mut relay: HashMap<&mut MapData, RelayKey, RelayEntry> =
+            HashMap::try_from(self.ebpf.map_mut("ZTNA_RELAY").context("relay")?)?;
         relay.insert(
             key,
             RelayEntry {
@@ -91,14 +142,25 @@ impl XdpRun {
             0,
         )?;
         let ncpu = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        let mut st: PerCpuHashMap<&mut MapData, RelayKey, SessionStats> =
-            PerCpuHashMap::try_from(self.ebpf.map_mut("ZTNA_SESSION_STATS").context("session stats")?)?;
-        st.insert(key, PerCpuValues::try_from(vec![SessionStats::default(); ncpu])?, 0)?;
+        let mut st: PerCpuHashMap<&mut MapData, RelayKey, SessionStats> = PerCpuHashMap::try_from(
+            self.ebpf
+                .map_mut("ZTNA_SESSION_STATS")
+                .context("session stats")?,
+        )?;
+        st.insert(
+            key,
+            PerCpuValues::try_from(vec![SessionStats::default(); ncpu])?,
+            0,
+        )?;
         Ok(())
     }
 
     /// Puts `hop` into every CPU's route cache of session `cid`.
-    pub fn prime_nexthop(&mut self, cid: [u8; 8], hop: ztna_common::relay::NextHop) -> anyhow::Result<()> {
+    pub fn prime_nexthop(
+        &mut self,
+        cid: [u8; 8],
+        hop: ztna_common::relay::NextHop,
+    ) -> anyhow::Result<()> {
         self.set_nexthop(cid, hop)
     }
 
@@ -107,23 +169,37 @@ impl XdpRun {
         self.set_nexthop(cid, Default::default())
     }
 
-    fn set_nexthop(&mut self, cid: [u8; 8], hop: ztna_common::relay::NextHop) -> anyhow::Result<()> {
+    fn set_nexthop(
+        &mut self,
+        cid: [u8; 8],
+        hop: ztna_common::relay::NextHop,
+    ) -> anyhow::Result<()> {
         let ncpu = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        let mut st: PerCpuHashMap<&mut MapData, RelayKey, SessionStats> =
-            PerCpuHashMap::try_from(self.ebpf.map_mut("ZTNA_SESSION_STATS").context("session stats")?)?;
-        let v = SessionStats { next_hop: hop, ..Default::default() };
+        let mut st: PerCpuHashMap<&mut MapData, RelayKey, SessionStats> = PerCpuHashMap::try_from(
+            self.ebpf
+                .map_mut("ZTNA_SESSION_STATS")
+                .context("session stats")?,
+        )?;
+        let v = SessionStats {
+            next_hop: hop,
+            ..Default::default()
+        };
         st.insert(RelayKey { cid }, PerCpuValues::try_from(vec![v; ncpu])?, 0)?;
         Ok(())
     }
 
     pub fn counter(&self, v: Verdict) -> anyhow::Result<u64> {
-        let s: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.ebpf.map("ZTNA_STATS").context("stats")?)?;
+        let s: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("ZTNA_STATS").context("stats")?)?;
         Ok(s.get(&(v as u32), 0)?.iter().sum())
     }
 
     pub fn session(&self, cid: [u8; 8]) -> anyhow::Result<SessionStats> {
-        let st: PerCpuHashMap<&MapData, RelayKey, SessionStats> =
-            PerCpuHashMap::try_from(self.ebpf.map("ZTNA_SESSION_STATS").context("session stats")?)?;
+        let st: PerCpuHashMap<&MapData, RelayKey, SessionStats> = PerCpuHashMap::try_from(
+            self.ebpf
+                .map("ZTNA_SESSION_STATS")
+                .context("session stats")?,
+        )?;
         let mut sum = SessionStats::default();
         for s in st.get(&RelayKey { cid }, 0)?.iter() {
             sum.packets += s.packets;
@@ -138,7 +214,11 @@ impl XdpRun {
     pub fn run(&mut self, pkt: &[u8], repeat: u32) -> anyhow::Result<(u32, Vec<u8>, Duration)> {
         let ns_path = format!("/run/netns/{}", self.ns);
         let ifindex = self.ifindex;
-        let prog: &mut Xdp = self.ebpf.program_mut("ztna_relay").context("ztna_relay")?.try_into()?;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut("ztna_relay")
+            .context("ztna_relay")?
+            .try_into()?;
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&(pkt.len() as u32).to_ne_bytes());
@@ -181,7 +261,14 @@ pub fn quic_short(cid: [u8; 8], len: usize) -> Vec<u8> {
 }
 
 /// Ethernet + IPv4 + UDP frame with valid checksums (etherparse).
-pub fn frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: SocketAddrV4, dst: SocketAddrV4, ttl: u8, payload: &[u8]) -> Vec<u8> {
+pub fn frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    ttl: u8,
+    payload: &[u8],
+) -> Vec<u8> {
     let b = etherparse::PacketBuilder::ethernet2(src_mac, dst_mac)
         .ipv4(src.ip().octets(), dst.ip().octets(), ttl)
         .udp(src.port(), dst.port());

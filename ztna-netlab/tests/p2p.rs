@@ -14,7 +14,10 @@ fn cone_nats_on_both_sides_reach_the_direct_path_and_the_relay_goes_quiet() {
     // Two seconds of echoes both ways (2 packets each); the relay forwarded only the
     // standby connection's keepalives (one per 5 s per side, plus their ACKs).
     let relayed = r.relay_packets_during_direct.unwrap();
-    assert!(relayed <= 8 && relayed * 20 < r.echoes_sent * 2, "relay still forwarding: {r:?}");
+    assert!(
+        relayed <= 8 && relayed * 20 < r.echoes_sent * 2,
+        "relay still forwarding: {r:?}"
+    );
 }
 
 #[test]
@@ -34,7 +37,14 @@ fn direct_path_cut_falls_back_to_the_relay_within_3s_and_comes_back() {
     assert_eq!(r.path, "direct", "{r:?}");
     let fallback = r.fallback_ms.expect("traffic resumed over the relay");
     assert!(fallback <= 3000, "fallback took {fallback} ms: {r:?}");
-    assert!(r.direct_again_ms.is_some(), "direct path taken again after the restore: {r:?}");
+    assert!(
+        r.direct_again_ms.is_some(),
+        "direct path taken again after the restore: {r:?}"
+    );
     // Everything outside the fallback window came back.
-    assert_eq!(r.echoes_sent - r.echoes_ok, r.lost_during_fallback.unwrap(), "{r:?}");
+    assert_eq!(
+        r.echoes_sent - r.echoes_ok,
+        r.lost_during_fallback.unwrap(),
+        "{r:?}"
+    );
 }

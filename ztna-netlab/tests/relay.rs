@@ -8,7 +8,12 @@ use std::time::{Duration, Instant};
 use ztna_netlab::{Lab, n};
 
 fn echo_ok(report: &serde_json::Value, count: u64) {
-    assert!(report["path"].as_str().is_some_and(|p| p.starts_with("relay-")), "{report}");
+    assert!(
+        report["path"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("relay-")),
+        "{report}"
+    );
     assert_eq!(n(report, "sent"), count, "{report}");
     assert_eq!(n(report, "echoed_exact"), count, "{report}");
     assert_eq!(n(report, "corrupted"), 0, "{report}");
@@ -22,18 +27,29 @@ fn relay_through_xdp(mode: &str) {
     let mut lab = Lab::relay_topology(&mode[..1]).expect("topology");
     let certs = lab.start_relay_stack(mode).expect("stack");
     assert!(
-        lab.log("intermediate").contains(&format!("XDP relay attached in {mode} mode")),
+        lab.log("intermediate")
+            .contains(&format!("XDP relay attached in {mode} mode")),
         "{}",
         lab.log("intermediate")
     );
     // First run: sets up the neighbour entries the fib lookups need.
-    let r = lab.agent_echo(&certs, &["--count", "20", "--burst", "10", "--size", "1000"]).unwrap();
+    let r = lab
+        .agent_echo(
+            &certs,
+            &["--count", "20", "--burst", "10", "--size", "1000"],
+        )
+        .unwrap();
     echo_ok(&r, 20);
     let s1 = lab.fresh_relay_stats().unwrap();
     assert_eq!(s1["xdp_mode"], mode);
     assert!(xdp(&s1, "tx") >= 40, "{s1}");
     // Second run: a new session, every packet of it forwarded in XDP.
-    let r = lab.agent_echo(&certs, &["--count", "300", "--burst", "20", "--size", "1000"]).unwrap();
+    let r = lab
+        .agent_echo(
+            &certs,
+            &["--count", "300", "--burst", "20", "--size", "1000"],
+        )
+        .unwrap();
     echo_ok(&r, 300);
     let s2 = lab.fresh_relay_stats().unwrap();
     let tx = xdp(&s2, "tx") - xdp(&s1, "tx");
@@ -66,7 +82,12 @@ fn echo_through_xdp_generic_relay() {
 fn echo_through_userspace_forwarder_with_xdp_off() {
     let mut lab = Lab::relay_topology("o").expect("topology");
     let certs = lab.start_relay_stack("off").expect("stack");
-    let r = lab.agent_echo(&certs, &["--count", "200", "--burst", "20", "--size", "1000"]).unwrap();
+    let r = lab
+        .agent_echo(
+            &certs,
+            &["--count", "200", "--burst", "20", "--size", "1000"],
+        )
+        .unwrap();
     echo_ok(&r, 200);
     let s = lab.fresh_relay_stats().unwrap();
     assert_eq!(s["xdp_mode"], "off");
@@ -85,9 +106,29 @@ fn bpftool_dumps_entries_by_field_name_and_sessions_lists_them() {
     let agent = ztna_netlab::bin_dir().join("ztna-agent");
     let mut child = lab
         .command(&lab.ns("a"), &agent)
-        .args(["--server", &format!("{}:{}", ztna_netlab::RELAY_IP, ztna_netlab::RELAY_PORT)])
-        .args(["--ca", &c("ca.pem"), "--cert", &c("agent.pem"), "--key", &c("agent.key")])
-        .args(["--service", "echo", "echo", "--dst", "10.100.0.1:7", "--count", "400", "--interval-ms", "20"])
+        .args([
+            "--server",
+            &format!("{}:{}", ztna_netlab::RELAY_IP, ztna_netlab::RELAY_PORT),
+        ])
+        .args([
+            "--ca",
+            &c("ca.pem"),
+            "--cert",
+            &c("agent.pem"),
+            "--key",
+            &c("agent.key"),
+        ])
+        .args([
+            "--service",
+            "echo",
+            "echo",
+            "--dst",
+            "10.100.0.1:7",
+            "--count",
+            "400",
+            "--interval-ms",
+            "20",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -95,7 +136,10 @@ fn bpftool_dumps_entries_by_field_name_and_sessions_lists_them() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut dump = String::new();
     while Instant::now() < deadline {
-        let out = ztna_netlab::sh("bpftool", &["map", "dump", "pinned", "/sys/fs/bpf/ztna/ZTNA_RELAY"]);
+        let out = ztna_netlab::sh(
+            "bpftool",
+            &["map", "dump", "pinned", "/sys/fs/bpf/ztna/ZTNA_RELAY"],
+        );
         if let Ok(o) = out {
             dump = String::from_utf8_lossy(&o.stdout).to_string();
             if dump.contains("peer_addr") {
@@ -104,24 +148,57 @@ fn bpftool_dumps_entries_by_field_name_and_sessions_lists_them() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    for field in ["cid", "peer_addr", "expected_src_addr", "peer_port", "expected_src_port", "session_id"] {
-        assert!(dump.contains(field), "bpftool output lacks {field}:\n{dump}");
+    for field in [
+        "cid",
+        "peer_addr",
+        "expected_src_addr",
+        "peer_port",
+        "expected_src_port",
+        "session_id",
+    ] {
+        assert!(
+            dump.contains(field),
+            "bpftool output lacks {field}:\n{dump}"
+        );
     }
     // Let some packets through, then list the sessions.
     std::thread::sleep(Duration::from_millis(500));
     let sessions = ztna_netlab::bin_dir().join("ztna");
-    let out = std::process::Command::new(&sessions).args(["sessions", "--json"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(&sessions)
+        .args(["sessions", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let entries = v["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 2, "{v}");
-    assert!(entries.iter().all(|e| e["cid"].as_str().unwrap().starts_with("a5")), "{v}");
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["cid"].as_str().unwrap().starts_with("a5")),
+        "{v}"
+    );
     assert!(entries.iter().any(|e| n(e, "packets") > 0), "{v}");
-    assert!(entries.iter().any(|e| e["to"].as_str().unwrap().starts_with(ztna_netlab::AGENT_IP)), "{v}");
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["to"].as_str().unwrap().starts_with(ztna_netlab::AGENT_IP)),
+        "{v}"
+    );
     assert!(v["verdicts"]["tx"].as_u64().unwrap() > 0, "{v}");
-    let text = std::process::Command::new(&sessions).arg("sessions").output().unwrap();
+    let text = std::process::Command::new(&sessions)
+        .arg("sessions")
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("relay cid") && text.contains("packets"), "{text}");
+    assert!(
+        text.contains("relay cid") && text.contains("packets"),
+        "{text}"
+    );
     let _ = child.kill();
     let _ = child.wait();
 }

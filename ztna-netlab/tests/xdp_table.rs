@@ -23,12 +23,19 @@ fn to_relay(relay_mac: [u8; 6], payload: &[u8]) -> Vec<u8> {
 
 /// Runs one packet; checks the action and that exactly `verdict`'s counter moved.
 fn expect(x: &mut XdpRun, pkt: &[u8], action: u32, verdict: Verdict) -> Vec<u8> {
-    let before: Vec<u64> = Verdict::ALL.iter().map(|v| x.counter(*v).unwrap()).collect();
+    let before: Vec<u64> = Verdict::ALL
+        .iter()
+        .map(|v| x.counter(*v).unwrap())
+        .collect();
     let (ret, out, _) = x.run(pkt, 1).unwrap();
     assert_eq!(ret, action, "{verdict:?}");
     for (i, v) in Verdict::ALL.iter().enumerate() {
         let want = before[i] + u64::from(*v == verdict);
-        assert_eq!(x.counter(*v).unwrap(), want, "counter {v:?} while expecting {verdict:?}");
+        assert_eq!(
+            x.counter(*v).unwrap(),
+            want,
+            "counter {v:?} while expecting {verdict:?}"
+        );
     }
     if action == XDP_PASS {
         assert_eq!(out, pkt, "{verdict:?}: a passed packet is not modified");
@@ -81,7 +88,12 @@ fn everything_that_is_not_ours_passes_untouched_with_its_counter() {
     // unknown CID
     let mut unknown = CID;
     unknown[7] ^= 0xff;
-    expect(&mut x, &to_relay(mac, &quic_short(unknown, 100)), XDP_PASS, Verdict::PassUnknownCid);
+    expect(
+        &mut x,
+        &to_relay(mac, &quic_short(unknown, 100)),
+        XDP_PASS,
+        Verdict::PassUnknownCid,
+    );
     // sender mismatch: address, then port
     let other_addr = SocketAddrV4::new([10, 250, 0, 8].into(), SENDER.port());
     let other_port = SocketAddrV4::new(*SENDER.ip(), 7778);
@@ -100,7 +112,14 @@ fn everything_that_is_not_ours_passes_untouched_with_its_counter() {
     };
     expect(&mut x, &tcp, XDP_PASS, Verdict::PassNotUdp);
     // other port
-    let p = frame(SENDER_MAC, mac, SENDER, SocketAddrV4::new(*RELAY.ip(), 4434), 64, &good);
+    let p = frame(
+        SENDER_MAC,
+        mac,
+        SENDER,
+        SocketAddrV4::new(*RELAY.ip(), 4434),
+        64,
+        &good,
+    );
     expect(&mut x, &p, XDP_PASS, Verdict::PassOtherPort);
     // IPv4 options: IHL 6 with a NOP option word
     let mut opt = to_relay(mac, &good);
@@ -133,20 +152,40 @@ fn everything_that_is_not_ours_passes_untouched_with_its_counter() {
     // DCID without the marker; long header whose DCID is not 8 bytes
     let mut plain = CID;
     plain[0] = 0x11;
-    expect(&mut x, &to_relay(mac, &quic_short(plain, 100)), XDP_PASS, Verdict::PassNotRelayCid);
+    expect(
+        &mut x,
+        &to_relay(mac, &quic_short(plain, 100)),
+        XDP_PASS,
+        Verdict::PassNotRelayCid,
+    );
     let mut long16 = vec![0xc0u8, 0, 0, 0, 1, 16];
     long16.extend_from_slice(&CID);
     long16.resize(100, 0);
-    expect(&mut x, &to_relay(mac, &long16), XDP_PASS, Verdict::PassNotRelayCid);
+    expect(
+        &mut x,
+        &to_relay(mac, &long16),
+        XDP_PASS,
+        Verdict::PassNotRelayCid,
+    );
     // peer with no route or neighbour: userspace forwards it
     let unroutable = SocketAddrV4::new([10, 250, 0, 77].into(), 9);
     let mut cid2 = CID;
     cid2[1] = 0x99;
     x.insert(cid2, unroutable, SENDER).unwrap();
-    expect(&mut x, &to_relay(mac, &quic_short(cid2, 100)), XDP_PASS, Verdict::PassFibMiss);
+    expect(
+        &mut x,
+        &to_relay(mac, &quic_short(cid2, 100)),
+        XDP_PASS,
+        Verdict::PassFibMiss,
+    );
     // port 0 in the config: not configured
     x.set_port(0).unwrap();
-    expect(&mut x, &to_relay(mac, &good), XDP_PASS, Verdict::PassNotConfigured);
+    expect(
+        &mut x,
+        &to_relay(mac, &good),
+        XDP_PASS,
+        Verdict::PassNotConfigured,
+    );
     x.set_port(RELAY.port()).unwrap();
     expect(&mut x, &to_relay(mac, &good), XDP_TX, Verdict::Tx);
     assert_eq!(x.counter(Verdict::Aborted).unwrap(), 0);
@@ -163,7 +202,9 @@ fn truncation_at_every_header_boundary_passes() {
     assert_eq!(full.len(), 51);
     for cut in 0..full.len() {
         let pkt = &full[..cut];
-        let (ret, out, _) = x.run(pkt, 1).unwrap_or((u32::MAX, vec![], Default::default()));
+        let (ret, out, _) = x
+            .run(pkt, 1)
+            .unwrap_or((u32::MAX, vec![], Default::default()));
         if cut < 14 {
             // The kernel refuses test runs shorter than an Ethernet header.
             assert!(ret == XDP_PASS || ret == u32::MAX, "cut {cut}: {ret}");

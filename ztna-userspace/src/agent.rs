@@ -177,7 +177,11 @@ impl Agent {
 
     /// The direct data connection of `service`, if one is up.
     pub fn direct_connection(&self, service: &str) -> Option<&DataConnection> {
-        self.direct.get(service)?.conn.as_ref().filter(|c| c.is_usable())
+        self.direct
+            .get(service)?
+            .conn
+            .as_ref()
+            .filter(|c| c.is_usable())
     }
 
     pub fn client(&self) -> &ControlClient {
@@ -206,7 +210,11 @@ impl Agent {
                 break;
             }
         }
-        for d in self.data.values_mut().chain(self.direct.values_mut().filter_map(|d| d.conn.as_mut())) {
+        for d in self
+            .data
+            .values_mut()
+            .chain(self.direct.values_mut().filter_map(|d| d.conn.as_mut()))
+        {
             while let Some((n, to)) = d.poll_transmit(&mut self.out, now) {
                 if let Err(e) = self.socket.send_to(&self.out[..n], to) {
                     tracing::debug!("send to {to}: {e}");
@@ -276,16 +284,31 @@ impl Agent {
             if fresh {
                 let cands = crate::netif::candidates(local, observed);
                 let checker = Checker::new(p2p::Role::Controlling, *session_id, &cands, now);
-                if self.client.send_candidates(*session_id, checker.local_password(), &cands).is_ok() {
-                    tracing::debug!("service {service:?}: checking direct path, candidates {cands:?}");
+                if self
+                    .client
+                    .send_candidates(*session_id, checker.local_password(), &cands)
+                    .is_ok()
+                {
+                    tracing::debug!(
+                        "service {service:?}: checking direct path, candidates {cands:?}"
+                    );
                     if let Some(old) = self.direct.get_mut(service).and_then(|d| d.conn.as_mut()) {
                         old.close("retrying");
                     }
-                    self.direct.insert(service.clone(), Direct { session_id: *session_id, checker, conn: None, retry_at: None });
+                    self.direct.insert(
+                        service.clone(),
+                        Direct {
+                            session_id: *session_id,
+                            checker,
+                            conn: None,
+                            retry_at: None,
+                        },
+                    );
                 }
             }
         }
-        self.direct.retain(|s, _| relays.iter().any(|(r, _)| r == s));
+        self.direct
+            .retain(|s, _| relays.iter().any(|(r, _)| r == s));
         for (service, d) in self.direct.iter_mut() {
             if d.retry_at.is_some() {
                 continue;
@@ -294,21 +317,35 @@ impl Agent {
                 && let Some(peer) = d.checker.selected()
                 && let Some(quic) = self.data_quic.as_mut()
             {
-                match DataConnection::connect_direct(quic, DIRECT_KEEPALIVE, d.session_id, service, local, peer, now) {
+                match DataConnection::connect_direct(
+                    quic,
+                    DIRECT_KEEPALIVE,
+                    d.session_id,
+                    service,
+                    local,
+                    peer,
+                    now,
+                ) {
                     Ok(c) => {
-                        tracing::info!("service {service:?}: direct path to {peer} selected, connecting");
+                        tracing::info!(
+                            "service {service:?}: direct path to {peer} selected, connecting"
+                        );
                         d.conn = Some(c);
                     }
                     Err(e) => tracing::warn!("direct connection to {peer}: {e}"),
                 }
             }
             if d.checker.failed() {
-                tracing::info!("service {service:?}: no direct path (all checks failed); staying relayed");
+                tracing::info!(
+                    "service {service:?}: no direct path (all checks failed); staying relayed"
+                );
                 d.retry_at = Some(now + DIRECT_RETRY);
                 continue;
             }
             let Some(c) = d.conn.as_mut() else { continue };
-            c.check_peer(now, |der| authorize(der, crate::identity::Role::Connector, service));
+            c.check_peer(now, |der| {
+                authorize(der, crate::identity::Role::Connector, service)
+            });
             let q = &mut self.packets;
             c.recv_packets(|p| q.push_back((Some(service.clone()), p.to_vec())));
             let silence = now.saturating_duration_since(c.last_recv());
@@ -316,19 +353,31 @@ impl Agent {
             let unanswered = c.last_send_instant() > c.last_recv() + rtt;
             let dead = self.liveness
                 && c.is_usable()
-                && (silence > DIRECT_DEAD || unanswered && silence > (rtt * DIRECT_DEAD_RTTS).max(DIRECT_DEAD_MIN));
-            let stuck = !c.is_usable() && now.saturating_duration_since(c.started()) > DATA_SETUP_TIMEOUT;
+                && (silence > DIRECT_DEAD
+                    || unanswered && silence > (rtt * DIRECT_DEAD_RTTS).max(DIRECT_DEAD_MIN));
+            let stuck =
+                !c.is_usable() && now.saturating_duration_since(c.started()) > DATA_SETUP_TIMEOUT;
             if dead || stuck || c.is_closed() {
                 tracing::info!(
                     "service {service:?}: direct path lost ({}); back to the relay",
-                    if dead { format!("silent for {silence:?}") } else if stuck { "setup timed out".into() } else { c.close_reason() }
+                    if dead {
+                        format!("silent for {silence:?}")
+                    } else if stuck {
+                        "setup timed out".into()
+                    } else {
+                        c.close_reason()
+                    }
                 );
                 c.close("direct path lost");
                 d.retry_at = Some(now + DIRECT_RETRY);
             }
         }
         for d in self.direct.values_mut() {
-            if d.retry_at.is_some() && d.conn.as_ref().is_some_and(|c| c.is_closed() || !c.is_usable()) {
+            if d.retry_at.is_some()
+                && d.conn
+                    .as_ref()
+                    .is_some_and(|c| c.is_closed() || !c.is_usable())
+            {
                 d.conn = None;
             }
         }
@@ -356,7 +405,9 @@ impl Agent {
         let due: Vec<String> = self
             .want_session
             .iter()
-            .filter(|(s, t)| **t <= now && !self.requested.contains(*s) && !self.data.contains_key(*s))
+            .filter(|(s, t)| {
+                **t <= now && !self.requested.contains(*s) && !self.data.contains_key(*s)
+            })
             .map(|(s, _)| s.clone())
             .collect();
         for service in due {
@@ -368,7 +419,9 @@ impl Agent {
         }
         let mut closed = Vec::new();
         for (service, d) in self.data.iter_mut() {
-            if d.check_peer(now, |der| authorize(der, crate::identity::Role::Connector, service)) {
+            if d.check_peer(now, |der| {
+                authorize(der, crate::identity::Role::Connector, service)
+            }) {
                 self.path_changes += 1;
             }
             let q = &mut self.packets;
@@ -377,14 +430,19 @@ impl Agent {
                 d.close("setup timed out");
             }
             if d.is_closed() {
-                tracing::info!("data connection for {service:?} closed: {}", d.close_reason());
+                tracing::info!(
+                    "data connection for {service:?} closed: {}",
+                    d.close_reason()
+                );
                 closed.push((service.clone(), d.session_id));
             }
         }
         for (service, session) in closed {
             self.data.remove(&service);
             self.path_changes += 1;
-            let _ = self.client.close_session(session, ztna_common::frames::close_reason::NORMAL);
+            let _ = self
+                .client
+                .close_session(session, ztna_common::frames::close_reason::NORMAL);
             self.want_session.insert(service, now + SESSION_RETRY);
         }
     }
@@ -393,14 +451,24 @@ impl Agent {
         let now = Instant::now();
         while let Some(ev) = self.client.poll_event() {
             match ev {
-                ClientEvent::Packet { service, packet } => self.packets.push_back((service, packet)),
+                ClientEvent::Packet { service, packet } => {
+                    self.packets.push_back((service, packet))
+                }
                 ClientEvent::Registered(s) if self.data_quic.is_some() => {
                     self.want_session.insert(s.clone(), now);
                     self.events.push(ClientEvent::Registered(s));
                 }
-                ClientEvent::SessionReady { service, session_id, agent_cid, connector_cid, .. } => {
+                ClientEvent::SessionReady {
+                    service,
+                    session_id,
+                    agent_cid,
+                    connector_cid,
+                    ..
+                } => {
                     self.requested.remove(&service);
-                    let Some(quic) = self.data_quic.as_mut() else { continue };
+                    let Some(quic) = self.data_quic.as_mut() else {
+                        continue;
+                    };
                     let local = self.socket.local_addr().expect("bound");
                     match DataConnection::connect(
                         quic,
@@ -422,13 +490,25 @@ impl Agent {
                         }
                     }
                 }
-                ClientEvent::SessionRefused { service, status, .. } => {
-                    tracing::info!("relay session for {service:?} refused: {status:?}; using the datagram relay");
+                ClientEvent::SessionRefused {
+                    service, status, ..
+                } => {
+                    tracing::info!(
+                        "relay session for {service:?} refused: {status:?}; using the datagram relay"
+                    );
                     self.requested.remove(&service);
                     self.want_session.insert(service, now + SESSION_RETRY);
                 }
-                ClientEvent::Candidates { session_id, password, candidates } => {
-                    match self.direct.values_mut().find(|d| d.session_id == session_id) {
+                ClientEvent::Candidates {
+                    session_id,
+                    password,
+                    candidates,
+                } => {
+                    match self
+                        .direct
+                        .values_mut()
+                        .find(|d| d.session_id == session_id)
+                    {
                         Some(d) => {
                             tracing::debug!("remote candidates {candidates:?}");
                             d.checker.set_remote(password, &candidates, now)
@@ -439,7 +519,10 @@ impl Agent {
                         }
                     }
                 }
-                ClientEvent::SessionPath { session_id, forwarding } => {
+                ClientEvent::SessionPath {
+                    session_id,
+                    forwarding,
+                } => {
                     self.forwarding.insert(session_id, forwarding);
                 }
                 ClientEvent::SessionClosed { session_id, .. } => {
@@ -487,15 +570,24 @@ impl Agent {
                 .values()
                 .chain(self.direct.values().filter_map(|d| d.conn.as_ref()))
                 .filter_map(|d| d.poll_timeout())
-                .chain(self.direct.values().filter_map(|d| d.checker.poll_timeout()))
+                .chain(
+                    self.direct
+                        .values()
+                        .filter_map(|d| d.checker.poll_timeout()),
+                )
                 .chain(self.direct.values().filter_map(|d| d.retry_at))
                 .chain(self.direct.values().filter_map(|d| {
-                    d.conn.as_ref().filter(|c| c.is_usable()).map(|c| c.last_recv() + DIRECT_DEAD_MIN)
+                    d.conn
+                        .as_ref()
+                        .filter(|c| c.is_usable())
+                        .map(|c| c.last_recv() + DIRECT_DEAD_MIN)
                 }))
                 .chain(self.client.poll_timeout())
                 .chain(self.want_session.values().copied().filter(|t| *t > now))
                 .fold(deadline, |a, b| a.min(b));
-            let wait = wake.saturating_duration_since(now).max(Duration::from_millis(1));
+            let wait = wake
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(1));
             self.socket.set_read_timeout(Some(wait))?;
             // One blocking read, then whatever else is queued, so that liveness is
             // judged on everything that arrived.
@@ -511,7 +603,14 @@ impl Agent {
                 first = false;
                 let (n, from) = match r {
                     Ok(v) => v,
-                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => break,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        break;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => break,
                     Err(e) => return Err(e),
                 };
@@ -521,14 +620,22 @@ impl Agent {
                     if p2p::is_check(pkt) {
                         let session = p2p::check_session(pkt);
                         tracing::debug!("check from {from} for session {session:?}");
-                        if let Some(d) = self.direct.values_mut().find(|d| Some(d.session_id) == session)
+                        if let Some(d) = self
+                            .direct
+                            .values_mut()
+                            .find(|d| Some(d.session_id) == session)
                             && let Some((resp, to)) = d.checker.handle(pkt, from, now)
                         {
                             let _ = self.socket.send_to(&resp, to);
                         }
                     } else {
                         let direct = self.direct.values_mut().filter_map(|d| d.conn.as_mut());
-                        match self.data.values_mut().chain(direct).find(|d| data::dcid_is(pkt, &d.local_cid)) {
+                        match self
+                            .data
+                            .values_mut()
+                            .chain(direct)
+                            .find(|d| data::dcid_is(pkt, &d.local_cid))
+                        {
                             Some(d) => d.recv(pkt, from, now),
                             None => self.client.recv(pkt, from, now),
                         }
@@ -539,7 +646,11 @@ impl Agent {
             if self.client.poll_timeout().is_some_and(|t| t <= now) {
                 self.client.handle_timeout(now);
             }
-            for d in self.data.values_mut().chain(self.direct.values_mut().filter_map(|d| d.conn.as_mut())) {
+            for d in self
+                .data
+                .values_mut()
+                .chain(self.direct.values_mut().filter_map(|d| d.conn.as_mut()))
+            {
                 if d.poll_timeout().is_some_and(|t| t <= now) {
                     d.handle_timeout(now);
                 }
@@ -612,7 +723,11 @@ impl Agent {
     /// Sends an IP packet to `service`: over its data connection when that is up,
     /// else as a DATAGRAM on the control connection.
     pub fn send_packet(&mut self, service: &str, packet: &[u8]) -> Result<(), ClientError> {
-        let direct = self.direct.get_mut(service).and_then(|d| d.conn.as_mut()).filter(|c| c.is_usable());
+        let direct = self
+            .direct
+            .get_mut(service)
+            .and_then(|d| d.conn.as_mut())
+            .filter(|c| c.is_usable());
         let r = match (direct, self.data.get_mut(service)) {
             (Some(c), _) => c.send_packet(packet),
             (None, Some(d)) if d.is_usable() => d.send_packet(packet),
@@ -666,7 +781,10 @@ impl Agent {
     }
 
     /// Next tunneled packet, waiting up to `timeout`.
-    pub fn recv_packet(&mut self, timeout: Duration) -> io::Result<Option<(Option<String>, Vec<u8>)>> {
+    pub fn recv_packet(
+        &mut self,
+        timeout: Duration,
+    ) -> io::Result<Option<(Option<String>, Vec<u8>)>> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(p) = self.packets.pop_front() {
@@ -680,7 +798,10 @@ impl Agent {
     }
 
     /// Next tunneled UDP packet: (source, destination, payload).
-    pub fn recv_udp(&mut self, timeout: Duration) -> io::Result<Option<(SocketAddr, SocketAddr, Vec<u8>)>> {
+    pub fn recv_udp(
+        &mut self,
+        timeout: Duration,
+    ) -> io::Result<Option<(SocketAddr, SocketAddr, Vec<u8>)>> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -694,12 +815,20 @@ impl Agent {
     }
 
     /// Waits until `service`'s path is `want`.
-    pub fn wait_path(&mut self, service: &str, want: PathKind, timeout: Duration) -> anyhow::Result<Duration> {
+    pub fn wait_path(
+        &mut self,
+        service: &str,
+        want: PathKind,
+        timeout: Duration,
+    ) -> anyhow::Result<Duration> {
         let start = Instant::now();
         let deadline = start + timeout;
         while self.path(service) != want {
             if Instant::now() >= deadline {
-                anyhow::bail!("{service:?} not on {want:?} within {timeout:?} (now {:?})", self.path(service));
+                anyhow::bail!(
+                    "{service:?} not on {want:?} within {timeout:?} (now {:?})",
+                    self.path(service)
+                );
             }
             self.drive(deadline)?;
         }
@@ -797,7 +926,8 @@ impl EchoReport {
     }
 
     pub fn summary(&self) -> String {
-        let ms = |us: Option<u64>| us.map_or("-".into(), |u| format!("{:.3} ms", u as f64 / 1000.0));
+        let ms =
+            |us: Option<u64>| us.map_or("-".into(), |u| format!("{:.3} ms", u as f64 / 1000.0));
         format!(
             "service {} over {}: handshake {} (data connection {}), max DATAGRAM {} B, max UDP payload {} B\n\
              sent {} x {} B, echoed byte-exact {}, corrupted {}, lost {}\n\
@@ -809,8 +939,10 @@ impl EchoReport {
                 Some(PathKind::RelayUserspace) => "the forwarded relay (userspace)",
                 _ => "the datagram relay",
             },
-            self.handshake_ms.map_or("-".into(), |h| format!("{h:.3} ms")),
-            self.data_handshake_ms.map_or("-".into(), |h| format!("{h:.3} ms")),
+            self.handshake_ms
+                .map_or("-".into(), |h| format!("{h:.3} ms")),
+            self.data_handshake_ms
+                .map_or("-".into(), |h| format!("{h:.3} ms")),
             self.max_datagram.map_or("-".into(), |v| v.to_string()),
             self.max_udp_payload.map_or("-".into(), |v| v.to_string()),
             self.sent,
@@ -845,7 +977,9 @@ pub fn run_echo(agent: &mut Agent, opts: &EchoOptions) -> anyhow::Result<EchoRep
             .and_then(|d| d.handshake_time())
             .map(|d| d.as_secs_f64() * 1000.0),
         max_datagram: match agent.path(&opts.service) {
-            PathKind::Direct | PathKind::RelayXdp | PathKind::RelayUserspace => agent.max_packet_len(&opts.service),
+            PathKind::Direct | PathKind::RelayXdp | PathKind::RelayUserspace => {
+                agent.max_packet_len(&opts.service)
+            }
             PathKind::Datagram => agent.client().max_datagram_payload(),
         },
         max_udp_payload: agent.max_udp_payload(&opts.service, opts.src.is_ipv6()),
@@ -867,7 +1001,10 @@ pub fn run_echo(agent: &mut Agent, opts: &EchoOptions) -> anyhow::Result<EchoRep
                 .with_context(|| format!("sending echo {seq} of {} bytes", opts.size))?;
             report.sent += 1;
             in_flight += 1;
-            outstanding.entry(payload).or_default().push_back(Instant::now());
+            outstanding
+                .entry(payload)
+                .or_default()
+                .push_back(Instant::now());
         }
         let deadline = Instant::now() + opts.timeout;
         while in_flight > 0 {

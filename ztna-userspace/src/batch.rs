@@ -17,14 +17,18 @@ fn to_sockaddr(addr: &SocketAddr, out: &mut libc::sockaddr_storage) -> libc::soc
                 let sin = &mut *(out as *mut _ as *mut libc::sockaddr_in);
                 sin.sin_family = libc::AF_INET as libc::sa_family_t;
                 sin.sin_port = a.port().to_be();
-                sin.sin_addr = libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) };
+                sin.sin_addr = libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                };
                 std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
             }
             SocketAddr::V6(a) => {
                 let sin6 = &mut *(out as *mut _ as *mut libc::sockaddr_in6);
                 sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
                 sin6.sin6_port = a.port().to_be();
-                sin6.sin6_addr = libc::in6_addr { s6_addr: a.ip().octets() };
+                sin6.sin6_addr = libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                };
                 sin6.sin6_flowinfo = a.flowinfo();
                 sin6.sin6_scope_id = a.scope_id();
                 std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
@@ -84,10 +88,15 @@ impl RecvBatch {
         let mut iov: Vec<libc::iovec> = self
             .bufs
             .iter_mut()
-            .map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: BUF })
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: BUF,
+            })
             .collect();
         // SAFETY: zeroed mmsghdr is valid; pointers below outlive the call.
-        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { MaybeUninit::zeroed().assume_init() }).collect();
+        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH)
+            .map(|_| unsafe { MaybeUninit::zeroed().assume_init() })
+            .collect();
         for i in 0..BATCH {
             msgs[i].msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
             msgs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
@@ -96,15 +105,21 @@ impl RecvBatch {
         }
         // SAFETY: msgs holds BATCH valid headers.
         let n = unsafe {
-            libc::recvmmsg(fd, msgs.as_mut_ptr(), BATCH as u32, libc::MSG_DONTWAIT, std::ptr::null_mut())
+            libc::recvmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                BATCH as u32,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
         };
         if n < 0 {
             self.n = 0;
             return Err(io::Error::last_os_error());
         }
         self.n = n as usize;
-        for i in 0..self.n {
-            self.lens[i] = msgs[i].msg_len as usize;
+        for (len, m) in self.lens.iter_mut().zip(&msgs).take(self.n) {
+            *len = m.msg_len as usize;
         }
         Ok(self.n)
     }
@@ -147,13 +162,19 @@ impl SendBatch {
         let mut sent = 0;
         for chunk in self.items.chunks(BATCH) {
             // SAFETY: all-zero is a valid sockaddr_storage / mmsghdr.
-            let mut addrs: Vec<libc::sockaddr_storage> =
-                (0..chunk.len()).map(|_| unsafe { MaybeUninit::zeroed().assume_init() }).collect();
+            let mut addrs: Vec<libc::sockaddr_storage> = (0..chunk.len())
+                .map(|_| unsafe { MaybeUninit::zeroed().assume_init() })
+                .collect();
             let mut iov: Vec<libc::iovec> = chunk
                 .iter()
-                .map(|(s, l, _)| libc::iovec { iov_base: self.data[*s..].as_ptr() as *mut _, iov_len: *l })
+                .map(|(s, l, _)| libc::iovec {
+                    iov_base: self.data[*s..].as_ptr() as *mut _,
+                    iov_len: *l,
+                })
                 .collect();
-            let mut msgs: Vec<libc::mmsghdr> = (0..chunk.len()).map(|_| unsafe { MaybeUninit::zeroed().assume_init() }).collect();
+            let mut msgs: Vec<libc::mmsghdr> = (0..chunk.len())
+                .map(|_| unsafe { MaybeUninit::zeroed().assume_init() })
+                .collect();
             for (i, (_, _, to)) in chunk.iter().enumerate() {
                 let len = to_sockaddr(to, &mut addrs[i]);
                 msgs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
@@ -164,7 +185,9 @@ impl SendBatch {
             let mut off = 0;
             while off < msgs.len() {
                 // SAFETY: msgs[off..] are valid headers pointing into live buffers.
-                let n = unsafe { libc::sendmmsg(fd, msgs[off..].as_mut_ptr(), (msgs.len() - off) as u32, 0) };
+                let n = unsafe {
+                    libc::sendmmsg(fd, msgs[off..].as_mut_ptr(), (msgs.len() - off) as u32, 0)
+                };
                 if n <= 0 {
                     // Skip the datagram the kernel refused (e.g. no route) and go on.
                     off += 1;

@@ -182,7 +182,9 @@ impl ConnectorHandle {
     pub fn stop(mut self) -> anyhow::Result<()> {
         self.stop.store(true, Ordering::SeqCst);
         match self.thread.take() {
-            Some(t) => t.join().map_err(|_| anyhow::anyhow!("connector panicked"))?,
+            Some(t) => t
+                .join()
+                .map_err(|_| anyhow::anyhow!("connector panicked"))?,
             None => Ok(()),
         }
     }
@@ -279,11 +281,16 @@ impl Connector {
                 .data
                 .values()
                 .filter_map(|d| d.poll_timeout())
-                .chain(self.direct.values().filter_map(|d| d.checker.poll_timeout()))
+                .chain(
+                    self.direct
+                        .values()
+                        .filter_map(|d| d.checker.poll_timeout()),
+                )
                 .chain(self.client.poll_timeout())
                 .min();
             let timeout = next.map_or(Duration::from_millis(100), |t| {
-                t.saturating_duration_since(now).min(Duration::from_millis(100))
+                t.saturating_duration_since(now)
+                    .min(Duration::from_millis(100))
             });
             if let Err(e) = self.poll.poll(&mut events, Some(timeout))
                 && e.kind() != io::ErrorKind::Interrupted
@@ -378,7 +385,17 @@ impl Connector {
                 && let Some(quic) = self.data_quic.as_mut()
             {
                 let ours = data::random_cid();
-                match DataConnection::accept(quic, DIRECT_KEEPALIVE, session_id, &service, ours, [0; 8], self.local, from, now) {
+                match DataConnection::accept(
+                    quic,
+                    DIRECT_KEEPALIVE,
+                    session_id,
+                    &service,
+                    ours,
+                    [0; 8],
+                    self.local,
+                    from,
+                    now,
+                ) {
                     Ok(mut d) => {
                         tracing::info!("direct data connection for {service:?} from {from}");
                         d.recv(pkt, from, now);
@@ -441,13 +458,17 @@ impl Connector {
                 if !d.is_usable() && d.handshake_time().is_none() {
                     inc(&self.stats.data_connections_refused);
                 }
-                tracing::info!("data connection for {:?} closed: {}", d.service, d.close_reason());
+                tracing::info!(
+                    "data connection for {:?} closed: {}",
+                    d.service,
+                    d.close_reason()
+                );
                 closed.push((*cid, d.session_id));
             }
         }
         for (cid, service, p) in incoming {
             inc(&self.stats.packets_from_data);
-            self.from_tunnel(Origin::Data(cid), Some(service), p);
+            self.tunnel_in(Origin::Data(cid), Some(service), p);
         }
         for (cid, session) in closed {
             self.data.remove(&cid);
@@ -487,9 +508,14 @@ impl Connector {
                 }
                 ClientEvent::Packet { service, packet } => {
                     inc(&self.stats.packets_from_tunnel);
-                    self.from_tunnel(Origin::Control, service, packet);
+                    self.tunnel_in(Origin::Control, service, packet);
                 }
-                ClientEvent::SessionOffer { session_id, service, agent_cid, connector_cid } => {
+                ClientEvent::SessionOffer {
+                    session_id,
+                    service,
+                    agent_cid,
+                    connector_cid,
+                } => {
                     inc(&self.stats.sessions_offered);
                     if self.data_quic.is_none() || !self.services.contains_key(&service) {
                         continue;
@@ -497,15 +523,26 @@ impl Connector {
                     if self.client.accept_session(session_id).is_ok() {
                         self.offers.insert(
                             connector_cid,
-                            Offer { session_id, service, agent_cid, at: Instant::now() },
+                            Offer {
+                                session_id,
+                                service,
+                                agent_cid,
+                                at: Instant::now(),
+                            },
                         );
                     }
                 }
-                ClientEvent::Candidates { session_id, password, candidates } => {
+                ClientEvent::Candidates {
+                    session_id,
+                    password,
+                    candidates,
+                } => {
                     let relayed = self
                         .data
                         .iter()
-                        .find(|(cid, d)| d.session_id == session_id && !self.direct_cids.contains(*cid))
+                        .find(|(cid, d)| {
+                            d.session_id == session_id && !self.direct_cids.contains(*cid)
+                        })
                         .map(|(_, d)| d.service.clone());
                     let Some(service) = relayed else {
                         inc(&self.stats.candidates_refused);
@@ -514,10 +551,15 @@ impl Connector {
                     };
                     // The agent (re)starts checks: answer with fresh candidates.
                     let now = Instant::now();
-                    let cands = crate::netif::candidates(self.local, self.client.observed_address());
+                    let cands =
+                        crate::netif::candidates(self.local, self.client.observed_address());
                     let mut checker = Checker::new(p2p::Role::Controlled, session_id, &cands, now);
                     checker.set_remote(password, &candidates, now);
-                    if self.client.send_candidates(session_id, checker.local_password(), &cands).is_ok() {
+                    if self
+                        .client
+                        .send_candidates(session_id, checker.local_password(), &cands)
+                        .is_ok()
+                    {
                         self.direct.insert(session_id, CDirect { service, checker });
                     }
                 }
@@ -536,11 +578,13 @@ impl Connector {
         }
     }
 
-    fn from_tunnel(&mut self, origin: Origin, service: Option<String>, packet: Vec<u8>) {
+    fn tunnel_in(&mut self, origin: Origin, service: Option<String>, packet: Vec<u8>) {
         let service = match service {
             Some(s) => s,
             // Raw datagram: the only service, if there is exactly one.
-            None if self.services.len() == 1 => self.services.keys().next().cloned().unwrap_or_default(),
+            None if self.services.len() == 1 => {
+                self.services.keys().next().cloned().unwrap_or_default()
+            }
             None => {
                 inc(&self.stats.dropped_unknown_service);
                 return;
@@ -560,14 +604,17 @@ impl Connector {
         };
         if spec.virtual_ip.is_some_and(|v| v != key.dst.ip()) {
             inc(&self.stats.dropped_wrong_destination);
-            tracing::debug!("{service}: dropping packet to {} (not the service address)", key.dst);
+            tracing::debug!(
+                "{service}: dropping packet to {} (not the service address)",
+                key.dst
+            );
             return;
         }
         match key.proto {
             Proto::Icmp | Proto::Icmpv6 => match packet::icmp_echo_reply(&packet) {
                 Some(reply) => {
                     inc(&self.stats.icmp_echo_replies);
-                    self.to_tunnel(origin, &service, &reply);
+                    self.tunnel_out(origin, &service, &reply);
                 }
                 None => inc(&self.stats.dropped_unsupported),
             },
@@ -659,7 +706,7 @@ impl Connector {
             let (service, key, origin) = (flow.service.clone(), flow.key, flow.origin);
             // Reply as the address the agent sent to.
             match packet::build_udp(key.dst, key.src, &buf[..n]) {
-                Ok(reply) => self.to_tunnel(origin, &service, &reply),
+                Ok(reply) => self.tunnel_out(origin, &service, &reply),
                 Err(e) => {
                     inc(&self.stats.dropped_send_failed);
                     tracing::debug!("{service}: building reply: {e}");
@@ -668,7 +715,7 @@ impl Connector {
         }
     }
 
-    fn to_tunnel(&mut self, origin: Origin, service: &str, packet: &[u8]) {
+    fn tunnel_out(&mut self, origin: Origin, service: &str, packet: &[u8]) {
         if let Origin::Data(cid) = origin
             && let Some(d) = self.data.get_mut(&cid)
             && d.is_usable()
@@ -678,7 +725,9 @@ impl Connector {
                     inc(&self.stats.packets_to_data);
                     return;
                 }
-                Err(e) => tracing::debug!("{service}: data connection send: {e}; using the control connection"),
+                Err(e) => tracing::debug!(
+                    "{service}: data connection send: {e}; using the control connection"
+                ),
             }
         }
         if let Err(e) = self.client.send_packet(service, packet) {
@@ -711,6 +760,10 @@ pub fn authorize(der: Option<&[u8]>, role: Role, service: &str) -> Result<String
     if id.authorizes(role, service) {
         Ok(id.name())
     } else {
-        Err(format!("{} is not authorized as {} for {service:?}", id.name(), role.as_str()))
+        Err(format!(
+            "{} is not authorized as {} for {service:?}",
+            id.name(),
+            role.as_str()
+        ))
     }
 }

@@ -23,7 +23,12 @@ impl EchoServer {
         let thread = std::thread::Builder::new()
             .name("echo".into())
             .spawn(move || serve(&socket, &e, &s))?;
-        Ok(EchoServer { addr, echoed, stop, thread: Some(thread) })
+        Ok(EchoServer {
+            addr,
+            echoed,
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -46,7 +51,11 @@ pub fn serve(socket: &UdpSocket, echoed: &AtomicU64, stop: &AtomicBool) {
                     echoed.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => tracing::debug!("echo: {e}"),
         }
     }

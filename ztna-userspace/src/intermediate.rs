@@ -214,7 +214,9 @@ impl IntermediateHandle {
 
     fn join(&mut self) -> anyhow::Result<()> {
         match self.thread.take() {
-            Some(t) => t.join().map_err(|_| anyhow::anyhow!("intermediate thread panicked"))?,
+            Some(t) => t
+                .join()
+                .map_err(|_| anyhow::anyhow!("intermediate thread panicked"))?,
             None => Ok(()),
         }
     }
@@ -319,14 +321,17 @@ impl Intermediate {
             .with_context(|| format!("reading {}", cfg.key_file.display()))?;
         let reset_key = hmac::Key::new(
             hmac::HMAC_SHA256,
-            ring::digest::digest(&ring::digest::SHA256, &[b"ztna stateless reset".as_slice(), &key_pem].concat())
-                .as_ref(),
+            ring::digest::digest(
+                &ring::digest::SHA256,
+                &[b"ztna stateless reset".as_slice(), &key_pem].concat(),
+            )
+            .as_ref(),
         );
         let rng = SystemRandom::new();
         let token_key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
             .map_err(|_| anyhow::anyhow!("generating the retry token key"))?;
-        let mut socket = UdpSocket::bind(cfg.listen)
-            .with_context(|| format!("binding UDP {}", cfg.listen))?;
+        let mut socket =
+            UdpSocket::bind(cfg.listen).with_context(|| format!("binding UDP {}", cfg.listen))?;
         let local = socket.local_addr()?;
         let poll = Poll::new()?;
         poll.registry()
@@ -429,7 +434,10 @@ impl Intermediate {
                 .into();
         }
         let tmp = path.with_extension("tmp");
-        if std::fs::write(&tmp, v.to_string()).and_then(|_| std::fs::rename(&tmp, path)).is_err() {
+        if std::fs::write(&tmp, v.to_string())
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .is_err()
+        {
             tracing::debug!("writing {}", path.display());
         }
     }
@@ -454,12 +462,13 @@ impl Intermediate {
                 return Ok(());
             }
             if shutdown.load(Ordering::SeqCst) && draining_since.is_none() {
-                tracing::info!(
-                    "shutting down: closing {} connections",
-                    self.clients.len()
-                );
+                tracing::info!("shutting down: closing {} connections", self.clients.len());
                 for c in self.clients.values_mut() {
-                    let _ = c.conn.close(true, app_error::SHUTTING_DOWN, b"intermediate shutting down");
+                    let _ = c.conn.close(
+                        true,
+                        app_error::SHUTTING_DOWN,
+                        b"intermediate shutting down",
+                    );
                 }
                 draining_since = Some(Instant::now());
             }
@@ -477,11 +486,13 @@ impl Intermediate {
                 .values()
                 .filter_map(|c| c.conn.timeout())
                 .min()
-                .map_or(Duration::from_millis(100), |t| t.min(Duration::from_millis(100)));
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e.into());
-                }
+                .map_or(Duration::from_millis(100), |t| {
+                    t.min(Duration::from_millis(100))
+                });
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                return Err(e.into());
             }
             let now = Instant::now();
             for c in self.clients.values_mut() {
@@ -739,7 +750,8 @@ impl Intermediate {
         let token = self.reset_token(&scid);
         self.quic.set_stateless_reset_token(Some(token));
         let odcid_ref = odcid.as_ref().map(|o| quiche::ConnectionId::from_ref(o));
-        let conn = match quiche::accept(&scid, odcid_ref.as_ref(), self.local, from, &mut self.quic) {
+        let conn = match quiche::accept(&scid, odcid_ref.as_ref(), self.local, from, &mut self.quic)
+        {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!("accept from {from}: {e}");
@@ -794,17 +806,27 @@ impl Intermediate {
             match client.conn.peer_cert() {
                 Some(der) => match PeerIdentity::from_der(der) {
                     Ok(identity) => {
-                        tracing::info!("client {id} connected from {} as {}", client.peer, identity.name());
+                        tracing::info!(
+                            "client {id} connected from {} as {}",
+                            client.peer,
+                            identity.name()
+                        );
                         client.identity = Some(identity);
                     }
                     Err(e) => {
                         tracing::warn!("client {id}: unreadable certificate: {e}");
-                        let _ = client.conn.close(true, app_error::BAD_CERTIFICATE, b"bad certificate");
+                        let _ =
+                            client
+                                .conn
+                                .close(true, app_error::BAD_CERTIFICATE, b"bad certificate");
                         return;
                     }
                 },
                 None if self.cfg.require_client_cert => {
-                    tracing::warn!("client {id} from {} refused: no client certificate", client.peer);
+                    tracing::warn!(
+                        "client {id} from {} refused: no client certificate",
+                        client.peer
+                    );
                     inc(&self.stats.refused_no_certificate);
                     let _ = client.conn.close(
                         true,
@@ -813,7 +835,10 @@ impl Intermediate {
                     );
                     return;
                 }
-                None => tracing::info!("client {id} connected from {} without certificate", client.peer),
+                None => tracing::info!(
+                    "client {id} connected from {} without certificate",
+                    client.peer
+                ),
             }
         }
         if client.qad_for != Some(client.peer) {
@@ -838,7 +863,9 @@ impl Intermediate {
         let Some(client) = self.clients.get_mut(&id) else {
             return;
         };
-        let (raw, errors) = client.frames.read(&mut client.conn, frames::CLIENT_FRAME_STREAM);
+        let (raw, errors) = client
+            .frames
+            .read(&mut client.conn, frames::CLIENT_FRAME_STREAM);
         self.stats.bad_frames.fetch_add(errors, Ordering::Relaxed);
         for bytes in raw {
             match frame_io::decode(&bytes) {
@@ -861,10 +888,15 @@ impl Intermediate {
 
     fn handle_frame(&mut self, id: ClientId, frame: Frame<'_>, now: Instant) {
         match frame {
-            Frame::SessionRequest { request_id, service } => {
+            Frame::SessionRequest {
+                request_id,
+                service,
+            } => {
                 let refuse = |this: &mut Self, status: RefusedStatus| {
                     inc(&this.stats.relay_sessions_refused);
-                    tracing::info!("client {id}: relay session for {service:?} refused: {status:?}");
+                    tracing::info!(
+                        "client {id}: relay session for {service:?} refused: {status:?}"
+                    );
                     this.queue_frame(id, &Frame::SessionRefused { request_id, status });
                 };
                 let Some(agent) = self.clients.get(&id) else {
@@ -880,7 +912,15 @@ impl Intermediate {
                 let Some(connector_addr) = self.clients.get(&conn_id).map(|c| c.peer) else {
                     return refuse(self, RefusedStatus::NoConnector);
                 };
-                match self.relay.create(id, agent_addr, conn_id, connector_addr, service, request_id, now) {
+                match self.relay.create(
+                    id,
+                    agent_addr,
+                    conn_id,
+                    connector_addr,
+                    service,
+                    request_id,
+                    now,
+                ) {
                     Ok(s) => {
                         inc(&self.stats.relay_sessions_created);
                         tracing::info!(
@@ -913,29 +953,54 @@ impl Intermediate {
                     );
                     let forwarding = self.forwarding_of(&s);
                     for c in [s.agent, s.connector] {
-                        self.queue_frame(c, &Frame::SessionPath { session_id, forwarding });
+                        self.queue_frame(
+                            c,
+                            &Frame::SessionPath {
+                                session_id,
+                                forwarding,
+                            },
+                        );
                     }
                 }
                 None => inc(&self.stats.bad_frames),
             },
-            Frame::Candidates { session_id, password, count, candidates } => {
-                let other = self.relay.sessions().find(|s| s.id == session_id && s.accepted).and_then(|s| {
-                    if s.agent == id {
-                        Some(s.connector)
-                    } else if s.connector == id {
-                        Some(s.agent)
-                    } else {
-                        None
-                    }
-                });
+            Frame::Candidates {
+                session_id,
+                password,
+                count,
+                candidates,
+            } => {
+                let other = self
+                    .relay
+                    .sessions()
+                    .find(|s| s.id == session_id && s.accepted)
+                    .and_then(|s| {
+                        if s.agent == id {
+                            Some(s.connector)
+                        } else if s.connector == id {
+                            Some(s.agent)
+                        } else {
+                            None
+                        }
+                    });
                 match other {
                     Some(other) => {
                         inc(&self.stats.candidates_forwarded);
-                        self.queue_frame(other, &Frame::Candidates { session_id, password, count, candidates });
+                        self.queue_frame(
+                            other,
+                            &Frame::Candidates {
+                                session_id,
+                                password,
+                                count,
+                                candidates,
+                            },
+                        );
                     }
                     None => {
                         inc(&self.stats.candidates_refused);
-                        tracing::warn!("client {id}: CANDIDATES for session {session_id} it is not part of: refused");
+                        tracing::warn!(
+                            "client {id}: CANDIDATES for session {session_id} it is not part of: refused"
+                        );
                     }
                 }
             }
@@ -958,9 +1023,11 @@ impl Intermediate {
     /// How a session's packets are forwarded: XDP only handles IPv4 entries.
     fn forwarding_of(&self, s: &crate::relay::RelaySession) -> u8 {
         use ztna_common::frames::forwarding;
-        let v4 = [s.agent_cid, s.connector_cid]
-            .iter()
-            .all(|c| self.relay.entry(c).is_some_and(|f| f.peer.is_ipv4() && f.expected.is_ipv4()));
+        let v4 = [s.agent_cid, s.connector_cid].iter().all(|c| {
+            self.relay
+                .entry(c)
+                .is_some_and(|f| f.peer.is_ipv4() && f.expected.is_ipv4())
+        });
         match (self.xdp_mode(), v4) {
             ("native", true) => forwarding::XDP_NATIVE,
             ("generic", true) => forwarding::XDP_GENERIC,
@@ -981,13 +1048,25 @@ impl Intermediate {
                     status: RefusedStatus::ConnectorTimeout,
                 },
             );
-            self.queue_frame(s.connector, &Frame::SessionClose { session_id: s.id, reason: close_reason::IDLE });
+            self.queue_frame(
+                s.connector,
+                &Frame::SessionClose {
+                    session_id: s.id,
+                    reason: close_reason::IDLE,
+                },
+            );
         }
         for s in idle {
             inc(&self.stats.relay_sessions_closed);
             tracing::info!("relay session {} idle: removed", s.id);
             for c in [s.agent, s.connector] {
-                self.queue_frame(c, &Frame::SessionClose { session_id: s.id, reason: close_reason::IDLE });
+                self.queue_frame(
+                    c,
+                    &Frame::SessionClose {
+                        session_id: s.id,
+                        reason: close_reason::IDLE,
+                    },
+                );
             }
         }
     }
@@ -1037,7 +1116,13 @@ impl Intermediate {
         if !valid_service_id(service) {
             inc(&self.stats.registrations_refused);
             tracing::warn!("client {id}: registration refused: invalid service id {service:?}");
-            self.reply(id, &ControlMessage::RegisterNack { status: NackStatus::InvalidId, service });
+            self.reply(
+                id,
+                &ControlMessage::RegisterNack {
+                    status: NackStatus::InvalidId,
+                    service,
+                },
+            );
             return;
         }
         let Some(client) = self.clients.get_mut(&id) else {
@@ -1114,7 +1199,9 @@ impl Intermediate {
         // Connector → agent?
         let as_connector = match service {
             Some(s) => client.connector_of.contains(s).then(|| {
-                self.flows.inbound(s, &key, now).map(|i| (s.to_string(), i.clone()))
+                self.flows
+                    .inbound(s, &key, now)
+                    .map(|i| (s.to_string(), i.clone()))
             }),
             None if !client.connector_of.is_empty() => {
                 let services: Vec<String> = client.connector_of.iter().cloned().collect();
@@ -1133,7 +1220,10 @@ impl Intermediate {
             let msg = if inbound.raw {
                 ControlMessage::RawIp { packet: ip }
             } else {
-                ControlMessage::ServicePacket { service: &service, packet: ip }
+                ControlMessage::ServicePacket {
+                    service: &service,
+                    packet: ip,
+                }
             };
             self.forward(inbound.agent, &msg, &stats.relayed_to_agent);
             return;
@@ -1166,7 +1256,10 @@ impl Intermediate {
                 return;
             }
         }
-        let msg = ControlMessage::ServicePacket { service: &service, packet: ip };
+        let msg = ControlMessage::ServicePacket {
+            service: &service,
+            packet: ip,
+        };
         self.forward(connector, &msg, &stats.relayed_to_connector);
     }
 
@@ -1203,7 +1296,13 @@ impl Intermediate {
             for s in self.relay.remove_client(id) {
                 inc(&self.stats.relay_sessions_closed);
                 let other = if s.agent == id { s.connector } else { s.agent };
-                self.queue_frame(other, &Frame::SessionClose { session_id: s.id, reason: close_reason::PEER_GONE });
+                self.queue_frame(
+                    other,
+                    &Frame::SessionClose {
+                        session_id: s.id,
+                        reason: close_reason::PEER_GONE,
+                    },
+                );
             }
             for s in &c.connector_of {
                 if let Some(entry) = self.services.get_mut(s)
@@ -1232,7 +1331,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

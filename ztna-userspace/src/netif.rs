@@ -52,15 +52,24 @@ pub fn candidates(local: SocketAddr, reflexive: Option<SocketAddr>) -> Vec<Candi
         interface_addrs()
             .into_iter()
             .filter(|ip| ip.is_ipv4() == local.is_ipv4())
-            .map(|ip| Candidate { kind: CandidateKind::Host, addr: SocketAddr::new(ip, local.port()) })
+            .map(|ip| Candidate {
+                kind: CandidateKind::Host,
+                addr: SocketAddr::new(ip, local.port()),
+            })
             .collect()
     } else {
-        vec![Candidate { kind: CandidateKind::Host, addr: local }]
+        vec![Candidate {
+            kind: CandidateKind::Host,
+            addr: local,
+        }]
     };
     if let Some(r) = reflexive
         && !c.iter().any(|x| x.addr == r)
     {
-        c.push(Candidate { kind: CandidateKind::ServerReflexive, addr: r });
+        c.push(Candidate {
+            kind: CandidateKind::ServerReflexive,
+            addr: r,
+        });
     }
     c
 }
@@ -71,13 +80,26 @@ mod tests {
 
     #[test]
     fn candidates_for_a_bound_socket() {
-        let c = candidates("127.0.0.1:5000".parse().unwrap(), Some("203.0.113.9:6000".parse().unwrap()));
+        let c = candidates(
+            "127.0.0.1:5000".parse().unwrap(),
+            Some("203.0.113.9:6000".parse().unwrap()),
+        );
         assert_eq!(c.len(), 2);
         assert_eq!(c[0].kind, CandidateKind::Host);
         assert_eq!(c[1].kind, CandidateKind::ServerReflexive);
-        let same = candidates("127.0.0.1:5000".parse().unwrap(), Some("127.0.0.1:5000".parse().unwrap()));
-        assert_eq!(same.len(), 1, "a reflexive address equal to a host one is not repeated");
+        let same = candidates(
+            "127.0.0.1:5000".parse().unwrap(),
+            Some("127.0.0.1:5000".parse().unwrap()),
+        );
+        assert_eq!(
+            same.len(),
+            1,
+            "a reflexive address equal to a host one is not repeated"
+        );
         let any = candidates("0.0.0.0:5000".parse().unwrap(), None);
-        assert!(any.iter().all(|c| c.addr.port() == 5000 && c.addr.is_ipv4() && !c.addr.ip().is_loopback()));
+        assert!(
+            any.iter()
+                .all(|c| c.addr.port() == 5000 && c.addr.is_ipv4() && !c.addr.ip().is_loopback())
+        );
     }
 }

@@ -29,7 +29,13 @@ pub const SESSION_IDLE: Duration = Duration::from_secs(60);
 /// The kernel side of the forwarding table (the XDP program's map).
 pub trait KernelTable: Send {
     /// Installs or replaces the entry for `cid`. IPv4 only: others stay in userspace.
-    fn insert(&mut self, cid: &Cid, peer: SocketAddr, expected: SocketAddr, session: u32) -> Result<(), String>;
+    fn insert(
+        &mut self,
+        cid: &Cid,
+        peer: SocketAddr,
+        expected: SocketAddr,
+        session: u32,
+    ) -> Result<(), String>;
     fn remove(&mut self, cid: &Cid);
     /// (packets, bytes, last seen as CLOCK_MONOTONIC ns) summed over CPUs.
     fn stats(&self, cid: &Cid) -> Option<(u64, u64, u64)>;
@@ -73,7 +79,9 @@ pub enum ForwardResult {
     Send(SocketAddr),
     Unknown,
     /// From another address than expected; `sender` is the client that should own it.
-    Mismatch { sender: ClientId },
+    Mismatch {
+        sender: ClientId,
+    },
 }
 
 pub struct RelayTable {
@@ -182,8 +190,14 @@ impl RelayTable {
             bytes: 0,
             last_seen: now,
         };
-        self.install(connector_cid, entry(connector_addr, agent_addr, agent, connector));
-        self.install(agent_cid, entry(agent_addr, connector_addr, connector, agent));
+        self.install(
+            connector_cid,
+            entry(connector_addr, agent_addr, agent, connector),
+        );
+        self.install(
+            agent_cid,
+            entry(agent_addr, connector_addr, connector, agent),
+        );
         let s = RelaySession {
             id,
             service: service.to_string(),
@@ -203,7 +217,12 @@ impl RelayTable {
     /// A session between two fixed addresses, for benchmarks and path diagnostics:
     /// packets from `a` with DCID `connector_cid` go to `b`, packets from `b` with
     /// DCID `agent_cid` go to `a`.
-    pub fn create_static(&mut self, a: SocketAddr, b: SocketAddr, now: Instant) -> Result<RelaySession, RefusedStatus> {
+    pub fn create_static(
+        &mut self,
+        a: SocketAddr,
+        b: SocketAddr,
+        now: Instant,
+    ) -> Result<RelaySession, RefusedStatus> {
         let mut s = self.create(STATIC_CLIENT, a, STATIC_CLIENT, b, "static", 0, now)?;
         s.accepted = true;
         s.is_static = true;
@@ -267,7 +286,13 @@ impl RelayTable {
     }
 
     /// Userspace forwarding decision for one packet.
-    pub fn forward(&mut self, cid: &Cid, from: SocketAddr, len: usize, now: Instant) -> ForwardResult {
+    pub fn forward(
+        &mut self,
+        cid: &Cid,
+        from: SocketAddr,
+        len: usize,
+        now: Instant,
+    ) -> ForwardResult {
         let Some(f) = self.fwd.get_mut(cid) else {
             return ForwardResult::Unknown;
         };
@@ -282,7 +307,11 @@ impl RelayTable {
 
     /// Expires offers nobody accepted and sessions nothing used.
     /// Returns (unaccepted offers, idle sessions).
-    pub fn expire(&mut self, now: Instant, kernel_now_ns: Option<u64>) -> (Vec<RelaySession>, Vec<RelaySession>) {
+    pub fn expire(
+        &mut self,
+        now: Instant,
+        kernel_now_ns: Option<u64>,
+    ) -> (Vec<RelaySession>, Vec<RelaySession>) {
         let mut unaccepted = Vec::new();
         let mut idle = Vec::new();
         let ids: Vec<u32> = self.sessions.keys().copied().collect();
@@ -310,12 +339,16 @@ impl RelayTable {
     }
 
     fn idle_for(&self, cid: &Cid, now: Instant, kernel_now_ns: Option<u64>) -> Duration {
-        let user = self
-            .fwd
-            .get(cid)
-            .map_or(Duration::MAX, |f| now.saturating_duration_since(f.last_seen));
-        let kernel = match (self.kernel.as_ref().and_then(|k| k.stats(cid)), kernel_now_ns) {
-            (Some((p, _, last)), Some(know)) if p > 0 => Duration::from_nanos(know.saturating_sub(last)),
+        let user = self.fwd.get(cid).map_or(Duration::MAX, |f| {
+            now.saturating_duration_since(f.last_seen)
+        });
+        let kernel = match (
+            self.kernel.as_ref().and_then(|k| k.stats(cid)),
+            kernel_now_ns,
+        ) {
+            (Some((p, _, last)), Some(know)) if p > 0 => {
+                Duration::from_nanos(know.saturating_sub(last))
+            }
             _ => Duration::MAX,
         };
         user.min(kernel)
@@ -356,7 +389,17 @@ mod tests {
     fn create_forward_mismatch_move_close() {
         let now = Instant::now();
         let mut t = RelayTable::new(100);
-        let s = t.create(1, a("192.0.2.1:1000"), 2, a("198.51.100.1:2000"), "echo", 7, now).unwrap();
+        let s = t
+            .create(
+                1,
+                a("192.0.2.1:1000"),
+                2,
+                a("198.51.100.1:2000"),
+                "echo",
+                7,
+                now,
+            )
+            .unwrap();
         assert_eq!(s.agent_cid[0], RELAY_CID_MARKER);
         assert_ne!(s.agent_cid, s.connector_cid);
         // agent → connector
@@ -383,18 +426,28 @@ mod tests {
             ForwardResult::Send(a("192.0.2.9:1000"))
         );
         assert_eq!(t.counters(&s.connector_cid).0, 2);
-        assert!(t.accept(3, s.id).is_none(), "only the offered connector accepts");
+        assert!(
+            t.accept(3, s.id).is_none(),
+            "only the offered connector accepts"
+        );
         assert!(t.accept(2, s.id).is_some());
         assert_eq!(t.remove_client(2).len(), 1);
-        assert_eq!(t.forward(&s.agent_cid, a("198.51.100.1:2000"), 1, now), ForwardResult::Unknown);
+        assert_eq!(
+            t.forward(&s.agent_cid, a("198.51.100.1:2000"), 1, now),
+            ForwardResult::Unknown
+        );
     }
 
     #[test]
     fn unaccepted_offers_and_idle_sessions_expire() {
         let now = Instant::now();
         let mut t = RelayTable::new(100);
-        let s1 = t.create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 1, now).unwrap();
-        let s2 = t.create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 2, now).unwrap();
+        let s1 = t
+            .create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 1, now)
+            .unwrap();
+        let s2 = t
+            .create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 2, now)
+            .unwrap();
         t.accept(2, s2.id).unwrap();
         let (un, idle) = t.expire(now + ACCEPT_TIMEOUT + Duration::from_millis(1), None);
         assert_eq!(un.iter().map(|s| s.id).collect::<Vec<_>>(), vec![s1.id]);
@@ -408,9 +461,11 @@ mod tests {
     fn table_full() {
         let now = Instant::now();
         let mut t = RelayTable::new(2);
-        t.create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 1, now).unwrap();
+        t.create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 1, now)
+            .unwrap();
         assert_eq!(
-            t.create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 2, now).unwrap_err(),
+            t.create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 2, now)
+                .unwrap_err(),
             RefusedStatus::TableFull
         );
     }
@@ -418,12 +473,47 @@ mod tests {
     #[test]
     fn relay_cid_detection() {
         let mut short = vec![0x40u8, RELAY_CID_MARKER, 1, 2, 3, 4, 5, 6, 7, 0, 0];
-        assert_eq!(relay_cid_of(&short), Some([RELAY_CID_MARKER, 1, 2, 3, 4, 5, 6, 7]));
+        assert_eq!(
+            relay_cid_of(&short),
+            Some([RELAY_CID_MARKER, 1, 2, 3, 4, 5, 6, 7])
+        );
         short[1] = 0;
         assert_eq!(relay_cid_of(&short), None);
-        let long = [0xc0u8, 0, 0, 0, 1, 8, RELAY_CID_MARKER, 1, 2, 3, 4, 5, 6, 7, 0];
+        let long = [
+            0xc0u8,
+            0,
+            0,
+            0,
+            1,
+            8,
+            RELAY_CID_MARKER,
+            1,
+            2,
+            3,
+            4,
+            5,
+            6,
+            7,
+            0,
+        ];
         assert!(relay_cid_of(&long).is_some());
-        let long16 = [0xc0u8, 0, 0, 0, 1, 16, RELAY_CID_MARKER, 1, 2, 3, 4, 5, 6, 7, 0];
+        let long16 = [
+            0xc0u8,
+            0,
+            0,
+            0,
+            1,
+            16,
+            RELAY_CID_MARKER,
+            1,
+            2,
+            3,
+            4,
+            5,
+            6,
+            7,
+            0,
+        ];
         assert_eq!(relay_cid_of(&long16), None);
         assert_eq!(relay_cid_of(&[0x40, RELAY_CID_MARKER]), None);
     }

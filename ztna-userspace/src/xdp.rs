@@ -11,13 +11,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use aya::programs::{Xdp, XdpMode};
-use aya::Ebpf;
 use ztna_common::frames::Cid;
 use ztna_common::relay::{
-    MAP_CONFIG, MAP_RELAY, MAP_SESSION_STATS, MAP_STATS, PIN_DIR, PROGRAM_NAME, RelayConfig, RelayEntry,
-    RelayKey, SessionStats, VERDICT_COUNT, Verdict,
+    MAP_CONFIG, MAP_RELAY, MAP_SESSION_STATS, MAP_STATS, PIN_DIR, PROGRAM_NAME, RelayConfig,
+    RelayEntry, RelayKey, SessionStats, VERDICT_COUNT, Verdict,
 };
 
 use crate::relay::KernelTable;
@@ -60,10 +60,19 @@ fn mount_bpffs() -> anyhow::Result<()> {
     }
     // SAFETY: plain mount(2) with static C strings.
     let rc = unsafe {
-        libc::mount(c"bpf".as_ptr(), path.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            c"bpf".as_ptr(),
+            path.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
-        bail!("mounting bpffs on /sys/fs/bpf: {}", std::io::Error::last_os_error());
+        bail!(
+            "mounting bpffs on /sys/fs/bpf: {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
@@ -72,10 +81,14 @@ fn mount_bpffs() -> anyhow::Result<()> {
 /// forwarding off (BPF_FIB_LKUP_RET_FWD_DISABLED), like the kernel's own forwarding.
 fn enable_forwarding(iface: &str) -> anyhow::Result<()> {
     let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
-    let now = std::fs::read_to_string(&path).with_context(|| format!("reading {path} (does {iface} exist?)"))?;
+    let now = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {path} (does {iface} exist?)"))?;
     if now.trim() != "1" {
-        std::fs::write(&path, "1").with_context(|| format!("enabling IPv4 forwarding in {path}"))?;
-        tracing::warn!("enabled IPv4 forwarding on {iface} ({path}): XDP forwarding needs it for route lookups");
+        std::fs::write(&path, "1")
+            .with_context(|| format!("enabling IPv4 forwarding in {path}"))?;
+        tracing::warn!(
+            "enabled IPv4 forwarding on {iface} ({path}): XDP forwarding needs it for route lookups"
+        );
     }
     Ok(())
 }
@@ -127,7 +140,10 @@ pub fn load(
     for (mode, name) in modes {
         match try_load(object, *mode, interfaces, relay_port) {
             Ok((ebpf, table)) => {
-                tracing::info!("XDP relay attached in {name} mode to {}", interfaces.join(", "));
+                tracing::info!(
+                    "XDP relay attached in {name} mode to {}",
+                    interfaces.join(", ")
+                );
                 return Ok((
                     XdpRelay {
                         _ebpf: ebpf,
@@ -147,7 +163,12 @@ pub fn load(
     Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no XDP mode tried")))
 }
 
-fn try_load(object: &[u8], mode: XdpMode, interfaces: &[String], relay_port: u16) -> anyhow::Result<(Ebpf, XdpTable)> {
+fn try_load(
+    object: &[u8],
+    mode: XdpMode,
+    interfaces: &[String],
+    relay_port: u16,
+) -> anyhow::Result<(Ebpf, XdpTable)> {
     let mut ebpf = aya::EbpfLoader::new()
         .default_map_pin_directory(PIN_DIR)
         .load(object)
@@ -157,13 +178,23 @@ fn try_load(object: &[u8], mode: XdpMode, interfaces: &[String], relay_port: u16
         if let Some(map) = ebpf.map(m)
             && !pin_path(m).exists()
         {
-            map.pin(pin_path(m)).with_context(|| format!("pinning {m}"))?;
+            map.pin(pin_path(m))
+                .with_context(|| format!("pinning {m}"))?;
         }
     }
     {
-        let mut config: Array<_, RelayConfig> =
-            Array::try_from(ebpf.map_mut(MAP_CONFIG).context("map ZTNA_CONFIG missing")?)?;
-        config.set(0, RelayConfig { port: relay_port.to_be(), ..Default::default() }, 0)?;
+        let mut config: Array<_, RelayConfig> = Array::try_from(
+            ebpf.map_mut(MAP_CONFIG)
+                .context("map ZTNA_CONFIG missing")?,
+        )?;
+        config.set(
+            0,
+            RelayConfig {
+                port: relay_port.to_be(),
+                ..Default::default()
+            },
+            0,
+        )?;
     }
     let prog: &mut Xdp = ebpf
         .program_mut(PROGRAM_NAME)
@@ -184,9 +215,13 @@ fn try_load(object: &[u8], mode: XdpMode, interfaces: &[String], relay_port: u16
 pub fn attach_pass(iface: &str) -> anyhow::Result<Ebpf> {
     let object = embedded_object().context("this build has no eBPF object")?;
     let mut ebpf = Ebpf::load(object).context("loading the eBPF object")?;
-    let prog: &mut Xdp = ebpf.program_mut("ztna_pass").context("program ztna_pass missing")?.try_into()?;
+    let prog: &mut Xdp = ebpf
+        .program_mut("ztna_pass")
+        .context("program ztna_pass missing")?
+        .try_into()?;
     prog.load()?;
-    prog.attach(iface, XdpMode::Driver).with_context(|| format!("attaching ztna_pass to {iface}"))?;
+    prog.attach(iface, XdpMode::Driver)
+        .with_context(|| format!("attaching ztna_pass to {iface}"))?;
     Ok(ebpf)
 }
 
@@ -198,7 +233,8 @@ pub struct XdpTable {
 }
 
 fn open_pinned(name: &str) -> anyhow::Result<aya::maps::Map> {
-    let data = MapData::from_pin(pin_path(name)).with_context(|| format!("opening pinned {}", pin_path(name).display()))?;
+    let data = MapData::from_pin(pin_path(name))
+        .with_context(|| format!("opening pinned {}", pin_path(name).display()))?;
     Ok(aya::maps::Map::from_map_data(data)?)
 }
 
@@ -245,14 +281,23 @@ fn v4(a: SocketAddr) -> Option<(u32, u16)> {
 }
 
 impl KernelTable for XdpTable {
-    fn insert(&mut self, cid: &Cid, peer: SocketAddr, expected: SocketAddr, session: u32) -> Result<(), String> {
+    fn insert(
+        &mut self,
+        cid: &Cid,
+        peer: SocketAddr,
+        expected: SocketAddr,
+        session: u32,
+    ) -> Result<(), String> {
         let (Some((pa, pp)), Some((ea, ep))) = (v4(peer), v4(expected)) else {
             return Err("IPv6 relay entries stay in userspace".into());
         };
         let key = RelayKey { cid: *cid };
         if self.sessions.get(&key, 0).is_err() {
-            let zero = PerCpuValues::try_from(vec![SessionStats::default(); self.ncpu]).map_err(|e| e.to_string())?;
-            self.sessions.insert(key, zero, 0).map_err(|e| e.to_string())?;
+            let zero = PerCpuValues::try_from(vec![SessionStats::default(); self.ncpu])
+                .map_err(|e| e.to_string())?;
+            self.sessions
+                .insert(key, zero, 0)
+                .map_err(|e| e.to_string())?;
         }
         let entry = RelayEntry {
             peer_addr: pa,

@@ -41,7 +41,13 @@ fn start_intermediate(pki: &DevPki, addr: SocketAddr) -> IntermediateHandle {
     intermediate::spawn(cfg).unwrap()
 }
 
-fn client_cfg(pki: &DevPki, server: SocketAddr, role: Role, cert: &Path, key: &Path) -> ClientConfig {
+fn client_cfg(
+    pki: &DevPki,
+    server: SocketAddr,
+    role: Role,
+    cert: &Path,
+    key: &Path,
+) -> ClientConfig {
     let mut c = ClientConfig::new(server, role, vec![SERVICE.to_string()]);
     c.server_name = "intermediate.ztna".into();
     c.ca_file = Some(pki.ca_cert.to_str().unwrap().into());
@@ -55,8 +61,18 @@ fn client_cfg(pki: &DevPki, server: SocketAddr, role: Role, cert: &Path, key: &P
 }
 
 /// Starts a connector and waits until the intermediate has ACKed its registration.
-fn start_connector(pki: &DevPki, server: SocketAddr, backend: SocketAddr) -> connector::ConnectorHandle {
-    let cfg = client_cfg(pki, server, Role::Connector, &pki.connector_cert, &pki.connector_key);
+fn start_connector(
+    pki: &DevPki,
+    server: SocketAddr,
+    backend: SocketAddr,
+) -> connector::ConnectorHandle {
+    let cfg = client_cfg(
+        pki,
+        server,
+        Role::Connector,
+        &pki.connector_cert,
+        &pki.connector_key,
+    );
     let spec = ServiceSpec {
         id: SERVICE.into(),
         backend,
@@ -73,19 +89,37 @@ fn start_connector(pki: &DevPki, server: SocketAddr, backend: SocketAddr) -> con
 
 /// An agent on the datagram relay (the original protocol's path).
 fn agent(pki: &DevPki, server: SocketAddr) -> Agent {
-    Agent::connect_with(client_cfg(pki, server, Role::Agent, &pki.agent_cert, &pki.agent_key), false).unwrap()
+    Agent::connect_with(
+        client_cfg(pki, server, Role::Agent, &pki.agent_cert, &pki.agent_key),
+        false,
+    )
+    .unwrap()
 }
 
 /// An agent that sets up a relayed data connection, without hole punching.
 fn agent_relay(pki: &DevPki, server: SocketAddr) -> Agent {
-    let mut a = Agent::connect(client_cfg(pki, server, Role::Agent, &pki.agent_cert, &pki.agent_key)).unwrap();
+    let mut a = Agent::connect(client_cfg(
+        pki,
+        server,
+        Role::Agent,
+        &pki.agent_cert,
+        &pki.agent_key,
+    ))
+    .unwrap();
     a.set_p2p(false);
     a
 }
 
 /// An agent with everything on: relayed data connection, then the direct path.
 fn agent_p2p(pki: &DevPki, server: SocketAddr) -> Agent {
-    Agent::connect(client_cfg(pki, server, Role::Agent, &pki.agent_cert, &pki.agent_key)).unwrap()
+    Agent::connect(client_cfg(
+        pki,
+        server,
+        Role::Agent,
+        &pki.agent_cert,
+        &pki.agent_key,
+    ))
+    .unwrap()
 }
 
 struct World {
@@ -114,7 +148,10 @@ fn world(name: &str) -> World {
     }
 }
 
-fn stat(w: &World, f: impl Fn(&intermediate::IntermediateStats) -> &std::sync::atomic::AtomicU64) -> u64 {
+fn stat(
+    w: &World,
+    f: impl Fn(&intermediate::IntermediateStats) -> &std::sync::atomic::AtomicU64,
+) -> u64 {
     f(&w.inter.as_ref().unwrap().stats).load(Ordering::Relaxed)
 }
 
@@ -152,7 +189,8 @@ fn echo_until_ok(a: &mut Agent, from: SocketAddr, within: Duration) -> Option<Du
             let _ = a.recv_packet(Duration::from_millis(100));
             continue;
         }
-        if echo_once(a, from, &payload, Duration::from_millis(300)).as_deref() == Some(&payload[..]) {
+        if echo_once(a, from, &payload, Duration::from_millis(300)).as_deref() == Some(&payload[..])
+        {
             return Some(start.elapsed());
         }
     }
@@ -174,8 +212,14 @@ fn qad_reports_the_clients_real_address_and_registration_is_acked() {
         .or_else(|| a.client().observed_address())
         .expect("QAD received");
     assert_eq!(observed, a.local_addr());
-    assert!(a.events().contains(&ClientEvent::Registered(SERVICE.into())));
-    assert!(stat(&w, |s| &s.qad_sent) >= 2, "agent and connector each get QAD");
+    assert!(
+        a.events()
+            .contains(&ClientEvent::Registered(SERVICE.into()))
+    );
+    assert!(
+        stat(&w, |s| &s.qad_sent) >= 2,
+        "agent and connector each get QAD"
+    );
     assert!(stat(&w, |s| &s.registrations_accepted) >= 2);
 }
 
@@ -202,10 +246,16 @@ fn echo_is_byte_exact_at_0_1_100_and_max_and_max_plus_one_is_refused() {
             timeout: Duration::from_secs(3),
         };
         let r = run_echo(&mut a, &opts).unwrap();
-        assert_eq!((r.sent, r.echoed_exact, r.corrupted, r.lost), (3, 3, 0, 0), "size {size}: {r:?}");
+        assert_eq!(
+            (r.sent, r.echoed_exact, r.corrupted, r.lost),
+            (3, 3, 0, 0),
+            "size {size}: {r:?}"
+        );
     }
     let too_big = vec![7u8; max + 1];
-    let err = a.send_udp(SERVICE, src(40000), dst(), &too_big).unwrap_err();
+    let err = a
+        .send_udp(SERVICE, src(40000), dst(), &too_big)
+        .unwrap_err();
     let err = err.downcast::<ClientError>().unwrap();
     assert!(
         matches!(err, ClientError::PacketTooLarge { size, max: m } if size == max + 1 + 28 && m == max + 28),
@@ -241,43 +291,81 @@ fn nack_not_authorized_for_uncovered_san_and_invalid_id() {
     let w = world("nack");
     let dir = w.pki.dir.clone();
     // An agent certificate for another service.
-    let (cert, key) = identity::issue_leaf(&w.pki.ca_cert, &w.pki.ca_key, &dir, "other", &["agent.other.ztna".into()]).unwrap();
-    let mut a = Agent::connect_with(client_cfg(&w.pki, w.server, Role::Agent, &cert, &key), false).unwrap();
+    let (cert, key) = identity::issue_leaf(
+        &w.pki.ca_cert,
+        &w.pki.ca_key,
+        &dir,
+        "other",
+        &["agent.other.ztna".into()],
+    )
+    .unwrap();
+    let mut a = Agent::connect_with(
+        client_cfg(&w.pki, w.server, Role::Agent, &cert, &key),
+        false,
+    )
+    .unwrap();
     assert_eq!(
-        a.wait_registration_result(SERVICE, Duration::from_secs(10)).unwrap(),
+        a.wait_registration_result(SERVICE, Duration::from_secs(10))
+            .unwrap(),
         Some(NackStatus::NotAuthorized)
     );
     // The agent certificate cannot register as the connector of its own service.
-    let mut cfg = client_cfg(&w.pki, w.server, Role::Connector, &w.pki.agent_cert, &w.pki.agent_key);
+    let mut cfg = client_cfg(
+        &w.pki,
+        w.server,
+        Role::Connector,
+        &w.pki.agent_cert,
+        &w.pki.agent_key,
+    );
     cfg.role = Role::Connector;
-    let mut c = ztna_core::ControlClient::new(cfg, "127.0.0.1:0".parse().unwrap(), Instant::now()).unwrap();
+    let mut c =
+        ztna_core::ControlClient::new(cfg, "127.0.0.1:0".parse().unwrap(), Instant::now()).unwrap();
     let _ = &mut c; // registration by role is covered below through the agent driver
     // Invalid id: characters that cannot appear in a SAN.
-    let mut cfg = client_cfg(&w.pki, w.server, Role::Agent, &w.pki.agent_cert, &w.pki.agent_key);
+    let mut cfg = client_cfg(
+        &w.pki,
+        w.server,
+        Role::Agent,
+        &w.pki.agent_cert,
+        &w.pki.agent_key,
+    );
     cfg.services = vec!["bad id!".into()];
     let mut b = Agent::connect(cfg).unwrap();
     assert_eq!(
-        b.wait_registration_result("bad id!", Duration::from_secs(10)).unwrap(),
+        b.wait_registration_result("bad id!", Duration::from_secs(10))
+            .unwrap(),
         Some(NackStatus::InvalidId)
     );
     assert!(stat(&w, |s| &s.registrations_refused) >= 2);
     // A refused agent cannot send into the service.
     let pkt = packet::build_udp(src(1), dst(), b"x").unwrap();
-    assert!(matches!(a.send_packet(SERVICE, &pkt), Err(ClientError::NotRegistered(_))));
+    assert!(matches!(
+        a.send_packet(SERVICE, &pkt),
+        Err(ClientError::NotRegistered(_))
+    ));
 }
 
 #[test]
 fn agent_certificate_cannot_register_as_connector() {
     let w = world("role");
-    let mut cfg = client_cfg(&w.pki, w.server, Role::Agent, &w.pki.agent_cert, &w.pki.agent_key);
+    let mut cfg = client_cfg(
+        &w.pki,
+        w.server,
+        Role::Agent,
+        &w.pki.agent_cert,
+        &w.pki.agent_key,
+    );
     cfg.role = Role::Connector;
     // Drive a connector-role client by hand: the Agent driver forces Role::Agent.
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let mut c = ztna_core::ControlClient::new(cfg, socket.local_addr().unwrap(), Instant::now()).unwrap();
+    let mut c =
+        ztna_core::ControlClient::new(cfg, socket.local_addr().unwrap(), Instant::now()).unwrap();
     let mut buf = vec![0u8; 65535];
     let mut out = vec![0u8; 1500];
     let deadline = Instant::now() + Duration::from_secs(10);
-    socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
     let mut refused = None;
     while Instant::now() < deadline && refused.is_none() {
         while let Some((n, to)) = c.poll_transmit(&mut out, Instant::now()) {
@@ -303,19 +391,32 @@ fn client_without_certificate_is_refused() {
     cfg.ca_file = Some(w.pki.ca_cert.to_str().unwrap().into());
     cfg.reconnect = false;
     let mut a = Agent::connect(cfg).unwrap();
-    let err = a.wait_registered(Duration::from_secs(10)).unwrap_err().to_string();
+    let err = a
+        .wait_registered(Duration::from_secs(10))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("client certificate required"), "{err}");
     assert!(a.events().iter().any(|e| matches!(e,
         ClientEvent::Disconnected { reason, .. } if reason.contains(&format!("0x{:x}", app_error::CERTIFICATE_REQUIRED)))));
     assert_eq!(stat(&w, |s| &s.refused_no_certificate), 1);
-    assert_eq!(stat(&w, |s| &s.registrations_accepted), 1, "only the connector registered");
+    assert_eq!(
+        stat(&w, |s| &s.registrations_accepted),
+        1,
+        "only the connector registered"
+    );
 }
 
 #[test]
 fn certificate_from_another_ca_fails_the_handshake() {
     let w = world("otherca");
     let other = pki("otherca-2");
-    let mut cfg = client_cfg(&w.pki, w.server, Role::Agent, &other.agent_cert, &other.agent_key);
+    let mut cfg = client_cfg(
+        &w.pki,
+        w.server,
+        Role::Agent,
+        &other.agent_cert,
+        &other.agent_key,
+    );
     cfg.reconnect = false;
     let mut a = Agent::connect(cfg).unwrap();
     assert!(a.wait_registered(Duration::from_secs(10)).is_err());
@@ -335,15 +436,24 @@ fn two_agents_same_tunnel_address_and_port_each_get_only_their_replies() {
         let pb = format!("from-b-{round}").into_bytes();
         a.send_udp(SERVICE, same, dst(), &pa).unwrap();
         b.send_udp(SERVICE, same, dst(), &pb).unwrap();
-        let ra = a.recv_udp(Duration::from_secs(3)).unwrap().expect("a got a reply");
-        let rb = b.recv_udp(Duration::from_secs(3)).unwrap().expect("b got a reply");
+        let ra = a
+            .recv_udp(Duration::from_secs(3))
+            .unwrap()
+            .expect("a got a reply");
+        let rb = b
+            .recv_udp(Duration::from_secs(3))
+            .unwrap()
+            .expect("b got a reply");
         assert_eq!(ra, (dst(), same, pa.clone()), "round {round}");
         assert_eq!(rb, (dst(), same, pb.clone()), "round {round}");
     }
     // Nothing else is waiting for either of them.
     assert!(a.recv_udp(Duration::from_millis(200)).unwrap().is_none());
     assert!(b.recv_udp(Duration::from_millis(200)).unwrap().is_none());
-    assert!(stat(&w, |s| &s.port_translations) >= 20, "the second agent's flow was translated");
+    assert!(
+        stat(&w, |s| &s.port_translations) >= 20,
+        "the second agent's flow was translated"
+    );
 }
 
 #[test]
@@ -352,13 +462,21 @@ fn icmp_echo_to_the_service_address_is_answered() {
     let mut a = agent(&w.pki, w.server);
     a.wait_registered(Duration::from_secs(10)).unwrap();
     let me: IpAddr = "100.64.0.2".parse().unwrap();
-    let req = packet::build_icmp_echo_request(me, VIP.parse().unwrap(), 0x1234, 1, b"ping!").unwrap();
+    let req =
+        packet::build_icmp_echo_request(me, VIP.parse().unwrap(), 0x1234, 1, b"ping!").unwrap();
     a.send_packet(SERVICE, &req).unwrap();
-    let (_, reply) = a.recv_packet(Duration::from_secs(3)).unwrap().expect("echo reply");
+    let (_, reply) = a
+        .recv_packet(Duration::from_secs(3))
+        .unwrap()
+        .expect("echo reply");
     let key = packet::flow_key(&reply).unwrap();
     assert_eq!(key.src.ip(), VIP.parse::<IpAddr>().unwrap());
     assert_eq!(key.dst.ip(), me);
-    assert_eq!(packet::icmp_echo_reply(&reply), None, "it is a reply, not a request");
+    assert_eq!(
+        packet::icmp_echo_reply(&reply),
+        None,
+        "it is a reply, not a request"
+    );
     assert!(reply.ends_with(b"ping!"));
 }
 
@@ -369,11 +487,26 @@ fn connector_restart_resumes_agent_traffic_without_restarting_the_agent() {
     a.wait_registered(Duration::from_secs(10)).unwrap();
     assert!(echo_until_ok(&mut a, src(41000), Duration::from_secs(5)).is_some());
     w.conn.take().unwrap().stop().unwrap();
-    assert_eq!(echo_once(&mut a, src(41000), b"while down", Duration::from_millis(500)), None);
+    assert_eq!(
+        echo_once(
+            &mut a,
+            src(41000),
+            b"while down",
+            Duration::from_millis(500)
+        ),
+        None
+    );
     w.conn = Some(start_connector(&w.pki, w.server, w.echo.addr));
     let took = echo_until_ok(&mut a, src(41000), Duration::from_secs(10));
-    assert!(took.is_some(), "traffic resumed after the connector restarted");
-    assert_eq!(a.client().stats().connects, 1, "the agent never reconnected");
+    assert!(
+        took.is_some(),
+        "traffic resumed after the connector restarted"
+    );
+    assert_eq!(
+        a.client().stats().connects,
+        1,
+        "the agent never reconnected"
+    );
 }
 
 fn restart_intermediate(crash: bool) {
@@ -391,9 +524,17 @@ fn restart_intermediate(crash: bool) {
     // A crashed intermediate's clients learn of the restart by stateless reset,
     // a stopped one's by CONNECTION_CLOSE; both well inside 10 s.
     let took = echo_until_ok(&mut a, src(42000), Duration::from_secs(10));
-    assert!(took.is_some(), "traffic resumed after the intermediate restarted: {:?} {}", a.events(), w.inter.as_ref().unwrap().stats.snapshot());
+    assert!(
+        took.is_some(),
+        "traffic resumed after the intermediate restarted: {:?} {}",
+        a.events(),
+        w.inter.as_ref().unwrap().stats.snapshot()
+    );
     assert!(a.client().stats().connects >= 2, "the agent reconnected");
-    assert!(stat(&w, |s| &s.registrations_accepted) >= 2, "both sides registered again");
+    assert!(
+        stat(&w, |s| &s.registrations_accepted) >= 2,
+        "both sides registered again"
+    );
     if crash {
         assert!(stat(&w, |s| &s.stateless_resets_sent) >= 1);
     }
@@ -418,13 +559,13 @@ fn unknown_types_and_garbage_are_counted_and_ignored() {
         &[0x00],
         &[0x7f, 1, 2, 3],
         &[0xff; 40],
-        &[0x10],               // truncated
-        &[0x10, 9, b'a'],      // length past payload
-        &[0x11, 0],            // length 0
-        &[0x2F, 2, 0xff, 0xfe, 0x45], // bad UTF-8
-        &[0x45, 0, 0],         // raw IPv4 that is not a packet
+        &[0x10],                                     // truncated
+        &[0x10, 9, b'a'],                            // length past payload
+        &[0x11, 0],                                  // length 0
+        &[0x2F, 2, 0xff, 0xfe, 0x45],                // bad UTF-8
+        &[0x45, 0, 0],                               // raw IPv4 that is not a packet
         &[0x2F, 4, b'e', b'c', b'h', b'o', 1, 2, 3], // service packet with garbage inside
-        &[0x12, 0, 1, b'x'],   // an ACK from a client makes no sense
+        &[0x12, 0, 1, b'x'],                         // an ACK from a client makes no sense
     ];
     for g in garbage {
         a.client_mut().send_datagram(g).unwrap();
@@ -435,7 +576,10 @@ fn unknown_types_and_garbage_are_counted_and_ignored() {
         junk.send_to(b"\x00not quic at all", w.server).unwrap();
     }
     junk.send_to(&[0x40; 60], w.server).unwrap(); // short header, unknown CID
-    assert!(echo_until_ok(&mut a, src(43000), Duration::from_secs(5)).is_some(), "still serving");
+    assert!(
+        echo_until_ok(&mut a, src(43000), Duration::from_secs(5)).is_some(),
+        "still serving"
+    );
     assert_eq!(stat(&w, |s| &s.datagrams_unknown_type), 3);
     assert_eq!(stat(&w, |s| &s.datagrams_malformed), 4);
     assert_eq!(stat(&w, |s| &s.dropped_bad_inner_packet), 2);
@@ -459,7 +603,10 @@ fn second_connector_takes_over_the_service() {
     assert_eq!(stat(&w, |s| &s.connector_takeovers), 1);
     let before = second_echo.echoed.load(Ordering::Relaxed);
     assert!(echo_until_ok(&mut a, src(44001), Duration::from_secs(5)).is_some());
-    assert!(second_echo.echoed.load(Ordering::Relaxed) > before, "the newest connector serves");
+    assert!(
+        second_echo.echoed.load(Ordering::Relaxed) > before,
+        "the newest connector serves"
+    );
     drop(second);
     drop(w.conn.take());
 }
@@ -534,7 +681,8 @@ fn relay_session_is_removed_when_the_connector_goes_away() {
     assert_eq!(stat(&w, |s| &s.relay_sessions_closed), 1);
     // The agent notices and drops to the datagram path.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while a.path(SERVICE) != ztna_userspace::agent::PathKind::Datagram && Instant::now() < deadline {
+    while a.path(SERVICE) != ztna_userspace::agent::PathKind::Datagram && Instant::now() < deadline
+    {
         let _ = a.recv_packet(Duration::from_millis(50));
     }
     assert_eq!(a.path(SERVICE), ztna_userspace::agent::PathKind::Datagram);
@@ -550,10 +698,15 @@ fn direct_path_on_loopback_carries_both_directions_and_the_relay_goes_quiet() {
     let w = world("p2p");
     let mut a = agent_p2p(&w.pki, w.server);
     a.wait_registered(Duration::from_secs(10)).unwrap();
-    let took = a.wait_path(SERVICE, PathKind::Direct, Duration::from_secs(10)).unwrap();
+    let took = a
+        .wait_path(SERVICE, PathKind::Direct, Duration::from_secs(10))
+        .unwrap();
     assert!(took < Duration::from_secs(5), "direct after {took:?}");
     let path: Vec<PathKind> = a.timeline().iter().map(|c| c.path).collect();
-    assert!(path.contains(&PathKind::RelayUserspace), "relayed first: {path:?}");
+    assert!(
+        path.contains(&PathKind::RelayUserspace),
+        "relayed first: {path:?}"
+    );
     let relayed = stat(&w, |s| &s.userspace_forwarded_packets);
     let opts = EchoOptions {
         service: SERVICE.into(),
@@ -571,10 +724,17 @@ fn direct_path_on_loopback_carries_both_directions_and_the_relay_goes_quiet() {
     assert_eq!(r.path, Some(PathKind::Direct));
     // Neither direction touched the relay: its forwarder saw at most keepalives.
     let after = stat(&w, |s| &s.userspace_forwarded_packets);
-    assert!(after - relayed < 20, "relay forwarded {} packets during the direct echo", after - relayed);
+    assert!(
+        after - relayed < 20,
+        "relay forwarded {} packets during the direct echo",
+        after - relayed
+    );
     let cs = &w.conn.as_ref().unwrap().stats;
     assert_eq!(cs.direct_connections.load(Ordering::Relaxed), 1);
-    assert!(stat(&w, |s| &s.candidates_forwarded) >= 2, "candidates went both ways");
+    assert!(
+        stat(&w, |s| &s.candidates_forwarded) >= 2,
+        "candidates went both ways"
+    );
     assert_eq!(a.candidates_refused, 0);
 }
 
@@ -588,8 +748,13 @@ fn candidates_for_a_session_the_sender_is_not_part_of_are_refused() {
     let mut b = agent_relay(&w.pki, w.server);
     b.wait_registered(Duration::from_secs(10)).unwrap();
     let session = a.data_connection(SERVICE).unwrap().session_id;
-    let cand = [ztna_core::p2p::Candidate { kind: ztna_core::p2p::CandidateKind::Host, addr: "127.0.0.1:9".parse().unwrap() }];
-    b.client_mut().send_candidates(session, [1; 16], &cand).unwrap();
+    let cand = [ztna_core::p2p::Candidate {
+        kind: ztna_core::p2p::CandidateKind::Host,
+        addr: "127.0.0.1:9".parse().unwrap(),
+    }];
+    b.client_mut()
+        .send_candidates(session, [1; 16], &cand)
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while stat(&w, |s| &s.candidates_refused) == 0 && Instant::now() < deadline {
         let _ = b.recv_packet(Duration::from_millis(50));
@@ -642,7 +807,12 @@ impl LoopNat {
                 }
             }
         });
-        LoopNat { addr, rebind, stop, thread: Some(thread) }
+        LoopNat {
+            addr,
+            rebind,
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
@@ -673,6 +843,10 @@ fn nat_rebinding_moves_the_relay_entry_after_the_control_connection_proves_it() 
     assert!(stat(&w, |s| &s.client_moves) >= 1);
     assert!(stat(&w, |s| &s.userspace_forwarded_packets) > forwarded);
     // The observed address was reported again (QAD on change).
-    let qads = a.events().iter().filter(|e| matches!(e, ClientEvent::ObservedAddress(_))).count();
+    let qads = a
+        .events()
+        .iter()
+        .filter(|e| matches!(e, ClientEvent::ObservedAddress(_)))
+        .count();
     assert!(qads >= 2, "QAD after the rebinding: {qads}");
 }

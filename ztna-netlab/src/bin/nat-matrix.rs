@@ -19,7 +19,11 @@ fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for a in Nat::ALL {
         for c in Nat::ALL {
-            eprintln!("nat-matrix: agent {} / connector {} ...", a.name(), c.name());
+            eprintln!(
+                "nat-matrix: agent {} / connector {} ...",
+                a.name(),
+                c.name()
+            );
             let r = scenario(a, c, true).with_context(|| format!("{} / {}", a.name(), c.name()))?;
             rows.push(r);
         }
@@ -47,7 +51,8 @@ fn main() -> anyhow::Result<()> {
                    unsolicited inbound dropped); echo every 10 ms; cut = DROP between the NATs' outside addresses",
         "pairs": rows,
     });
-    std::fs::write(&out, serde_json::to_string_pretty(&json)?).with_context(|| format!("writing {}", out.display()))?;
+    std::fs::write(&out, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", out.display()))?;
     eprintln!("nat-matrix: wrote {}", out.display());
     Ok(())
 }

@@ -33,7 +33,11 @@ fn spawn_in<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).expect("netns");
         // SAFETY: setns on this thread only.
-        assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {path}");
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns {path}"
+        );
         f()
     })
 }
@@ -55,7 +59,10 @@ fn send_batch(sock: &UdpSocket, pkt: &[u8], to: SocketAddr, count: usize) -> usi
         sa.sin_family = libc::AF_INET as u16;
         sa.sin_port = v4.port().to_be();
         sa.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
-        let mut iov = libc::iovec { iov_base: pkt.as_ptr() as *mut _, iov_len: pkt.len() };
+        let mut iov = libc::iovec {
+            iov_base: pkt.as_ptr() as *mut _,
+            iov_len: pkt.len(),
+        };
         let mut msgs: Vec<libc::mmsghdr> = (0..count).map(|_| std::mem::zeroed()).collect();
         for m in msgs.iter_mut() {
             m.msg_hdr.msg_name = (&mut sa as *mut libc::sockaddr_in).cast();
@@ -76,14 +83,25 @@ fn receive(sock: UdpSocket, stop: Arc<AtomicBool>, count: Arc<AtomicU64>) {
     while !stop.load(Ordering::Relaxed) {
         // SAFETY: headers point into `bufs`, which outlives the call.
         let n = unsafe {
-            let mut iov: Vec<libc::iovec> =
-                bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: 2048 }).collect();
+            let mut iov: Vec<libc::iovec> = bufs
+                .iter_mut()
+                .map(|b| libc::iovec {
+                    iov_base: b.as_mut_ptr().cast(),
+                    iov_len: 2048,
+                })
+                .collect();
             let mut msgs: Vec<libc::mmsghdr> = (0..B).map(|_| std::mem::zeroed()).collect();
             for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
                 m.msg_hdr.msg_iov = v;
                 m.msg_hdr.msg_iovlen = 1;
             }
-            libc::recvmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), B as u32, libc::MSG_WAITFORONE, std::ptr::null_mut())
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                B as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
         };
         if n > 0 {
             count.fetch_add(n as u64, Ordering::Relaxed);
@@ -95,7 +113,11 @@ fn receive(sock: UdpSocket, stop: Arc<AtomicBool>, count: Arc<AtomicU64>) {
 fn cpu_jiffies() -> (u64, u64, u64) {
     let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let line = s.lines().next().unwrap_or("");
-    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     if v.len() < 8 {
         return (0, 0, 0);
     }
@@ -106,23 +128,37 @@ fn cpu_jiffies() -> (u64, u64, u64) {
 
 /// CPU time of all threads of `pid`, in ns (schedstat: exact, not tick-sampled).
 fn proc_cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
     tasks
         .filter_map(|t| t.ok())
         .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+        .filter_map(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .sum()
 }
 
 /// (run_time_ns, run_cnt) of the newest program named ztna_relay (bpf_stats).
 fn prog_stats() -> Option<(u64, u64)> {
-    let out = std::process::Command::new("bpftool").args(["prog", "show", "--json"]).output().ok()?;
+    let out = std::process::Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .ok()?;
     let v: Value = serde_json::from_slice(&out.stdout).ok()?;
     v.as_array()?
         .iter()
         .filter(|p| p["name"] == "ztna_relay")
         .max_by_key(|p| p["id"].as_u64())
-        .map(|p| (p["run_time_ns"].as_u64().unwrap_or(0), p["run_cnt"].as_u64().unwrap_or(0)))
+        .map(|p| {
+            (
+                p["run_time_ns"].as_u64().unwrap_or(0),
+                p["run_cnt"].as_u64().unwrap_or(0),
+            )
+        })
 }
 
 fn ticks_ns() -> f64 {
@@ -143,7 +179,16 @@ struct Flow {
 /// Sends from each flow's source to `to` (relay or direct) and counts at receivers.
 /// `rate` = total packets per second (None: as fast as possible). Returns
 /// (offered, delivered, seconds, cpu busy ns, softirq ns, intermediate cpu ns).
-fn drive(lab: &Lab, flows: &[Flow], secs: u64, rate: Option<u64>, relay_pid: Option<u32>) -> (u64, u64, f64, f64, f64, f64) {
+/// (offered, delivered, seconds, busy ns, softirq ns, intermediate ns).
+type DriveResult = (u64, u64, f64, f64, f64, f64);
+
+fn drive(
+    lab: &Lab,
+    flows: &[Flow],
+    secs: u64,
+    rate: Option<u64>,
+    relay_pid: Option<u32>,
+) -> DriveResult {
     let stop = Arc::new(AtomicBool::new(false));
     let got = Arc::new(AtomicU64::new(0));
     let mut rx = Vec::new();
@@ -173,7 +218,8 @@ fn drive(lab: &Lab, flows: &[Flow], secs: u64, rate: Option<u64>, relay_pid: Opt
                     Some(r) => {
                         let due = (t0.elapsed().as_secs_f64() * r as f64) as u64;
                         if sent < due {
-                            sent += send_batch(&s, &payload, to, (due - sent).min(64) as usize) as u64;
+                            sent +=
+                                send_batch(&s, &payload, to, (due - sent).min(64) as usize) as u64;
                         } else {
                             std::thread::sleep(Duration::from_micros(200));
                         }
@@ -214,7 +260,15 @@ fn drive(lab: &Lab, flows: &[Flow], secs: u64, rate: Option<u64>, relay_pid: Opt
 
 /// Sequential UDP ping-pong; the echoer swaps the DCID (bytes 1..9) to `reply_cid`
 /// and answers to `reply_to`. Returns (p50, p99) in µs.
-fn rtt(lab: &Lab, src: SocketAddr, to: SocketAddr, echo_at: SocketAddr, reply_to: Option<SocketAddr>, payload: Vec<u8>, reply_cid: Option<[u8; 8]>) -> (f64, f64) {
+fn rtt(
+    lab: &Lab,
+    src: SocketAddr,
+    to: SocketAddr,
+    echo_at: SocketAddr,
+    reply_to: Option<SocketAddr>,
+    payload: Vec<u8>,
+    reply_cid: Option<[u8; 8]>,
+) -> (f64, f64) {
     let stop = Arc::new(AtomicBool::new(false));
     let st = stop.clone();
     let echo = spawn_in(&lab.ns("c"), move || {
@@ -260,18 +314,39 @@ fn rtt(lab: &Lab, src: SocketAddr, to: SocketAddr, echo_at: SocketAddr, reply_to
     (p(0.5), p(0.99))
 }
 
-fn relay_path(mode: &str, out: &mut serde_json::Map<String, Value>, rtts: &mut serde_json::Map<String, Value>) -> anyhow::Result<()> {
+fn relay_path(
+    mode: &str,
+    out: &mut serde_json::Map<String, Value>,
+    rtts: &mut serde_json::Map<String, Value>,
+) -> anyhow::Result<()> {
     let mut lab = Lab::relay_topology(&format!("b{}", &mode[..1]))?;
     let certs = lab.certs()?;
     let c = |f: &str| certs.join(f).display().to_string();
     let relay: SocketAddr = format!("{RELAY_IP}:{RELAY_PORT}").parse()?;
     let pairs: Vec<(SocketAddr, SocketAddr)> = (0..=SENDERS)
-        .map(|i| (format!("10.201.1.2:{}", 6000 + i).parse().unwrap(), format!("10.201.2.2:{}", 7000 + i).parse().unwrap()))
+        .map(|i| {
+            (
+                format!("10.201.1.2:{}", 6000 + i).parse().unwrap(),
+                format!("10.201.2.2:{}", 7000 + i).parse().unwrap(),
+            )
+        })
         .collect();
     let stats = lab.dir.join("intermediate-stats.json");
     let mut args: Vec<String> = vec![
-        "--listen".into(), relay.to_string(), "--cert".into(), c("intermediate.pem"), "--key".into(), c("intermediate.key"),
-        "--ca".into(), c("ca.pem"), "--stats-file".into(), stats.display().to_string(), "--xdp".into(), mode.into(), "--log".into(), "warn".into(),
+        "--listen".into(),
+        relay.to_string(),
+        "--cert".into(),
+        c("intermediate.pem"),
+        "--key".into(),
+        c("intermediate.key"),
+        "--ca".into(),
+        c("ca.pem"),
+        "--stats-file".into(),
+        stats.display().to_string(),
+        "--xdp".into(),
+        mode.into(),
+        "--log".into(),
+        "warn".into(),
     ];
     if mode != "off" {
         args.extend(["--iface".into(), "x0".into()]);
@@ -285,38 +360,87 @@ fn relay_path(mode: &str, out: &mut serde_json::Map<String, Value>, rtts: &mut s
     if s["xdp_mode"] != mode {
         bail!("intermediate runs XDP {} (wanted {mode})", s["xdp_mode"]);
     }
-    let sessions = s["static_sessions"].as_array().context("static sessions")?.clone();
+    let sessions = s["static_sessions"]
+        .as_array()
+        .context("static sessions")?
+        .clone();
     let by_a: HashMap<String, (String, String)> = sessions
         .iter()
         .map(|v| {
-            (v["a"].as_str().unwrap_or("").to_string(), (v["dcid_a_to_b"].as_str().unwrap_or("").to_string(), v["dcid_b_to_a"].as_str().unwrap_or("").to_string()))
+            (
+                v["a"].as_str().unwrap_or("").to_string(),
+                (
+                    v["dcid_a_to_b"].as_str().unwrap_or("").to_string(),
+                    v["dcid_b_to_a"].as_str().unwrap_or("").to_string(),
+                ),
+            )
         })
         .collect();
     let flows: Vec<Flow> = pairs[..SENDERS]
         .iter()
-        .map(|(a, b)| Flow { src: *a, dst: *b, to: relay, payload: xdp_run::quic_short(hex_cid(&by_a[&a.to_string()].0), PAYLOAD) })
+        .map(|(a, b)| Flow {
+            src: *a,
+            dst: *b,
+            to: relay,
+            payload: xdp_run::quic_short(hex_cid(&by_a[&a.to_string()].0), PAYLOAD),
+        })
         .collect();
     let pid = lab.pid("intermediate");
     // Saturation.
     let (offered, delivered, secs, _, _, _) = drive(&lab, &flows, SATURATION_SECS, None, pid);
-    let key = match mode { "native" => "xdp_native", "generic" => "xdp_generic", _ => "userspace" };
-    out.insert(format!("{key}_pps"), json!((delivered as f64 / secs).round()));
-    out.insert(format!("{key}_generator_pps"), json!((offered as f64 / secs).round()));
+    let key = match mode {
+        "native" => "xdp_native",
+        "generic" => "xdp_generic",
+        _ => "userspace",
+    };
+    out.insert(
+        format!("{key}_pps"),
+        json!((delivered as f64 / secs).round()),
+    );
+    out.insert(
+        format!("{key}_generator_pps"),
+        json!((offered as f64 / secs).round()),
+    );
     // CPU at a load every path carries.
-    let (_, delivered, _, busy, softirq, proc_ns) = drive(&lab, &flows, CPU_SECS, Some(CPU_RATE_PPS), pid);
+    let (_, delivered, _, busy, softirq, proc_ns) =
+        drive(&lab, &flows, CPU_SECS, Some(CPU_RATE_PPS), pid);
     let prog_ns = LAST_PROG.load(Ordering::Relaxed) as f64 / 1000.0;
     out.insert(format!("{key}_cpu_raw"), json!({"delivered": delivered, "busy_ns": busy, "softirq_ns": softirq, "intermediate_ns": proc_ns, "prog_run_ns_per_pkt": prog_ns}));
     // RTT through this path: pinger → relay → echoer → relay → pinger.
     let (pa, pb) = pairs[SENDERS];
     let (ab, ba) = by_a[&pa.to_string()].clone();
-    let (p50, p99) = rtt(&lab, pa, relay, pb, Some(relay), xdp_run::quic_short(hex_cid(&ab), PAYLOAD), Some(hex_cid(&ba)));
-    let name = if mode == "off" { "relay_userspace".to_string() } else { format!("relay_xdp_{mode}") };
+    let (p50, p99) = rtt(
+        &lab,
+        pa,
+        relay,
+        pb,
+        Some(relay),
+        xdp_run::quic_short(hex_cid(&ab), PAYLOAD),
+        Some(hex_cid(&ba)),
+    );
+    let name = if mode == "off" {
+        "relay_userspace".to_string()
+    } else {
+        format!("relay_xdp_{mode}")
+    };
     rtts.insert(name, json!({"p50": p50, "p99": p99}));
     if mode == "native" {
         // Direct baseline in the same topology: same senders straight to the receivers.
-        let direct: Vec<Flow> = flows.iter().map(|f| Flow { src: f.src, dst: f.dst, to: f.dst, payload: f.payload.clone() }).collect();
-        let (_, delivered, _, busy, softirq, _) = drive(&lab, &direct, CPU_SECS, Some(CPU_RATE_PPS), None);
-        out.insert("direct_cpu_raw".into(), json!({"delivered": delivered, "busy_ns": busy, "softirq_ns": softirq}));
+        let direct: Vec<Flow> = flows
+            .iter()
+            .map(|f| Flow {
+                src: f.src,
+                dst: f.dst,
+                to: f.dst,
+                payload: f.payload.clone(),
+            })
+            .collect();
+        let (_, delivered, _, busy, softirq, _) =
+            drive(&lab, &direct, CPU_SECS, Some(CPU_RATE_PPS), None);
+        out.insert(
+            "direct_cpu_raw".into(),
+            json!({"delivered": delivered, "busy_ns": busy, "softirq_ns": softirq}),
+        );
         let (p50, p99) = rtt(&lab, pa, pb, pb, None, vec![1u8; PAYLOAD], None);
         rtts.insert("direct".into(), json!({"p50": p50, "p99": p99}));
     }
@@ -328,7 +452,20 @@ fn datagram_relay(out: &mut serde_json::Map<String, Value>) -> anyhow::Result<()
     let certs = lab.start_relay_stack("off")?;
     let t = Instant::now();
     // 1000-byte payloads: one DATAGRAM per UDP packet (small ones would be coalesced).
-    let r = lab.agent_echo(&certs, &["--datagram-only", "--count", "20000", "--burst", "64", "--size", "1000", "--timeout-ms", "500"])?;
+    let r = lab.agent_echo(
+        &certs,
+        &[
+            "--datagram-only",
+            "--count",
+            "20000",
+            "--burst",
+            "64",
+            "--size",
+            "1000",
+            "--timeout-ms",
+            "500",
+        ],
+    )?;
     let secs = t.elapsed().as_secs_f64();
     // Each echo crosses the relay twice.
     let pps = 2.0 * n(&r, "echoed_exact") as f64 / secs;
@@ -356,10 +493,20 @@ fn prog_cost(out: &mut serde_json::Map<String, Value>) -> anyhow::Result<()> {
             expires_ns: u64::MAX,
         },
     )?;
-    let pkt = xdp_run::frame(mac, mac, xdp_run::RELAY, xdp_run::RELAY, 64, &xdp_run::quic_short(cid, PAYLOAD));
+    let pkt = xdp_run::frame(
+        mac,
+        mac,
+        xdp_run::RELAY,
+        xdp_run::RELAY,
+        64,
+        &xdp_run::quic_short(cid, PAYLOAD),
+    );
     let (ret, data, _) = x.run(&pkt, 1)?;
     if ret != 3 || data != pkt {
-        bail!("the self-mapping packet returned {ret} and {} its bytes", if data == pkt { "kept" } else { "changed" });
+        bail!(
+            "the self-mapping packet returned {ret} and {} its bytes",
+            if data == pkt { "kept" } else { "changed" }
+        );
     }
     let mut runs = Vec::new();
     for _ in 0..5 {
@@ -378,9 +525,27 @@ fn prog_cost(out: &mut serde_json::Map<String, Value>) -> anyhow::Result<()> {
     // The first packet to a peer per CPU per second also pays bpf_fib_lookup:
     // repeat=1 runs to a real neighbour (fresh packet each run), minus the same
     // harness on a packet passed after the table lookup.
-    x.insert(ztna_netlab::xdp_run::quic_cid(1), xdp_run::PEER, xdp_run::SENDER)?;
-    let fresh = xdp_run::frame(xdp_run::SENDER_MAC, mac, xdp_run::SENDER, xdp_run::RELAY, 64, &xdp_run::quic_short(ztna_netlab::xdp_run::quic_cid(1), PAYLOAD));
-    let unknown = xdp_run::frame(xdp_run::SENDER_MAC, mac, xdp_run::SENDER, xdp_run::RELAY, 64, &xdp_run::quic_short(ztna_netlab::xdp_run::quic_cid(2), PAYLOAD));
+    x.insert(
+        ztna_netlab::xdp_run::quic_cid(1),
+        xdp_run::PEER,
+        xdp_run::SENDER,
+    )?;
+    let fresh = xdp_run::frame(
+        xdp_run::SENDER_MAC,
+        mac,
+        xdp_run::SENDER,
+        xdp_run::RELAY,
+        64,
+        &xdp_run::quic_short(ztna_netlab::xdp_run::quic_cid(1), PAYLOAD),
+    );
+    let unknown = xdp_run::frame(
+        xdp_run::SENDER_MAC,
+        mac,
+        xdp_run::SENDER,
+        xdp_run::RELAY,
+        64,
+        &xdp_run::quic_short(ztna_netlab::xdp_run::quic_cid(2), PAYLOAD),
+    );
     let median = |x: &mut xdp_run::XdpRun, p: &[u8], flush: bool| -> anyhow::Result<f64> {
         let mut v = Vec::new();
         for _ in 0..5000 {
@@ -394,7 +559,10 @@ fn prog_cost(out: &mut serde_json::Map<String, Value>) -> anyhow::Result<()> {
     };
     let with_fib = median(&mut x, &fresh, true)?;
     let harness = median(&mut x, &unknown, false)?;
-    out.insert("prog_ns_first_packet_with_fib_lookup".into(), json!(with_fib - harness + runs[runs.len() / 2]));
+    out.insert(
+        "prog_ns_first_packet_with_fib_lookup".into(),
+        json!(with_fib - harness + runs[runs.len() / 2]),
+    );
     out.insert("prog_ns_fib_method".into(), json!("repeat=1 with the route cache flushed, minus repeat=1 of an unknown-CID packet (harness), plus the cached forward path"));
     Ok(())
 }
@@ -415,7 +583,8 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     // Program run-time accounting (global sysctl; restored at the end).
-    let stats_before = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_else(|_| "0".into());
+    let stats_before = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+        .unwrap_or_else(|_| "0".into());
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
     let mut out = serde_json::Map::new();
     let mut rtts = serde_json::Map::new();
@@ -448,11 +617,25 @@ fn main() -> anyhow::Result<()> {
     let mut cpu = serde_json::Map::new();
     for key in ["xdp_native", "xdp_generic", "userspace"] {
         if let Some(raw) = out.get(&format!("{key}_cpu_raw")).cloned() {
-            cpu.insert(format!("{key}_softirq_minus_direct"), json!(per_pkt(&raw, "softirq_ns")));
-            cpu.insert(format!("{key}_all_cpu_minus_direct"), json!(per_pkt(&raw, "busy_ns")));
+            cpu.insert(
+                format!("{key}_softirq_minus_direct"),
+                json!(per_pkt(&raw, "softirq_ns")),
+            );
+            cpu.insert(
+                format!("{key}_all_cpu_minus_direct"),
+                json!(per_pkt(&raw, "busy_ns")),
+            );
             if key == "userspace" {
                 // The forwarder's own process time per relayed packet.
-                cpu.insert("userspace".into(), json!(raw["intermediate_ns"].as_f64().zip(raw["delivered"].as_f64()).map(|(a, b)| a / b.max(1.0))));
+                cpu.insert(
+                    "userspace".into(),
+                    json!(
+                        raw["intermediate_ns"]
+                            .as_f64()
+                            .zip(raw["delivered"].as_f64())
+                            .map(|(a, b)| a / b.max(1.0))
+                    ),
+                );
             } else {
                 // The program's own run time per packet in live traffic (bpf_stats).
                 cpu.insert(key.into(), json!(raw["prog_run_ns_per_pkt"].as_f64()));
@@ -467,59 +650,127 @@ fn main() -> anyhow::Result<()> {
         )),
     );
     out.insert("generator".into(), json!(format!("{SENDERS} sender threads x sendmmsg batch 64, {PAYLOAD}-byte QUIC-short-header payloads, recvmmsg receivers; all on the same 2 cores as the relay")));
-    let g = ["xdp_native", "xdp_generic", "userspace"].iter().filter_map(|k| out.get(&format!("{k}_generator_pps")).and_then(|v| v.as_f64())).fold(0.0, f64::max);
+    let g = ["xdp_native", "xdp_generic", "userspace"]
+        .iter()
+        .filter_map(|k| {
+            out.get(&format!("{k}_generator_pps"))
+                .and_then(|v| v.as_f64())
+        })
+        .fold(0.0, f64::max);
     out.insert("generator_pps".into(), json!(g));
-    if let (Some(p50x), Some(p50d)) = (rtts.get("relay_xdp_native").and_then(|v| v["p50"].as_f64()), rtts.get("direct").and_then(|v| v["p50"].as_f64())) {
+    if let (Some(p50x), Some(p50d)) = (
+        rtts.get("relay_xdp_native").and_then(|v| v["p50"].as_f64()),
+        rtts.get("direct").and_then(|v| v["p50"].as_f64()),
+    ) {
         out.insert("added_rtt_p50_us".into(), json!(p50x - p50d));
     }
     out.insert("rtt_us".into(), Value::Object(rtts));
     out.insert("skipped".into(), Value::Object(skipped.clone()));
-    let ratio = cpu.get("xdp_native").and_then(|v| v.as_f64()).zip(cpu.get("userspace").and_then(|v| v.as_f64())).map(|(x, u)| x / u);
+    let ratio = cpu
+        .get("xdp_native")
+        .and_then(|v| v.as_f64())
+        .zip(cpu.get("userspace").and_then(|v| v.as_f64()))
+        .map(|(x, u)| x / u);
     out.insert("xdp_to_userspace_cpu_ratio".into(), json!(ratio));
     let f = |k: &str| out.get(k).and_then(|v| v.as_f64());
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
     let json = Value::Object(out.clone());
     std::fs::write(&out_path, serde_json::to_string_pretty(&json)?)?;
     // Table.
-    println!("{:<22} {:>14} {:>16}", "path", "delivered pps", "relay cpu ns/pkt");
-    for (name, key) in [("XDP native", "xdp_native"), ("XDP generic", "xdp_generic"), ("userspace forwarder", "userspace"), ("datagram relay", "datagram_relay")] {
+    println!(
+        "{:<22} {:>14} {:>16}",
+        "path", "delivered pps", "relay cpu ns/pkt"
+    );
+    for (name, key) in [
+        ("XDP native", "xdp_native"),
+        ("XDP generic", "xdp_generic"),
+        ("userspace forwarder", "userspace"),
+        ("datagram relay", "datagram_relay"),
+    ] {
         println!(
             "{:<22} {:>14} {:>16}",
             name,
             f(&format!("{key}_pps")).map_or("-".into(), |v| format!("{v:.0}")),
-            cpu.get(key).and_then(|v| v.as_f64()).map_or("-".into(), |v| format!("{v:.0}"))
+            cpu.get(key)
+                .and_then(|v| v.as_f64())
+                .map_or("-".into(), |v| format!("{v:.0}"))
         );
     }
     println!("generator offered up to {:.0} pps", g);
     let rt = &json["rtt_us"];
-    for k in ["direct", "relay_xdp_native", "relay_xdp_generic", "relay_userspace"] {
-        println!("RTT {:<18} p50 {:>8.1} µs  p99 {:>8.1} µs", k, rt[k]["p50"].as_f64().unwrap_or(f64::NAN), rt[k]["p99"].as_f64().unwrap_or(f64::NAN));
+    for k in [
+        "direct",
+        "relay_xdp_native",
+        "relay_xdp_generic",
+        "relay_userspace",
+    ] {
+        println!(
+            "RTT {:<18} p50 {:>8.1} µs  p99 {:>8.1} µs",
+            k,
+            rt[k]["p50"].as_f64().unwrap_or(f64::NAN),
+            rt[k]["p99"].as_f64().unwrap_or(f64::NAN)
+        );
     }
     let prog = f("prog_ns_per_pkt");
     let added = f("added_rtt_p50_us");
-    println!("XDP/userspace CPU per packet: {}  (aim <= 0.10: {})", ratio.map_or("-".into(), |r| format!("{r:.3}")), ratio.map_or("n/a", |r| if r <= 0.1 { "met" } else { "missed" }));
-    println!("program cost per packet: {}  (aim <= 50 ns: {})", prog.map_or("-".into(), |p| format!("{p:.0} ns")), prog.map_or("n/a", |p| if p <= 50.0 { "met" } else { "missed" }));
-    println!("added RTT p50 (XDP native vs direct): {}  (aim <= 10 µs: {})", added.map_or("-".into(), |a| format!("{a:.1} µs")), added.map_or("n/a", |a| if a <= 10.0 { "met" } else { "missed" }));
+    println!(
+        "XDP/userspace CPU per packet: {}  (aim <= 0.10: {})",
+        ratio.map_or("-".into(), |r| format!("{r:.3}")),
+        ratio.map_or("n/a", |r| if r <= 0.1 { "met" } else { "missed" })
+    );
+    println!(
+        "program cost per packet: {}  (aim <= 50 ns: {})",
+        prog.map_or("-".into(), |p| format!("{p:.0} ns")),
+        prog.map_or("n/a", |p| if p <= 50.0 { "met" } else { "missed" })
+    );
+    println!(
+        "added RTT p50 (XDP native vs direct): {}  (aim <= 10 µs: {})",
+        added.map_or("-".into(), |a| format!("{a:.1} µs")),
+        added.map_or("n/a", |a| if a <= 10.0 { "met" } else { "missed" })
+    );
     if !skipped.is_empty() {
         println!("skipped: {}", Value::Object(skipped.clone()));
     }
     // SVG bar chart of delivered pps.
-    let bars: Vec<(&str, f64)> = [("XDP native", "xdp_native_pps"), ("XDP generic", "xdp_generic_pps"), ("userspace", "userspace_pps"), ("datagram relay", "datagram_relay_pps")]
-        .iter()
-        .map(|(n, k)| (*n, f(k).unwrap_or(0.0)))
-        .collect();
+    let bars: Vec<(&str, f64)> = [
+        ("XDP native", "xdp_native_pps"),
+        ("XDP generic", "xdp_generic_pps"),
+        ("userspace", "userspace_pps"),
+        ("datagram relay", "datagram_relay_pps"),
+    ]
+    .iter()
+    .map(|(n, k)| (*n, f(k).unwrap_or(0.0)))
+    .collect();
     let max = bars.iter().map(|b| b.1).fold(1.0, f64::max);
-    let mut svg = String::from("<svg xmlns='http://www.w3.org/2000/svg' width='720' height='260' font-family='sans-serif' font-size='13'>\n<text x='10' y='20' font-size='15'>ztna relay: delivered packets per second (64-byte payloads; datagram relay 1000-byte)</text>\n");
+    let mut svg = String::from(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='720' height='260' font-family='sans-serif' font-size='13'>\n<text x='10' y='20' font-size='15'>ztna relay: delivered packets per second (64-byte payloads; datagram relay 1000-byte)</text>\n",
+    );
     for (i, (name, v)) in bars.iter().enumerate() {
         let y = 40.0 + i as f64 * 50.0;
         let w = 400.0 * v / max;
-        svg += &format!("<text x='10' y='{:.0}'>{name}</text><rect x='140' y='{:.0}' width='{w:.0}' height='28' fill='#4a7bd0'/><text x='{:.0}' y='{:.0}'>{:.0} pps</text>\n", y + 19.0, y, 146.0 + w, y + 19.0, v);
+        svg += &format!(
+            "<text x='10' y='{:.0}'>{name}</text><rect x='140' y='{:.0}' width='{w:.0}' height='28' fill='#4a7bd0'/><text x='{:.0}' y='{:.0}'>{:.0} pps</text>\n",
+            y + 19.0,
+            y,
+            146.0 + w,
+            y + 19.0,
+            v
+        );
     }
     svg += "</svg>\n";
     let svg_path = out_path.with_extension("svg");
     std::fs::write(&svg_path, svg)?;
-    eprintln!("relay-bench: wrote {} and {}", out_path.display(), svg_path.display());
-    let must = ["xdp_native_pps", "xdp_generic_pps", "userspace_pps", "datagram_relay_pps"];
+    eprintln!(
+        "relay-bench: wrote {} and {}",
+        out_path.display(),
+        svg_path.display()
+    );
+    let must = [
+        "xdp_native_pps",
+        "xdp_generic_pps",
+        "userspace_pps",
+        "datagram_relay_pps",
+    ];
     if must.iter().any(|k| f(k).is_some_and(|v| v <= 0.0)) {
         bail!("a path delivered nothing");
     }

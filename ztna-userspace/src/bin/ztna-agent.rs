@@ -101,7 +101,9 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("--service is required");
     }
     if c.ca.is_none() && !c.insecure_skip_server_verify {
-        anyhow::bail!("--ca is required to verify the intermediate (or --insecure-skip-server-verify)");
+        anyhow::bail!(
+            "--ca is required to verify the intermediate (or --insecure-skip-server-verify)"
+        );
     }
     let mut cfg = ClientConfig::new(c.server, Role::Agent, c.services.clone());
     cfg.server_name = c.server_name.clone();
@@ -110,19 +112,36 @@ fn main() -> anyhow::Result<()> {
     cfg.key_file = c.key.clone();
     cfg.reconnect = false;
     match args.cmd {
-        Cmd::Echo { dst, tunnel_ip, src_port, size, pattern, count, burst, interval_ms, timeout_ms, verify, json } => {
+        Cmd::Echo {
+            dst,
+            tunnel_ip,
+            src_port,
+            size,
+            pattern,
+            count,
+            burst,
+            interval_ms,
+            timeout_ms,
+            verify,
+            json,
+        } => {
             let start = Instant::now();
             let mut agent = Agent::connect_with(cfg, !c.datagram_only)?;
             agent.set_p2p(!c.no_p2p);
             agent.wait_registered(Duration::from_secs(10))?;
             let service = c.services[0].clone();
             if !c.datagram_only
-                && let Err(e) = agent.wait_relay_path(&service, Duration::from_millis(c.data_wait_ms))
+                && let Err(e) =
+                    agent.wait_relay_path(&service, Duration::from_millis(c.data_wait_ms))
             {
                 eprintln!("warning: {e}; using the datagram relay");
             }
             if c.direct_wait_ms > 0
-                && let Err(e) = agent.wait_path(&service, ztna_userspace::agent::PathKind::Direct, Duration::from_millis(c.direct_wait_ms))
+                && let Err(e) = agent.wait_path(
+                    &service,
+                    ztna_userspace::agent::PathKind::Direct,
+                    Duration::from_millis(c.direct_wait_ms),
+                )
             {
                 eprintln!("warning: {e}");
             }
@@ -132,10 +151,13 @@ fn main() -> anyhow::Result<()> {
             let size = if size == "max" {
                 max
             } else {
-                size.parse::<usize>().map_err(|e| anyhow::anyhow!("--size {size:?}: {e}"))?
+                size.parse::<usize>()
+                    .map_err(|e| anyhow::anyhow!("--size {size:?}: {e}"))?
             };
             if size > max {
-                anyhow::bail!("--size {size} exceeds the maximum UDP payload of {max} bytes for this tunnel");
+                anyhow::bail!(
+                    "--size {size} exceeds the maximum UDP payload of {max} bytes for this tunnel"
+                );
             }
             let opts = EchoOptions {
                 service,

@@ -10,7 +10,10 @@ use ztna_core::{ClientConfig, Role};
 use ztna_userspace::connector::{Connector, ServiceSpec};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "ztna app connector: exposes private services through the intermediate")]
+#[command(
+    version,
+    about = "ztna app connector: exposes private services through the intermediate"
+)]
 struct Args {
     /// Intermediate address.
     #[arg(long, default_value = "127.0.0.1:4433")]
@@ -46,7 +49,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     ztna_userspace::logging::init(&args.log);
     if args.ca.is_none() && !args.insecure_skip_server_verify {
-        anyhow::bail!("--ca is required to verify the intermediate (or --insecure-skip-server-verify)");
+        anyhow::bail!(
+            "--ca is required to verify the intermediate (or --insecure-skip-server-verify)"
+        );
     }
     let mut cfg = ClientConfig::new(args.server, Role::Connector, vec![]);
     cfg.server_name = args.server_name;

@@ -74,7 +74,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn parse_pair(s: &str) -> Result<(SocketAddr, SocketAddr), String> {
-    let (a, b) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected A=B"))?;
+    let (a, b) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected A=B"))?;
     let p = |x: &str| x.parse::<SocketAddr>().map_err(|e| format!("{x:?}: {e}"));
     Ok((p(a)?, p(b)?))
 }

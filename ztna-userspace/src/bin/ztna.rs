@@ -47,14 +47,27 @@ fn main() -> anyhow::Result<()> {
             let pki = ztna_userspace::identity::generate_dev_pki(&out, &services)
                 .with_context(|| format!("generating certificates in {}", out.display()))?;
             println!("CA:           {}", pki.ca_cert.display());
-            println!("intermediate: {} {}", pki.server_cert.display(), pki.server_key.display());
-            println!("agent:        {} {}", pki.agent_cert.display(), pki.agent_key.display());
-            println!("connector:    {} {}", pki.connector_cert.display(), pki.connector_key.display());
+            println!(
+                "intermediate: {} {}",
+                pki.server_cert.display(),
+                pki.server_key.display()
+            );
+            println!(
+                "agent:        {} {}",
+                pki.agent_cert.display(),
+                pki.agent_key.display()
+            );
+            println!(
+                "connector:    {} {}",
+                pki.connector_cert.display(),
+                pki.connector_key.display()
+            );
             Ok(())
         }
         Cmd::Sessions { json } => sessions(json),
         Cmd::EchoServer { listen } => {
-            let socket = std::net::UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
+            let socket =
+                std::net::UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
             socket.set_read_timeout(Some(std::time::Duration::from_millis(100)))?;
             eprintln!("echo service on udp {}", socket.local_addr()?);
             let stop = Arc::new(AtomicBool::new(false));
@@ -78,7 +91,10 @@ fn sessions(json: bool) -> anyhow::Result<()> {
     let now = monotonic_ns();
     let mut rows = Vec::new();
     for (k, e, s) in table.entries() {
-        let peer = SocketAddrV4::new(Ipv4Addr::from(e.peer_addr.to_ne_bytes()), u16::from_be(e.peer_port));
+        let peer = SocketAddrV4::new(
+            Ipv4Addr::from(e.peer_addr.to_ne_bytes()),
+            u16::from_be(e.peer_port),
+        );
         let from = SocketAddrV4::new(
             Ipv4Addr::from(e.expected_src_addr.to_ne_bytes()),
             u16::from_be(e.expected_src_port),
@@ -92,25 +108,48 @@ fn sessions(json: bool) -> anyhow::Result<()> {
     rows.sort_by_key(|r| (r["session"].as_u64(), r["cid"].as_str().map(String::from)));
     let verdicts = ztna_userspace::xdp::verdict_counters()?;
     if json {
-        let v: serde_json::Map<_, _> = verdicts.iter().map(|(k, n)| (k.to_string(), (*n).into())).collect();
+        let v: serde_json::Map<_, _> = verdicts
+            .iter()
+            .map(|(k, n)| (k.to_string(), (*n).into()))
+            .collect();
         println!("{}", serde_json::json!({ "entries": rows, "verdicts": v }));
         return Ok(());
     }
-    println!("{:>8}  {:16}  {:21}  {:21}  {:>10}  {:>12}  {:>10}", "session", "relay cid", "from", "to", "packets", "bytes", "last seen");
+    println!(
+        "{:>8}  {:16}  {:21}  {:21}  {:>10}  {:>12}  {:>10}",
+        "session", "relay cid", "from", "to", "packets", "bytes", "last seen"
+    );
     for r in &rows {
         println!(
             "{:>8}  {:16}  {:21}  {:21}  {:>10}  {:>12}  {:>10}",
-            r["session"], r["cid"].as_str().unwrap_or(""), r["from"].as_str().unwrap_or(""), r["to"].as_str().unwrap_or(""),
-            r["packets"], r["bytes"],
-            r["last_seen_secs_ago"].as_f64().map_or("never".into(), |s| format!("{s:.1}s ago")),
+            r["session"],
+            r["cid"].as_str().unwrap_or(""),
+            r["from"].as_str().unwrap_or(""),
+            r["to"].as_str().unwrap_or(""),
+            r["packets"],
+            r["bytes"],
+            r["last_seen_secs_ago"]
+                .as_f64()
+                .map_or("never".into(), |s| format!("{s:.1}s ago")),
         );
     }
-    println!("\nverdicts: {}", verdicts.iter().filter(|(_, n)| *n > 0).map(|(k, n)| format!("{k}={n}")).collect::<Vec<_>>().join(" "));
+    println!(
+        "\nverdicts: {}",
+        verdicts
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     Ok(())
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
