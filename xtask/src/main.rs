@@ -464,9 +464,18 @@ fn demo_in(bin: &Path, dir: &Path, count: u32, size: &str) -> anyhow::Result<()>
                 .map_or("-".into(), |v| format!("{v:.3} ms"))
         };
         println!("\n  {name}");
+        let history: Vec<String> = report["path_timeline"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|c| format!("{} at {} ms", c["path"].as_str().unwrap_or("?"), c["at_ms"]))
+                    .collect()
+            })
+            .unwrap_or_default();
         println!(
-            "    path              {}",
-            report["path"].as_str().unwrap_or("-")
+            "    path              {} ({})",
+            report["path"].as_str().unwrap_or("-"),
+            history.join(" -> ")
         );
         println!(
             "    handshake         {} control, {} data connection",

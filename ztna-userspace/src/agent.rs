@@ -918,6 +918,8 @@ pub struct EchoReport {
     pub rtt_p99_us: Option<u64>,
     pub rtt_min_us: Option<u64>,
     pub rtt_max_us: Option<u64>,
+    /// Every path change of this service since the agent started (status history).
+    pub path_timeline: Vec<PathChange>,
 }
 
 impl EchoReport {
@@ -926,9 +928,23 @@ impl EchoReport {
     }
 
     pub fn summary(&self) -> String {
+        let history: Vec<String> = self
+            .path_timeline
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} at {} ms",
+                    serde_json::to_value(c.path)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default(),
+                    c.at_ms
+                )
+            })
+            .collect();
         let ms =
             |us: Option<u64>| us.map_or("-".into(), |u| format!("{:.3} ms", u as f64 / 1000.0));
-        format!(
+        let text = format!(
             "service {} over {}: handshake {} (data connection {}), max DATAGRAM {} B, max UDP payload {} B\n\
              sent {} x {} B, echoed byte-exact {}, corrupted {}, lost {}\n\
              RTT p50 {}, p99 {}, min {}, max {}",
@@ -954,7 +970,12 @@ impl EchoReport {
             ms(self.rtt_p99_us),
             ms(self.rtt_min_us),
             ms(self.rtt_max_us),
-        )
+        );
+        if history.is_empty() {
+            text
+        } else {
+            format!("{text}\npath history: {}", history.join(" -> "))
+        }
     }
 }
 
@@ -1040,5 +1061,12 @@ pub fn run_echo(agent: &mut Agent, opts: &EchoOptions) -> anyhow::Result<EchoRep
     report.rtt_p99_us = percentile(&rtts, 99.0);
     report.rtt_min_us = rtts.first().copied();
     report.rtt_max_us = rtts.last().copied();
+    report.path = Some(agent.path(&opts.service));
+    report.path_timeline = agent
+        .timeline()
+        .iter()
+        .filter(|c| c.service == opts.service)
+        .cloned()
+        .collect();
     Ok(report)
 }
