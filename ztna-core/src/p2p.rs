@@ -211,6 +211,8 @@ pub struct Checker {
     started: Instant,
     /// Checks that failed verification or came for pairs we don't have.
     pub rejected: u64,
+    /// Sources of valid requests that arrived before the remote candidates did.
+    early_prflx: Vec<SocketAddr>,
 }
 
 impl Checker {
@@ -230,6 +232,7 @@ impl Checker {
             rng,
             started: now,
             rejected: 0,
+            early_prflx: Vec::new(),
         }
     }
 
@@ -260,7 +263,33 @@ impl Checker {
             })
             .collect();
         self.pairs.sort_by_key(|p| std::cmp::Reverse(p.priority));
+        // Requests that beat the candidates here (the peer got ours first) still
+        // name an address its NAT opened towards us: check it like any prflx.
+        for from in std::mem::take(&mut self.early_prflx) {
+            self.add_prflx(from);
+        }
         self.next_check = now;
+    }
+
+    fn add_prflx(&mut self, from: SocketAddr) {
+        if self.pairs.iter().any(|p| p.remote.addr == from) {
+            return;
+        }
+        let remote = Candidate {
+            kind: CandidateKind::PeerReflexive,
+            addr: from,
+        };
+        let (g, d) = match self.role {
+            Role::Controlling => (self.local_best, remote.priority()),
+            Role::Controlled => (remote.priority(), self.local_best),
+        };
+        self.pairs.push(Pair {
+            remote,
+            priority: pair_priority(g, d),
+            state: PairState::Waiting,
+            nominating: None,
+        });
+        self.pairs.sort_by_key(|p| std::cmp::Reverse(p.priority));
     }
 
     pub fn has_remote(&self) -> bool {
@@ -423,22 +452,10 @@ impl Checker {
             }
             // RFC 8445 §7.3.1.3: a request from an unknown address is a peer-reflexive
             // candidate; check it too (behind a symmetric NAT it is the only way in).
-            if self.remote_password.is_some() && !self.pairs.iter().any(|p| p.remote.addr == from) {
-                let remote = Candidate {
-                    kind: CandidateKind::PeerReflexive,
-                    addr: from,
-                };
-                let (g, d) = match self.role {
-                    Role::Controlling => (self.local_best, remote.priority()),
-                    Role::Controlled => (remote.priority(), self.local_best),
-                };
-                self.pairs.push(Pair {
-                    remote,
-                    priority: pair_priority(g, d),
-                    state: PairState::Waiting,
-                    nominating: None,
-                });
-                self.pairs.sort_by_key(|p| std::cmp::Reverse(p.priority));
+            if self.remote_password.is_some() {
+                self.add_prflx(from);
+            } else if !self.early_prflx.contains(&from) && self.early_prflx.len() < 8 {
+                self.early_prflx.push(from);
             }
             let resp = Check {
                 request: false,
@@ -623,6 +640,41 @@ mod tests {
             sent_to.contains(&prflx),
             "checked the peer-reflexive address: {sent_to:?}"
         );
+    }
+
+    #[test]
+    fn a_request_before_the_candidates_is_checked_once_they_arrive() {
+        let now = Instant::now();
+        let mut a = Checker::new(Role::Controlling, 1, &[], now);
+        let prflx: SocketAddr = "203.0.113.2:31337".parse().unwrap();
+        let req = encode_check(
+            &Check {
+                request: true,
+                session_id: 1,
+                txn: [2; 8],
+                nominate: false,
+                addr: "198.51.100.1:1".parse().unwrap(),
+            },
+            &a.local_password(),
+        );
+        assert!(
+            a.handle(&req, prflx, now).is_some(),
+            "answered even before the candidates"
+        );
+        a.set_remote(
+            [5; 16],
+            &[cand(CandidateKind::ServerReflexive, "203.0.113.2:2000")],
+            now,
+        );
+        let mut sent_to = Vec::new();
+        let mut t = now;
+        for _ in 0..10 {
+            t += PACING;
+            while let Some((_, to)) = a.poll_transmit(t) {
+                sent_to.push(to);
+            }
+        }
+        assert!(sent_to.contains(&prflx), "{sent_to:?}");
     }
 
     #[test]

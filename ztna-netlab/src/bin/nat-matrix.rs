@@ -9,16 +9,30 @@ use ztna_netlab::p2p::{Nat, scenario};
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let mut out: Option<PathBuf> = None;
+    let mut only: Option<(Nat, Nat)> = None;
+    let parse = |s: &str| Nat::ALL.into_iter().find(|n| n.name() == s);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--out" => out = args.next().map(PathBuf::from),
+            // One pair only, e.g. `--pair no-nat,symmetric-like` (for debugging).
+            "--pair" => {
+                let v = args.next().unwrap_or_default();
+                let (x, y) = v.split_once(',').context("--pair AGENT,CONNECTOR")?;
+                only = Some((parse(x).context("agent NAT")?, parse(y).context("connector NAT")?));
+            }
             other => anyhow::bail!("unknown argument {other:?} (usage: nat-matrix --out FILE)"),
         }
     }
     let out = out.context("--out FILE is required")?;
     let mut rows = Vec::new();
+    if std::env::var_os("RUST_LOG").is_some() {
+        ztna_userspace::logging::init("info");
+    }
     for a in Nat::ALL {
         for c in Nat::ALL {
+            if only.is_some_and(|o| o != (a, c)) {
+                continue;
+            }
             eprintln!(
                 "nat-matrix: agent {} / connector {} ...",
                 a.name(),
