@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+mod bench;
 mod ebpf;
 use clap::{Parser, Subcommand};
 
@@ -62,7 +63,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test => test(),
         Cmd::BuildEbpf => ebpf::build_ebpf(&root()).map(|_| ()),
         Cmd::NatMatrix { out } => nat_matrix(&out),
-        Cmd::Bench { what, out } => bench(&what, &out),
+        Cmd::Bench { what, out } => bench::bench(&what, &out),
     }
 }
 
@@ -130,30 +131,6 @@ fn cargo_test(args: &[&str], tally: &mut Tally) -> anyhow::Result<bool> {
         }
     }
     Ok(child.wait()?.success())
-}
-
-fn bench(what: &str, out: &Path) -> anyhow::Result<()> {
-    if what != "relay" {
-        bail!("unknown benchmark {what:?} (known: relay)");
-    }
-    if !is_root() {
-        bail!("the relay benchmark needs root (network namespaces, XDP)");
-    }
-    ebpf::build_ebpf(&root())?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "ztna-userspace",
-        "-p",
-        "ztna-netlab",
-        "--bins",
-    ]))?;
-    let out = std::path::absolute(out)?;
-    run(Command::new(root().join("target/release/relay-bench"))
-        .arg("--out")
-        .arg(&out)
-        .env("ZTNA_BIN_DIR", root().join("target/release")))
 }
 
 fn nat_matrix(out: &Path) -> anyhow::Result<()> {

@@ -18,7 +18,10 @@ fn main() -> anyhow::Result<()> {
             "--pair" => {
                 let v = args.next().unwrap_or_default();
                 let (x, y) = v.split_once(',').context("--pair AGENT,CONNECTOR")?;
-                only = Some((parse(x).context("agent NAT")?, parse(y).context("connector NAT")?));
+                only = Some((
+                    parse(x).context("agent NAT")?,
+                    parse(y).context("connector NAT")?,
+                ));
             }
             other => anyhow::bail!("unknown argument {other:?} (usage: nat-matrix --out FILE)"),
         }
