@@ -192,6 +192,23 @@ pub fn decode_check(p: &[u8], key: &[u8; 16]) -> Option<Check> {
     })
 }
 
+/// A nominating request to `to`, signed with the receiver's password.
+fn nomination(
+    session_id: u32,
+    txn: [u8; 8],
+    to: SocketAddr,
+    key: &[u8; 16],
+) -> (Vec<u8>, SocketAddr) {
+    let c = Check {
+        request: true,
+        session_id,
+        txn,
+        nominate: true,
+        addr: to,
+    };
+    (encode_check(&c, key), to)
+}
+
 /// Session id of a check packet, before its tag is verified (to find its checker).
 pub fn check_session(p: &[u8]) -> Option<u32> {
     is_check(p).then(|| u32::from_be_bytes([p[6], p[7], p[8], p[9]]))
@@ -333,14 +350,7 @@ impl Checker {
             {
                 p.nominating = Some(txn);
                 self.next_check = now + PACING;
-                let c = Check {
-                    request: true,
-                    session_id,
-                    txn,
-                    nominate: true,
-                    addr: p.remote.addr,
-                };
-                return Some((encode_check(&c, &key), p.remote.addr));
+                return Some(nomination(session_id, txn, p.remote.addr, &key));
             }
         }
         let mut chosen = None;
@@ -387,14 +397,7 @@ impl Checker {
         {
             p.nominating = Some(txn);
             self.next_check = now + FIRST_RTO;
-            let c = Check {
-                request: true,
-                session_id,
-                txn,
-                nominate: true,
-                addr: p.remote.addr,
-            };
-            return Some((encode_check(&c, &key), p.remote.addr));
+            return Some(nomination(session_id, txn, p.remote.addr, &key));
         }
         let i = chosen?;
         self.next_check = now + PACING;
