@@ -90,7 +90,7 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// Crates whose tests need root (network namespaces, BPF). Their tests are
 /// `#[ignore]`d in a plain `cargo test` and run here with `--ignored` when root.
-const PRIVILEGED_CRATES: &[&str] = &["ztna-netlab"];
+const PRIVILEGED_CRATES: &[&str] = &["ztna-netlab", "ztna-xdp-tests"];
 
 #[derive(Default)]
 struct Tally {

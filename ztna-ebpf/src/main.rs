@@ -2,8 +2,9 @@
 //!
 //! Ethernet → IPv4 (no options, not a fragment) → UDP to the relay port → QUIC DCID
 //! (short header: the 8 bytes after the first byte; long header: version, a DCID
-//! length of 8, the DCID) → `ZTNA_RELAY` lookup → sender check → `bpf_fib_lookup` for
-//! the new destination (cached per session and CPU for a second) → rewrite
+//! length of 8, the DCID) → the frame holds the whole IP packet → `ZTNA_RELAY`
+//! lookup → sender check → `bpf_fib_lookup` for the new destination (cached per
+//! session and CPU for a second) → rewrite
 //! (source = the relay's own address and port, i.e. the packet's destination;
 //! destination = the peer; TTL 64, as the userspace forwarder's own sends) with
 //! incremental IP and UDP checksum updates → `XDP_TX` or `bpf_redirect`. Anything else is `XDP_PASS` to the
@@ -184,6 +185,12 @@ fn try_ztna_relay(ctx: &XdpContext) -> (u32, Verdict) {
     let Some(cid) = read::<[u8; RELAY_CID_LEN]>(ctx, dcid_off) else {
         return (PASS, Verdict::PassTruncated);
     };
+    // A frame that ends before its IP total length lost bytes on the way: the
+    // receiver's kernel would drop it, so relaying it only wastes the peer's link.
+    let ip_total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if IP_OFF + ip_total > ctx.data_end() - ctx.data() {
+        return (PASS, Verdict::PassTruncated);
+    }
     if cid[0] != RELAY_CID_MARKER {
         return (PASS, Verdict::PassNotRelayCid);
     }
