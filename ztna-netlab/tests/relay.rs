@@ -161,19 +161,29 @@ fn bpftool_dumps_entries_by_field_name_and_sessions_lists_them() {
             "bpftool output lacks {field}:\n{dump}"
         );
     }
-    // Let some packets through, then list the sessions.
-    std::thread::sleep(Duration::from_millis(500));
+    // List the sessions until the XDP counters show forwarded packets.
     let sessions = ztna_netlab::bin_dir().join("ztna");
-    let out = std::process::Command::new(&sessions)
-        .args(["sessions", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = || -> serde_json::Value {
+        let out = std::process::Command::new(&sessions)
+            .args(["sessions", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut v = list();
+    while !v["entries"]
+        .as_array()
+        .is_some_and(|e| e.iter().any(|e| n(e, "packets") > 0))
+        && Instant::now() < deadline
+    {
+        v = list();
+    }
     let entries = v["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 2, "{v}");
     assert!(
