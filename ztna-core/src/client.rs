@@ -21,11 +21,7 @@ use crate::frame_io::{self, FrameIo};
 use crate::{ALPN, app_error};
 
 /// What the client registers as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Agent,
-    Connector,
-}
+pub use crate::identity::Role;
 
 #[derive(Clone, Debug)]
 pub struct ClientConfig {

@@ -329,6 +329,15 @@ impl DataConnection {
         }
     }
 
+    /// The next received tunneled packet, written into `out`: its length. Nothing
+    /// before the peer's certificate was checked.
+    pub fn recv_packet(&mut self, out: &mut [u8]) -> Option<usize> {
+        if !self.authorized {
+            return None;
+        }
+        self.conn.dgram_recv(out).ok()
+    }
+
     /// Calls `f` with every received tunneled packet.
     pub fn recv_packets(&mut self, mut f: impl FnMut(&[u8])) {
         if !self.authorized {

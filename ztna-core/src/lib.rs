@@ -1,14 +1,18 @@
 //! Sans-IO core shared by the ztna agent (Linux CLI, and later the C ABI for macOS)
-//! and the app connector: the control-connection client over quiche, and IP packet
-//! helpers. Nothing here opens a socket or reads the clock; nothing here is
+//! and the app connector: the agent engine ([`AgentEngine`]), the control-connection
+//! client over quiche, data connections, NAT-traversal checks, peer identities and IP
+//! packet helpers. Nothing here opens a socket or reads the clock; nothing here is
 //! Linux-only.
 
+pub mod agent;
 pub mod client;
 pub mod data;
 pub mod frame_io;
+pub mod identity;
 pub mod p2p;
 pub mod packet;
 
+pub use agent::{AgentConfig, AgentEngine, AgentEvent, PathKind};
 pub use client::{ClientConfig, ClientError, ClientEvent, ClientStats, ControlClient, Role};
 
 /// ALPN of the control connection.

@@ -76,6 +76,42 @@ impl Candidate {
     }
 }
 
+/// Our candidates for a socket bound to `local`: when it is bound to the
+/// unspecified address, one host candidate per interface address of the same family
+/// in `host_addrs` (the platform lists them; this crate reads no interfaces);
+/// otherwise `local` itself. Then the server-reflexive address (QAD), unless it
+/// repeats a host one.
+pub fn candidates(
+    local: SocketAddr,
+    host_addrs: &[IpAddr],
+    reflexive: Option<SocketAddr>,
+) -> Vec<Candidate> {
+    let mut c: Vec<Candidate> = if local.ip().is_unspecified() {
+        host_addrs
+            .iter()
+            .filter(|ip| ip.is_ipv4() == local.is_ipv4())
+            .map(|ip| Candidate {
+                kind: CandidateKind::Host,
+                addr: SocketAddr::new(*ip, local.port()),
+            })
+            .collect()
+    } else {
+        vec![Candidate {
+            kind: CandidateKind::Host,
+            addr: local,
+        }]
+    };
+    if let Some(r) = reflexive
+        && !c.iter().any(|x| x.addr == r)
+    {
+        c.push(Candidate {
+            kind: CandidateKind::ServerReflexive,
+            addr: r,
+        });
+    }
+    c
+}
+
 /// RFC 8445 §6.1.2.3 pair priority; G = controlling side's candidate priority.
 pub fn pair_priority(controlling: u32, controlled: u32) -> u64 {
     let (g, d) = (u64::from(controlling), u64::from(controlled));

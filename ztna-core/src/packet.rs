@@ -266,6 +266,75 @@ pub fn icmp_echo_reply(packet: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The destination address of a raw IPv4/IPv6 packet, read from the fixed header
+/// (the tunnel hot path needs nothing more to pick a route); `None` when the packet
+/// is too short or neither version.
+pub fn destination(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 => {
+            let b: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        6 => {
+            let b: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        _ => None,
+    }
+}
+
+/// The ICMP error a router sends for a packet its policy forbids: ICMPv4
+/// destination unreachable, code 13 (communication administratively prohibited),
+/// or ICMPv6 destination unreachable, code 1 (administratively prohibited). It comes
+/// from the refused destination to the packet's source and quotes the packet as
+/// RFC 792 / RFC 4443 §3.1 ask (IPv4: header + 8 bytes; IPv6: as much as fits in
+/// 1280 bytes). `None` for packets that must not get an error: malformed ones and
+/// ICMP errors themselves (RFC 1122 §3.2.2, RFC 4443 §2.4).
+pub fn icmp_prohibited(packet: &[u8]) -> Option<Vec<u8>> {
+    let v = view(packet).ok()?;
+    let mut out = Vec::new();
+    match (&v.transport, v.src, v.dst) {
+        (t, IpAddr::V4(src), IpAddr::V4(dst)) => {
+            if let TransportSlice::Icmpv4(icmp) = t
+                && !matches!(
+                    icmp.icmp_type(),
+                    Icmpv4Type::EchoRequest(_) | Icmpv4Type::EchoReply(_)
+                )
+            {
+                return None;
+            }
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            let quote = &packet[..packet.len().min(ihl + 8)];
+            PacketBuilder::ipv4(dst.octets(), src.octets(), TTL)
+                .icmpv4(Icmpv4Type::DestinationUnreachable(
+                    etherparse::icmpv4::DestUnreachableHeader::FilterProhibited,
+                ))
+                .write(&mut out, quote)
+                .ok()?;
+        }
+        (t, IpAddr::V6(src), IpAddr::V6(dst)) => {
+            if let TransportSlice::Icmpv6(icmp) = t
+                && !matches!(
+                    icmp.icmp_type(),
+                    Icmpv6Type::EchoRequest(_) | Icmpv6Type::EchoReply(_)
+                )
+            {
+                return None;
+            }
+            // 1280 minimum MTU - 40 (IPv6) - 8 (ICMPv6 header).
+            let quote = &packet[..packet.len().min(1280 - 48)];
+            PacketBuilder::ipv6(dst.octets(), src.octets(), TTL)
+                .icmpv6(Icmpv6Type::DestinationUnreachable(
+                    etherparse::icmpv6::DestUnreachableCode::Prohibited,
+                ))
+                .write(&mut out, quote)
+                .ok()?;
+        }
+        _ => return None,
+    }
+    Some(out)
+}
+
 /// Build an ICMPv4/ICMPv6 echo request (for tests and the agent CLI `ping`).
 pub fn build_icmp_echo_request(
     src: IpAddr,

@@ -24,7 +24,7 @@ use ztna_core::p2p::{self, Checker};
 use ztna_core::packet::{self, FlowKey, Proto};
 use ztna_core::{ClientConfig, ClientEvent, ControlClient, MAX_UDP_PAYLOAD};
 
-use crate::identity::{PeerIdentity, Role};
+use crate::identity::{Role, authorize};
 
 const CONTROL: Token = Token(0);
 const FLOW_IDLE: Duration = Duration::from_secs(120);
@@ -750,20 +750,5 @@ impl Connector {
                 inc(&self.stats.flows_expired);
             }
         }
-    }
-}
-
-/// Checks a data-connection peer's certificate for `role` on `service`.
-pub fn authorize(der: Option<&[u8]>, role: Role, service: &str) -> Result<String, String> {
-    let der = der.ok_or("no peer certificate")?;
-    let id = PeerIdentity::from_der(der).map_err(|e| e.to_string())?;
-    if id.authorizes(role, service) {
-        Ok(id.name())
-    } else {
-        Err(format!(
-            "{} is not authorized as {} for {service:?}",
-            id.name(),
-            role.as_str()
-        ))
     }
 }

@@ -15,8 +15,10 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, SanType,
 };
 use x509_parser::der_parser::asn1_rs::Tag;
-use x509_parser::extensions::{GeneralName, ParsedExtension};
-use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::extensions::ParsedExtension;
+use x509_parser::prelude::X509Certificate;
+use ztna_core::identity::CertificateError;
+pub use ztna_core::identity::{PeerIdentity, Role, authorize};
 
 const DAY: Duration = Duration::from_secs(24 * 60 * 60);
 const CA_CN: &str = "ztna dev CA";
@@ -33,6 +35,12 @@ pub enum IdentityError {
     Rcgen(#[from] rcgen::Error),
     #[error("bad certificate: {0}")]
     BadCertificate(String),
+}
+
+impl From<CertificateError> for IdentityError {
+    fn from(e: CertificateError) -> Self {
+        IdentityError::BadCertificate(e.0)
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
@@ -226,26 +234,11 @@ fn read_file(path: &Path) -> Result<Vec<u8>, IdentityError> {
 
 /// Decodes the first CERTIFICATE block of a PEM file to DER.
 pub fn pem_to_der(pem: &[u8]) -> Result<Vec<u8>, IdentityError> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(pem)
-        .map_err(|e| IdentityError::BadCertificate(format!("PEM: {e}")))?;
-    if pem.label != "CERTIFICATE" {
-        return Err(IdentityError::BadCertificate(format!(
-            "expected CERTIFICATE PEM block, found {}",
-            pem.label
-        )));
-    }
-    Ok(pem.contents)
+    Ok(ztna_core::identity::pem_to_der(pem)?)
 }
 
 fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, IdentityError> {
-    let (rest, cert) = X509Certificate::from_der(der)
-        .map_err(|e| IdentityError::BadCertificate(format!("X.509: {e}")))?;
-    if !rest.is_empty() {
-        return Err(IdentityError::BadCertificate(
-            "trailing data after certificate".into(),
-        ));
-    }
-    Ok(cert)
+    Ok(ztna_core::identity::parse_cert(der)?)
 }
 
 /// Rebuilds an rcgen issuer from CA files. rcgen's own
@@ -322,109 +315,6 @@ fn dn_from_x509(
         dn.push(DnType::from_oid(&oid), value);
     }
     Ok(dn)
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Agent,
-    Connector,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Agent => "agent",
-            Role::Connector => "connector",
-        }
-    }
-}
-
-/// What a verified peer certificate says about its holder.
-#[derive(Clone, Debug)]
-pub struct PeerIdentity {
-    pub subject: String,
-    pub dns_sans: Vec<String>,
-}
-
-impl PeerIdentity {
-    /// Parses a DER certificate (e.g. quiche `Connection::peer_cert()`).
-    /// Does no chain validation: that is the TLS stack's job.
-    pub fn from_der(der: &[u8]) -> Result<Self, IdentityError> {
-        let cert = parse_cert(der)?;
-        let san = cert
-            .subject_alternative_name()
-            .map_err(|e| IdentityError::BadCertificate(format!("SAN extension: {e}")))?;
-        let dns_sans = san
-            .map(|s| {
-                s.value
-                    .general_names
-                    .iter()
-                    .filter_map(|g| match g {
-                        GeneralName::DNSName(n) => Some((*n).to_owned()),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok(PeerIdentity {
-            subject: cert.subject().to_string(),
-            dns_sans,
-        })
-    }
-
-    /// True if some DNS SAN grants `role` access to `service`:
-    /// `<role>.<service>.ztna`, `<role>.*.ztna` (any service), or a bare `*`
-    /// (any role, any service).
-    ///
-    /// The role label and `.ztna` suffix are ASCII case-insensitive like any
-    /// DNS name, but the service id is compared exactly, so services that
-    /// differ only in case never leak into each other. The service id is
-    /// everything between the role label and `.ztna`, so it may contain dots
-    /// (`agent.a.b.ztna` covers service `a.b`). An empty service id is never
-    /// authorized, and `*` inside a longer label (`agent.x*.ztna`) is not a
-    /// wildcard.
-    pub fn authorizes(&self, role: Role, service: &str) -> bool {
-        if service.is_empty() {
-            return false;
-        }
-        self.dns_sans
-            .iter()
-            .any(|san| san_grants(san, role, service))
-    }
-
-    /// Short human name for logs: the first SAN, else the subject.
-    pub fn name(&self) -> String {
-        self.dns_sans
-            .first()
-            .cloned()
-            .unwrap_or_else(|| self.subject.clone())
-    }
-}
-
-fn san_grants(san: &str, role: Role, service: &str) -> bool {
-    if san == "*" {
-        return true;
-    }
-    const SUFFIX: &str = ".ztna";
-    let prefix_len = role.as_str().len() + 1;
-    // Byte slicing below is safe: the checked prefix/suffix are ASCII, so the
-    // cut points fall on char boundaries whenever the comparisons succeed.
-    if san.len() < prefix_len + SUFFIX.len()
-        || !san.is_char_boundary(prefix_len)
-        || !san.is_char_boundary(san.len() - SUFFIX.len())
-    {
-        return false;
-    }
-    let (head, rest) = san.split_at(prefix_len);
-    let (middle, tail) = rest.split_at(rest.len() - SUFFIX.len());
-    if !head[..head.len() - 1].eq_ignore_ascii_case(role.as_str())
-        || !head.ends_with('.')
-        || !tail.eq_ignore_ascii_case(SUFFIX)
-        || middle.is_empty()
-    {
-        return false;
-    }
-    middle == "*" || middle == service
 }
 
 #[cfg(test)]
@@ -732,7 +622,7 @@ mod tests {
     fn from_der_rejects_garbage() {
         assert!(matches!(
             PeerIdentity::from_der(b"not a cert"),
-            Err(IdentityError::BadCertificate(_))
+            Err(CertificateError(_))
         ));
         assert!(
             pem_to_der(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").is_err()

@@ -1,7 +1,9 @@
 //! Local interface addresses, for host candidates.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use ztna_core::p2p::{Candidate, CandidateKind};
+#[cfg(test)]
+use ztna_core::p2p::CandidateKind;
+use ztna_core::p2p::{self, Candidate};
 
 /// Addresses of the interfaces that are up, without loopback and link-local ones.
 pub fn interface_addrs() -> Vec<IpAddr> {
@@ -46,32 +48,16 @@ pub fn interface_addrs() -> Vec<IpAddr> {
     out
 }
 
-/// Host candidates for a socket bound to `local`, plus the server-reflexive one.
+/// Host candidates for a socket bound to `local` (this machine's interface
+/// addresses when it is bound to the unspecified address), plus the
+/// server-reflexive one.
 pub fn candidates(local: SocketAddr, reflexive: Option<SocketAddr>) -> Vec<Candidate> {
-    let mut c: Vec<Candidate> = if local.ip().is_unspecified() {
+    let hosts = if local.ip().is_unspecified() {
         interface_addrs()
-            .into_iter()
-            .filter(|ip| ip.is_ipv4() == local.is_ipv4())
-            .map(|ip| Candidate {
-                kind: CandidateKind::Host,
-                addr: SocketAddr::new(ip, local.port()),
-            })
-            .collect()
     } else {
-        vec![Candidate {
-            kind: CandidateKind::Host,
-            addr: local,
-        }]
+        Vec::new()
     };
-    if let Some(r) = reflexive
-        && !c.iter().any(|x| x.addr == r)
-    {
-        c.push(Candidate {
-            kind: CandidateKind::ServerReflexive,
-            addr: r,
-        });
-    }
-    c
+    p2p::candidates(local, &hosts, reflexive)
 }
 
 #[cfg(test)]

@@ -1,0 +1,995 @@
+//! The agent engine: everything an agent does, as one sans-IO state machine.
+//!
+//! ```text
+//!  UDP datagram + source ──► handle_udp ──┐                       ┌──► poll_transmit: UDP datagram + destination
+//!  IP packet from the tunnel ► handle_tun ─┼─► control client,     ├──► poll_tun: IP packet for the tunnel device
+//!  the time ───────────────► handle_timeout┘   relayed and direct  ├──► poll_timeout: when to call handle_timeout
+//!                                              data connections,   └──► poll_event: registered, path changed, ...
+//!                                              NAT-traversal checks
+//! ```
+//!
+//! The engine owns no socket, no tunnel device, no thread and no clock: every input
+//! carries `now`, and every output is polled into the caller's buffers. The Linux
+//! agent (`ztna-agent`), its echo tool and the C ABI for the macOS app are drivers of
+//! this one engine. A driver's loop, in the order that keeps liveness honest:
+//!
+//! 1. wait until the UDP socket or the tunnel device is readable, or `poll_timeout`;
+//! 2. feed every datagram that is waiting (`handle_udp`) and every tunnel packet
+//!    (`handle_tun`), then, if the deadline passed, `handle_timeout` — after the
+//!    socket is drained, so that a direct path is never judged silent while its
+//!    packets sit unread;
+//! 3. write out `poll_tun` until `None`, send `poll_transmit` until `None`, and read
+//!    `poll_event` until `None`.
+//!
+//! What it runs, per service: registration on the control connection; a relay
+//! session and a QUIC data connection through the relay (forwarded by XDP or the
+//! relay's userspace forwarder); ICE-style checks and a direct data connection;
+//! keepalive, liveness and fallback to the relay; the datagram relay (DATAGRAMs on the
+//! control connection) whenever no data connection is usable; and the path history.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use ztna_common::NackStatus;
+use ztna_common::frames::forwarding;
+
+use crate::client::{ClientConfig, ClientError, ClientEvent, ControlClient, Role};
+use crate::data::{self, DataConfig, DataConnection};
+use crate::identity::authorize;
+use crate::p2p::{self, Checker};
+use crate::packet;
+
+/// A data connection not usable after this long is given up (datagram relay used).
+const DATA_SETUP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Wait before asking again for a relay session that failed.
+const SESSION_RETRY: Duration = Duration::from_secs(2);
+/// Keepalive on the direct path: silence for `DIRECT_DEAD` means the path is gone.
+const DIRECT_KEEPALIVE: Duration = Duration::from_millis(200);
+const DIRECT_DEAD: Duration = Duration::from_millis(1000);
+/// With packets of ours unanswered, give up sooner: this many RTTs, at least
+/// `DIRECT_DEAD_MIN`.
+const DIRECT_DEAD_RTTS: u32 = 4;
+const DIRECT_DEAD_MIN: Duration = Duration::from_millis(400);
+/// Wait before trying the direct path again after it failed.
+const DIRECT_RETRY: Duration = Duration::from_secs(5);
+/// Packets for the tunnel that wait for `poll_tun` beyond this are dropped (counted):
+/// a driver that stops reading must not make the engine grow without bound.
+const TUN_QUEUE_MAX: usize = 1024;
+/// Likewise for queued check packets.
+const UDP_QUEUE_MAX: usize = 256;
+
+/// How a service's packets currently travel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "kebab-case")
+)]
+pub enum PathKind {
+    /// QUIC data connection straight to the connector (after hole punching).
+    Direct,
+    /// QUIC data connection through the relay, forwarded by its XDP program.
+    RelayXdp,
+    /// QUIC data connection through the relay's userspace forwarder.
+    RelayUserspace,
+    /// DATAGRAMs on the control connection, decrypted by the intermediate.
+    Datagram,
+}
+
+impl PathKind {
+    /// Either forwarded-relay kind.
+    pub fn is_relay(self) -> bool {
+        matches!(self, PathKind::RelayXdp | PathKind::RelayUserspace)
+    }
+
+    /// The name used in status output and JSON: `direct`, `relay-xdp`,
+    /// `relay-userspace`, `datagram`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathKind::Direct => "direct",
+            PathKind::RelayXdp => "relay-xdp",
+            PathKind::RelayUserspace => "relay-userspace",
+            PathKind::Datagram => "datagram",
+        }
+    }
+}
+
+impl std::fmt::Display for PathKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One entry of a service's path history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct PathChange {
+    pub service: String,
+    /// Milliseconds since the engine was created.
+    pub at_ms: u64,
+    pub path: PathKind,
+}
+
+/// What the driver (or its user) should know, in order of occurrence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// The control connection is up; `handshake` from its first Initial.
+    Connected {
+        handshake: Duration,
+    },
+    /// QAD: the address the intermediate sees us at.
+    ObservedAddress(SocketAddr),
+    Registered(String),
+    /// The intermediate refused the registration (NACK).
+    Refused {
+        service: String,
+        status: NackStatus,
+    },
+    /// The control connection closed; `retry_in` is `None` when the engine will not
+    /// reconnect.
+    Disconnected {
+        reason: String,
+        retry_in: Option<Duration>,
+    },
+    /// A service's packets now take `path`.
+    PathChanged(PathChange),
+    /// The routes (service prefixes) changed: the driver re-reads `routes()`.
+    RoutesChanged,
+}
+
+/// What the engine needs beyond the control connection's settings.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub client: ClientConfig,
+    /// Open end-to-end data connections (relayed, then direct). Off keeps every
+    /// service on the datagram relay. Data connections need a CA, certificate and
+    /// key in `client`.
+    pub data_path: bool,
+    /// Hole punching and direct data connections (needs `data_path`).
+    pub p2p: bool,
+    /// Static routes: destination prefix → service. Packets from the tunnel to any
+    /// other address are refused with ICMP "administratively prohibited".
+    pub routes: Vec<(IpNet, String)>,
+}
+
+impl AgentConfig {
+    pub fn new(mut client: ClientConfig) -> Self {
+        client.role = Role::Agent;
+        AgentConfig {
+            client,
+            data_path: true,
+            p2p: true,
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// Counters of the engine's own decisions (the control client keeps its own).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentStats {
+    /// Tunnel packets to an address no route covers; answered with ICMP.
+    pub tun_no_route: u64,
+    /// Tunnel packets that are not IPv4/IPv6 or too short to route.
+    pub tun_malformed: u64,
+    /// Tunnel packets that could not be sent (service not registered yet, queue full,
+    /// too large for the path).
+    pub tun_send_failed: u64,
+    /// Packets for the tunnel dropped because the driver did not read them.
+    pub tun_queue_dropped: u64,
+    /// CANDIDATES frames for sessions we do not have.
+    pub candidates_refused: u64,
+}
+
+/// Per-service traffic counters, as the status output shows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct Traffic {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+/// The direct path of one service: connectivity checks, then a data connection.
+struct Direct {
+    session_id: u32,
+    checker: Checker,
+    conn: Option<DataConnection>,
+    retry_at: Option<Instant>,
+}
+
+/// Everything the engine keeps per configured service.
+#[derive(Default)]
+struct Service {
+    /// The relayed data connection.
+    data: Option<DataConnection>,
+    direct: Option<Direct>,
+    /// Earliest time to ask for a relay session.
+    want_session: Option<Instant>,
+    /// A session request is in flight.
+    requested: bool,
+    path: Option<PathKind>,
+    traffic: Traffic,
+}
+
+impl Service {
+    fn direct_usable(&self) -> Option<&DataConnection> {
+        self.direct
+            .as_ref()?
+            .conn
+            .as_ref()
+            .filter(|c| c.is_usable())
+    }
+
+    fn connections_mut(&mut self) -> impl Iterator<Item = &mut DataConnection> {
+        self.data
+            .iter_mut()
+            .chain(self.direct.iter_mut().filter_map(|d| d.conn.as_mut()))
+    }
+
+    fn connections(&self) -> impl Iterator<Item = &DataConnection> {
+        self.data
+            .iter()
+            .chain(self.direct.iter().filter_map(|d| d.conn.as_ref()))
+    }
+}
+
+pub struct AgentEngine {
+    client: ControlClient,
+    data_quic: Option<quiche::Config>,
+    keepalive: Duration,
+    p2p: bool,
+    local: SocketAddr,
+    host_addrs: Vec<IpAddr>,
+    services: BTreeMap<String, Service>,
+    /// session id → `frames::forwarding` value from SESSION_PATH.
+    forwarding: BTreeMap<u32, u8>,
+    routes: Vec<(IpNet, String)>,
+    created: Instant,
+    handshake: Option<Duration>,
+    timeline: Vec<PathChange>,
+    events: VecDeque<AgentEvent>,
+    /// Packets for the tunnel that did not come from a data connection (datagram
+    /// relay, ICMP errors we make); data-connection packets go straight from quiche
+    /// into the caller's buffer.
+    tun_queue: VecDeque<Vec<u8>>,
+    /// Check packets waiting for `poll_transmit`.
+    udp_queue: VecDeque<(Vec<u8>, SocketAddr)>,
+    stats: AgentStats,
+}
+
+impl AgentEngine {
+    /// Starts connecting. `local` is the address of the caller's UDP socket (its port
+    /// matters for candidates); `host_addrs` are this machine's interface addresses,
+    /// used as host candidates when the socket is bound to the unspecified address.
+    pub fn new(
+        cfg: AgentConfig,
+        local: SocketAddr,
+        host_addrs: Vec<IpAddr>,
+        now: Instant,
+    ) -> Result<Self, ClientError> {
+        let mut client_cfg = cfg.client;
+        client_cfg.role = Role::Agent;
+        let data_quic = match DataConfig::from_client(&client_cfg) {
+            Some(d) if cfg.data_path => Some(data::quic_config(&d)?),
+            _ => None,
+        };
+        let services = client_cfg
+            .services
+            .iter()
+            .map(|s| (s.clone(), Service::default()))
+            .collect();
+        let keepalive = client_cfg.keepalive;
+        let client = ControlClient::new(client_cfg, local, now)?;
+        Ok(AgentEngine {
+            client,
+            data_quic,
+            keepalive,
+            p2p: cfg.p2p,
+            local,
+            host_addrs,
+            services,
+            forwarding: BTreeMap::new(),
+            routes: cfg.routes,
+            created: now,
+            handshake: None,
+            timeline: Vec::new(),
+            events: VecDeque::new(),
+            tun_queue: VecDeque::new(),
+            udp_queue: VecDeque::new(),
+            stats: AgentStats::default(),
+        })
+    }
+
+    // ---- inputs -------------------------------------------------------------
+
+    /// One UDP datagram that arrived on the socket from `from`. `buf` may be
+    /// modified (QUIC decrypts in place).
+    pub fn handle_udp(&mut self, buf: &mut [u8], from: SocketAddr, now: Instant) {
+        if p2p::is_check(buf) {
+            let session = p2p::check_session(buf);
+            if let Some(d) = self
+                .services
+                .values_mut()
+                .filter_map(|s| s.direct.as_mut())
+                .find(|d| Some(d.session_id) == session)
+                && let Some(resp) = d.checker.handle(buf, from, now)
+            {
+                push_bounded(&mut self.udp_queue, resp, UDP_QUEUE_MAX);
+            }
+            self.process(now, false);
+            return;
+        }
+        let conn = self
+            .services
+            .values_mut()
+            .flat_map(|s| s.connections_mut())
+            .find(|d| data::dcid_is(buf, &d.local_cid));
+        match conn {
+            Some(d) => {
+                d.recv(buf, from, now);
+                // Established data connections take the lean way: their packets
+                // wait in quiche for `poll_tun`. Only handshakes and closes need the
+                // orchestration below.
+                if !d.is_usable() {
+                    self.process(now, false);
+                }
+            }
+            None => {
+                self.client.recv(buf, from, now);
+                self.process(now, false);
+            }
+        }
+    }
+
+    /// One IP packet read from the tunnel device: sent to the service whose prefix
+    /// covers its destination (longest prefix wins), on that service's best path.
+    /// A destination no route covers is answered with ICMP "administratively
+    /// prohibited" (read it with `poll_tun`) and counted; nothing is forwarded.
+    pub fn handle_tun(&mut self, packet: &[u8], now: Instant) {
+        let Some(dst) = packet::destination(packet) else {
+            self.stats.tun_malformed += 1;
+            return;
+        };
+        let service = self
+            .routes
+            .iter()
+            .filter(|(net, _)| net.contains(&dst))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map(|(_, s)| s.clone());
+        match service {
+            Some(s) => {
+                if self.send_packet(&s, packet, now).is_err() {
+                    self.stats.tun_send_failed += 1;
+                }
+            }
+            None => {
+                self.stats.tun_no_route += 1;
+                if let Some(icmp) = packet::icmp_prohibited(packet) {
+                    push_bounded(&mut self.tun_queue, icmp, TUN_QUEUE_MAX);
+                }
+            }
+        }
+    }
+
+    /// Sends an IP packet to `service` on its best path: the direct data connection,
+    /// else the relayed one, else a DATAGRAM on the control connection.
+    pub fn send_packet(
+        &mut self,
+        service: &str,
+        packet: &[u8],
+        _now: Instant,
+    ) -> Result<(), ClientError> {
+        let Some(s) = self.services.get_mut(service) else {
+            return Err(ClientError::NotRegistered(service.to_string()));
+        };
+        let direct = s
+            .direct
+            .as_mut()
+            .and_then(|d| d.conn.as_mut())
+            .filter(|c| c.is_usable());
+        let r = match (direct, s.data.as_mut()) {
+            (Some(c), _) => c.send_packet(packet),
+            (None, Some(d)) if d.is_usable() => d.send_packet(packet),
+            _ => self.client.send_packet(service, packet),
+        };
+        if r.is_ok() {
+            s.traffic.tx_packets += 1;
+            s.traffic.tx_bytes += packet.len() as u64;
+        }
+        r
+    }
+
+    /// Runs the timers that are due. Call it once `poll_timeout` has passed, after
+    /// feeding every datagram that was waiting on the socket.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.client.poll_timeout().is_some_and(|t| t <= now) {
+            self.client.handle_timeout(now);
+        }
+        for s in self.services.values_mut() {
+            for d in s.connections_mut() {
+                if d.poll_timeout().is_some_and(|t| t <= now) {
+                    d.handle_timeout(now);
+                }
+            }
+        }
+        self.process(now, true);
+    }
+
+    /// The machine's network changed (interfaces, Wi-Fi ↔ cellular, wake from
+    /// sleep): new host addresses; direct paths are dropped and checked again at
+    /// once, the relayed ones carry the traffic meanwhile.
+    pub fn network_changed(&mut self, host_addrs: Vec<IpAddr>, now: Instant) {
+        self.host_addrs = host_addrs;
+        for s in self.services.values_mut() {
+            if let Some(d) = s.direct.as_mut() {
+                if let Some(c) = d.conn.as_mut() {
+                    c.close("network changed");
+                }
+                d.retry_at = Some(now);
+            }
+        }
+        self.process(now, false);
+    }
+
+    /// Turns hole punching on or off.
+    pub fn set_p2p(&mut self, on: bool, now: Instant) {
+        self.p2p = on;
+        if !on {
+            for s in self.services.values_mut() {
+                if let Some(c) = s.direct.as_mut().and_then(|d| d.conn.as_mut()) {
+                    c.close("p2p disabled");
+                }
+            }
+        }
+        self.process(now, false);
+    }
+
+    /// Closes every connection; what is left to send comes out of `poll_transmit`.
+    pub fn close(&mut self) {
+        for s in self.services.values_mut() {
+            for d in s.connections_mut() {
+                d.close("agent exiting");
+            }
+        }
+        self.client.close("agent exiting");
+    }
+
+    // ---- outputs ------------------------------------------------------------
+
+    /// Next UDP datagram to send, written into `out` (at least
+    /// [`crate::MAX_UDP_PAYLOAD`] bytes): (length, destination).
+    pub fn poll_transmit(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, SocketAddr)> {
+        if let Some((p, to)) = self.udp_queue.pop_front() {
+            out[..p.len()].copy_from_slice(&p);
+            return Some((p.len(), to));
+        }
+        if let Some(t) = self.client.poll_transmit(out, now) {
+            return Some(t);
+        }
+        for s in self.services.values_mut() {
+            for d in s.connections_mut() {
+                if let Some(t) = d.poll_transmit(out, now) {
+                    return Some(t);
+                }
+            }
+            if let Some(d) = s.direct.as_mut()
+                && let Some((p, to)) = d.checker.poll_transmit(now)
+            {
+                out[..p.len()].copy_from_slice(&p);
+                return Some((p.len(), to));
+            }
+        }
+        None
+    }
+
+    /// Next IP packet for the tunnel device, written into `out` (at least
+    /// [`crate::MAX_UDP_PAYLOAD`] bytes): its length.
+    pub fn poll_tun(&mut self, out: &mut [u8]) -> Option<usize> {
+        if let Some(p) = self.tun_queue.pop_front() {
+            let n = p.len().min(out.len());
+            out[..n].copy_from_slice(&p[..n]);
+            return Some(n);
+        }
+        for s in self.services.values_mut() {
+            let mut got = None;
+            for d in s.connections_mut() {
+                if let Some(n) = d.recv_packet(out) {
+                    got = Some(n);
+                    break;
+                }
+            }
+            if let Some(n) = got {
+                s.traffic.rx_packets += 1;
+                s.traffic.rx_bytes += n as u64;
+                return Some(n);
+            }
+        }
+        None
+    }
+
+    /// When `handle_timeout` must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t = self.client.poll_timeout();
+        let mut at = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        for s in self.services.values() {
+            for d in s.connections() {
+                at(d.poll_timeout());
+            }
+            if s.data.as_ref().is_some_and(|d| !d.is_usable()) {
+                at(s.data.as_ref().map(|d| d.started() + DATA_SETUP_TIMEOUT));
+            }
+            at(s.want_session);
+            if let Some(d) = &s.direct {
+                at(d.checker.poll_timeout());
+                at(d.retry_at);
+                if let Some(c) = d.conn.as_ref() {
+                    if c.is_usable() {
+                        // Judged with the same limit in `service_direct`, so reaching
+                        // this deadline either finds the path dead or finds newer
+                        // packets: no wake-up repeats.
+                        at(Some(c.last_recv() + direct_silence_limit(c)));
+                    } else {
+                        at(Some(c.started() + DATA_SETUP_TIMEOUT));
+                    }
+                }
+            }
+        }
+        t
+    }
+
+    pub fn poll_event(&mut self) -> Option<AgentEvent> {
+        self.events.pop_front()
+    }
+
+    // ---- state --------------------------------------------------------------
+
+    /// The path `service`'s packets take now.
+    pub fn path(&self, service: &str) -> PathKind {
+        let Some(s) = self.services.get(service) else {
+            return PathKind::Datagram;
+        };
+        if s.direct_usable().is_some() {
+            return PathKind::Direct;
+        }
+        match &s.data {
+            Some(d) if d.is_usable() => match self.forwarding.get(&d.session_id) {
+                Some(&forwarding::XDP_NATIVE) | Some(&forwarding::XDP_GENERIC) => {
+                    PathKind::RelayXdp
+                }
+                _ => PathKind::RelayUserspace,
+            },
+            _ => PathKind::Datagram,
+        }
+    }
+
+    /// The configured services, in order.
+    pub fn services(&self) -> impl Iterator<Item = &str> {
+        self.services.keys().map(String::as_str)
+    }
+
+    /// Packets and bytes sent to and received from `service`.
+    pub fn traffic(&self, service: &str) -> Traffic {
+        self.services
+            .get(service)
+            .map(|s| s.traffic)
+            .unwrap_or_default()
+    }
+
+    /// Smoothed RTT of `service`'s current data connection (none on the datagram
+    /// relay).
+    pub fn rtt(&self, service: &str) -> Option<Duration> {
+        let s = self.services.get(service)?;
+        s.direct_usable()
+            .or(s.data.as_ref().filter(|d| d.is_usable()))
+            .and_then(|d| d.stats_rtt())
+    }
+
+    /// Every path change so far, in order.
+    pub fn timeline(&self) -> &[PathChange] {
+        &self.timeline
+    }
+
+    /// The routes: destination prefix → service.
+    pub fn routes(&self) -> &[(IpNet, String)] {
+        &self.routes
+    }
+
+    /// The relayed data connection of `service`, if any.
+    pub fn data_connection(&self, service: &str) -> Option<&DataConnection> {
+        self.services.get(service)?.data.as_ref()
+    }
+
+    /// The direct data connection of `service`, if one is up.
+    pub fn direct_connection(&self, service: &str) -> Option<&DataConnection> {
+        self.services.get(service)?.direct_usable()
+    }
+
+    /// Largest IP packet to `service` on its current path.
+    pub fn max_packet_len(&self, service: &str) -> Option<usize> {
+        let s = self.services.get(service)?;
+        if let Some(c) = s.direct_usable() {
+            return c.max_packet_len();
+        }
+        match &s.data {
+            Some(d) if d.is_usable() => d.max_packet_len(),
+            _ => self.client.max_packet_len(service),
+        }
+    }
+
+    /// Control-connection handshake time of the most recent connection.
+    pub fn handshake_time(&self) -> Option<Duration> {
+        self.handshake
+    }
+
+    pub fn client(&self) -> &ControlClient {
+        &self.client
+    }
+
+    pub fn client_mut(&mut self) -> &mut ControlClient {
+        &mut self.client
+    }
+
+    pub fn stats(&self) -> &AgentStats {
+        &self.stats
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The control connection is closed for good and nothing is left to send.
+    pub fn is_stopped(&self) -> bool {
+        self.client.is_stopped()
+    }
+
+    // ---- orchestration ------------------------------------------------------
+
+    /// Takes the control client's events, moves relay sessions and direct paths
+    /// along, and records path changes. `judge_liveness` only where every datagram
+    /// that arrived has been fed (see the module docs).
+    fn process(&mut self, now: Instant, judge_liveness: bool) {
+        self.take_client_events(now);
+        self.service_relay(now);
+        self.service_direct(now, judge_liveness);
+        self.record_paths(now);
+    }
+
+    fn take_client_events(&mut self, now: Instant) {
+        while let Some(ev) = self.client.poll_event() {
+            match ev {
+                ClientEvent::Packet { service, packet } => {
+                    if let Some(s) = service.and_then(|s| self.services.get_mut(&s)) {
+                        s.traffic.rx_packets += 1;
+                        s.traffic.rx_bytes += packet.len() as u64;
+                    }
+                    if !push_bounded(&mut self.tun_queue, packet, TUN_QUEUE_MAX) {
+                        self.stats.tun_queue_dropped += 1;
+                    }
+                }
+                ClientEvent::Connected { handshake } => {
+                    self.handshake = Some(handshake);
+                    self.events.push_back(AgentEvent::Connected { handshake });
+                }
+                ClientEvent::ObservedAddress(a) => {
+                    self.events.push_back(AgentEvent::ObservedAddress(a))
+                }
+                ClientEvent::Registered(service) => {
+                    if self.data_quic.is_some()
+                        && let Some(s) = self.services.get_mut(&service)
+                    {
+                        s.want_session = Some(now);
+                    }
+                    self.events.push_back(AgentEvent::Registered(service));
+                }
+                ClientEvent::Refused { service, status } => self
+                    .events
+                    .push_back(AgentEvent::Refused { service, status }),
+                ClientEvent::SessionReady {
+                    service,
+                    session_id,
+                    agent_cid,
+                    connector_cid,
+                    ..
+                } => {
+                    let Some(s) = self.services.get_mut(&service) else {
+                        continue;
+                    };
+                    s.requested = false;
+                    let Some(quic) = self.data_quic.as_mut() else {
+                        continue;
+                    };
+                    match DataConnection::connect(
+                        quic,
+                        self.keepalive,
+                        session_id,
+                        &service,
+                        agent_cid,
+                        connector_cid,
+                        self.local,
+                        self.client.server(),
+                        now,
+                    ) {
+                        Ok(d) => s.data = Some(d),
+                        Err(e) => {
+                            tracing::warn!("data connection for {service:?}: {e}");
+                            s.want_session = Some(now + SESSION_RETRY);
+                        }
+                    }
+                }
+                ClientEvent::SessionRefused {
+                    service, status, ..
+                } => {
+                    tracing::info!(
+                        "relay session for {service:?} refused: {status:?}; using the datagram relay"
+                    );
+                    if let Some(s) = self.services.get_mut(&service) {
+                        s.requested = false;
+                        s.want_session = Some(now + SESSION_RETRY);
+                    }
+                }
+                ClientEvent::Candidates {
+                    session_id,
+                    password,
+                    candidates,
+                } => match self
+                    .services
+                    .values_mut()
+                    .filter_map(|s| s.direct.as_mut())
+                    .find(|d| d.session_id == session_id)
+                {
+                    Some(d) => {
+                        tracing::debug!("remote candidates {candidates:?}");
+                        d.checker.set_remote(password, &candidates, now)
+                    }
+                    None => {
+                        self.stats.candidates_refused += 1;
+                        tracing::warn!("CANDIDATES for unknown session {session_id}: refused");
+                    }
+                },
+                ClientEvent::SessionPath {
+                    session_id,
+                    forwarding,
+                } => {
+                    self.forwarding.insert(session_id, forwarding);
+                }
+                ClientEvent::SessionClosed { session_id, .. } => {
+                    for s in self.services.values_mut() {
+                        if s.direct
+                            .as_ref()
+                            .is_some_and(|d| d.session_id == session_id)
+                        {
+                            s.direct = None;
+                        }
+                        if let Some(d) = s.data.as_mut()
+                            && d.session_id == session_id
+                        {
+                            d.close("session closed by the intermediate");
+                        }
+                    }
+                }
+                ClientEvent::Disconnected { reason, retry_in } => {
+                    // Sessions die with the control connection; ask again once it is
+                    // back (on the next registration).
+                    for s in self.services.values_mut() {
+                        s.requested = false;
+                        s.want_session = None;
+                        if let Some(d) = s.data.as_mut() {
+                            d.close("control connection lost");
+                        }
+                    }
+                    self.events
+                        .push_back(AgentEvent::Disconnected { reason, retry_in });
+                }
+                ClientEvent::SessionOffer { .. } => {
+                    // Only connectors are offered sessions.
+                    tracing::debug!("unexpected SESSION_OFFER to an agent");
+                }
+            }
+        }
+    }
+
+    /// Asks for relay sessions that are due, checks relayed data connections'
+    /// peers, and retires the ones that failed.
+    fn service_relay(&mut self, now: Instant) {
+        if self.data_quic.is_none() {
+            return;
+        }
+        for (service, s) in self.services.iter_mut() {
+            if s.want_session.is_some_and(|t| t <= now) && !s.requested && s.data.is_none() {
+                let r = self.client.request_session(service);
+                tracing::debug!("relay session request for {service:?}: {r:?}");
+                if r.is_ok() {
+                    s.requested = true;
+                    s.want_session = None;
+                } else {
+                    s.want_session = Some(now + SESSION_RETRY);
+                }
+            }
+            let Some(d) = s.data.as_mut() else { continue };
+            d.check_peer(now, |der| authorize(der, Role::Connector, service));
+            if !d.is_usable() && now.saturating_duration_since(d.started()) >= DATA_SETUP_TIMEOUT {
+                d.close("setup timed out");
+            }
+            if d.is_closed() {
+                tracing::info!(
+                    "data connection for {service:?} closed: {}",
+                    d.close_reason()
+                );
+                let session = d.session_id;
+                s.data = None;
+                s.direct = None;
+                let _ = self
+                    .client
+                    .close_session(session, ztna_common::frames::close_reason::NORMAL);
+                if self.client.is_registered(service) {
+                    s.want_session = Some(now + SESSION_RETRY);
+                }
+            }
+        }
+    }
+
+    /// Starts, runs and retires the direct paths.
+    fn service_direct(&mut self, now: Instant, judge_liveness: bool) {
+        let Some(quic) = self.data_quic.as_mut() else {
+            return;
+        };
+        if !self.p2p {
+            return;
+        }
+        let observed = self.client.observed_address();
+        for (service, s) in self.services.iter_mut() {
+            // A usable relayed data connection is the anchor for hole punching.
+            let Some(session_id) = s
+                .data
+                .as_ref()
+                .filter(|d| d.is_usable())
+                .map(|d| d.session_id)
+            else {
+                s.direct = None;
+                continue;
+            };
+            let fresh = match &s.direct {
+                None => true,
+                Some(d) => d.session_id != session_id || d.retry_at.is_some_and(|t| t <= now),
+            };
+            if fresh {
+                let cands = p2p::candidates(self.local, &self.host_addrs, observed);
+                let checker = Checker::new(p2p::Role::Controlling, session_id, &cands, now);
+                if self
+                    .client
+                    .send_candidates(session_id, checker.local_password(), &cands)
+                    .is_ok()
+                {
+                    tracing::debug!(
+                        "service {service:?}: checking direct path, candidates {cands:?}"
+                    );
+                    if let Some(old) = s.direct.as_mut().and_then(|d| d.conn.as_mut()) {
+                        old.close("retrying");
+                    }
+                    s.direct = Some(Direct {
+                        session_id,
+                        checker,
+                        conn: None,
+                        retry_at: None,
+                    });
+                } else if let Some(d) = s.direct.as_mut() {
+                    d.retry_at = Some(now + DIRECT_RETRY);
+                }
+            }
+            let Some(d) = s.direct.as_mut() else { continue };
+            if d.retry_at.is_some() {
+                if d.conn
+                    .as_ref()
+                    .is_some_and(|c| c.is_closed() || !c.is_usable())
+                {
+                    d.conn = None;
+                }
+                continue;
+            }
+            if d.conn.is_none()
+                && let Some(peer) = d.checker.selected()
+            {
+                match DataConnection::connect_direct(
+                    quic,
+                    DIRECT_KEEPALIVE,
+                    d.session_id,
+                    service,
+                    self.local,
+                    peer,
+                    now,
+                ) {
+                    Ok(c) => {
+                        tracing::info!(
+                            "service {service:?}: direct path to {peer} selected, connecting"
+                        );
+                        d.conn = Some(c);
+                    }
+                    Err(e) => tracing::warn!("direct connection to {peer}: {e}"),
+                }
+            }
+            if d.checker.failed() {
+                tracing::info!(
+                    "service {service:?}: no direct path (all checks failed); staying relayed"
+                );
+                d.retry_at = Some(now + DIRECT_RETRY);
+                continue;
+            }
+            let Some(c) = d.conn.as_mut() else { continue };
+            c.check_peer(now, |der| authorize(der, Role::Connector, service));
+            let silence = now.saturating_duration_since(c.last_recv());
+            let dead = judge_liveness && c.is_usable() && silence >= direct_silence_limit(c);
+            let stuck =
+                !c.is_usable() && now.saturating_duration_since(c.started()) >= DATA_SETUP_TIMEOUT;
+            if dead || stuck || c.is_closed() {
+                tracing::info!(
+                    "service {service:?}: direct path lost ({}); back to the relay",
+                    if dead {
+                        format!("silent for {silence:?}")
+                    } else if stuck {
+                        "setup timed out".into()
+                    } else {
+                        c.close_reason()
+                    }
+                );
+                c.close("direct path lost");
+                d.retry_at = Some(now + DIRECT_RETRY);
+                if c.is_closed() || !c.is_usable() {
+                    d.conn = None;
+                }
+            }
+        }
+    }
+
+    fn record_paths(&mut self, now: Instant) {
+        let changed: Vec<(String, PathKind)> = self
+            .services
+            .iter()
+            .filter_map(|(name, s)| {
+                let p = self.path(name);
+                (s.path != Some(p)).then(|| (name.clone(), p))
+            })
+            .collect();
+        for (service, path) in changed {
+            tracing::info!("service {service:?}: path is now {path}");
+            if let Some(s) = self.services.get_mut(&service) {
+                s.path = Some(path);
+            }
+            let change = PathChange {
+                service,
+                at_ms: now.saturating_duration_since(self.created).as_millis() as u64,
+                path,
+            };
+            self.timeline.push(change.clone());
+            self.events.push_back(AgentEvent::PathChanged(change));
+        }
+    }
+}
+
+/// Silence after which a usable direct path counts as dead: `DIRECT_DEAD`, or
+/// `DIRECT_DEAD_RTTS` RTTs (at least `DIRECT_DEAD_MIN`) when packets of ours went
+/// unanswered.
+fn direct_silence_limit(c: &DataConnection) -> Duration {
+    let rtt = c.stats_rtt().unwrap_or(Duration::from_millis(100));
+    let unanswered = c.last_send_instant() > c.last_recv() + rtt;
+    if unanswered {
+        (rtt * DIRECT_DEAD_RTTS).max(DIRECT_DEAD_MIN)
+    } else {
+        DIRECT_DEAD
+    }
+}
+
+/// Appends unless the queue is full; false when it dropped the item.
+fn push_bounded<T>(q: &mut VecDeque<T>, item: T, max: usize) -> bool {
+    if q.len() >= max {
+        return false;
+    }
+    q.push_back(item);
+    true
+}
