@@ -353,13 +353,7 @@ impl AgentEngine {
             self.stats.tun_malformed += 1;
             return;
         };
-        let service = self
-            .routes
-            .iter()
-            .filter(|(net, _)| net.contains(&dst))
-            .max_by_key(|(net, _)| net.prefix_len())
-            .map(|(_, s)| s.clone());
-        match service {
+        match self.route(dst).map(str::to_owned) {
             Some(s) => {
                 if self.send_packet(&s, packet, now).is_err() {
                     self.stats.tun_send_failed += 1;
@@ -594,6 +588,15 @@ impl AgentEngine {
     /// Every path change so far, in order.
     pub fn timeline(&self) -> &[PathChange] {
         &self.timeline
+    }
+
+    /// The service whose prefix covers `dst` (the longest prefix wins).
+    pub fn route(&self, dst: IpAddr) -> Option<&str> {
+        self.routes
+            .iter()
+            .filter(|(net, _)| net.contains(&dst))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map(|(_, s)| s.as_str())
     }
 
     /// The routes: destination prefix → service.
@@ -992,4 +995,164 @@ fn push_bounded<T>(q: &mut VecDeque<T>, item: T, max: usize) -> bool {
     }
     q.push_back(item);
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{Icmpv4Type, Icmpv6Type, SlicedPacket, TransportSlice};
+
+    const SERVER: &str = "127.0.0.1:4433";
+
+    fn engine(routes: &[(&str, &str)]) -> AgentEngine {
+        let client = ClientConfig::new(
+            SERVER.parse().unwrap(),
+            Role::Agent,
+            vec!["a".into(), "b".into()],
+        );
+        let mut cfg = AgentConfig::new(client);
+        cfg.routes = routes
+            .iter()
+            .map(|(net, s)| (net.parse().unwrap(), s.to_string()))
+            .collect();
+        let local = "127.0.0.1:50000".parse().unwrap();
+        AgentEngine::new(cfg, local, vec![], Instant::now()).unwrap()
+    }
+
+    fn drain_udp(e: &mut AgentEngine, now: Instant) -> Vec<(usize, SocketAddr)> {
+        let mut out = vec![0u8; 65535];
+        std::iter::from_fn(|| e.poll_transmit(&mut out, now)).collect()
+    }
+
+    #[test]
+    fn starts_a_handshake_without_any_io() {
+        let now = Instant::now();
+        let mut e = engine(&[]);
+        let sent = drain_udp(&mut e, now);
+        assert!(!sent.is_empty(), "the first Initial is ready to send");
+        for (n, to) in &sent {
+            assert_eq!(*to, SERVER.parse().unwrap());
+            assert!(*n >= 1200, "client Initials are padded to 1200 bytes: {n}");
+        }
+        let t = e.poll_timeout().expect("a retransmission timer");
+        assert!(t > now);
+        assert_eq!(e.path("a"), PathKind::Datagram);
+        assert!(e.poll_event().is_none());
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let e = engine(&[
+            ("10.0.0.0/8", "a"),
+            ("10.100.0.0/24", "b"),
+            ("fd00::/64", "a"),
+        ]);
+        assert_eq!(e.route("10.100.0.7".parse().unwrap()), Some("b"));
+        assert_eq!(e.route("10.101.0.7".parse().unwrap()), Some("a"));
+        assert_eq!(e.route("fd00::5".parse().unwrap()), Some("a"));
+        assert_eq!(e.route("192.0.2.1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn unrouted_ipv4_gets_icmp_administratively_prohibited() {
+        let now = Instant::now();
+        let mut e = engine(&[("10.100.0.0/24", "a")]);
+        let before = drain_udp(&mut e, now).len();
+        let pkt = packet::build_udp(
+            "100.64.0.2:40000".parse().unwrap(),
+            "10.200.0.1:53".parse().unwrap(),
+            b"not for you, with more than eight bytes",
+        )
+        .unwrap();
+        e.handle_tun(&pkt, now);
+        assert_eq!(e.stats().tun_no_route, 1);
+        assert_eq!(
+            drain_udp(&mut e, now).len(),
+            0,
+            "nothing forwarded (had {before})"
+        );
+        let mut out = vec![0u8; 2048];
+        let n = e.poll_tun(&mut out).expect("an ICMP error for the tunnel");
+        let reply = out[..n].to_vec();
+        let icmp = SlicedPacket::from_ip(&reply).unwrap();
+        let Some(etherparse::NetSlice::Ipv4(ip)) = &icmp.net else {
+            panic!("IPv4 expected")
+        };
+        assert_eq!(ip.header().source_addr().to_string(), "10.200.0.1");
+        assert_eq!(ip.header().destination_addr().to_string(), "100.64.0.2");
+        let Some(TransportSlice::Icmpv4(m)) = &icmp.transport else {
+            panic!("ICMPv4 expected")
+        };
+        assert_eq!(
+            m.icmp_type(),
+            Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FilterProhibited
+            )
+        );
+        assert_eq!(m.code_u8(), 13);
+        // RFC 792: the offending header plus the first 8 bytes of its payload.
+        assert_eq!(m.payload(), &pkt[..28]);
+        let mut check = reply.clone();
+        assert!(etherparse::Ipv4HeaderSlice::from_slice(&check).is_ok());
+        // A valid ICMP checksum sums to zero over the message.
+        let sum = check
+            .split_off(20)
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+            .sum::<u32>();
+        let folded = (sum & 0xffff) + (sum >> 16);
+        assert_eq!((folded & 0xffff) + (folded >> 16), 0xffff);
+        assert!(e.poll_tun(&mut out).is_none());
+    }
+
+    #[test]
+    fn unrouted_ipv6_gets_icmpv6_prohibited_and_errors_get_none() {
+        let now = Instant::now();
+        let mut e = engine(&[("fd00:1::/64", "a")]);
+        let pkt = packet::build_udp(
+            "[fd00:64::2]:40000".parse().unwrap(),
+            "[fd00:2::1]:53".parse().unwrap(),
+            &[7u8; 1400],
+        )
+        .unwrap();
+        e.handle_tun(&pkt, now);
+        let mut out = vec![0u8; 2048];
+        let n = e.poll_tun(&mut out).expect("an ICMPv6 error");
+        assert!(n <= 1280, "ICMPv6 errors fit the minimum MTU: {n}");
+        let reply = out[..n].to_vec();
+        let icmp = SlicedPacket::from_ip(&reply).unwrap();
+        let Some(TransportSlice::Icmpv6(m)) = &icmp.transport else {
+            panic!("ICMPv6 expected")
+        };
+        assert_eq!(
+            m.icmp_type(),
+            Icmpv6Type::DestinationUnreachable(etherparse::icmpv6::DestUnreachableCode::Prohibited)
+        );
+        assert_eq!(m.payload(), &pkt[..1280 - 48]);
+        // An ICMP error about our ICMP error is never made (RFC 4443 §2.4).
+        e.handle_tun(&reply, now);
+        assert_eq!(e.stats().tun_no_route, 2);
+        assert!(e.poll_tun(&mut out).is_none());
+    }
+
+    #[test]
+    fn routed_packets_before_registration_are_counted_not_lost_silently() {
+        let now = Instant::now();
+        let mut e = engine(&[("10.100.0.0/24", "a")]);
+        let pkt = packet::build_udp(
+            "100.64.0.2:40000".parse().unwrap(),
+            "10.100.0.5:7".parse().unwrap(),
+            b"hello",
+        )
+        .unwrap();
+        e.handle_tun(&pkt, now);
+        assert_eq!(e.stats().tun_send_failed, 1);
+        assert_eq!(e.stats().tun_no_route, 0);
+        assert_eq!(e.traffic("a"), Traffic::default());
+        let mut out = vec![0u8; 2048];
+        assert!(e.poll_tun(&mut out).is_none());
+        e.handle_tun(&[0x45, 0, 0], now);
+        e.handle_tun(&[], now);
+        assert_eq!(e.stats().tun_malformed, 2);
+    }
 }
