@@ -24,7 +24,19 @@
 //!                                   | ip[4|16] | port[2]
 //! 0x08 SESSION_PATH     intermediate → endpoints  session_id[4] | forwarding[1]
 //!                       (1 XDP native, 2 XDP generic, 3 userspace forwarder)
+//! 0x0A SERVICE_PREFIXES connector → intermediate: the addresses a service answers on;
+//!                       intermediate → agent: the same, for each service the agent
+//!                       is registered (so authorized) for, after its ACK and
+//!                       whenever they change (count 0: withdrawn)
+//!                       svc | count[1] | count × prefix
+//!                       prefix = family[1] (4|6) | ip[4|16] | prefix_len[1]
+//! 0x0C TUNNEL_ADDRESS   intermediate → agent      ipv4[4] | ipv6[16]
+//!                       the agent's own addresses inside the tunnel, unique in the
+//!                       deployment, sent before its first ACK
 //! ```
+//!
+//! A prefix's host bits are zero and its length at most 32 (IPv4) or 128 (IPv6);
+//! anything else is malformed. At most [`MAX_PREFIXES`] per frame.
 //!
 //! CANDIDATES carry the sender's NAT-traversal candidates and its check password
 //! (`ztna_core::p2p`). The intermediate passes them on only between the agent and
@@ -49,6 +61,11 @@ pub const FRAME_SESSION_REFUSED: u8 = 0x05;
 pub const FRAME_SESSION_CLOSE: u8 = 0x06;
 pub const FRAME_CANDIDATES: u8 = 0x07;
 pub const FRAME_SESSION_PATH: u8 = 0x08;
+pub const FRAME_SERVICE_PREFIXES: u8 = 0x0A;
+pub const FRAME_TUNNEL_ADDRESS: u8 = 0x0C;
+
+/// Most prefixes one SERVICE_PREFIXES frame may carry.
+pub const MAX_PREFIXES: usize = 64;
 
 /// SESSION_PATH values: how the intermediate forwards a session.
 pub mod forwarding {
@@ -150,6 +167,17 @@ pub enum Frame<'a> {
     SessionPath {
         session_id: u32,
         forwarding: u8,
+    },
+    /// `prefixes` is `count` encoded prefixes, already validated by `decode`; read
+    /// them with [`prefixes`].
+    ServicePrefixes {
+        service: &'a str,
+        count: u8,
+        prefixes: &'a [u8],
+    },
+    TunnelAddress {
+        ipv4: core::net::Ipv4Addr,
+        ipv6: core::net::Ipv6Addr,
     },
     /// A frame type this version does not know; skipped.
     Unknown {
@@ -277,6 +305,35 @@ impl<'a> Frame<'a> {
                 session_id: r.u32()?,
                 forwarding: r.u8()?,
             },
+            FRAME_SERVICE_PREFIXES => {
+                let service = r.service()?;
+                let count = r.u8()?;
+                if count as usize > MAX_PREFIXES {
+                    return Err(WireError::LengthTooLong {
+                        len: count as usize,
+                    });
+                }
+                let start = r.buf;
+                for _ in 0..count {
+                    prefix(&mut r)?;
+                }
+                let used = start.len() - r.buf.len();
+                Frame::ServicePrefixes {
+                    service,
+                    count,
+                    prefixes: &start[..used],
+                }
+            }
+            FRAME_TUNNEL_ADDRESS => {
+                let b = r.take(4)?;
+                let ipv4 = core::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+                let mut a = [0u8; 16];
+                a.copy_from_slice(r.take(16)?);
+                Frame::TunnelAddress {
+                    ipv4,
+                    ipv6: a.into(),
+                }
+            }
             t => {
                 r.buf = &[];
                 Frame::Unknown { frame_type: t }
@@ -356,6 +413,21 @@ impl<'a> Frame<'a> {
                 w.put(&[forwarding])?;
                 FRAME_SESSION_PATH
             }
+            Frame::ServicePrefixes {
+                service,
+                count,
+                prefixes,
+            } => {
+                w.service(service)?;
+                w.put(&[count])?;
+                w.put(prefixes)?;
+                FRAME_SERVICE_PREFIXES
+            }
+            Frame::TunnelAddress { ipv4, ipv6 } => {
+                w.put(&ipv4.octets())?;
+                w.put(&ipv6.octets())?;
+                FRAME_TUNNEL_ADDRESS
+            }
             Frame::Unknown { frame_type } => frame_type,
         };
         let n = w.pos;
@@ -394,6 +466,73 @@ fn candidate(r: &mut Reader<'_>) -> Result<(u8, core::net::SocketAddr), WireErro
         kind,
         core::net::SocketAddr::new(ip, u16::from_be_bytes([p[0], p[1]])),
     ))
+}
+
+/// One prefix: (network address, prefix length), checked as the module docs say.
+fn prefix(r: &mut Reader<'_>) -> Result<(core::net::IpAddr, u8), WireError> {
+    let (ip, max): (core::net::IpAddr, u8) = match r.u8()? {
+        4 => {
+            let b = r.take(4)?;
+            (core::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).into(), 32)
+        }
+        6 => {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(r.take(16)?);
+            (core::net::Ipv6Addr::from(a).into(), 128)
+        }
+        f => return Err(WireError::UnknownType(f)),
+    };
+    let len = r.u8()?;
+    if len > max {
+        return Err(WireError::BadPrefix);
+    }
+    let host_bits_zero = match ip {
+        core::net::IpAddr::V4(a) => u32::from(a).checked_shl(u32::from(len)).unwrap_or(0) == 0,
+        core::net::IpAddr::V6(a) => u128::from(a).checked_shl(u32::from(len)).unwrap_or(0) == 0,
+    };
+    if !host_bits_zero {
+        return Err(WireError::BadPrefix);
+    }
+    Ok((ip, len))
+}
+
+/// The prefixes of a decoded SERVICE_PREFIXES frame: (network address, length).
+pub fn prefixes(raw: &[u8]) -> impl Iterator<Item = (core::net::IpAddr, u8)> + '_ {
+    let mut r = Reader {
+        buf: raw,
+        total: raw.len(),
+    };
+    core::iter::from_fn(move || {
+        if r.buf.is_empty() {
+            None
+        } else {
+            prefix(&mut r).ok()
+        }
+    })
+}
+
+/// Appends one encoded prefix to `out` at `*pos`; returns false if it doesn't fit.
+pub fn encode_prefix(ip: core::net::IpAddr, len: u8, out: &mut [u8], pos: &mut usize) -> bool {
+    let need = match ip {
+        core::net::IpAddr::V4(_) => 6,
+        core::net::IpAddr::V6(_) => 18,
+    };
+    let Some(dst) = out.get_mut(*pos..*pos + need) else {
+        return false;
+    };
+    match ip {
+        core::net::IpAddr::V4(a) => {
+            dst[0] = 4;
+            dst[1..5].copy_from_slice(&a.octets());
+        }
+        core::net::IpAddr::V6(a) => {
+            dst[0] = 6;
+            dst[1..17].copy_from_slice(&a.octets());
+        }
+    }
+    dst[need - 1] = len;
+    *pos += need;
+    true
 }
 
 /// The candidates of a decoded CANDIDATES frame: (kind, address).
@@ -559,6 +698,114 @@ mod tests {
         let got: heapless_list::List = candidates(&raw[..n]).collect();
         assert_eq!(got.0[0], Some((1, "10.0.0.1:5".parse().unwrap())));
         assert_eq!(got.0[1], Some((2, "[2001:db8::1]:6".parse().unwrap())));
+    }
+
+    #[test]
+    fn service_prefixes_and_tunnel_address() {
+        let mut raw = [0u8; 64];
+        let mut n = 0;
+        let v4: core::net::IpAddr = "10.20.0.0".parse().unwrap();
+        let v6: core::net::IpAddr = "fd00:5::".parse().unwrap();
+        assert!(encode_prefix(v4, 24, &mut raw, &mut n));
+        assert!(encode_prefix(v6, 64, &mut raw, &mut n));
+        assert_eq!(n, 6 + 18);
+        rt(Frame::ServicePrefixes {
+            service: "db",
+            count: 2,
+            prefixes: &raw[..n],
+        });
+        let mut it = prefixes(&raw[..n]);
+        assert_eq!(it.next(), Some((v4, 24)));
+        assert_eq!(it.next(), Some((v6, 64)));
+        assert_eq!(it.next(), None);
+        // Withdrawn: no prefixes.
+        rt(Frame::ServicePrefixes {
+            service: "db",
+            count: 0,
+            prefixes: &[],
+        });
+        rt(Frame::TunnelAddress {
+            ipv4: "100.64.0.7".parse().unwrap(),
+            ipv6: "fd7a:7a7a::7".parse().unwrap(),
+        });
+        let mut buf = [0u8; 64];
+        let len = Frame::TunnelAddress {
+            ipv4: "100.64.0.7".parse().unwrap(),
+            ipv6: core::net::Ipv6Addr::LOCALHOST,
+        }
+        .encode(&mut buf)
+        .unwrap();
+        assert_eq!(
+            &buf[..len],
+            &[
+                0,
+                21,
+                FRAME_TUNNEL_ADDRESS,
+                100,
+                64,
+                0,
+                7,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                1
+            ]
+        );
+    }
+
+    #[test]
+    fn service_prefixes_malformed() {
+        let mut buf = [0u8; 64];
+        let bad = |raw: &[u8], count: u8, buf: &mut [u8]| {
+            let len = Frame::ServicePrefixes {
+                service: "db",
+                count,
+                prefixes: raw,
+            }
+            .encode(buf)
+            .unwrap();
+            Frame::decode(&buf[..len]).map(|f| f.map(|(_, n)| n))
+        };
+        // Host bits set.
+        assert_eq!(
+            bad(&[4, 10, 20, 0, 1, 24], 1, &mut buf),
+            Err(WireError::BadPrefix)
+        );
+        // Longer than the family allows.
+        assert_eq!(
+            bad(&[4, 10, 20, 0, 0, 33], 1, &mut buf),
+            Err(WireError::BadPrefix)
+        );
+        // A /32 and a /0 are fine.
+        assert!(bad(&[4, 10, 20, 0, 1, 32], 1, &mut buf).is_ok());
+        assert!(bad(&[4, 0, 0, 0, 0, 0], 1, &mut buf).is_ok());
+        // Unknown family; count past the prefixes present.
+        assert_eq!(
+            bad(&[5, 10, 20, 0, 0, 24], 1, &mut buf),
+            Err(WireError::UnknownType(5))
+        );
+        assert!(matches!(
+            bad(&[4, 10, 20, 0, 0, 24], 2, &mut buf),
+            Err(WireError::Truncated { .. })
+        ));
+        assert_eq!(
+            bad(&[], MAX_PREFIXES as u8 + 1, &mut buf),
+            Err(WireError::LengthTooLong {
+                len: MAX_PREFIXES + 1
+            })
+        );
     }
 
     #[test]

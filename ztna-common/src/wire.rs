@@ -129,6 +129,8 @@ pub enum WireError {
     BadAckStatus(u8),
     /// The output buffer given to `encode` is too small.
     BufferTooSmall { needed: usize, have: usize },
+    /// An address prefix longer than its family allows, or with host bits set.
+    BadPrefix,
 }
 
 impl fmt::Display for WireError {
@@ -154,6 +156,9 @@ impl fmt::Display for WireError {
             WireError::BadAckStatus(b) => write!(f, "ACK status byte is 0x{b:02x}, expected 00"),
             WireError::BufferTooSmall { needed, have } => {
                 write!(f, "output buffer too small: need {needed}, have {have}")
+            }
+            WireError::BadPrefix => {
+                f.write_str("address prefix too long for its family or with host bits set")
             }
         }
     }

@@ -28,7 +28,7 @@
 //! control connection) whenever no data connection is usable; and the path history.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -246,7 +246,12 @@ pub struct AgentEngine {
     services: BTreeMap<String, Service>,
     /// session id → `frames::forwarding` value from SESSION_PATH.
     forwarding: BTreeMap<u32, u8>,
+    /// Routes from the configuration, then the ones the intermediate sent.
+    static_routes: Vec<(IpNet, String)>,
+    learned_routes: BTreeMap<String, Vec<IpNet>>,
+    /// Both of the above, as `route` looks them up.
     routes: Vec<(IpNet, String)>,
+    tunnel_address: Option<(Ipv4Addr, Ipv6Addr)>,
     created: Instant,
     handshake: Option<Duration>,
     timeline: Vec<PathChange>,
@@ -292,7 +297,10 @@ impl AgentEngine {
             host_addrs,
             services,
             forwarding: BTreeMap::new(),
+            static_routes: cfg.routes.clone(),
+            learned_routes: BTreeMap::new(),
             routes: cfg.routes,
+            tunnel_address: None,
             created: now,
             handshake: None,
             timeline: Vec::new(),
@@ -604,6 +612,26 @@ impl AgentEngine {
         &self.routes
     }
 
+    /// Our addresses inside the tunnel, once the intermediate assigned them.
+    pub fn tunnel_address(&self) -> Option<(Ipv4Addr, Ipv6Addr)> {
+        self.tunnel_address
+    }
+
+    fn rebuild_routes(&mut self) {
+        let mut routes = self.static_routes.clone();
+        for (service, prefixes) in &self.learned_routes {
+            for p in prefixes {
+                if !routes.iter().any(|(q, _)| q == p) {
+                    routes.push((*p, service.clone()));
+                }
+            }
+        }
+        if routes != self.routes {
+            self.routes = routes;
+            self.events.push_back(AgentEvent::RoutesChanged);
+        }
+    }
+
     /// The relayed data connection of `service`, if any.
     pub fn data_connection(&self, service: &str) -> Option<&DataConnection> {
         self.services.get(service)?.data.as_ref()
@@ -789,6 +817,22 @@ impl AgentEngine {
                     }
                     self.events
                         .push_back(AgentEvent::Disconnected { reason, retry_in });
+                }
+                ClientEvent::ServicePrefixes { service, prefixes } => {
+                    if !self.services.contains_key(&service) {
+                        tracing::debug!("prefixes for unconfigured service {service:?} ignored");
+                        continue;
+                    }
+                    tracing::info!("service {service:?}: prefixes {prefixes:?}");
+                    self.learned_routes.insert(service, prefixes);
+                    self.rebuild_routes();
+                }
+                ClientEvent::TunnelAddress { ipv4, ipv6 } => {
+                    if self.tunnel_address != Some((ipv4, ipv6)) {
+                        tracing::info!("tunnel addresses {ipv4}, {ipv6}");
+                        self.tunnel_address = Some((ipv4, ipv6));
+                        self.events.push_back(AgentEvent::RoutesChanged);
+                    }
                 }
                 ClientEvent::SessionOffer { .. } => {
                     // Only connectors are offered sessions.

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use ipnet::IpNet;
 use ring::rand::{SecureRandom, SystemRandom};
 use ztna_common::frames::{self, Cid, Frame, RefusedStatus};
 use ztna_common::wire::{self, ControlMessage, NackStatus, WireError};
@@ -45,6 +46,9 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// Reconnect after a lost connection. Off for one-shot tools.
     pub reconnect: bool,
+    /// Connector: the addresses each service answers on, published to the
+    /// intermediate (SERVICE_PREFIXES) once the registration is ACKed.
+    pub service_prefixes: BTreeMap<String, Vec<IpNet>>,
 }
 
 impl ClientConfig {
@@ -62,6 +66,7 @@ impl ClientConfig {
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
             reconnect: true,
+            service_prefixes: BTreeMap::new(),
         }
     }
 }
@@ -144,6 +149,16 @@ pub enum ClientEvent {
     SessionPath {
         session_id: u32,
         forwarding: u8,
+    },
+    /// Agent: the addresses `service` answers on (empty: withdrawn).
+    ServicePrefixes {
+        service: String,
+        prefixes: Vec<IpNet>,
+    },
+    /// Agent: our own addresses inside the tunnel, assigned by the intermediate.
+    TunnelAddress {
+        ipv4: std::net::Ipv4Addr,
+        ipv6: std::net::Ipv6Addr,
     },
 }
 
@@ -606,6 +621,29 @@ impl ControlClient {
                 Ok(ControlMessage::RegisterAck { service }) => {
                     if let Some(v) = self.registered.get_mut(service) {
                         *v = true;
+                        if let Some(prefixes) = self.cfg.service_prefixes.get(service) {
+                            let mut raw = [0u8; frames::MAX_PREFIXES * 18];
+                            let mut n = 0;
+                            let mut count = 0u8;
+                            for p in prefixes.iter().take(frames::MAX_PREFIXES) {
+                                if frames::encode_prefix(
+                                    p.network(),
+                                    p.prefix_len(),
+                                    &mut raw,
+                                    &mut n,
+                                ) {
+                                    count += 1;
+                                }
+                            }
+                            let frame = Frame::ServicePrefixes {
+                                service,
+                                count,
+                                prefixes: &raw[..n],
+                            };
+                            if let Err(e) = self.frames.queue(&frame) {
+                                tracing::warn!("publishing prefixes of {service:?}: {e}");
+                            }
+                        }
                         // A working registration ends the backoff escalation.
                         self.backoff = self.cfg.backoff_initial;
                         self.events
@@ -719,6 +757,21 @@ impl ControlClient {
                         session_id,
                         forwarding,
                     });
+                }
+                Ok(Frame::ServicePrefixes {
+                    service, prefixes, ..
+                }) if self.cfg.role == Role::Agent => {
+                    let prefixes = frames::prefixes(prefixes)
+                        .filter_map(|(ip, len)| IpNet::new(ip, len).ok())
+                        .collect();
+                    self.events.push_back(ClientEvent::ServicePrefixes {
+                        service: service.to_string(),
+                        prefixes,
+                    });
+                }
+                Ok(Frame::TunnelAddress { ipv4, ipv6 }) if self.cfg.role == Role::Agent => {
+                    self.events
+                        .push_back(ClientEvent::TunnelAddress { ipv4, ipv6 });
                 }
                 Ok(Frame::Unknown { .. }) => {}
                 Ok(_) => self.stats.unexpected += 1,

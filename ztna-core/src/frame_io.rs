@@ -19,7 +19,8 @@ impl FrameIo {
     }
 
     pub fn queue(&mut self, frame: &Frame<'_>) -> Result<(), WireError> {
-        let mut buf = [0u8; 512];
+        // The largest frame: SERVICE_PREFIXES with a 255-byte id and 64 IPv6 prefixes.
+        let mut buf = [0u8; 2048];
         let n = frame.encode(&mut buf)?;
         self.out.extend_from_slice(&buf[..n]);
         Ok(())

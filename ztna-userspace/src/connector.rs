@@ -16,6 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use ipnet::IpNet;
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use ztna_common::frames::{Cid, close_reason};
@@ -35,28 +36,38 @@ pub struct ServiceSpec {
     pub id: String,
     /// Where the real service listens.
     pub backend: SocketAddr,
-    /// Address agents send to. Packets to any other address are dropped, so the
-    /// connector cannot be used to reach arbitrary hosts. `None` accepts any.
-    pub virtual_ip: Option<IpAddr>,
+    /// The addresses agents send to (published to the intermediate, which tells
+    /// authorized agents to route them into the tunnel). Packets to any other
+    /// address are dropped, so the connector cannot be used to reach arbitrary
+    /// hosts. Empty accepts any (and publishes nothing).
+    pub prefixes: Vec<IpNet>,
+}
+
+impl ServiceSpec {
+    /// True if agents may send to `dst` for this service.
+    pub fn covers(&self, dst: IpAddr) -> bool {
+        self.prefixes.is_empty() || self.prefixes.iter().any(|p| p.contains(&dst))
+    }
 }
 
 impl std::str::FromStr for ServiceSpec {
     type Err = String;
 
-    /// `ID=BACKEND_ADDR:PORT[@VIRTUAL_IP]`, e.g. `echo=127.0.0.1:9000@10.100.0.1`.
+    /// `ID=BACKEND_ADDR:PORT[@PREFIX[,PREFIX...]]`, where a prefix is an address
+    /// (`10.100.0.1`, `fd00::5`: one host) or a CIDR block (`10.20.0.0/24`), e.g.
+    /// `echo=127.0.0.1:9000@10.100.0.1,fd00:100::1`.
     fn from_str(s: &str) -> Result<Self, String> {
         let (id, rest) = s
             .split_once('=')
-            .ok_or_else(|| format!("service {s:?}: expected ID=HOST:PORT[@VIRTUAL_IP]"))?;
-        let (backend, virtual_ip) = match rest.split_once('@') {
-            Some((b, v)) => (
+            .ok_or_else(|| format!("service {s:?}: expected ID=HOST:PORT[@PREFIX[,PREFIX...]]"))?;
+        let (backend, prefixes) = match rest.split_once('@') {
+            Some((b, list)) => (
                 b,
-                Some(
-                    v.parse::<IpAddr>()
-                        .map_err(|e| format!("service {s:?}: virtual IP {v:?}: {e}"))?,
-                ),
+                list.split(',')
+                    .map(|p| parse_prefix(p).map_err(|e| format!("service {s:?}: {e}")))
+                    .collect::<Result<Vec<_>, _>>()?,
             ),
-            None => (rest, None),
+            None => (rest, Vec::new()),
         };
         let backend = backend
             .parse::<SocketAddr>()
@@ -67,8 +78,28 @@ impl std::str::FromStr for ServiceSpec {
         Ok(ServiceSpec {
             id: id.to_string(),
             backend,
-            virtual_ip,
+            prefixes,
         })
+    }
+}
+
+/// An address (a host prefix) or a CIDR block whose host bits are zero.
+pub fn parse_prefix(p: &str) -> Result<IpNet, String> {
+    if p.contains('/') {
+        let net = p
+            .parse::<IpNet>()
+            .map_err(|e| format!("prefix {p:?}: {e}"))?;
+        if net.trunc() != net {
+            return Err(format!(
+                "prefix {p:?} has host bits set (did you mean {}?)",
+                net.trunc()
+            ));
+        }
+        Ok(net)
+    } else {
+        p.parse::<IpAddr>()
+            .map(IpNet::from)
+            .map_err(|e| format!("address {p:?}: {e}"))
     }
 }
 
@@ -222,6 +253,11 @@ impl Connector {
     ) -> anyhow::Result<Self> {
         cfg.role = ztna_core::Role::Connector;
         cfg.services = services.iter().map(|s| s.id.clone()).collect();
+        cfg.service_prefixes = services
+            .iter()
+            .filter(|s| !s.prefixes.is_empty())
+            .map(|s| (s.id.clone(), s.prefixes.clone()))
+            .collect();
         let bind = if bind.ip().is_unspecified() && cfg.server.ip().is_loopback() {
             SocketAddr::new(cfg.server.ip(), 0)
         } else {
@@ -573,7 +609,10 @@ impl Connector {
                         }
                     }
                 }
-                ClientEvent::SessionReady { .. } | ClientEvent::SessionRefused { .. } => {}
+                ClientEvent::SessionReady { .. }
+                | ClientEvent::SessionRefused { .. }
+                | ClientEvent::ServicePrefixes { .. }
+                | ClientEvent::TunnelAddress { .. } => {}
             }
         }
     }
@@ -602,7 +641,7 @@ impl Connector {
                 return;
             }
         };
-        if spec.virtual_ip.is_some_and(|v| v != key.dst.ip()) {
+        if !spec.covers(key.dst.ip()) {
             inc(&self.stats.dropped_wrong_destination);
             tracing::debug!(
                 "{service}: dropping packet to {} (not the service address)",

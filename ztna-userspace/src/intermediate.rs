@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,10 +33,12 @@ use ztna_core::{ALPN, MAX_UDP_PAYLOAD, app_error};
 use ztna_common::frames::{self, Frame, RefusedStatus, close_reason};
 use ztna_core::frame_io::{self, FrameIo};
 
+use crate::addressing::AddressPool;
 use crate::batch::{RecvBatch, SendBatch};
 use crate::flows::{ClientId, FlowTable};
 use crate::identity::{PeerIdentity, Role};
 use crate::relay::{ForwardResult, KernelTable, RelayTable, relay_cid_of};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 /// Length of the intermediate's own connection IDs.
 pub const LOCAL_CID_LEN: usize = 16;
@@ -64,6 +66,11 @@ pub struct IntermediateConfig {
     pub stats_file: Option<PathBuf>,
     /// Fixed relay sessions between address pairs (benchmarks, diagnostics).
     pub static_sessions: Vec<(SocketAddr, SocketAddr)>,
+    /// Pool of agents' IPv4 tunnel addresses.
+    pub tunnel_ipv4: Ipv4Net,
+    /// Pool of agents' IPv6 tunnel addresses; `None` derives a /48 ULA prefix from
+    /// the CA certificate (the server certificate without one).
+    pub tunnel_ipv6: Option<Ipv6Net>,
 }
 
 impl IntermediateConfig {
@@ -80,6 +87,10 @@ impl IntermediateConfig {
             xdp_interfaces: Vec::new(),
             stats_file: None,
             static_sessions: Vec::new(),
+            tunnel_ipv4: crate::addressing::DEFAULT_IPV4_POOL
+                .parse()
+                .expect("valid default pool"),
+            tunnel_ipv6: None,
         }
     }
 }
@@ -146,6 +157,13 @@ stats!(IntermediateStats {
     client_moves,
     /// CANDIDATES from a client that is not an endpoint of that session.
     candidates_refused,
+    /// SERVICE_PREFIXES accepted from a service's connector.
+    service_prefixes_published,
+    /// SERVICE_PREFIXES from a client that is not the service's connector.
+    service_prefixes_refused,
+    /// Tunnel addresses handed to agents, and agents refused one (pool exhausted).
+    tunnel_addresses_assigned,
+    tunnel_addresses_exhausted,
 });
 
 fn inc(c: &AtomicU64) {
@@ -161,11 +179,17 @@ struct Client {
     agent_of: BTreeSet<String>,
     connector_of: BTreeSet<String>,
     frames: FrameIo,
+    /// Tunnel addresses, assigned at the client's first agent registration.
+    tunnel: Option<(Ipv4Addr, Ipv6Addr)>,
 }
 
 #[derive(Default)]
 struct Service {
     connector: Option<ClientId>,
+    /// The addresses the service answers on, as its connector last published them.
+    /// Kept when the connector goes away: withdrawing the agents' routes would send
+    /// their traffic for the service out of the tunnel.
+    prefixes: Vec<IpNet>,
 }
 
 pub struct Intermediate {
@@ -188,6 +212,7 @@ pub struct Intermediate {
     xdp: Option<crate::xdp::XdpRelay>,
     /// Relayed packets waiting for one sendmmsg.
     forwarded: SendBatch,
+    addresses: AddressPool,
 }
 
 /// A running intermediate on its own thread (tests, demo).
@@ -317,6 +342,20 @@ impl Intermediate {
             );
         }
         let quic = quic_config(&cfg)?;
+        let tunnel_ipv6 = match cfg.tunnel_ipv6 {
+            Some(net) => net,
+            None => {
+                let seed_file = cfg.ca_file.as_ref().unwrap_or(&cfg.cert_file);
+                let seed = std::fs::read(seed_file)
+                    .with_context(|| format!("reading {}", seed_file.display()))?;
+                crate::addressing::ula_from(&seed)
+            }
+        };
+        let addresses = AddressPool::new(cfg.tunnel_ipv4, tunnel_ipv6)?;
+        tracing::info!(
+            "agents' tunnel addresses from {} and {tunnel_ipv6}",
+            cfg.tunnel_ipv4
+        );
         let key_pem = std::fs::read(&cfg.key_file)
             .with_context(|| format!("reading {}", cfg.key_file.display()))?;
         let reset_key = hmac::Key::new(
@@ -356,6 +395,7 @@ impl Intermediate {
             last_expiry: Instant::now(),
             xdp: None,
             forwarded: SendBatch::default(),
+            addresses,
         })
         .and_then(|mut server| {
             server.setup_xdp()?;
@@ -774,6 +814,7 @@ impl Intermediate {
                 agent_of: BTreeSet::new(),
                 connector_of: BTreeSet::new(),
                 frames: FrameIo::default(),
+                tunnel: None,
             },
         );
         Some(id)
@@ -1015,6 +1056,45 @@ impl Intermediate {
                     self.queue_frame(other, &Frame::SessionClose { session_id, reason });
                 }
             }
+            Frame::ServicePrefixes {
+                service, prefixes, ..
+            } => {
+                let is_connector = self
+                    .clients
+                    .get(&id)
+                    .is_some_and(|c| c.connector_of.contains(service))
+                    && self
+                        .services
+                        .get(service)
+                        .is_some_and(|s| s.connector == Some(id));
+                if !is_connector {
+                    inc(&self.stats.service_prefixes_refused);
+                    tracing::warn!(
+                        "client {id}: SERVICE_PREFIXES for {service:?} refused: not its connector"
+                    );
+                    return;
+                }
+                let prefixes: Vec<IpNet> = frames::prefixes(prefixes)
+                    .filter_map(|(ip, len)| IpNet::new(ip, len).ok())
+                    .collect();
+                inc(&self.stats.service_prefixes_published);
+                tracing::info!("service {service:?}: prefixes {prefixes:?}");
+                let agents: Vec<ClientId> = self
+                    .clients
+                    .iter()
+                    .filter(|(_, c)| c.agent_of.contains(service))
+                    .map(|(a, _)| *a)
+                    .collect();
+                if let Some(s) = self.services.get_mut(service) {
+                    if s.prefixes == prefixes {
+                        return;
+                    }
+                    s.prefixes = prefixes.clone();
+                }
+                for a in agents {
+                    self.send_prefixes(a, service, &prefixes);
+                }
+            }
             Frame::Unknown { .. } => {}
             _ => inc(&self.stats.bad_frames),
         }
@@ -1178,7 +1258,59 @@ impl Intermediate {
         }
         inc(&self.stats.registrations_accepted);
         tracing::info!("client {id} ({name}) registered as {role_name} for {service:?}");
+        if role == Role::Agent {
+            self.tell_agent(id, &name, service);
+        }
         self.reply(id, &ControlMessage::RegisterAck { service });
+    }
+
+    /// An agent registered for `service`: its tunnel addresses (at its first
+    /// registration) and the service's prefixes, if the connector published them.
+    fn tell_agent(&mut self, id: ClientId, identity: &str, service: &str) {
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if client.tunnel.is_none() {
+            match self.addresses.assign(id, identity) {
+                Ok((ipv4, ipv6)) => {
+                    client.tunnel = Some((ipv4, ipv6));
+                    inc(&self.stats.tunnel_addresses_assigned);
+                    tracing::info!("client {id} ({identity}): tunnel addresses {ipv4}, {ipv6}");
+                    self.queue_frame(id, &Frame::TunnelAddress { ipv4, ipv6 });
+                }
+                Err(e) => {
+                    inc(&self.stats.tunnel_addresses_exhausted);
+                    tracing::warn!("client {id} ({identity}): no tunnel address: {e}");
+                }
+            }
+        }
+        let prefixes = self
+            .services
+            .get(service)
+            .map(|s| s.prefixes.clone())
+            .unwrap_or_default();
+        if !prefixes.is_empty() {
+            self.send_prefixes(id, service, &prefixes);
+        }
+    }
+
+    fn send_prefixes(&mut self, id: ClientId, service: &str, prefixes: &[IpNet]) {
+        let mut raw = [0u8; frames::MAX_PREFIXES * 18];
+        let mut n = 0;
+        let mut count = 0u8;
+        for p in prefixes.iter().take(frames::MAX_PREFIXES) {
+            if frames::encode_prefix(p.network(), p.prefix_len(), &mut raw, &mut n) {
+                count += 1;
+            }
+        }
+        self.queue_frame(
+            id,
+            &Frame::ServicePrefixes {
+                service,
+                count,
+                prefixes: &raw[..n],
+            },
+        );
     }
 
     /// Relays one tunneled IP packet. `service` is `None` for raw datagrams.
@@ -1292,6 +1424,7 @@ impl Intermediate {
                 ztna_core::client::close_reason(&c.conn)
             );
             self.cids.retain(|_, v| *v != id);
+            self.addresses.release(id);
             self.flows.remove_client(id);
             for s in self.relay.remove_client(id) {
                 inc(&self.stats.relay_sessions_closed);

@@ -1,6 +1,7 @@
 //! ztna userspace: the intermediate server, the app connector, the Linux agent and
 //! the command-line tools. Binaries in `src/bin/` are thin wrappers over this library.
 
+pub mod addressing;
 pub mod agent;
 pub mod batch;
 pub mod connector;

@@ -76,7 +76,7 @@ fn start_connector(
     let spec = ServiceSpec {
         id: SERVICE.into(),
         backend,
-        virtual_ip: Some(VIP.parse().unwrap()),
+        prefixes: vec![VIP.parse::<IpAddr>().unwrap().into()],
     };
     let c = connector::spawn(cfg, vec![spec]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -846,4 +846,131 @@ fn nat_rebinding_moves_the_relay_entry_after_the_control_connection_proves_it() 
         .filter(|e| matches!(e, AgentEvent::ObservedAddress(_)))
         .count();
     assert!(qads >= 2, "QAD after the rebinding: {qads}");
+}
+
+/// Drives `a` until `cond` holds; false after `within`.
+fn drive_until(a: &mut Agent, within: Duration, cond: impl Fn(&Agent) -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while !cond(a) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        a.drive((Instant::now() + Duration::from_millis(50)).min(deadline))
+            .unwrap();
+    }
+    true
+}
+
+#[test]
+fn agents_learn_prefixes_of_authorized_services_only_and_get_unique_tunnel_addresses() {
+    let w = world("prefixes");
+    let dir = w.pki.dir.clone();
+    // A second service, "other", with a connector of its own; the agent's
+    // certificate does not cover it.
+    let (ccert, ckey) = identity::issue_leaf(
+        &w.pki.ca_cert,
+        &w.pki.ca_key,
+        &dir,
+        "connector-other",
+        &["connector.other.ztna".into()],
+    )
+    .unwrap();
+    let mut ccfg = client_cfg(&w.pki, w.server, Role::Connector, &ccert, &ckey);
+    ccfg.services = vec!["other".into()];
+    let other = connector::spawn(
+        ccfg,
+        vec![ServiceSpec {
+            id: "other".into(),
+            backend: w.echo.addr,
+            prefixes: vec!["10.200.0.0/24".parse().unwrap()],
+        }],
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stat(&w, |s| &s.service_prefixes_published) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "both connectors publish prefixes"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    let mut cfg = client_cfg(
+        &w.pki,
+        w.server,
+        Role::Agent,
+        &w.pki.agent_cert,
+        &w.pki.agent_key,
+    );
+    cfg.services = vec![SERVICE.into(), "other".into()];
+    let mut a = Agent::connect_with(cfg, false).unwrap();
+    assert_eq!(
+        a.wait_registration_result(SERVICE, Duration::from_secs(10))
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        a.wait_registration_result("other", Duration::from_secs(10))
+            .unwrap(),
+        Some(NackStatus::NotAuthorized)
+    );
+    let vip: IpAddr = VIP.parse().unwrap();
+    assert!(
+        drive_until(&mut a, Duration::from_secs(5), |a| {
+            a.engine().route(vip) == Some(SERVICE) && a.engine().tunnel_address().is_some()
+        }),
+        "routes {:?}, tunnel {:?}",
+        a.engine().routes(),
+        a.engine().tunnel_address()
+    );
+    assert!(a.events().contains(&AgentEvent::RoutesChanged));
+    let (v4, v6) = a.engine().tunnel_address().unwrap();
+    assert!(
+        "100.64.0.0/10"
+            .parse::<ipnet::Ipv4Net>()
+            .unwrap()
+            .contains(&v4),
+        "{v4}"
+    );
+    assert_eq!(v6.octets()[0], 0xfd, "{v6}: a ULA address");
+    // Whatever else arrives, the unauthorized service's prefix never becomes a route.
+    drive_until(&mut a, Duration::from_millis(300), |_| false);
+    assert_eq!(a.engine().route("10.200.0.9".parse().unwrap()), None);
+    assert_eq!(a.engine().routes().len(), 1, "{:?}", a.engine().routes());
+
+    // A second agent with the same certificate gets other addresses.
+    let mut b = agent(&w.pki, w.server);
+    b.wait_registered(Duration::from_secs(10)).unwrap();
+    assert!(drive_until(&mut b, Duration::from_secs(5), |b| b
+        .engine()
+        .tunnel_address()
+        .is_some()));
+    let (b4, b6) = b.engine().tunnel_address().unwrap();
+    assert_ne!(b4, v4);
+    assert_ne!(b6, v6);
+    assert_eq!(stat(&w, |s| &s.tunnel_addresses_assigned), 2);
+
+    // An agent cannot publish prefixes for a service.
+    let mut cfg = client_cfg(
+        &w.pki,
+        w.server,
+        Role::Agent,
+        &w.pki.agent_cert,
+        &w.pki.agent_key,
+    );
+    cfg.service_prefixes
+        .insert(SERVICE.into(), vec!["192.0.2.0/24".parse().unwrap()]);
+    let mut c = Agent::connect_with(cfg, false).unwrap();
+    c.wait_registered(Duration::from_secs(10)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stat(&w, |s| &s.service_prefixes_refused) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the agent's SERVICE_PREFIXES is refused"
+        );
+        c.drive(Instant::now() + Duration::from_millis(20)).unwrap();
+    }
+    drive_until(&mut a, Duration::from_millis(200), |_| false);
+    assert_eq!(a.engine().route("192.0.2.1".parse().unwrap()), None);
+    drop(other);
 }
