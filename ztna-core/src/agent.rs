@@ -54,6 +54,20 @@ const DIRECT_DEAD_RTTS: u32 = 4;
 const DIRECT_DEAD_MIN: Duration = Duration::from_millis(400);
 /// Wait before trying the direct path again after it failed.
 const DIRECT_RETRY: Duration = Duration::from_secs(5);
+/// MTU of the tunnel device. Every path must carry a packet of this size in one
+/// DATAGRAM: a data connection carries 1318 bytes (1350-byte UDP payload minus the
+/// short header with an 8-byte CID, a 4-byte packet number, the 16-byte AEAD tag and
+/// the DATAGRAM frame's 3 bytes), the datagram relay about 1293 (16-byte CIDs and
+/// the `0x2F` service prefix). 1280 fits them all and is the least IPv6 allows.
+/// A larger packet gets ICMP "packet too big" (see `handle_tun`).
+pub const TUN_MTU: u16 = 1280;
+
+/// Largest TCP MSS whose segments fit `TUN_MTU` (IPv4: 20 + 20 bytes of headers,
+/// IPv6: 40 + 20).
+fn max_mss(dst: IpAddr) -> u16 {
+    TUN_MTU - if dst.is_ipv4() { 40 } else { 60 }
+}
+
 /// Packets for the tunnel that wait for `poll_tun` beyond this are dropped (counted):
 /// a driver that stops reading must not make the engine grow without bound.
 const TUN_QUEUE_MAX: usize = 1024;
@@ -173,9 +187,11 @@ pub struct AgentStats {
     pub tun_no_route: u64,
     /// Tunnel packets that are not IPv4/IPv6 or too short to route.
     pub tun_malformed: u64,
-    /// Tunnel packets that could not be sent (service not registered yet, queue full,
-    /// too large for the path).
+    /// Tunnel packets that could not be sent (service not registered yet, queue
+    /// full).
     pub tun_send_failed: u64,
+    /// Tunnel packets larger than their path carries; answered with ICMP.
+    pub tun_too_big: u64,
     /// Packets for the tunnel dropped because the driver did not read them.
     pub tun_queue_dropped: u64,
     /// CANDIDATES frames for sessions we do not have.
@@ -354,25 +370,40 @@ impl AgentEngine {
 
     /// One IP packet read from the tunnel device: sent to the service whose prefix
     /// covers its destination (longest prefix wins), on that service's best path.
+    /// TCP SYNs have their MSS clamped to fit [`TUN_MTU`] (hence `&mut`).
     /// A destination no route covers is answered with ICMP "administratively
-    /// prohibited" (read it with `poll_tun`) and counted; nothing is forwarded.
-    pub fn handle_tun(&mut self, packet: &[u8], now: Instant) {
+    /// prohibited", a packet larger than the path carries with ICMP "packet too
+    /// big" (read them with `poll_tun`); both are counted, nothing is forwarded.
+    pub fn handle_tun(&mut self, packet: &mut [u8], now: Instant) {
         let Some(dst) = packet::destination(packet) else {
             self.stats.tun_malformed += 1;
             return;
         };
-        match self.route(dst).map(str::to_owned) {
-            Some(s) => {
-                if self.send_packet(&s, packet, now).is_err() {
-                    self.stats.tun_send_failed += 1;
-                }
+        let Some(service) = self.route(dst).map(str::to_owned) else {
+            self.stats.tun_no_route += 1;
+            self.icmp_to_tun(packet, packet::IcmpError::Prohibited);
+            return;
+        };
+        packet::clamp_mss(packet, max_mss(dst));
+        match self.send_packet(&service, packet, now) {
+            Ok(()) => {}
+            Err(ClientError::PacketTooLarge { max, .. }) => {
+                self.stats.tun_too_big += 1;
+                let mtu = u16::try_from(max).unwrap_or(u16::MAX);
+                self.icmp_to_tun(packet, packet::IcmpError::TooBig { mtu });
             }
-            None => {
-                self.stats.tun_no_route += 1;
-                if let Some(icmp) = packet::icmp_prohibited(packet) {
-                    push_bounded(&mut self.tun_queue, icmp, TUN_QUEUE_MAX);
-                }
+            Err(e) => {
+                self.stats.tun_send_failed += 1;
+                tracing::trace!("tunnel packet for {service:?} not sent: {e}");
             }
+        }
+    }
+
+    fn icmp_to_tun(&mut self, packet: &[u8], kind: packet::IcmpError) {
+        if let Some(icmp) = packet::icmp_error(packet, kind)
+            && !push_bounded(&mut self.tun_queue, icmp, TUN_QUEUE_MAX)
+        {
+            self.stats.tun_queue_dropped += 1;
         }
     }
 
@@ -506,6 +537,9 @@ impl AgentEngine {
             if let Some(n) = got {
                 s.traffic.rx_packets += 1;
                 s.traffic.rx_bytes += n as u64;
+                if let Some(src) = packet::destination(&out[..n]) {
+                    packet::clamp_mss(&mut out[..n], max_mss(src));
+                }
                 return Some(n);
             }
         }
@@ -1108,7 +1142,7 @@ mod tests {
             b"not for you, with more than eight bytes",
         )
         .unwrap();
-        e.handle_tun(&pkt, now);
+        e.handle_tun(&mut pkt.clone(), now);
         assert_eq!(e.stats().tun_no_route, 1);
         assert_eq!(
             drain_udp(&mut e, now).len(),
@@ -1159,7 +1193,7 @@ mod tests {
             &[7u8; 1400],
         )
         .unwrap();
-        e.handle_tun(&pkt, now);
+        e.handle_tun(&mut pkt.clone(), now);
         let mut out = vec![0u8; 2048];
         let n = e.poll_tun(&mut out).expect("an ICMPv6 error");
         assert!(n <= 1280, "ICMPv6 errors fit the minimum MTU: {n}");
@@ -1174,7 +1208,7 @@ mod tests {
         );
         assert_eq!(m.payload(), &pkt[..1280 - 48]);
         // An ICMP error about our ICMP error is never made (RFC 4443 §2.4).
-        e.handle_tun(&reply, now);
+        e.handle_tun(&mut reply.clone(), now);
         assert_eq!(e.stats().tun_no_route, 2);
         assert!(e.poll_tun(&mut out).is_none());
     }
@@ -1189,14 +1223,14 @@ mod tests {
             b"hello",
         )
         .unwrap();
-        e.handle_tun(&pkt, now);
+        e.handle_tun(&mut pkt.clone(), now);
         assert_eq!(e.stats().tun_send_failed, 1);
         assert_eq!(e.stats().tun_no_route, 0);
         assert_eq!(e.traffic("a"), Traffic::default());
         let mut out = vec![0u8; 2048];
         assert!(e.poll_tun(&mut out).is_none());
-        e.handle_tun(&[0x45, 0, 0], now);
-        e.handle_tun(&[], now);
+        e.handle_tun(&mut [0x45, 0, 0], now);
+        e.handle_tun(&mut [], now);
         assert_eq!(e.stats().tun_malformed, 2);
     }
 }

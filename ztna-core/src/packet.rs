@@ -283,58 +283,6 @@ pub fn destination(packet: &[u8]) -> Option<IpAddr> {
     }
 }
 
-/// The ICMP error a router sends for a packet its policy forbids: ICMPv4
-/// destination unreachable, code 13 (communication administratively prohibited),
-/// or ICMPv6 destination unreachable, code 1 (administratively prohibited). It comes
-/// from the refused destination to the packet's source and quotes the packet as
-/// RFC 792 / RFC 4443 §3.1 ask (IPv4: header + 8 bytes; IPv6: as much as fits in
-/// 1280 bytes). `None` for packets that must not get an error: malformed ones and
-/// ICMP errors themselves (RFC 1122 §3.2.2, RFC 4443 §2.4).
-pub fn icmp_prohibited(packet: &[u8]) -> Option<Vec<u8>> {
-    let v = view(packet).ok()?;
-    let mut out = Vec::new();
-    match (&v.transport, v.src, v.dst) {
-        (t, IpAddr::V4(src), IpAddr::V4(dst)) => {
-            if let TransportSlice::Icmpv4(icmp) = t
-                && !matches!(
-                    icmp.icmp_type(),
-                    Icmpv4Type::EchoRequest(_) | Icmpv4Type::EchoReply(_)
-                )
-            {
-                return None;
-            }
-            let ihl = usize::from(packet[0] & 0x0f) * 4;
-            let quote = &packet[..packet.len().min(ihl + 8)];
-            PacketBuilder::ipv4(dst.octets(), src.octets(), TTL)
-                .icmpv4(Icmpv4Type::DestinationUnreachable(
-                    etherparse::icmpv4::DestUnreachableHeader::FilterProhibited,
-                ))
-                .write(&mut out, quote)
-                .ok()?;
-        }
-        (t, IpAddr::V6(src), IpAddr::V6(dst)) => {
-            if let TransportSlice::Icmpv6(icmp) = t
-                && !matches!(
-                    icmp.icmp_type(),
-                    Icmpv6Type::EchoRequest(_) | Icmpv6Type::EchoReply(_)
-                )
-            {
-                return None;
-            }
-            // 1280 minimum MTU - 40 (IPv6) - 8 (ICMPv6 header).
-            let quote = &packet[..packet.len().min(1280 - 48)];
-            PacketBuilder::ipv6(dst.octets(), src.octets(), TTL)
-                .icmpv6(Icmpv6Type::DestinationUnreachable(
-                    etherparse::icmpv6::DestUnreachableCode::Prohibited,
-                ))
-                .write(&mut out, quote)
-                .ok()?;
-        }
-        _ => return None,
-    }
-    Some(out)
-}
-
 /// Build an ICMPv4/ICMPv6 echo request (for tests and the agent CLI `ping`).
 pub fn build_icmp_echo_request(
     src: IpAddr,
@@ -409,6 +357,154 @@ pub fn rewrite_port(
         write_u16(packet, csum, new_csum);
     }
     Ok(old)
+}
+
+/// Lowers the MSS option of a TCP SYN (or SYN-ACK) to `max_mss` if it is larger,
+/// fixing the TCP checksum incrementally; returns true if it changed the packet.
+/// Both ends of a TCP connection through the tunnel then send segments that fit
+/// the tunnel's MTU, whatever their own interfaces' MTUs (as `iptables ... TCPMSS
+/// --clamp-mss-to-pmtu` does on routers). Anything else is left alone.
+pub fn clamp_mss(packet: &mut [u8], max_mss: u16) -> bool {
+    let Some(&first) = packet.first() else {
+        return false;
+    };
+    let l4 = match first >> 4 {
+        // IPv4, TCP, not a fragment (offset 0; MF may be set on a first fragment,
+        // whose TCP header is still whole).
+        4 if packet.len() >= 20 && packet[9] == 6 && read_u16(packet, 6) & 0x1fff == 0 => {
+            usize::from(first & 0x0f) * 4
+        }
+        // IPv6 with TCP as the next header (no extension headers).
+        6 if packet.len() >= 40 && packet[6] == 6 => 40,
+        _ => return false,
+    };
+    let Some(tcp) = packet.get(l4..l4 + 20) else {
+        return false;
+    };
+    let data_offset = usize::from(tcp[12] >> 4) * 4;
+    let syn = tcp[13] & 0x02 != 0;
+    if !syn || data_offset < 20 || packet.len() < l4 + data_offset {
+        return false;
+    }
+    let mut i = l4 + 20;
+    let end = l4 + data_offset;
+    while i < end {
+        match packet[i] {
+            0 => break,
+            1 => i += 1,
+            kind => {
+                let Some(&len) = packet.get(i + 1) else {
+                    return false;
+                };
+                let len = usize::from(len);
+                if len < 2 || i + len > end {
+                    return false;
+                }
+                if kind == 2 && len == 4 {
+                    let mss = read_u16(packet, i + 2);
+                    if mss <= max_mss {
+                        return false;
+                    }
+                    write_u16(packet, i + 2, max_mss);
+                    let csum = l4 + 16;
+                    // Options need not be 16-bit aligned; an odd-aligned field adds
+                    // to the one's-complement sum with its bytes swapped.
+                    let (old, new) = if (i + 2 - l4) % 2 == 0 {
+                        (mss, max_mss)
+                    } else {
+                        (mss.swap_bytes(), max_mss.swap_bytes())
+                    };
+                    let c = checksum_adjust(read_u16(packet, csum), old, new);
+                    write_u16(packet, csum, c);
+                    return true;
+                }
+                i += len;
+            }
+        }
+    }
+    false
+}
+
+/// An ICMP error the tunnel answers a packet with, as a router would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IcmpError {
+    /// No route for the destination: ICMPv4 destination unreachable code 13
+    /// (communication administratively prohibited), ICMPv6 destination unreachable
+    /// code 1 (administratively prohibited).
+    Prohibited,
+    /// Larger than the tunnel carries: ICMPv4 "fragmentation needed" (type 3 code
+    /// 4) with this next-hop MTU, for IPv4 packets that forbid fragmentation;
+    /// ICMPv6 "packet too big". The sender's kernel lowers its path MTU.
+    TooBig { mtu: u16 },
+}
+
+/// The ICMP error `kind` about `packet`, from the packet's destination to its
+/// source, quoting it as RFC 792 / RFC 4443 §3.1 ask (IPv4: header + 8 bytes; IPv6:
+/// as much as fits in 1280 bytes). `None` where no error is due: malformed packets,
+/// ICMP errors themselves (RFC 1122 §3.2.2, RFC 4443 §2.4), and IPv4 packets too
+/// big but fragmentable.
+pub fn icmp_error(packet: &[u8], kind: IcmpError) -> Option<Vec<u8>> {
+    let v = view(packet).ok()?;
+    if is_icmp_error(&v.transport) {
+        return None;
+    }
+    let mut out = Vec::new();
+    match (v.src, v.dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let header = match kind {
+                IcmpError::Prohibited => {
+                    etherparse::icmpv4::DestUnreachableHeader::FilterProhibited
+                }
+                IcmpError::TooBig { mtu } => {
+                    if read_u16(packet, 6) & 0x4000 == 0 {
+                        return None;
+                    }
+                    etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                        next_hop_mtu: mtu,
+                    }
+                }
+            };
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            let quote = &packet[..packet.len().min(ihl + 8)];
+            PacketBuilder::ipv4(dst.octets(), src.octets(), TTL)
+                .icmpv4(Icmpv4Type::DestinationUnreachable(header))
+                .write(&mut out, quote)
+                .ok()?;
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let icmp = match kind {
+                IcmpError::Prohibited => Icmpv6Type::DestinationUnreachable(
+                    etherparse::icmpv6::DestUnreachableCode::Prohibited,
+                ),
+                IcmpError::TooBig { mtu } => Icmpv6Type::PacketTooBig {
+                    mtu: u32::from(mtu),
+                },
+            };
+            // 1280 minimum MTU - 40 (IPv6) - 8 (ICMPv6 header).
+            let quote = &packet[..packet.len().min(1280 - 48)];
+            PacketBuilder::ipv6(dst.octets(), src.octets(), TTL)
+                .icmpv6(icmp)
+                .write(&mut out, quote)
+                .ok()?;
+        }
+        _ => return None,
+    }
+    Some(out)
+}
+
+/// ICMP messages other than echo: errors about them must not be sent.
+fn is_icmp_error(t: &TransportSlice<'_>) -> bool {
+    match t {
+        TransportSlice::Icmpv4(icmp) => !matches!(
+            icmp.icmp_type(),
+            Icmpv4Type::EchoRequest(_) | Icmpv4Type::EchoReply(_)
+        ),
+        TransportSlice::Icmpv6(icmp) => !matches!(
+            icmp.icmp_type(),
+            Icmpv6Type::EchoRequest(_) | Icmpv6Type::EchoReply(_)
+        ),
+        _ => false,
+    }
 }
 
 fn read_u16(buf: &[u8], at: usize) -> u16 {
@@ -1011,5 +1107,113 @@ mod tests {
             assert_eq!(adjusted, fresh, "id {new_id:#x}");
             write_u16(&mut hdr, 10, fresh);
         }
+    }
+
+    /// A SYN (or SYN-ACK) whose MSS option sits at an odd offset (`ack`: after
+    /// other options) or an even one (first).
+    fn tcp_syn(src: SocketAddr, dst: SocketAddr, mss: u16, ack: bool) -> Vec<u8> {
+        use etherparse::TcpOptionElement::{
+            MaximumSegmentSize, Noop, SelectiveAcknowledgementPermitted, WindowScale,
+        };
+        let b = match (src, dst) {
+            (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+                PacketBuilder::ipv4(s.ip().octets(), d.ip().octets(), 64)
+            }
+            (SocketAddr::V6(s), SocketAddr::V6(d)) => {
+                PacketBuilder::ipv6(s.ip().octets(), d.ip().octets(), 64)
+            }
+            _ => unreachable!(),
+        };
+        let mut b = b.tcp(src.port(), dst.port(), 1000, 64240).syn();
+        if ack {
+            b = b.ack(7);
+        }
+        let odd = [
+            Noop,
+            WindowScale(7),
+            SelectiveAcknowledgementPermitted,
+            Noop,
+            MaximumSegmentSize(mss),
+        ];
+        let even = [MaximumSegmentSize(mss), Noop, WindowScale(7)];
+        let b = b.options(if ack { &odd[..] } else { &even[..] }).unwrap();
+        let mut out = Vec::new();
+        b.write(&mut out, &[]).unwrap();
+        out
+    }
+
+    fn mss_of(pkt: &[u8]) -> u16 {
+        let TransportSlice::Tcp(tcp) = sliced(pkt).transport.unwrap() else {
+            panic!("tcp")
+        };
+        tcp.options_iterator()
+            .find_map(|o| match o {
+                Ok(etherparse::TcpOptionElement::MaximumSegmentSize(m)) => Some(m),
+                _ => None,
+            })
+            .expect("an MSS option")
+    }
+
+    #[test]
+    fn clamp_mss_lowers_large_mss_only_and_keeps_checksums_valid() {
+        for (src, dst, clamp) in [
+            (sa4(V4A, 40000), sa4(V4B, 80), 1240),
+            (sa6(V6A, 40000), sa6(V6B, 443), 1220),
+        ] {
+            for ack in [false, true] {
+                let mut p = tcp_syn(src, dst, 1460, ack);
+                assert!(clamp_mss(&mut p, clamp));
+                assert_eq!(mss_of(&p), clamp);
+                assert_checksums_valid(&p);
+                // Already small enough: untouched.
+                let mut q = tcp_syn(src, dst, 1000, ack);
+                let before = q.clone();
+                assert!(!clamp_mss(&mut q, clamp));
+                assert_eq!(q, before);
+            }
+        }
+        // Not a SYN: untouched, even with an MSS-looking option.
+        let mut p = build_udp(sa4(V4A, 1), sa4(V4B, 2), &[2, 4, 0xff, 0xff]).unwrap();
+        let before = p.clone();
+        assert!(!clamp_mss(&mut p, 1240));
+        assert_eq!(p, before);
+        // Truncated and garbage input never panics.
+        let syn = tcp_syn(sa4(V4A, 1), sa4(V4B, 2), 1460, false);
+        for cut in 0..syn.len() {
+            let mut t = syn[..cut].to_vec();
+            clamp_mss(&mut t, 1240);
+        }
+    }
+
+    #[test]
+    fn too_big_errors_carry_the_mtu_and_respect_df() {
+        let big = build_udp(sa4(V4A, 1), sa4(V4B, 2), &[1u8; 1400]).unwrap();
+        // etherparse sets DF on the packets it builds.
+        assert_ne!(read_u16(&big, 6) & 0x4000, 0);
+        let e = icmp_error(&big, IcmpError::TooBig { mtu: 1280 }).expect("an ICMP error");
+        let TransportSlice::Icmpv4(icmp) = sliced(&e).transport.unwrap() else {
+            panic!("icmpv4")
+        };
+        assert_eq!(
+            icmp.icmp_type(),
+            Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1280
+                }
+            )
+        );
+        assert_checksums_valid(&e);
+        // Without DF the packet may be fragmented: no error.
+        let mut frag_ok = big.clone();
+        frag_ok[6] &= !0x40;
+        assert_eq!(icmp_error(&frag_ok, IcmpError::TooBig { mtu: 1280 }), None);
+        let big6 = build_udp(sa6(V6A, 1), sa6(V6B, 2), &[1u8; 1400]).unwrap();
+        let e6 = icmp_error(&big6, IcmpError::TooBig { mtu: 1280 }).unwrap();
+        let TransportSlice::Icmpv6(icmp) = sliced(&e6).transport.unwrap() else {
+            panic!("icmpv6")
+        };
+        assert_eq!(icmp.icmp_type(), Icmpv6Type::PacketTooBig { mtu: 1280 });
+        assert!(e6.len() <= 1280);
+        assert_checksums_valid(&e6);
     }
 }
