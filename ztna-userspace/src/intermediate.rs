@@ -4,7 +4,8 @@
 //! get a version negotiation, a stateless retry (Initial without a valid token), a new
 //! connection (Initial with a valid token) or a stateless reset (short header).
 //! Per connection: require and check the client certificate, send QAD after the
-//! handshake and whenever the client's address changes, answer registrations, relay
+//! handshake and whenever the client's address changes (after QUIC path validation of
+//! the new address), answer registrations, relay
 //! service packets between agents and the connector of their service.
 //!
 //! Stateless resets use a key derived from the server's private key, so a restarted
@@ -142,8 +143,13 @@ stats!(IntermediateStats {
     relay_sender_updated,
     bad_frames,
     candidates_forwarded,
-    /// Clients whose address changed (NAT rebinding, migration).
+    /// Clients whose address changed (NAT rebinding, migration), after quiche
+    /// validated the new path.
     client_moves,
+    /// Packets for a known connection that quiche dropped (undecryptable, duplicate).
+    quic_packets_dropped,
+    /// New paths whose validation failed (spoofed or vanished addresses).
+    path_validations_failed,
     /// CANDIDATES from a client that is not an endpoint of that session.
     candidates_refused,
 });
@@ -230,7 +236,19 @@ impl Drop for IntermediateHandle {
 }
 
 pub fn spawn(cfg: IntermediateConfig) -> anyhow::Result<IntermediateHandle> {
-    let server = Intermediate::bind(cfg)?;
+    spawn_with_kernel_table(cfg, None)
+}
+
+/// Like [`spawn`], mirroring the forwarding table into `kernel` (tests observe what
+/// would reach the XDP map without loading the program).
+pub fn spawn_with_kernel_table(
+    cfg: IntermediateConfig,
+    kernel: Option<Box<dyn KernelTable>>,
+) -> anyhow::Result<IntermediateHandle> {
+    let mut server = Intermediate::bind(cfg)?;
+    if let Some(k) = kernel {
+        server.set_kernel_table(k);
+    }
     let addr = server.local;
     let stats = server.stats.clone();
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -647,15 +665,52 @@ impl Intermediate {
         let Some(client) = self.clients.get_mut(&id) else {
             return;
         };
+        let received = client.conn.stats().recv;
         if let Err(e) = client.conn.recv(pkt, quiche::RecvInfo { from, to: local }) {
             tracing::debug!("quic recv from {from}: {e}");
             return;
         }
-        if client.peer != from {
+        // quiche returns Ok for packets it dropped (undecryptable, duplicate, ...);
+        // only its own counter says whether the packet was processed. A dropped one
+        // proves nothing, least of all about the address it came from.
+        if client.conn.stats().recv == received {
+            inc(&self.stats.quic_packets_dropped);
+        }
+        // No address handling here: even an authenticated packet from a new address is
+        // not proof that the client is there (it may be replayed or forged by someone
+        // on the path). The client moves when quiche has validated the new path, in
+        // `path_events`.
+    }
+
+    /// Acts on quiche's path events: a client's address changes only once quiche has
+    /// migrated it to a path it validated (PATH_CHALLENGE answered from there). Only
+    /// then are its relay entries (and the XDP map) moved and a QAD sent.
+    fn path_events(&mut self, id: ClientId) {
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let mut moved_to = None;
+        while let Some(ev) = client.conn.path_event_next() {
+            match ev {
+                quiche::PathEvent::PeerMigrated(local, peer) => {
+                    if client.conn.is_path_validated(local, peer).unwrap_or(false) {
+                        moved_to = Some(peer);
+                    }
+                }
+                quiche::PathEvent::FailedValidation(_, peer) => {
+                    inc(&self.stats.path_validations_failed);
+                    tracing::info!("client {id}: path to {peer} failed validation");
+                }
+                _ => {}
+            }
+        }
+        if let Some(to) = moved_to
+            && to != client.peer
+        {
             inc(&self.stats.client_moves);
-            tracing::info!("client {id} moved {} -> {from}", client.peer);
-            client.peer = from;
-            self.relay.client_moved(id, from);
+            tracing::info!("client {id} moved {} -> {to} (path validated)", client.peer);
+            client.peer = to;
+            self.relay.client_moved(id, to);
         }
     }
 
@@ -795,6 +850,7 @@ impl Intermediate {
     }
 
     fn process_client(&mut self, id: ClientId, now: Instant) {
+        self.path_events(id);
         let Some(client) = self.clients.get_mut(&id) else {
             return;
         };

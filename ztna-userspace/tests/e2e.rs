@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use std::sync::{Arc, Mutex};
+
 use ztna_common::NackStatus;
+use ztna_common::frames::Cid;
 use ztna_core::packet;
 use ztna_core::{ClientConfig, ClientError, ClientEvent, Role, app_error};
 use ztna_userspace::agent::{Agent, EchoOptions, Pattern, run_echo};
@@ -16,6 +19,7 @@ use ztna_userspace::connector::{self, ServiceSpec};
 use ztna_userspace::echo::EchoServer;
 use ztna_userspace::identity::{self, DevPki};
 use ztna_userspace::intermediate::{self, IntermediateConfig, IntermediateHandle};
+use ztna_userspace::relay::KernelTable;
 
 const SERVICE: &str = "echo";
 const VIP: &str = "10.100.0.1";
@@ -122,6 +126,36 @@ fn agent_p2p(pki: &DevPki, server: SocketAddr) -> Agent {
     .unwrap()
 }
 
+/// The kernel side of the forwarding table as the intermediate drives it: every
+/// insert it would make into the XDP map, in order (the program itself is not loaded).
+#[derive(Clone, Default)]
+struct RecordingKernel {
+    inserts: Arc<Mutex<Vec<(Cid, SocketAddr, SocketAddr)>>>,
+}
+
+impl RecordingKernel {
+    fn inserts(&self) -> Vec<(Cid, SocketAddr, SocketAddr)> {
+        self.inserts.lock().unwrap().clone()
+    }
+}
+
+impl KernelTable for RecordingKernel {
+    fn insert(
+        &mut self,
+        cid: &Cid,
+        peer: SocketAddr,
+        expected: SocketAddr,
+        _session: u32,
+    ) -> Result<(), String> {
+        self.inserts.lock().unwrap().push((*cid, peer, expected));
+        Ok(())
+    }
+    fn remove(&mut self, _cid: &Cid) {}
+    fn stats(&self, _cid: &Cid) -> Option<(u64, u64, u64)> {
+        None
+    }
+}
+
 struct World {
     pki: DevPki,
     echo: EchoServer,
@@ -131,12 +165,27 @@ struct World {
 }
 
 fn world(name: &str) -> World {
+    world_with(name, None)
+}
+
+/// A world whose intermediate mirrors its forwarding table into `kernel`.
+fn world_with(name: &str, kernel: Option<RecordingKernel>) -> World {
     if std::env::var_os("ZTNA_TEST_LOG").is_some() {
         ztna_userspace::logging::init("info");
     }
     let pki = pki(name);
     let echo = EchoServer::spawn("127.0.0.1:0".parse().unwrap()).unwrap();
-    let inter = start_intermediate(&pki, "127.0.0.1:0".parse().unwrap());
+    let cfg = IntermediateConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        pki.server_cert.clone(),
+        pki.server_key.clone(),
+        Some(pki.ca_cert.clone()),
+    );
+    let inter = intermediate::spawn_with_kernel_table(
+        cfg,
+        kernel.map(|k| Box::new(k) as Box<dyn KernelTable>),
+    )
+    .unwrap();
     let server = inter.addr;
     let conn = start_connector(&pki, server, echo.addr);
     World {
@@ -766,6 +815,9 @@ fn candidates_for_a_session_the_sender_is_not_part_of_are_refused() {
 /// intermediate from an outside socket that `rebind` replaces (a NAT rebinding).
 struct LoopNat {
     addr: SocketAddr,
+    /// DCID of the latest short-header packet the client sent on its control
+    /// connection (the intermediate's 16-byte CIDs; relay CIDs are 8 bytes, 0xA5...).
+    control_dcid: Arc<Mutex<Option<Vec<u8>>>>,
     rebind: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -780,6 +832,8 @@ impl LoopNat {
         let rebind = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (r, st) = (rebind.clone(), stop.clone());
+        let control_dcid = Arc::new(Mutex::new(None));
+        let dcid = control_dcid.clone();
         let thread = std::thread::spawn(move || {
             let mut outside = UdpSocket::bind("127.0.0.1:0").unwrap();
             outside.set_nonblocking(true).unwrap();
@@ -793,7 +847,14 @@ impl LoopNat {
                 let mut idle = true;
                 while let Ok((n, from)) = inside.recv_from(&mut buf) {
                     client = Some(from);
-                    let _ = outside.send_to(&buf[..n], server);
+                    let pkt = &buf[..n];
+                    if n > 17
+                        && pkt[0] & 0x80 == 0
+                        && pkt[1] != ztna_common::relay::RELAY_CID_MARKER
+                    {
+                        *dcid.lock().unwrap() = Some(pkt[1..17].to_vec());
+                    }
+                    let _ = outside.send_to(pkt, server);
                     idle = false;
                 }
                 while let Ok((n, _)) = outside.recv_from(&mut buf) {
@@ -809,6 +870,7 @@ impl LoopNat {
         });
         LoopNat {
             addr,
+            control_dcid,
             rebind,
             stop,
             thread: Some(thread),
@@ -827,13 +889,15 @@ impl Drop for LoopNat {
 
 #[test]
 fn nat_rebinding_moves_the_relay_entry_after_the_control_connection_proves_it() {
-    let w = world("rebind");
+    let kernel = RecordingKernel::default();
+    let w = world_with("rebind", Some(kernel.clone()));
     let nat = LoopNat::new(w.server);
     let mut a = agent_relay(&w.pki, nat.addr);
     a.wait_registered(Duration::from_secs(10)).unwrap();
     a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
     assert!(echo_until_ok(&mut a, src(50000), Duration::from_secs(5)).is_some());
     let forwarded = stat(&w, |s| &s.userspace_forwarded_packets);
+    let inserts = kernel.inserts();
     nat.rebind.store(true, Ordering::SeqCst);
     // Same session, new outside address: traffic resumes without a new session.
     let took = echo_until_ok(&mut a, src(50000), Duration::from_secs(10)).expect("traffic resumed");
@@ -842,6 +906,16 @@ fn nat_rebinding_moves_the_relay_entry_after_the_control_connection_proves_it() 
     assert_eq!(stat(&w, |s| &s.relay_sessions_created), 1);
     assert!(stat(&w, |s| &s.client_moves) >= 1);
     assert!(stat(&w, |s| &s.userspace_forwarded_packets) > forwarded);
+    // The validated move reached the kernel table: the agent's entries now name the
+    // NAT's new outside address, which none of the entries before named.
+    let old_addrs: Vec<SocketAddr> = inserts.iter().flat_map(|i| [i.1, i.2]).collect();
+    let after = kernel.inserts();
+    assert!(
+        after[inserts.len()..]
+            .iter()
+            .any(|i| !old_addrs.contains(&i.1) || !old_addrs.contains(&i.2)),
+        "no kernel entry moved: {after:?}"
+    );
     // The observed address was reported again (QAD on change).
     let qads = a
         .events()
@@ -849,4 +923,61 @@ fn nat_rebinding_moves_the_relay_entry_after_the_control_connection_proves_it() 
         .filter(|e| matches!(e, ClientEvent::ObservedAddress(_)))
         .count();
     assert!(qads >= 2, "QAD after the rebinding: {qads}");
+}
+
+#[test]
+fn junk_with_a_live_clients_connection_id_from_another_address_moves_nothing() {
+    let kernel = RecordingKernel::default();
+    let w = world_with("junkcid", Some(kernel.clone()));
+    let nat = LoopNat::new(w.server);
+    let mut a = agent_relay(&w.pki, nat.addr);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
+    assert!(echo_until_ok(&mut a, src(51000), Duration::from_secs(5)).is_some());
+    let dcid = nat
+        .control_dcid
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("control DCID seen");
+    assert_eq!(dcid.len(), 16);
+    let (moves, qads, inserts) = (
+        stat(&w, |s| &s.client_moves),
+        stat(&w, |s| &s.qad_sent),
+        kernel.inserts().len(),
+    );
+    assert!(
+        inserts >= 2,
+        "the session's entries reached the kernel table"
+    );
+    let dropped = stat(&w, |s| &s.quic_packets_dropped);
+    // The victim: a socket the attacker wants the agent's traffic reflected to. It
+    // sends undecryptable short-header packets carrying the agent's control CID.
+    let victim = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let victim_addr = victim.local_addr().unwrap();
+    for i in 0..20u8 {
+        let mut junk = vec![0x40 | (i & 0x3f)];
+        junk.extend_from_slice(&dcid);
+        junk.extend((0..100).map(|j: u8| j.wrapping_mul(31) ^ i));
+        victim.send_to(&junk, w.server).unwrap();
+    }
+    // quiche drops every one of them (and the intermediate counts that).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stat(&w, |s| &s.quic_packets_dropped) < dropped + 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(stat(&w, |s| &s.quic_packets_dropped) >= dropped + 20);
+    // Traffic still flows to the agent, through the relay, and nothing reached the victim.
+    assert!(echo_until_ok(&mut a, src(51000), Duration::from_secs(5)).is_some());
+    assert!(a.path(SERVICE).is_relay());
+    assert_eq!(stat(&w, |s| &s.client_moves), moves, "client moved by junk");
+    assert_eq!(stat(&w, |s| &s.qad_sent), qads, "QAD sent because of junk");
+    let moved: Vec<_> = kernel.inserts().into_iter().skip(inserts).collect();
+    assert!(moved.is_empty(), "kernel entries rewritten: {moved:?}");
+    victim.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 2048];
+    assert!(
+        victim.recv_from(&mut buf).is_err(),
+        "the victim {victim_addr} received reflected traffic"
+    );
 }
