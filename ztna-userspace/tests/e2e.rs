@@ -981,3 +981,87 @@ fn junk_with_a_live_clients_connection_id_from_another_address_moves_nothing() {
         "the victim {victim_addr} received reflected traffic"
     );
 }
+
+/// Moves packets between two sans-IO data connections until neither has any.
+fn pump(
+    a: &mut ztna_core::data::DataConnection,
+    a_addr: SocketAddr,
+    b: &mut ztna_core::data::DataConnection,
+    b_addr: SocketAddr,
+    now: Instant,
+) {
+    let mut buf = [0u8; 2048];
+    loop {
+        let mut moved = false;
+        while let Some((n, _)) = a.poll_transmit(&mut buf, now) {
+            b.recv(&mut buf[..n], a_addr, now);
+            moved = true;
+        }
+        while let Some((n, _)) = b.poll_transmit(&mut buf, now) {
+            a.recv(&mut buf[..n], b_addr, now);
+            moved = true;
+        }
+        if !moved {
+            return;
+        }
+    }
+}
+
+#[test]
+fn junk_with_a_data_connections_cid_does_not_count_as_liveness() {
+    use ztna_core::data::{self, DataConfig, DataConnection};
+    let pki = pki("liveness");
+    let cfg = |cert: &Path, key: &Path| DataConfig {
+        ca_file: pki.ca_cert.to_str().unwrap().into(),
+        cert_file: cert.to_str().unwrap().into(),
+        key_file: key.to_str().unwrap().into(),
+        idle_timeout: Duration::from_secs(30),
+        keepalive: Duration::from_millis(200),
+    };
+    let mut qa = data::quic_config(&cfg(&pki.agent_cert, &pki.agent_key)).unwrap();
+    let mut qc = data::quic_config(&cfg(&pki.connector_cert, &pki.connector_key)).unwrap();
+    let (a_addr, c_addr): (SocketAddr, SocketAddr) = (
+        "127.0.0.1:40001".parse().unwrap(),
+        "127.0.0.1:40002".parse().unwrap(),
+    );
+    let t0 = Instant::now();
+    let keepalive = Duration::from_millis(200);
+    let mut agent =
+        DataConnection::connect_direct(&mut qa, keepalive, 1, SERVICE, a_addr, c_addr, t0).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, to) = agent.poll_transmit(&mut buf, t0).unwrap();
+    assert_eq!(to, c_addr);
+    let mut conn = DataConnection::accept(
+        &mut qc,
+        keepalive,
+        1,
+        SERVICE,
+        agent.peer_cid,
+        agent.local_cid,
+        c_addr,
+        a_addr,
+        t0,
+    )
+    .unwrap();
+    conn.recv(&mut buf[..n], a_addr, t0);
+    pump(&mut agent, a_addr, &mut conn, c_addr, t0);
+    assert!(agent.is_established() && conn.is_established());
+    assert_eq!(agent.last_recv(), t0);
+    // Later, the connector has gone silent; junk carrying the agent's CID arrives
+    // (from the connector's address, as a spoofer would send it).
+    let t1 = t0 + Duration::from_secs(1);
+    for i in 0..5u8 {
+        let mut junk = vec![0x40 | i];
+        junk.extend_from_slice(&agent.local_cid);
+        junk.extend((0..60).map(|j: u8| j ^ i));
+        agent.recv(&mut junk, c_addr, t1);
+    }
+    assert_eq!(agent.last_recv(), t0, "junk counted as a sign of life");
+    assert_eq!(agent.dropped_packets(), 5);
+    assert!(!agent.is_closed(), "junk is dropped, not fatal");
+    // A real packet from the connector does count.
+    assert!(conn.check_peer(t1, |_| Ok("agent".into())));
+    conn.send_packet(b"alive").unwrap();
+    pump(&mut agent, a_addr, &mut conn, c_addr, t1);
+    assert_eq!(agent.last_recv(), t1, "a real packet is liveness");
+}
