@@ -44,6 +44,8 @@ pub const LOCAL_CID_LEN: usize = 16;
 /// First byte reserved for relay CIDs; the intermediate's own CIDs never start with it.
 pub const RELAY_CID_MARKER: u8 = 0xA5;
 const TOKEN_LIFETIME: Duration = Duration::from_secs(10);
+/// RFC 9000 §14.1: smallest UDP payload that may carry a client Initial.
+pub const MIN_INITIAL_DATAGRAM: usize = 1200;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Clone, Debug)]
@@ -107,8 +109,15 @@ stats!(IntermediateStats {
     unknown_cid_packets,
     stateless_resets_sent,
     retries_sent,
+    /// Tokens that fail the MAC (forged, for another address or another Retry's
+    /// CID) or expired.
     invalid_tokens,
     version_negotiations,
+    /// Initials (or unknown-version long headers) in datagrams under 1200 bytes:
+    /// dropped unanswered (RFC 9000 §14.1, no amplification).
+    dropped_short_initials,
+    /// Initials with a valid token whose DCID carries the relay-CID marker.
+    refused_relay_marker_cids,
     connections_accepted,
     connections_closed,
     /// Clients refused for presenting no certificate.
@@ -601,8 +610,11 @@ impl Intermediate {
     }
 
     /// Retry token: `issued_at[8 BE] | odcid_len[1] | odcid | tag[16]`, where the tag
-    /// is HMAC-SHA256(process key, issued_at | peer address | odcid) cut to 16 bytes.
-    fn mint_token(&self, peer: SocketAddr, odcid: &[u8]) -> Vec<u8> {
+    /// is HMAC-SHA256(process key, issued_at | odcid | peer address | retry SCID) cut
+    /// to 16 bytes. Binding the Retry's source CID means the token is only good for an
+    /// Initial addressed to the CID the Retry chose, so a client cannot pick the
+    /// server CID its connection is routed by.
+    fn mint_token(&self, peer: SocketAddr, odcid: &[u8], retry_scid: &[u8]) -> Vec<u8> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -610,12 +622,14 @@ impl Intermediate {
         token.extend_from_slice(&now.to_be_bytes());
         token.push(odcid.len() as u8);
         token.extend_from_slice(odcid);
-        let tag = hmac::sign(&self.token_key, &token_mac_input(&token, peer));
+        let tag = hmac::sign(&self.token_key, &token_mac_input(&token, peer, retry_scid));
         token.extend_from_slice(&tag.as_ref()[..16]);
         token
     }
 
-    fn validate_token(&self, peer: SocketAddr, token: &[u8]) -> Option<Vec<u8>> {
+    /// The original DCID if `token` was minted for `peer` by a Retry whose source CID
+    /// is `dcid` (the DCID of the Initial carrying the token), and has not expired.
+    fn validate_token(&self, peer: SocketAddr, token: &[u8], dcid: &[u8]) -> Option<Vec<u8>> {
         if token.len() < 9 + 16 {
             return None;
         }
@@ -624,7 +638,7 @@ impl Intermediate {
             return None;
         }
         let (body, tag) = token.split_at(9 + odcid_len);
-        let expected = hmac::sign(&self.token_key, &token_mac_input(body, peer));
+        let expected = hmac::sign(&self.token_key, &token_mac_input(body, peer, dcid));
         if !constant_time_eq(&expected.as_ref()[..16], tag) {
             return None;
         }
@@ -762,6 +776,13 @@ impl Intermediate {
             inc(&self.stats.unknown_cid_packets);
             return None;
         }
+        // RFC 9000 §14.1: a server drops client Initials in datagrams under 1200
+        // bytes. Answering them (Retry, Version Negotiation) would let a spoofed
+        // small packet elicit a larger one: an amplification vector.
+        if len < MIN_INITIAL_DATAGRAM {
+            inc(&self.stats.dropped_short_initials);
+            return None;
+        }
         if !quiche::version_is_supported(hdr.version) {
             inc(&self.stats.version_negotiations);
             if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, out) {
@@ -776,7 +797,7 @@ impl Intermediate {
             if token.is_empty() {
                 let new_scid = self.new_local_cid();
                 let new_scid = quiche::ConnectionId::from_vec(new_scid.to_vec());
-                let token = self.mint_token(from, &hdr.dcid);
+                let token = self.mint_token(from, &hdr.dcid, &new_scid);
                 match quiche::retry(&hdr.scid, &hdr.dcid, &new_scid, &token, hdr.version, out) {
                     Ok(n) => {
                         inc(&self.stats.retries_sent);
@@ -786,7 +807,7 @@ impl Intermediate {
                 }
                 return None;
             }
-            match self.validate_token(from, token) {
+            match self.validate_token(from, token, &hdr.dcid) {
                 Some(o) => odcid = Some(o),
                 None => {
                     inc(&self.stats.invalid_tokens);
@@ -795,6 +816,13 @@ impl Intermediate {
             }
             if hdr.dcid.len() != LOCAL_CID_LEN {
                 inc(&self.stats.invalid_tokens);
+                return None;
+            }
+            // Our CIDs never carry the relay marker (packets to it go to the
+            // forwarder, not to the connection). The token binding already rules a
+            // client-chosen one out; this keeps it so if the token format changes.
+            if hdr.dcid[0] == RELAY_CID_MARKER {
+                inc(&self.stats.refused_relay_marker_cids);
                 return None;
             }
             scid = hdr.dcid.clone().into_owned();
@@ -1371,13 +1399,15 @@ impl Intermediate {
     }
 }
 
-fn token_mac_input(body: &[u8], peer: SocketAddr) -> Vec<u8> {
+fn token_mac_input(body: &[u8], peer: SocketAddr, retry_scid: &[u8]) -> Vec<u8> {
     let mut v = body.to_vec();
     match peer {
         SocketAddr::V4(a) => v.extend_from_slice(&a.ip().octets()),
         SocketAddr::V6(a) => v.extend_from_slice(&a.ip().octets()),
     }
     v.extend_from_slice(&peer.port().to_be_bytes());
+    v.push(retry_scid.len() as u8);
+    v.extend_from_slice(retry_scid);
     v
 }
 

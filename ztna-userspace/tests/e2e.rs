@@ -1065,3 +1065,94 @@ fn junk_with_a_data_connections_cid_does_not_count_as_liveness() {
     pump(&mut agent, a_addr, &mut conn, c_addr, t1);
     assert_eq!(agent.last_recv(), t1, "a real packet is liveness");
 }
+
+/// A client Initial's long header (version `version`, DCID, SCID, `token`) padded
+/// with junk to `len` bytes: enough for the intermediate's stateless answers, which
+/// look at the header only.
+fn initial(version: u32, dcid: &[u8], scid: &[u8], token: &[u8], len: usize) -> Vec<u8> {
+    let mut p = vec![0xc0];
+    p.extend_from_slice(&version.to_be_bytes());
+    p.push(dcid.len() as u8);
+    p.extend_from_slice(dcid);
+    p.push(scid.len() as u8);
+    p.extend_from_slice(scid);
+    // Token length and packet length as 2-byte varints.
+    p.extend_from_slice(&(0x4000u16 | token.len() as u16).to_be_bytes());
+    p.extend_from_slice(token);
+    let rest = len.saturating_sub(p.len() + 2);
+    p.extend_from_slice(&(0x4000u16 | rest as u16).to_be_bytes());
+    p.resize(len, 0x5a);
+    p
+}
+
+/// Receives datagrams on `sock` until one whose DCID (long header) is `dcid`; returns
+/// it and every datagram seen before it.
+fn recv_until_dcid(sock: &std::net::UdpSocket, dcid: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut before = Vec::new();
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            let p = buf[..n].to_vec();
+            let d = p.get(6..6 + *p.get(5).unwrap_or(&0) as usize);
+            if d == Some(dcid) {
+                return (p, before);
+            }
+            before.push(p);
+        }
+    }
+    panic!("no answer for DCID {dcid:02x?}; got {before:02x?}");
+}
+
+#[test]
+fn tiny_initials_get_no_retry_or_version_negotiation_and_tokens_bind_the_retry_cid() {
+    let w = world("tinyinit");
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let odcid = [0x11u8; 8];
+    // Retry: a 100-byte Initial goes unanswered, a 1200-byte one is answered. The
+    // server reads its socket in order, so the answer to the second comes after any
+    // answer to the first would have.
+    sock.send_to(&initial(1, &odcid, &[1; 8], &[], 100), w.server)
+        .unwrap();
+    sock.send_to(&initial(1, &odcid, &[2; 8], &[], 1199), w.server)
+        .unwrap();
+    sock.send_to(&initial(1, &odcid, &[3; 8], &[], 1200), w.server)
+        .unwrap();
+    let (retry, before) = recv_until_dcid(&sock, &[3; 8]);
+    assert!(before.is_empty(), "tiny Initials answered: {before:02x?}");
+    assert_eq!(retry[0] & 0xf0, 0xf0, "a Retry");
+    assert_eq!(stat(&w, |s| &s.dropped_short_initials), 2);
+    // Version negotiation: the same for an unknown version.
+    sock.send_to(&initial(0x1a2a3a4a, &odcid, &[4; 8], &[], 60), w.server)
+        .unwrap();
+    sock.send_to(&initial(0x1a2a3a4a, &odcid, &[5; 8], &[], 1200), w.server)
+        .unwrap();
+    let (vn, before) = recv_until_dcid(&sock, &[5; 8]);
+    assert!(before.is_empty(), "tiny Initial got VN: {before:02x?}");
+    assert_eq!(&vn[1..5], &[0, 0, 0, 0], "a Version Negotiation");
+    assert_eq!(stat(&w, |s| &s.dropped_short_initials), 3);
+    assert_eq!(stat(&w, |s| &s.version_negotiations), 1);
+    // The Retry's token is only good with the Retry's own source CID as DCID.
+    let scid_len = retry[6 + 8] as usize;
+    let retry_scid = retry[15..15 + scid_len].to_vec();
+    let token = retry[15 + scid_len..retry.len() - 16].to_vec();
+    let accepted = stat(&w, |s| &s.connections_accepted);
+    let invalid = stat(&w, |s| &s.invalid_tokens);
+    let mut chosen = [0x42u8; 16];
+    chosen[0] = ztna_common::relay::RELAY_CID_MARKER;
+    for dcid in [[0x42u8; 16], chosen] {
+        sock.send_to(&initial(1, &dcid, &[3; 8], &token, 1200), w.server)
+            .unwrap();
+    }
+    // And with it, the server takes the Initial as a new connection attempt.
+    sock.send_to(&initial(1, &retry_scid, &[3; 8], &token, 1200), w.server)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stat(&w, |s| &s.connections_accepted) == accepted && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(stat(&w, |s| &s.connections_accepted), accepted + 1);
+    assert_eq!(stat(&w, |s| &s.invalid_tokens), invalid + 2);
+}
