@@ -8,9 +8,12 @@
 //! the new address), answer registrations, relay
 //! service packets between agents and the connector of their service.
 //!
-//! Stateless resets use a key derived from the server's private key, so a restarted
-//! intermediate resets the connections of its previous incarnation and their clients
-//! reconnect at once instead of waiting out the idle timeout.
+//! Stateless resets use a key derived (HKDF) from the server's private key and the
+//! instance's identity (host name and listening address, or `instance_id`), so a
+//! restarted intermediate resets the connections of its previous incarnation and their
+//! clients reconnect at once instead of waiting out the idle timeout, while two
+//! instances sharing a key never share reset tokens (one cannot kill the other's
+//! connections). Packets to relay CIDs are never answered with a reset.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -67,6 +70,10 @@ pub struct IntermediateConfig {
     pub stats_file: Option<PathBuf>,
     /// Fixed relay sessions between address pairs (benchmarks, diagnostics).
     pub static_sessions: Vec<(SocketAddr, SocketAddr)>,
+    /// Identity of this instance in its stateless-reset key; must differ between
+    /// instances that share a server key and stay the same across restarts. Default:
+    /// host name and bound UDP address.
+    pub instance_id: Option<String>,
 }
 
 impl IntermediateConfig {
@@ -83,6 +90,7 @@ impl IntermediateConfig {
             xdp_interfaces: Vec::new(),
             stats_file: None,
             static_sessions: Vec::new(),
+            instance_id: None,
         }
     }
 }
@@ -108,6 +116,8 @@ stats!(IntermediateStats {
     /// Short-header packets for connections we don't know.
     unknown_cid_packets,
     stateless_resets_sent,
+    /// Unknown short-header packets to relay CIDs: never answered with a reset.
+    relay_cid_resets_refused,
     retries_sent,
     /// Tokens that fail the MAC (forged, for another address or another Retry's
     /// CID) or expired.
@@ -346,20 +356,17 @@ impl Intermediate {
         let quic = quic_config(&cfg)?;
         let key_pem = std::fs::read(&cfg.key_file)
             .with_context(|| format!("reading {}", cfg.key_file.display()))?;
-        let reset_key = hmac::Key::new(
-            hmac::HMAC_SHA256,
-            ring::digest::digest(
-                &ring::digest::SHA256,
-                &[b"ztna stateless reset".as_slice(), &key_pem].concat(),
-            )
-            .as_ref(),
-        );
         let rng = SystemRandom::new();
         let token_key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
             .map_err(|_| anyhow::anyhow!("generating the retry token key"))?;
         let mut socket =
             UdpSocket::bind(cfg.listen).with_context(|| format!("binding UDP {}", cfg.listen))?;
         let local = socket.local_addr()?;
+        let instance = cfg
+            .instance_id
+            .clone()
+            .unwrap_or_else(|| format!("{}/{local}", hostname()));
+        let reset_key = reset_key(&key_pem, instance.as_bytes());
         let poll = Poll::new()?;
         poll.registry()
             .register(&mut socket, Token(0), Interest::READABLE)?;
@@ -864,6 +871,14 @@ impl Intermediate {
 
     /// RFC 9000 §10.3: looks like a short-header packet, ends with the reset token.
     fn send_stateless_reset(&self, dcid: &[u8], received_len: usize, to: SocketAddr) {
+        // Relay CIDs belong to data connections between agents and connectors, whose
+        // resets are theirs to send; ours would be forged from their point of view and
+        // a free reflector for spoofed packets. (The forwarder takes those packets
+        // before they get here; this keeps it so.)
+        if ztna_common::relay::is_relay_cid(dcid) {
+            inc(&self.stats.relay_cid_resets_refused);
+            return;
+        }
         // Must be shorter than what triggered it (no loops) and at least 21 bytes.
         if received_len <= 22 {
             return;
@@ -1409,6 +1424,30 @@ fn token_mac_input(body: &[u8], peer: SocketAddr, retry_scid: &[u8]) -> Vec<u8> 
     v.push(retry_scid.len() as u8);
     v.extend_from_slice(retry_scid);
     v
+}
+
+/// The stateless-reset key: HKDF-SHA256 with the server's private key as input key
+/// material and the instance identity as info. Same key and identity (a restart) give
+/// the same tokens; another identity gives unrelated ones.
+fn reset_key(secret: &[u8], instance: &[u8]) -> hmac::Key {
+    let prk =
+        ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"ztna stateless reset v1").extract(secret);
+    let info = [instance];
+    let okm = prk
+        .expand(&info, hmac::HMAC_SHA256)
+        .expect("HKDF output of one hash length");
+    hmac::Key::from(okm)
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into the buffer we own.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return String::new();
+    }
+    let n = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

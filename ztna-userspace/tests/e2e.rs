@@ -1156,3 +1156,51 @@ fn tiny_initials_get_no_retry_or_version_negotiation_and_tokens_bind_the_retry_c
     assert_eq!(stat(&w, |s| &s.connections_accepted), accepted + 1);
     assert_eq!(stat(&w, |s| &s.invalid_tokens), invalid + 2);
 }
+
+/// Sends a short-header packet with `dcid` to `server` and returns the stateless
+/// reset token of the answer (its last 16 bytes).
+fn reset_token_of(sock: &std::net::UdpSocket, server: SocketAddr, dcid: &[u8]) -> [u8; 16] {
+    let mut p = vec![0x41];
+    p.extend_from_slice(dcid);
+    p.resize(60, 0x33);
+    sock.send_to(&p, server).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        if let Ok((n, from)) = sock.recv_from(&mut buf)
+            && from == server
+        {
+            assert!(n >= 21 && n < 60, "a stateless reset: {n} bytes");
+            return buf[n - 16..n].try_into().unwrap();
+        }
+    }
+    panic!("no stateless reset from {server}");
+}
+
+#[test]
+fn instances_sharing_a_key_do_not_share_reset_tokens_and_relay_cids_get_no_reset() {
+    let w = world("resetkey");
+    // A second instance with the same certificate and key on another port.
+    let other = start_intermediate(&w.pki, "127.0.0.1:0".parse().unwrap());
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dcid = [0x17u8; 16];
+    // A short-header packet to an unknown relay CID is not answered: the reset that
+    // follows for an ordinary CID is the first thing to arrive.
+    let mut relay = vec![0x41, ztna_common::relay::RELAY_CID_MARKER];
+    relay.resize(60, 0x44);
+    sock.send_to(&relay, w.server).unwrap();
+    let a = reset_token_of(&sock, w.server, &dcid);
+    assert_eq!(stat(&w, |s| &s.stateless_resets_sent), 1);
+    assert_eq!(stat(&w, |s| &s.relay_unknown_cid), 1);
+    let b = reset_token_of(&sock, other.addr, &dcid);
+    assert_ne!(a, b, "two instances with one key share reset tokens");
+    // The same instance restarted on its address keeps its tokens (its predecessor's
+    // clients get resets they accept).
+    let addr = other.addr;
+    other.crash().unwrap();
+    let again = start_intermediate(&w.pki, addr);
+    assert_eq!(reset_token_of(&sock, addr, &dcid), b);
+    drop(again);
+}
