@@ -50,6 +50,13 @@ const TOKEN_LIFETIME: Duration = Duration::from_secs(10);
 /// RFC 9000 §14.1: smallest UDP payload that may carry a client Initial.
 pub const MIN_INITIAL_DATAGRAM: usize = 1200;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// Receive batches per loop turn. Under sustained load the loop must still get to
+/// timers, client processing and sends, or every control connection idles out.
+const MAX_BATCHES_PER_TURN: usize = 8;
+/// Stateless resets per second (token bucket; each costs an HMAC and a send, and a
+/// flood of short-header packets to unknown CIDs must not buy them without limit).
+const RESET_RATE: f64 = 500.0;
+const RESET_BURST: f64 = 100.0;
 
 #[derive(Clone, Debug)]
 pub struct IntermediateConfig {
@@ -116,6 +123,11 @@ stats!(IntermediateStats {
     /// Short-header packets for connections we don't know.
     unknown_cid_packets,
     stateless_resets_sent,
+    /// Stateless resets not sent because the rate limit was reached.
+    stateless_resets_rate_limited,
+    /// Loop turns that stopped reading with packets still queued (load), so that
+    /// timers and clients are served.
+    recv_budget_exhausted,
     /// Unknown short-header packets to relay CIDs: never answered with a reset.
     relay_cid_resets_refused,
     retries_sent,
@@ -179,6 +191,8 @@ fn inc(c: &AtomicU64) {
 
 struct Client {
     conn: quiche::Connection,
+    /// Our CID of this connection (its key in `cids`); quiche issues no others.
+    scid: quiche::ConnectionId<'static>,
     peer: SocketAddr,
     identity: Option<PeerIdentity>,
     checked: bool,
@@ -210,9 +224,36 @@ pub struct Intermediate {
     rng: SystemRandom,
     stats: Arc<IntermediateStats>,
     last_expiry: Instant,
+    /// Token bucket of stateless resets: tokens and when it was last refilled.
+    reset_budget: (f64, Instant),
+    /// Receive batches per loop turn ([`MAX_BATCHES_PER_TURN`]; tests lower it).
+    batches_per_turn: usize,
     xdp: Option<crate::xdp::XdpRelay>,
     /// Relayed packets waiting for one sendmmsg.
     forwarded: SendBatch,
+}
+
+/// What the loop keeps between turns.
+struct LoopState {
+    events: Events,
+    batch: RecvBatch,
+    out: Vec<u8>,
+    draining_since: Option<Instant>,
+    /// The last turn left packets in the socket: poll without waiting (mio is
+    /// edge-triggered, no new event would come for them).
+    backlog: bool,
+}
+
+impl Default for LoopState {
+    fn default() -> Self {
+        LoopState {
+            events: Events::with_capacity(64),
+            batch: RecvBatch::default(),
+            out: vec![0u8; MAX_UDP_PAYLOAD],
+            draining_since: None,
+            backlog: false,
+        }
+    }
 }
 
 /// A running intermediate on its own thread (tests, demo).
@@ -388,6 +429,8 @@ impl Intermediate {
             rng,
             stats: Arc::new(IntermediateStats::default()),
             last_expiry: Instant::now(),
+            reset_budget: (RESET_BURST, Instant::now()),
+            batches_per_turn: MAX_BATCHES_PER_TURN,
             xdp: None,
             forwarded: SendBatch::default(),
         })
@@ -487,15 +530,12 @@ impl Intermediate {
 
     /// Runs until `shutdown` (graceful) or `crash` (immediate, silent) is set.
     pub fn run(mut self, shutdown: &AtomicBool, crash: &AtomicBool) -> anyhow::Result<()> {
-        let mut events = Events::with_capacity(64);
-        let mut batch = RecvBatch::default();
-        let mut out = vec![0u8; MAX_UDP_PAYLOAD];
-        let mut draining_since: Option<Instant> = None;
+        let mut st = LoopState::default();
         loop {
             if crash.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            if shutdown.load(Ordering::SeqCst) && draining_since.is_none() {
+            if shutdown.load(Ordering::SeqCst) && st.draining_since.is_none() {
                 tracing::info!("shutting down: closing {} connections", self.clients.len());
                 for c in self.clients.values_mut() {
                     let _ = c.conn.close(
@@ -504,69 +544,85 @@ impl Intermediate {
                         b"intermediate shutting down",
                     );
                 }
-                draining_since = Some(Instant::now());
+                st.draining_since = Some(Instant::now());
             }
-            if let Some(since) = draining_since
+            if let Some(since) = st.draining_since
                 && (self.clients.is_empty() || since.elapsed() > DRAIN_TIMEOUT)
             {
-                self.flush(&mut out);
+                self.flush(&mut st.out);
                 self.write_stats_file();
                 tracing::info!("stopped; stats {}", self.stats.snapshot());
                 return Ok(());
             }
-            // Wake at least every 100 ms to notice shutdown flags.
-            let timeout = self
-                .clients
+            self.turn(&mut st)?;
+        }
+    }
+
+    /// One turn of the loop: wait for packets or the next timer, then a bounded
+    /// amount of receiving, then timers, clients and sends.
+    fn turn(&mut self, st: &mut LoopState) -> anyhow::Result<()> {
+        // Wake at least every 100 ms to notice shutdown flags.
+        let timeout = if st.backlog {
+            Duration::ZERO
+        } else {
+            self.clients
                 .values()
                 .filter_map(|c| c.conn.timeout())
                 .min()
                 .map_or(Duration::from_millis(100), |t| {
                     t.min(Duration::from_millis(100))
-                });
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout))
-                && e.kind() != io::ErrorKind::Interrupted
-            {
-                return Err(e.into());
-            }
-            let now = Instant::now();
-            for c in self.clients.values_mut() {
-                if c.conn.timeout_instant().is_some_and(|t| t <= now) {
-                    c.conn.on_timeout();
-                }
-            }
-            let fd = self.socket.as_raw_fd();
-            loop {
-                let n = match batch.recv(fd) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        tracing::warn!("recv: {e}");
-                        break;
-                    }
-                };
-                for i in 0..n {
-                    if let Some((pkt, from)) = batch.get(i) {
-                        self.handle_packet(pkt, from, &mut out, draining_since.is_some());
-                    }
-                }
-                self.forwarded.flush(fd);
-                if n < crate::batch::BATCH {
-                    break;
-                }
-            }
-            let ids: Vec<ClientId> = self.clients.keys().copied().collect();
-            for id in ids {
-                self.process_client(id, now);
-            }
-            self.flush(&mut out);
-            self.collect_closed();
-            if now.duration_since(self.last_expiry) > Duration::from_secs(1) {
-                self.flows.expire(now);
-                self.expire_sessions(now);
-                self.write_stats_file();
-                self.last_expiry = now;
+                })
+        };
+        if let Err(e) = self.poll.poll(&mut st.events, Some(timeout))
+            && e.kind() != io::ErrorKind::Interrupted
+        {
+            return Err(e.into());
+        }
+        let now = Instant::now();
+        for c in self.clients.values_mut() {
+            if c.conn.timeout_instant().is_some_and(|t| t <= now) {
+                c.conn.on_timeout();
             }
         }
+        let fd = self.socket.as_raw_fd();
+        let mut batches = 0;
+        st.backlog = loop {
+            let n = match st.batch.recv(fd) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                Err(e) => {
+                    tracing::warn!("recv: {e}");
+                    break false;
+                }
+            };
+            for i in 0..n {
+                if let Some((pkt, from)) = st.batch.get(i) {
+                    self.handle_packet(pkt, from, &mut st.out, st.draining_since.is_some());
+                }
+            }
+            self.forwarded.flush(fd);
+            if n < crate::batch::BATCH {
+                break false;
+            }
+            batches += 1;
+            if batches >= self.batches_per_turn {
+                inc(&self.stats.recv_budget_exhausted);
+                break true;
+            }
+        };
+        let ids: Vec<ClientId> = self.clients.keys().copied().collect();
+        for id in ids {
+            self.process_client(id, now);
+        }
+        self.flush(&mut st.out);
+        self.collect_closed();
+        if now.duration_since(self.last_expiry) > Duration::from_secs(1) {
+            self.flows.expire(now);
+            self.expire_sessions(now);
+            self.write_stats_file();
+            self.last_expiry = now;
+        }
+        Ok(())
     }
 
     fn send_to(&self, buf: &[u8], to: SocketAddr) {
@@ -852,11 +908,12 @@ impl Intermediate {
         self.next_id += 1;
         inc(&self.stats.connections_accepted);
         tracing::debug!("new connection {id} from {from}");
-        self.cids.insert(scid, id);
+        self.cids.insert(scid.clone(), id);
         self.clients.insert(
             id,
             Client {
                 conn,
+                scid,
                 peer: from,
                 identity: None,
                 checked: false,
@@ -870,7 +927,7 @@ impl Intermediate {
     }
 
     /// RFC 9000 §10.3: looks like a short-header packet, ends with the reset token.
-    fn send_stateless_reset(&self, dcid: &[u8], received_len: usize, to: SocketAddr) {
+    fn send_stateless_reset(&mut self, dcid: &[u8], received_len: usize, to: SocketAddr) {
         // Relay CIDs belong to data connections between agents and connectors, whose
         // resets are theirs to send; ours would be forged from their point of view and
         // a free reflector for spoofed packets. (The forwarder takes those packets
@@ -883,6 +940,10 @@ impl Intermediate {
         if received_len <= 22 {
             return;
         }
+        if !self.take_reset_token(Instant::now()) {
+            inc(&self.stats.stateless_resets_rate_limited);
+            return;
+        }
         let len = (received_len - 1).min(43);
         let mut pkt = vec![0u8; len];
         let _ = self.rng.fill(&mut pkt[..len - 16]);
@@ -890,6 +951,20 @@ impl Intermediate {
         pkt[len - 16..].copy_from_slice(&self.reset_token(dcid).to_be_bytes());
         inc(&self.stats.stateless_resets_sent);
         self.send_to(&pkt, to);
+    }
+
+    /// One token from the stateless-reset bucket, if there is one.
+    fn take_reset_token(&mut self, now: Instant) -> bool {
+        let (tokens, last) = &mut self.reset_budget;
+        let refill = now.saturating_duration_since(*last).as_secs_f64() * RESET_RATE;
+        *tokens = (*tokens + refill).min(RESET_BURST);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 
     fn process_client(&mut self, id: ClientId, now: Instant) {
@@ -1071,8 +1146,8 @@ impl Intermediate {
             } => {
                 let other = self
                     .relay
-                    .sessions()
-                    .find(|s| s.id == session_id && s.accepted)
+                    .session(session_id)
+                    .filter(|s| s.accepted)
                     .and_then(|s| {
                         if s.agent == id {
                             Some(s.connector)
@@ -1106,8 +1181,8 @@ impl Intermediate {
             Frame::SessionClose { session_id, reason } => {
                 let owned = self
                     .relay
-                    .sessions()
-                    .any(|s| s.id == session_id && (s.agent == id || s.connector == id));
+                    .session(session_id)
+                    .is_some_and(|s| s.agent == id || s.connector == id);
                 if owned && let Some(s) = self.relay.close(session_id) {
                     inc(&self.stats.relay_sessions_closed);
                     let other = if s.agent == id { s.connector } else { s.agent };
@@ -1390,7 +1465,9 @@ impl Intermediate {
                 c.identity.as_ref().map_or_else(|| "-".into(), |i| i.name()),
                 ztna_core::client::close_reason(&c.conn)
             );
-            self.cids.retain(|_, v| *v != id);
+            // By key, not a scan of every client's CIDs: many clients closing at once
+            // must not cost quadratic time.
+            self.cids.remove(&c.scid);
             self.flows.remove_client(id);
             for s in self.relay.remove_client(id) {
                 inc(&self.stats.relay_sessions_closed);
@@ -1467,4 +1544,62 @@ fn monotonic_ns() -> u64 {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(name: &str) -> Intermediate {
+        let dir = std::env::temp_dir().join(format!("ztna-inter-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pki = crate::identity::generate_dev_pki(&dir, &["echo".to_string()]).unwrap();
+        let cfg = IntermediateConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            pki.server_cert,
+            pki.server_key,
+            Some(pki.ca_cert),
+        );
+        Intermediate::bind(cfg).unwrap()
+    }
+
+    #[test]
+    fn a_turn_reads_a_bounded_number_of_batches_and_the_next_turn_does_not_wait() {
+        let mut s = server("bound");
+        s.batches_per_turn = 2;
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Loopback delivers into the server's receive queue during send_to.
+        for _ in 0..150 {
+            sock.send_to(b"\x00not quic", s.local).unwrap();
+        }
+        let garbage = |s: &Intermediate| s.stats.garbage_packets.load(Ordering::Relaxed);
+        let mut st = LoopState::default();
+        s.turn(&mut st).unwrap();
+        assert_eq!(garbage(&s), 2 * crate::batch::BATCH as u64);
+        assert!(st.backlog, "packets left for the next turn");
+        assert_eq!(s.stats.recv_budget_exhausted.load(Ordering::Relaxed), 1);
+        s.turn(&mut st).unwrap();
+        assert_eq!(garbage(&s), 4 * crate::batch::BATCH as u64);
+        s.turn(&mut st).unwrap();
+        assert_eq!(garbage(&s), 150);
+        assert!(!st.backlog);
+    }
+
+    #[test]
+    fn stateless_resets_are_rate_limited_by_a_token_bucket() {
+        let mut s = server("resetrate");
+        let t0 = Instant::now();
+        s.reset_budget = (RESET_BURST, t0);
+        let granted = (0..1000).filter(|_| s.take_reset_token(t0)).count();
+        assert_eq!(granted, RESET_BURST as usize);
+        // 10 ms at 500 per second: 5 more.
+        let t1 = t0 + Duration::from_millis(10);
+        let granted = (0..1000).filter(|_| s.take_reset_token(t1)).count();
+        assert_eq!(granted, 5);
+        // Refills up to the burst, not beyond.
+        let t2 = t1 + Duration::from_secs(60);
+        let granted = (0..1000).filter(|_| s.take_reset_token(t2)).count();
+        assert_eq!(granted, RESET_BURST as usize);
+    }
 }

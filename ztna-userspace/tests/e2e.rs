@@ -1204,3 +1204,69 @@ fn instances_sharing_a_key_do_not_share_reset_tokens_and_relay_cids_get_no_reset
     assert_eq!(reset_token_of(&sock, addr, &dcid), b);
     drop(again);
 }
+
+#[test]
+fn a_flood_of_unknown_cid_packets_gets_rate_limited_resets_and_does_not_starve_clients() {
+    let w = world("flood");
+    let mut a = agent(&w.pki, w.server);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    assert!(echo_until_ok(&mut a, src(52000), Duration::from_secs(5)).is_some());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Two senders of short-header packets to ever new unknown CIDs: each would cost
+    // the intermediate an HMAC and a stateless reset.
+    let floods: Vec<_> = (0..2u8)
+        .map(|t| {
+            let (stop, sent, server) = (stop.clone(), sent.clone(), w.server);
+            std::thread::spawn(move || {
+                let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                let mut p = [0x41u8; 60];
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    p[1] = t;
+                    p[2..10].copy_from_slice(&i.to_be_bytes());
+                    if sock.send_to(&p, server).is_ok() {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    // Once the flood is at full strength (the intermediate has seen thousands of it)...
+    let seen =
+        || stat(&w, |s| &s.stateless_resets_sent) + stat(&w, |s| &s.stateless_resets_rate_limited);
+    while seen() < 2000 && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(seen() >= 2000, "the flood did not reach the intermediate");
+    // ...it keeps serving its clients.
+    let took = echo_until_ok(&mut a, src(52001), Duration::from_secs(5));
+    let echo_ok = took.is_some();
+    while start.elapsed() < Duration::from_secs(1) {
+        let _ = a.recv_packet(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for f in floods {
+        f.join().unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let resets = stat(&w, |s| &s.stateless_resets_sent);
+    let limited = stat(&w, |s| &s.stateless_resets_rate_limited);
+    let sent = sent.load(Ordering::Relaxed);
+    assert!(
+        echo_ok,
+        "clients starved during the flood ({sent} packets sent)"
+    );
+    assert!(
+        limited > 0,
+        "no reset was rate-limited ({sent} sent, {resets} resets)"
+    );
+    // 500 per second plus a burst of 100.
+    assert!(
+        (resets as f64) <= 100.0 + 500.0 * (elapsed + 0.5),
+        "{resets} resets in {elapsed:.1} s"
+    );
+    assert!(echo_until_ok(&mut a, src(52002), Duration::from_secs(5)).is_some());
+}
