@@ -179,8 +179,16 @@ impl RelayTable {
         if self.fwd.len() + 2 > self.max_entries {
             return Err(RefusedStatus::TableFull);
         }
-        let id = self.next_session;
-        self.next_session = self.next_session.wrapping_add(1).max(1);
+        // The counter wraps (u32, 0 skipped); an id still in use is skipped, or the
+        // new session would replace a live one and orphan its kernel entries. The
+        // table holds far fewer sessions than ids, so the search ends quickly.
+        let id = loop {
+            let id = self.next_session;
+            self.next_session = self.next_session.wrapping_add(1).max(1);
+            if !self.sessions.contains_key(&id) {
+                break id;
+            }
+        };
         let agent_cid = self.new_cid();
         let connector_cid = loop {
             let c = self.new_cid();
@@ -527,6 +535,33 @@ mod tests {
             took < Duration::from_secs(2),
             "removing {n} clients took {took:?}"
         );
+    }
+
+    #[test]
+    fn session_ids_wrap_around_live_sessions() {
+        let now = Instant::now();
+        let mut t = RelayTable::new(100);
+        let s1 = t
+            .create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 1, now)
+            .unwrap();
+        assert_eq!(s1.id, 1);
+        t.next_session = u32::MAX;
+        let last = t
+            .create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 2, now)
+            .unwrap();
+        assert_eq!(last.id, u32::MAX);
+        // The counter wraps past 0 to 1, which is live: the next free id is 2.
+        let wrapped = t
+            .create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 3, now)
+            .unwrap();
+        assert_eq!(wrapped.id, 2);
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.session(1).unwrap().agent_cid, s1.agent_cid);
+        // The first session's entries still name it, and closing it removes them.
+        assert_eq!(t.entry(&s1.agent_cid).unwrap().session, 1);
+        t.close(1).unwrap();
+        assert!(t.entry(&s1.agent_cid).is_none() && t.entry(&s1.connector_cid).is_none());
+        assert!(t.entry(&wrapped.agent_cid).is_some());
     }
 
     #[test]
