@@ -164,6 +164,8 @@ stats!(IntermediateStats {
     dropped_send_failed,
     relay_sessions_created,
     relay_sessions_refused,
+    /// Of those, refused because the agent holds the most sessions one client may.
+    relay_sessions_refused_client_limit,
     relay_sessions_closed,
     /// Relayed data-connection packets forwarded by the userspace forwarder.
     userspace_forwarded_packets,
@@ -1068,6 +1070,9 @@ impl Intermediate {
             } => {
                 let refuse = |this: &mut Self, status: RefusedStatus| {
                     inc(&this.stats.relay_sessions_refused);
+                    if status == RefusedStatus::TooManySessions {
+                        inc(&this.stats.relay_sessions_refused_client_limit);
+                    }
                     tracing::info!(
                         "client {id}: relay session for {service:?} refused: {status:?}"
                     );

@@ -25,6 +25,9 @@ pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A session with no forwarded packet for this long is removed. Data connections
 /// send keepalives well within it.
 pub const SESSION_IDLE: Duration = Duration::from_secs(60);
+/// Relay sessions one agent may hold at once, so one client cannot fill the global
+/// table (an agent needs one per service it uses).
+pub const MAX_SESSIONS_PER_AGENT: usize = 64;
 
 /// The kernel side of the forwarding table (the XDP program's map).
 pub trait KernelTable: Send {
@@ -178,6 +181,15 @@ impl RelayTable {
     ) -> Result<RelaySession, RefusedStatus> {
         if self.fwd.len() + 2 > self.max_entries {
             return Err(RefusedStatus::TableFull);
+        }
+        if agent != STATIC_CLIENT
+            && self
+                .client_sessions(agent)
+                .filter(|s| s.agent == agent)
+                .count()
+                >= MAX_SESSIONS_PER_AGENT
+        {
+            return Err(RefusedStatus::TooManySessions);
         }
         // The counter wraps (u32, 0 skipped); an id still in use is skipped, or the
         // new session would replace a live one and orphan its kernel entries. The
@@ -562,6 +574,32 @@ mod tests {
         t.close(1).unwrap();
         assert!(t.entry(&s1.agent_cid).is_none() && t.entry(&s1.connector_cid).is_none());
         assert!(t.entry(&wrapped.agent_cid).is_some());
+    }
+
+    #[test]
+    fn one_agent_cannot_fill_the_table() {
+        let now = Instant::now();
+        let mut t = RelayTable::new(10_000);
+        let mut ids = Vec::new();
+        for i in 0..MAX_SESSIONS_PER_AGENT as u32 {
+            ids.push(
+                t.create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", i, now)
+                    .unwrap()
+                    .id,
+            );
+        }
+        assert_eq!(
+            t.create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 99, now)
+                .unwrap_err(),
+            RefusedStatus::TooManySessions
+        );
+        // Other agents (of the same connector) are not affected...
+        t.create(3, a("192.0.2.3:3"), 2, a("192.0.2.2:2"), "x", 1, now)
+            .unwrap();
+        // ...and a closed session frees a place.
+        t.close(ids[0]).unwrap();
+        t.create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 100, now)
+            .unwrap();
     }
 
     #[test]
