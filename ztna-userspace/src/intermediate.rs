@@ -175,6 +175,8 @@ stats!(IntermediateStats {
     /// Sender changes accepted because the client's control connection moved too.
     relay_sender_updated,
     bad_frames,
+    /// Clients closed for leaving too many control frames unread (no stream credit).
+    frame_queue_overflows,
     candidates_forwarded,
     /// Clients whose address changed (NAT rebinding, migration), after quiche
     /// validated the new path.
@@ -1055,10 +1057,27 @@ impl Intermediate {
     }
 
     fn queue_frame(&mut self, id: ClientId, frame: &Frame<'_>) {
-        if let Some(c) = self.clients.get_mut(&id)
-            && c.frames.queue(frame).is_err()
-        {
-            inc(&self.stats.bad_frames);
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if c.conn.local_error().is_some() {
+            // Already closing (perhaps for this very reason): nothing more to say.
+            return;
+        }
+        match c.frames.queue(frame) {
+            Ok(()) => {}
+            Err(frame_io::QueueError::Full { queued }) => {
+                inc(&self.stats.frame_queue_overflows);
+                tracing::warn!(
+                    "client {id}: {queued} bytes of control frames unread (no stream credit): closing"
+                );
+                let _ = c.conn.close(
+                    true,
+                    app_error::FRAME_QUEUE_FULL,
+                    b"control frame queue full: no stream credit",
+                );
+            }
+            Err(frame_io::QueueError::Encode(_)) => inc(&self.stats.bad_frames),
         }
     }
 

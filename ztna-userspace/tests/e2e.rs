@@ -1270,3 +1270,108 @@ fn a_flood_of_unknown_cid_packets_gets_rate_limited_resets_and_does_not_starve_c
     );
     assert!(echo_until_ok(&mut a, src(52002), Duration::from_secs(5)).is_some());
 }
+
+/// A control-connection client built straight on quiche with the agent's
+/// certificate, granting the intermediate `server_stream_credit` bytes on its frame
+/// stream and never reading it.
+struct RawClient {
+    sock: std::net::UdpSocket,
+    conn: quiche::Connection,
+}
+
+impl RawClient {
+    fn connect(pki: &DevPki, server: SocketAddr, server_stream_credit: u64) -> Self {
+        let mut c = quiche::Config::new(quiche::PROTOCOL_VERSION).unwrap();
+        c.set_application_protos(&[ztna_core::ALPN]).unwrap();
+        c.load_cert_chain_from_pem_file(pki.agent_cert.to_str().unwrap())
+            .unwrap();
+        c.load_priv_key_from_pem_file(pki.agent_key.to_str().unwrap())
+            .unwrap();
+        c.load_verify_locations_from_file(pki.ca_cert.to_str().unwrap())
+            .unwrap();
+        c.verify_peer(true);
+        ztna_core::apply_transport_defaults(&mut c, Duration::from_secs(30));
+        c.set_initial_max_stream_data_uni(server_stream_credit);
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let scid = quiche::ConnectionId::from_vec(vec![7u8; 16]);
+        let conn = quiche::connect(
+            Some("intermediate.ztna"),
+            &scid,
+            sock.local_addr().unwrap(),
+            server,
+            &mut c,
+        )
+        .unwrap();
+        let mut rc = RawClient { sock, conn };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !rc.conn.is_established() {
+            assert!(Instant::now() < deadline, "raw client handshake");
+            rc.io();
+        }
+        rc
+    }
+
+    /// Sends what quiche has, then receives for up to 20 ms.
+    fn io(&mut self) {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, info)) = self.conn.send(&mut buf) {
+            self.sock.send_to(&buf[..n], info.to).unwrap();
+        }
+        if let Ok((n, from)) = self.sock.recv_from(&mut buf) {
+            let to = self.sock.local_addr().unwrap();
+            let _ = self.conn.recv(&mut buf[..n], quiche::RecvInfo { from, to });
+        }
+        if self.conn.timeout().is_some_and(|t| t.is_zero()) {
+            self.conn.on_timeout();
+        }
+    }
+}
+
+#[test]
+fn a_client_that_grants_no_stream_credit_is_closed_when_its_frame_queue_is_full() {
+    use ztna_common::frames::{self, Frame};
+    let w = world("framequeue");
+    // 64 bytes of credit on the intermediate's frame stream, never extended.
+    let mut rc = RawClient::connect(&w.pki, w.server, 64);
+    // Every SESSION_REQUEST from an unregistered agent is answered with a
+    // SESSION_REFUSED frame: 20000 of them are far more than the queue holds.
+    let mut bytes = Vec::new();
+    for request_id in 0..20_000u32 {
+        let mut buf = [0u8; 64];
+        let n = Frame::SessionRequest {
+            request_id,
+            service: SERVICE,
+        }
+        .encode(&mut buf)
+        .unwrap();
+        bytes.extend_from_slice(&buf[..n]);
+    }
+    let mut off = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rc.conn.is_closed() && rc.conn.peer_error().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "not closed; {}",
+            w.inter.as_ref().unwrap().stats.snapshot()
+        );
+        if off < bytes.len()
+            && let Ok(n) = rc
+                .conn
+                .stream_send(frames::CLIENT_FRAME_STREAM, &bytes[off..], false)
+        {
+            off += n;
+        }
+        rc.io();
+    }
+    let e = rc.conn.peer_error().expect("closed by the intermediate");
+    assert!(e.is_app);
+    assert_eq!(e.error_code, app_error::FRAME_QUEUE_FULL);
+    assert_eq!(stat(&w, |s| &s.frame_queue_overflows), 1);
+    assert!(stat(&w, |s| &s.relay_sessions_refused) > 1000);
+    // The intermediate serves everyone else as before.
+    let mut a = agent(&w.pki, w.server);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    assert!(echo_until_ok(&mut a, src(53000), Duration::from_secs(5)).is_some());
+}
