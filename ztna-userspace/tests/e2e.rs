@@ -1375,3 +1375,55 @@ fn a_client_that_grants_no_stream_credit_is_closed_when_its_frame_queue_is_full(
     a.wait_registered(Duration::from_secs(10)).unwrap();
     assert!(echo_until_ok(&mut a, src(53000), Duration::from_secs(5)).is_some());
 }
+
+#[test]
+fn one_agent_gets_at_most_its_share_of_relay_sessions() {
+    use ztna_common::frames::{self, Frame};
+    let w = world("sessioncap");
+    let mut rc = RawClient::connect(&w.pki, w.server, 1_000_000);
+    let msg = ztna_common::wire::ControlMessage::RegisterAgent { service: SERVICE };
+    let mut reg = vec![0u8; msg.encoded_len()];
+    msg.encode(&mut reg).unwrap();
+    rc.conn.dgram_send(&reg).unwrap();
+    let before = stat(&w, |s| &s.registrations_accepted);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stat(&w, |s| &s.registrations_accepted) == before {
+        assert!(Instant::now() < deadline, "raw agent did not register");
+        rc.io();
+    }
+    let cap = ztna_userspace::relay::MAX_SESSIONS_PER_AGENT as u32;
+    let mut bytes = Vec::new();
+    for request_id in 0..cap + 6 {
+        let mut buf = [0u8; 64];
+        let n = Frame::SessionRequest {
+            request_id,
+            service: SERVICE,
+        }
+        .encode(&mut buf)
+        .unwrap();
+        bytes.extend_from_slice(&buf[..n]);
+    }
+    let mut off = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stat(&w, |s| &s.relay_sessions_refused_client_limit) < 6 {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            w.inter.as_ref().unwrap().stats.snapshot()
+        );
+        if off < bytes.len()
+            && let Ok(n) = rc
+                .conn
+                .stream_send(frames::CLIENT_FRAME_STREAM, &bytes[off..], false)
+        {
+            off += n;
+        }
+        rc.io();
+    }
+    assert_eq!(stat(&w, |s| &s.relay_sessions_created), cap as u64);
+    assert_eq!(stat(&w, |s| &s.relay_sessions_refused_client_limit), 6);
+    // Another agent still gets its relayed path.
+    let mut a = agent_relay(&w.pki, w.server);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
+}
