@@ -773,10 +773,10 @@ impl Intermediate {
         let mut moved_to = None;
         while let Some(ev) = client.conn.path_event_next() {
             match ev {
-                quiche::PathEvent::PeerMigrated(local, peer) => {
-                    if client.conn.is_path_validated(local, peer).unwrap_or(false) {
-                        moved_to = Some(peer);
-                    }
+                quiche::PathEvent::PeerMigrated(local, peer)
+                    if client.conn.is_path_validated(local, peer).unwrap_or(false) =>
+                {
+                    moved_to = Some(peer);
                 }
                 quiche::PathEvent::FailedValidation(_, peer) => {
                     inc(&self.stats.path_validations_failed);

@@ -1172,7 +1172,7 @@ fn reset_token_of(sock: &std::net::UdpSocket, server: SocketAddr, dcid: &[u8]) -
         if let Ok((n, from)) = sock.recv_from(&mut buf)
             && from == server
         {
-            assert!(n >= 21 && n < 60, "a stateless reset: {n} bytes");
+            assert!((21..60).contains(&n), "a stateless reset: {n} bytes");
             return buf[n - 16..n].try_into().unwrap();
         }
     }
