@@ -5,8 +5,8 @@
 //! connection (Initial with a valid token) or a stateless reset (short header).
 //! Per connection: require and check the client certificate, send QAD after the
 //! handshake and whenever the client's address changes (after QUIC path validation of
-//! the new address), answer registrations, relay
-//! service packets between agents and the connector of their service.
+//! the new address), answer registrations, relay service packets between agents and
+//! the connector of their service.
 //!
 //! Stateless resets use a key derived (HKDF) from the server's private key and the
 //! instance's identity (host name and listening address, or `instance_id`), so a
