@@ -95,6 +95,8 @@ pub enum RefusedStatus {
     ConnectorTimeout,
     /// 0x04: the forwarding table is full.
     TableFull,
+    /// 0x05: the agent already has as many relay sessions as one client may hold.
+    TooManySessions,
     Other(u8),
 }
 
@@ -105,6 +107,7 @@ impl RefusedStatus {
             RefusedStatus::NoConnector => 2,
             RefusedStatus::ConnectorTimeout => 3,
             RefusedStatus::TableFull => 4,
+            RefusedStatus::TooManySessions => 5,
             RefusedStatus::Other(b) => b,
         }
     }
@@ -114,6 +117,7 @@ impl RefusedStatus {
             2 => RefusedStatus::NoConnector,
             3 => RefusedStatus::ConnectorTimeout,
             4 => RefusedStatus::TableFull,
+            5 => RefusedStatus::TooManySessions,
             o => RefusedStatus::Other(o),
         }
     }
@@ -625,6 +629,14 @@ impl Writer<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_statuses_round_trip() {
+        for b in 0..=255u8 {
+            assert_eq!(RefusedStatus::from_byte(b).to_byte(), b);
+        }
+        assert_eq!(RefusedStatus::from_byte(5), RefusedStatus::TooManySessions);
+    }
 
     fn rt(f: Frame<'_>) {
         let mut buf = [0u8; 400];

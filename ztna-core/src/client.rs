@@ -87,6 +87,10 @@ pub enum ClientError {
     PacketTooLarge { size: usize, max: usize },
     #[error("DATAGRAM send queue is full; packet dropped")]
     QueueFull,
+    #[error(
+        "control frame queue full ({queued} bytes unsent): the intermediate grants no stream credit"
+    )]
+    FrameQueueFull { queued: usize },
 }
 
 /// Something the caller should know about, in order of occurrence.
@@ -518,12 +522,13 @@ impl ControlClient {
         if !self.is_established() {
             return Err(ClientError::NotConnected);
         }
-        self.frames
-            .queue(frame)
-            .map_err(|source| ClientError::ServiceId {
+        self.frames.queue(frame).map_err(|e| match e {
+            frame_io::QueueError::Encode(source) => ClientError::ServiceId {
                 service: String::new(),
                 source,
-            })
+            },
+            frame_io::QueueError::Full { queued } => ClientError::FrameQueueFull { queued },
+        })
     }
 
     /// The intermediate's address (where relayed data connections go too).

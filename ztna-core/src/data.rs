@@ -86,6 +86,7 @@ pub struct DataConnection {
     last_send: Instant,
     last_recv: Instant,
     keepalive: Duration,
+    dropped: u64,
 }
 
 impl DataConnection {
@@ -171,6 +172,7 @@ impl DataConnection {
             last_send: now,
             last_recv: now,
             keepalive,
+            dropped: 0,
         }
     }
 
@@ -179,13 +181,23 @@ impl DataConnection {
             from,
             to: self.local,
         };
+        let processed = self.conn.stats().recv;
         match self.conn.recv(buf, info) {
-            Ok(_) => self.last_recv = now,
+            // quiche returns Ok for packets it dropped (undecryptable, duplicate), so
+            // only progress in its own receive counter shows that the peer spoke:
+            // junk anyone can send with our CID must not keep a dead path alive.
+            Ok(_) if self.conn.stats().recv > processed => self.last_recv = now,
+            Ok(_) => self.dropped += 1,
             Err(e) => tracing::debug!("data connection recv: {e}"),
         }
     }
 
-    /// When the last packet from the peer was processed.
+    /// Packets quiche accepted without processing (undecryptable, duplicates).
+    pub fn dropped_packets(&self) -> u64 {
+        self.dropped
+    }
+
+    /// When the last packet from the peer was processed (authenticated by quiche).
     pub fn last_recv(&self) -> Instant {
         self.last_recv
     }

@@ -5,6 +5,19 @@
 use ztna_common::WireError;
 use ztna_common::frames::{Frame, frame_len};
 
+/// Most bytes of frames kept queued for a stream. Frames wait here only while the
+/// peer grants no stream credit; a peer that never does must not make us buffer
+/// without bound (the intermediate closes such a connection).
+pub const MAX_QUEUED: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error(transparent)]
+    Encode(#[from] WireError),
+    #[error("{queued} bytes of frames unsent: the peer grants no stream credit")]
+    Full { queued: usize },
+}
+
 #[derive(Default)]
 pub struct FrameIo {
     out: Vec<u8>,
@@ -18,12 +31,23 @@ impl FrameIo {
         self.inbuf.clear();
     }
 
-    pub fn queue(&mut self, frame: &Frame<'_>) -> Result<(), WireError> {
+    /// Queues one frame; refused (nothing queued) once [`MAX_QUEUED`] bytes wait.
+    pub fn queue(&mut self, frame: &Frame<'_>) -> Result<(), QueueError> {
         // The largest frame: SERVICE_PREFIXES with a 255-byte id and 64 IPv6 prefixes.
         let mut buf = [0u8; 2048];
         let n = frame.encode(&mut buf)?;
+        if self.out.len() + n > MAX_QUEUED {
+            return Err(QueueError::Full {
+                queued: self.out.len(),
+            });
+        }
         self.out.extend_from_slice(&buf[..n]);
         Ok(())
+    }
+
+    /// Bytes queued and not yet accepted by the stream.
+    pub fn queued(&self) -> usize {
+        self.out.len()
     }
 
     /// Writes queued bytes to `stream`; whatever does not fit stays queued.

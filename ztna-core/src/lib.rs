@@ -54,6 +54,8 @@ pub mod app_error {
     pub const BAD_CERTIFICATE: u64 = 0x103;
     /// The peer's certificate does not cover the role and service (data connections).
     pub const NOT_AUTHORIZED: u64 = 0x104;
+    /// The peer left too many control frames unread (granted no stream credit).
+    pub const FRAME_QUEUE_FULL: u64 = 0x105;
 
     pub fn name(code: u64) -> &'static str {
         match code {
@@ -62,6 +64,7 @@ pub mod app_error {
             CLIENT_CLOSING => "client closing",
             BAD_CERTIFICATE => "bad certificate",
             NOT_AUTHORIZED => "not authorized",
+            FRAME_QUEUE_FULL => "control frame queue full",
             _ => "unknown",
         }
     }

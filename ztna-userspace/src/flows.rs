@@ -8,7 +8,7 @@
 //! agent, the intermediate translates that agent's source port (or ICMP identifier) to
 //! a free one on the way in and back on the way out, like a NAT would.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use ztna_core::packet::{FlowKey, Proto};
@@ -46,7 +46,18 @@ impl Inbound {
 pub struct FlowTable {
     out: HashMap<(ClientId, String, FlowKey), Outbound>,
     inb: HashMap<(String, FlowKey), Inbound>,
+    /// Keys of each agent's entries in `out` and `inb`, so that forgetting an agent
+    /// costs its own flows, not a scan of the table.
+    by_agent: HashMap<ClientId, AgentFlows>,
     next_port: u16,
+}
+
+#[derive(Default)]
+struct AgentFlows {
+    /// (service, the agent's key) in `out`.
+    out: HashSet<(String, FlowKey)>,
+    /// (service, wire key) in `inb`.
+    inb: HashSet<(String, FlowKey)>,
 }
 
 /// Outcome of registering an agent→connector packet.
@@ -122,6 +133,9 @@ impl FlowTable {
                 last_seen: now,
             },
         );
+        let index = self.by_agent.entry(agent).or_default();
+        index.out.insert((service.to_string(), key));
+        index.inb.insert((service.to_string(), wire));
         self.inb.insert(
             (service.to_string(), wire),
             Inbound {
@@ -162,15 +176,36 @@ impl FlowTable {
 
     /// Forgets every flow of a client that went away.
     pub fn remove_client(&mut self, agent: ClientId) {
-        self.out.retain(|(a, _, _), _| *a != agent);
-        self.inb.retain(|_, i| i.agent != agent);
+        let Some(index) = self.by_agent.remove(&agent) else {
+            return;
+        };
+        for (service, key) in index.out {
+            self.out.remove(&(agent, service, key));
+        }
+        for k in index.inb {
+            if self.inb.get(&k).is_some_and(|i| i.agent == agent) {
+                self.inb.remove(&k);
+            }
+        }
     }
 
     pub fn expire(&mut self, now: Instant) {
-        self.out
-            .retain(|_, o| now.saturating_duration_since(o.last_seen) < FLOW_IDLE);
-        self.inb
-            .retain(|_, i| now.saturating_duration_since(i.last_seen) < FLOW_IDLE);
+        let by_agent = &mut self.by_agent;
+        self.out.retain(|(agent, service, key), o| {
+            let keep = now.saturating_duration_since(o.last_seen) < FLOW_IDLE;
+            if !keep && let Some(i) = by_agent.get_mut(agent) {
+                i.out.remove(&(service.clone(), *key));
+            }
+            keep
+        });
+        self.inb.retain(|k, i| {
+            let keep = now.saturating_duration_since(i.last_seen) < FLOW_IDLE;
+            if !keep && let Some(a) = by_agent.get_mut(&i.agent) {
+                a.inb.remove(k);
+            }
+            keep
+        });
+        by_agent.retain(|_, a| !a.out.is_empty() || !a.inb.is_empty());
     }
 }
 
@@ -216,6 +251,56 @@ mod tests {
         assert_eq!(back.original, k);
         assert!(back.translated(&r.wire));
         assert_eq!(t.inbound("echo", &k.reversed(), now).unwrap().agent, 1);
+    }
+
+    #[test]
+    fn removing_agents_costs_their_own_flows_not_a_table_scan() {
+        let now = Instant::now();
+        let mut t = FlowTable::default();
+        let n = 30_000u64;
+        for agent in 1..=n {
+            let port = 1024 + (agent % 60_000) as u16;
+            t.outbound(
+                agent,
+                "echo",
+                key(&format!("100.64.0.2:{port}"), "10.100.0.1:7"),
+                false,
+                now,
+            );
+        }
+        let start = Instant::now();
+        for agent in 1..=n {
+            t.remove_client(agent);
+        }
+        let took = start.elapsed();
+        assert!(t.is_empty() && t.out.is_empty() && t.by_agent.is_empty());
+        assert!(
+            took < Duration::from_secs(2),
+            "removing {n} agents took {took:?}"
+        );
+    }
+
+    #[test]
+    fn index_follows_expiry_and_keeps_other_agents_flows() {
+        let now = Instant::now();
+        let mut t = FlowTable::default();
+        let k = key("100.64.0.2:5000", "10.100.0.1:7");
+        t.outbound(1, "echo", k, false, now);
+        let later = now + FLOW_IDLE - Duration::from_secs(1);
+        // Agent 2 uses the same 5-tuple (translated) later.
+        let r = t.outbound(2, "echo", k, false, later);
+        t.expire(now + FLOW_IDLE + Duration::from_millis(1));
+        assert!(
+            !t.by_agent.contains_key(&1),
+            "expired flows leave the index"
+        );
+        t.remove_client(1);
+        assert_eq!(
+            t.inbound("echo", &r.wire.reversed(), later).unwrap().agent,
+            2
+        );
+        t.remove_client(2);
+        assert!(t.is_empty() && t.out.is_empty());
     }
 
     #[test]

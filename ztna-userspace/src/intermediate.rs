@@ -4,12 +4,16 @@
 //! get a version negotiation, a stateless retry (Initial without a valid token), a new
 //! connection (Initial with a valid token) or a stateless reset (short header).
 //! Per connection: require and check the client certificate, send QAD after the
-//! handshake and whenever the client's address changes, answer registrations, relay
-//! service packets between agents and the connector of their service.
+//! handshake and whenever the client's address changes (after QUIC path validation of
+//! the new address), answer registrations, relay service packets between agents and
+//! the connector of their service.
 //!
-//! Stateless resets use a key derived from the server's private key, so a restarted
-//! intermediate resets the connections of its previous incarnation and their clients
-//! reconnect at once instead of waiting out the idle timeout.
+//! Stateless resets use a key derived (HKDF) from the server's private key and the
+//! instance's identity (host name and listening address, or `instance_id`), so a
+//! restarted intermediate resets the connections of its previous incarnation and their
+//! clients reconnect at once instead of waiting out the idle timeout, while two
+//! instances sharing a key never share reset tokens (one cannot kill the other's
+//! connections). Packets to relay CIDs are never answered with a reset.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -45,7 +49,16 @@ pub const LOCAL_CID_LEN: usize = 16;
 /// First byte reserved for relay CIDs; the intermediate's own CIDs never start with it.
 pub const RELAY_CID_MARKER: u8 = 0xA5;
 const TOKEN_LIFETIME: Duration = Duration::from_secs(10);
+/// RFC 9000 §14.1: smallest UDP payload that may carry a client Initial.
+pub const MIN_INITIAL_DATAGRAM: usize = 1200;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// Receive batches per loop turn. Under sustained load the loop must still get to
+/// timers, client processing and sends, or every control connection idles out.
+const MAX_BATCHES_PER_TURN: usize = 8;
+/// Stateless resets per second (token bucket; each costs an HMAC and a send, and a
+/// flood of short-header packets to unknown CIDs must not buy them without limit).
+const RESET_RATE: f64 = 500.0;
+const RESET_BURST: f64 = 100.0;
 
 #[derive(Clone, Debug)]
 pub struct IntermediateConfig {
@@ -71,6 +84,10 @@ pub struct IntermediateConfig {
     /// Pool of agents' IPv6 tunnel addresses; `None` derives a /48 ULA prefix from
     /// the CA certificate (the server certificate without one).
     pub tunnel_ipv6: Option<Ipv6Net>,
+    /// Identity of this instance in its stateless-reset key; must differ between
+    /// instances that share a server key and stay the same across restarts. Default:
+    /// host name and bound UDP address.
+    pub instance_id: Option<String>,
 }
 
 impl IntermediateConfig {
@@ -91,6 +108,7 @@ impl IntermediateConfig {
                 .parse()
                 .expect("valid default pool"),
             tunnel_ipv6: None,
+            instance_id: None,
         }
     }
 }
@@ -116,9 +134,23 @@ stats!(IntermediateStats {
     /// Short-header packets for connections we don't know.
     unknown_cid_packets,
     stateless_resets_sent,
+    /// Stateless resets not sent because the rate limit was reached.
+    stateless_resets_rate_limited,
+    /// Loop turns that stopped reading with packets still queued (load), so that
+    /// timers and clients are served.
+    recv_budget_exhausted,
+    /// Unknown short-header packets to relay CIDs: never answered with a reset.
+    relay_cid_resets_refused,
     retries_sent,
+    /// Tokens that fail the MAC (forged, for another address or another Retry's
+    /// CID) or expired.
     invalid_tokens,
     version_negotiations,
+    /// Initials (or unknown-version long headers) in datagrams under 1200 bytes:
+    /// dropped unanswered (RFC 9000 §14.1, no amplification).
+    dropped_short_initials,
+    /// Initials with a valid token whose DCID carries the relay-CID marker.
+    refused_relay_marker_cids,
     connections_accepted,
     connections_closed,
     /// Clients refused for presenting no certificate.
@@ -143,6 +175,8 @@ stats!(IntermediateStats {
     dropped_send_failed,
     relay_sessions_created,
     relay_sessions_refused,
+    /// Of those, refused because the agent holds the most sessions one client may.
+    relay_sessions_refused_client_limit,
     relay_sessions_closed,
     /// Relayed data-connection packets forwarded by the userspace forwarder.
     userspace_forwarded_packets,
@@ -152,9 +186,16 @@ stats!(IntermediateStats {
     /// Sender changes accepted because the client's control connection moved too.
     relay_sender_updated,
     bad_frames,
+    /// Clients closed for leaving too many control frames unread (no stream credit).
+    frame_queue_overflows,
     candidates_forwarded,
-    /// Clients whose address changed (NAT rebinding, migration).
+    /// Clients whose address changed (NAT rebinding, migration), after quiche
+    /// validated the new path.
     client_moves,
+    /// Packets for a known connection that quiche dropped (undecryptable, duplicate).
+    quic_packets_dropped,
+    /// New paths whose validation failed (spoofed or vanished addresses).
+    path_validations_failed,
     /// CANDIDATES from a client that is not an endpoint of that session.
     candidates_refused,
     /// SERVICE_PREFIXES accepted from a service's connector.
@@ -172,6 +213,8 @@ fn inc(c: &AtomicU64) {
 
 struct Client {
     conn: quiche::Connection,
+    /// Our CID of this connection (its key in `cids`); quiche issues no others.
+    scid: quiche::ConnectionId<'static>,
     peer: SocketAddr,
     identity: Option<PeerIdentity>,
     checked: bool,
@@ -209,10 +252,37 @@ pub struct Intermediate {
     rng: SystemRandom,
     stats: Arc<IntermediateStats>,
     last_expiry: Instant,
+    /// Token bucket of stateless resets: tokens and when it was last refilled.
+    reset_budget: (f64, Instant),
+    /// Receive batches per loop turn ([`MAX_BATCHES_PER_TURN`]; tests lower it).
+    batches_per_turn: usize,
     xdp: Option<crate::xdp::XdpRelay>,
     /// Relayed packets waiting for one sendmmsg.
     forwarded: SendBatch,
     addresses: AddressPool,
+}
+
+/// What the loop keeps between turns.
+struct LoopState {
+    events: Events,
+    batch: RecvBatch,
+    out: Vec<u8>,
+    draining_since: Option<Instant>,
+    /// The last turn left packets in the socket: poll without waiting (mio is
+    /// edge-triggered, no new event would come for them).
+    backlog: bool,
+}
+
+impl Default for LoopState {
+    fn default() -> Self {
+        LoopState {
+            events: Events::with_capacity(64),
+            batch: RecvBatch::default(),
+            out: vec![0u8; MAX_UDP_PAYLOAD],
+            draining_since: None,
+            backlog: false,
+        }
+    }
 }
 
 /// A running intermediate on its own thread (tests, demo).
@@ -255,7 +325,19 @@ impl Drop for IntermediateHandle {
 }
 
 pub fn spawn(cfg: IntermediateConfig) -> anyhow::Result<IntermediateHandle> {
-    let server = Intermediate::bind(cfg)?;
+    spawn_with_kernel_table(cfg, None)
+}
+
+/// Like [`spawn`], mirroring the forwarding table into `kernel` (tests observe what
+/// would reach the XDP map without loading the program).
+pub fn spawn_with_kernel_table(
+    cfg: IntermediateConfig,
+    kernel: Option<Box<dyn KernelTable>>,
+) -> anyhow::Result<IntermediateHandle> {
+    let mut server = Intermediate::bind(cfg)?;
+    if let Some(k) = kernel {
+        server.set_kernel_table(k);
+    }
     let addr = server.local;
     let stats = server.stats.clone();
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -358,20 +440,17 @@ impl Intermediate {
         );
         let key_pem = std::fs::read(&cfg.key_file)
             .with_context(|| format!("reading {}", cfg.key_file.display()))?;
-        let reset_key = hmac::Key::new(
-            hmac::HMAC_SHA256,
-            ring::digest::digest(
-                &ring::digest::SHA256,
-                &[b"ztna stateless reset".as_slice(), &key_pem].concat(),
-            )
-            .as_ref(),
-        );
         let rng = SystemRandom::new();
         let token_key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
             .map_err(|_| anyhow::anyhow!("generating the retry token key"))?;
         let mut socket =
             UdpSocket::bind(cfg.listen).with_context(|| format!("binding UDP {}", cfg.listen))?;
         let local = socket.local_addr()?;
+        let instance = cfg
+            .instance_id
+            .clone()
+            .unwrap_or_else(|| format!("{}/{local}", hostname()));
+        let reset_key = reset_key(&key_pem, instance.as_bytes());
         let poll = Poll::new()?;
         poll.registry()
             .register(&mut socket, Token(0), Interest::READABLE)?;
@@ -393,6 +472,8 @@ impl Intermediate {
             rng,
             stats: Arc::new(IntermediateStats::default()),
             last_expiry: Instant::now(),
+            reset_budget: (RESET_BURST, Instant::now()),
+            batches_per_turn: MAX_BATCHES_PER_TURN,
             xdp: None,
             forwarded: SendBatch::default(),
             addresses,
@@ -493,15 +574,12 @@ impl Intermediate {
 
     /// Runs until `shutdown` (graceful) or `crash` (immediate, silent) is set.
     pub fn run(mut self, shutdown: &AtomicBool, crash: &AtomicBool) -> anyhow::Result<()> {
-        let mut events = Events::with_capacity(64);
-        let mut batch = RecvBatch::default();
-        let mut out = vec![0u8; MAX_UDP_PAYLOAD];
-        let mut draining_since: Option<Instant> = None;
+        let mut st = LoopState::default();
         loop {
             if crash.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            if shutdown.load(Ordering::SeqCst) && draining_since.is_none() {
+            if shutdown.load(Ordering::SeqCst) && st.draining_since.is_none() {
                 tracing::info!("shutting down: closing {} connections", self.clients.len());
                 for c in self.clients.values_mut() {
                     let _ = c.conn.close(
@@ -510,69 +588,85 @@ impl Intermediate {
                         b"intermediate shutting down",
                     );
                 }
-                draining_since = Some(Instant::now());
+                st.draining_since = Some(Instant::now());
             }
-            if let Some(since) = draining_since
+            if let Some(since) = st.draining_since
                 && (self.clients.is_empty() || since.elapsed() > DRAIN_TIMEOUT)
             {
-                self.flush(&mut out);
+                self.flush(&mut st.out);
                 self.write_stats_file();
                 tracing::info!("stopped; stats {}", self.stats.snapshot());
                 return Ok(());
             }
-            // Wake at least every 100 ms to notice shutdown flags.
-            let timeout = self
-                .clients
+            self.turn(&mut st)?;
+        }
+    }
+
+    /// One turn of the loop: wait for packets or the next timer, then a bounded
+    /// amount of receiving, then timers, clients and sends.
+    fn turn(&mut self, st: &mut LoopState) -> anyhow::Result<()> {
+        // Wake at least every 100 ms to notice shutdown flags.
+        let timeout = if st.backlog {
+            Duration::ZERO
+        } else {
+            self.clients
                 .values()
                 .filter_map(|c| c.conn.timeout())
                 .min()
                 .map_or(Duration::from_millis(100), |t| {
                     t.min(Duration::from_millis(100))
-                });
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout))
-                && e.kind() != io::ErrorKind::Interrupted
-            {
-                return Err(e.into());
-            }
-            let now = Instant::now();
-            for c in self.clients.values_mut() {
-                if c.conn.timeout_instant().is_some_and(|t| t <= now) {
-                    c.conn.on_timeout();
-                }
-            }
-            let fd = self.socket.as_raw_fd();
-            loop {
-                let n = match batch.recv(fd) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        tracing::warn!("recv: {e}");
-                        break;
-                    }
-                };
-                for i in 0..n {
-                    if let Some((pkt, from)) = batch.get(i) {
-                        self.handle_packet(pkt, from, &mut out, draining_since.is_some());
-                    }
-                }
-                self.forwarded.flush(fd);
-                if n < crate::batch::BATCH {
-                    break;
-                }
-            }
-            let ids: Vec<ClientId> = self.clients.keys().copied().collect();
-            for id in ids {
-                self.process_client(id, now);
-            }
-            self.flush(&mut out);
-            self.collect_closed();
-            if now.duration_since(self.last_expiry) > Duration::from_secs(1) {
-                self.flows.expire(now);
-                self.expire_sessions(now);
-                self.write_stats_file();
-                self.last_expiry = now;
+                })
+        };
+        if let Err(e) = self.poll.poll(&mut st.events, Some(timeout))
+            && e.kind() != io::ErrorKind::Interrupted
+        {
+            return Err(e.into());
+        }
+        let now = Instant::now();
+        for c in self.clients.values_mut() {
+            if c.conn.timeout_instant().is_some_and(|t| t <= now) {
+                c.conn.on_timeout();
             }
         }
+        let fd = self.socket.as_raw_fd();
+        let mut batches = 0;
+        st.backlog = loop {
+            let n = match st.batch.recv(fd) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                Err(e) => {
+                    tracing::warn!("recv: {e}");
+                    break false;
+                }
+            };
+            for i in 0..n {
+                if let Some((pkt, from)) = st.batch.get(i) {
+                    self.handle_packet(pkt, from, &mut st.out, st.draining_since.is_some());
+                }
+            }
+            self.forwarded.flush(fd);
+            if n < crate::batch::BATCH {
+                break false;
+            }
+            batches += 1;
+            if batches >= self.batches_per_turn {
+                inc(&self.stats.recv_budget_exhausted);
+                break true;
+            }
+        };
+        let ids: Vec<ClientId> = self.clients.keys().copied().collect();
+        for id in ids {
+            self.process_client(id, now);
+        }
+        self.flush(&mut st.out);
+        self.collect_closed();
+        if now.duration_since(self.last_expiry) > Duration::from_secs(1) {
+            self.flows.expire(now);
+            self.expire_sessions(now);
+            self.write_stats_file();
+            self.last_expiry = now;
+        }
+        Ok(())
     }
 
     fn send_to(&self, buf: &[u8], to: SocketAddr) {
@@ -623,8 +717,11 @@ impl Intermediate {
     }
 
     /// Retry token: `issued_at[8 BE] | odcid_len[1] | odcid | tag[16]`, where the tag
-    /// is HMAC-SHA256(process key, issued_at | peer address | odcid) cut to 16 bytes.
-    fn mint_token(&self, peer: SocketAddr, odcid: &[u8]) -> Vec<u8> {
+    /// is HMAC-SHA256(process key, issued_at | odcid | peer address | retry SCID) cut
+    /// to 16 bytes. Binding the Retry's source CID means the token is only good for an
+    /// Initial addressed to the CID the Retry chose, so a client cannot pick the
+    /// server CID its connection is routed by.
+    fn mint_token(&self, peer: SocketAddr, odcid: &[u8], retry_scid: &[u8]) -> Vec<u8> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -632,12 +729,14 @@ impl Intermediate {
         token.extend_from_slice(&now.to_be_bytes());
         token.push(odcid.len() as u8);
         token.extend_from_slice(odcid);
-        let tag = hmac::sign(&self.token_key, &token_mac_input(&token, peer));
+        let tag = hmac::sign(&self.token_key, &token_mac_input(&token, peer, retry_scid));
         token.extend_from_slice(&tag.as_ref()[..16]);
         token
     }
 
-    fn validate_token(&self, peer: SocketAddr, token: &[u8]) -> Option<Vec<u8>> {
+    /// The original DCID if `token` was minted for `peer` by a Retry whose source CID
+    /// is `dcid` (the DCID of the Initial carrying the token), and has not expired.
+    fn validate_token(&self, peer: SocketAddr, token: &[u8], dcid: &[u8]) -> Option<Vec<u8>> {
         if token.len() < 9 + 16 {
             return None;
         }
@@ -646,7 +745,7 @@ impl Intermediate {
             return None;
         }
         let (body, tag) = token.split_at(9 + odcid_len);
-        let expected = hmac::sign(&self.token_key, &token_mac_input(body, peer));
+        let expected = hmac::sign(&self.token_key, &token_mac_input(body, peer, dcid));
         if !constant_time_eq(&expected.as_ref()[..16], tag) {
             return None;
         }
@@ -687,15 +786,52 @@ impl Intermediate {
         let Some(client) = self.clients.get_mut(&id) else {
             return;
         };
+        let received = client.conn.stats().recv;
         if let Err(e) = client.conn.recv(pkt, quiche::RecvInfo { from, to: local }) {
             tracing::debug!("quic recv from {from}: {e}");
             return;
         }
-        if client.peer != from {
+        // quiche returns Ok for packets it dropped (undecryptable, duplicate, ...);
+        // only its own counter says whether the packet was processed. A dropped one
+        // proves nothing, least of all about the address it came from.
+        if client.conn.stats().recv == received {
+            inc(&self.stats.quic_packets_dropped);
+        }
+        // No address handling here: even an authenticated packet from a new address is
+        // not proof that the client is there (it may be replayed or forged by someone
+        // on the path). The client moves when quiche has validated the new path, in
+        // `path_events`.
+    }
+
+    /// Acts on quiche's path events: a client's address changes only once quiche has
+    /// migrated it to a path it validated (PATH_CHALLENGE answered from there). Only
+    /// then are its relay entries (and the XDP map) moved and a QAD sent.
+    fn path_events(&mut self, id: ClientId) {
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let mut moved_to = None;
+        while let Some(ev) = client.conn.path_event_next() {
+            match ev {
+                quiche::PathEvent::PeerMigrated(local, peer)
+                    if client.conn.is_path_validated(local, peer).unwrap_or(false) =>
+                {
+                    moved_to = Some(peer);
+                }
+                quiche::PathEvent::FailedValidation(_, peer) => {
+                    inc(&self.stats.path_validations_failed);
+                    tracing::info!("client {id}: path to {peer} failed validation");
+                }
+                _ => {}
+            }
+        }
+        if let Some(to) = moved_to
+            && to != client.peer
+        {
             inc(&self.stats.client_moves);
-            tracing::info!("client {id} moved {} -> {from}", client.peer);
-            client.peer = from;
-            self.relay.client_moved(id, from);
+            tracing::info!("client {id} moved {} -> {to} (path validated)", client.peer);
+            client.peer = to;
+            self.relay.client_moved(id, to);
         }
     }
 
@@ -747,6 +883,13 @@ impl Intermediate {
             inc(&self.stats.unknown_cid_packets);
             return None;
         }
+        // RFC 9000 §14.1: a server drops client Initials in datagrams under 1200
+        // bytes. Answering them (Retry, Version Negotiation) would let a spoofed
+        // small packet elicit a larger one: an amplification vector.
+        if len < MIN_INITIAL_DATAGRAM {
+            inc(&self.stats.dropped_short_initials);
+            return None;
+        }
         if !quiche::version_is_supported(hdr.version) {
             inc(&self.stats.version_negotiations);
             if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, out) {
@@ -761,7 +904,7 @@ impl Intermediate {
             if token.is_empty() {
                 let new_scid = self.new_local_cid();
                 let new_scid = quiche::ConnectionId::from_vec(new_scid.to_vec());
-                let token = self.mint_token(from, &hdr.dcid);
+                let token = self.mint_token(from, &hdr.dcid, &new_scid);
                 match quiche::retry(&hdr.scid, &hdr.dcid, &new_scid, &token, hdr.version, out) {
                     Ok(n) => {
                         inc(&self.stats.retries_sent);
@@ -771,7 +914,7 @@ impl Intermediate {
                 }
                 return None;
             }
-            match self.validate_token(from, token) {
+            match self.validate_token(from, token, &hdr.dcid) {
                 Some(o) => odcid = Some(o),
                 None => {
                     inc(&self.stats.invalid_tokens);
@@ -780,6 +923,13 @@ impl Intermediate {
             }
             if hdr.dcid.len() != LOCAL_CID_LEN {
                 inc(&self.stats.invalid_tokens);
+                return None;
+            }
+            // Our CIDs never carry the relay marker (packets to it go to the
+            // forwarder, not to the connection). The token binding already rules a
+            // client-chosen one out; this keeps it so if the token format changes.
+            if hdr.dcid[0] == RELAY_CID_MARKER {
+                inc(&self.stats.refused_relay_marker_cids);
                 return None;
             }
             scid = hdr.dcid.clone().into_owned();
@@ -802,11 +952,12 @@ impl Intermediate {
         self.next_id += 1;
         inc(&self.stats.connections_accepted);
         tracing::debug!("new connection {id} from {from}");
-        self.cids.insert(scid, id);
+        self.cids.insert(scid.clone(), id);
         self.clients.insert(
             id,
             Client {
                 conn,
+                scid,
                 peer: from,
                 identity: None,
                 checked: false,
@@ -821,9 +972,21 @@ impl Intermediate {
     }
 
     /// RFC 9000 §10.3: looks like a short-header packet, ends with the reset token.
-    fn send_stateless_reset(&self, dcid: &[u8], received_len: usize, to: SocketAddr) {
+    fn send_stateless_reset(&mut self, dcid: &[u8], received_len: usize, to: SocketAddr) {
+        // Relay CIDs belong to data connections between agents and connectors, whose
+        // resets are theirs to send; ours would be forged from their point of view and
+        // a free reflector for spoofed packets. (The forwarder takes those packets
+        // before they get here; this keeps it so.)
+        if ztna_common::relay::is_relay_cid(dcid) {
+            inc(&self.stats.relay_cid_resets_refused);
+            return;
+        }
         // Must be shorter than what triggered it (no loops) and at least 21 bytes.
         if received_len <= 22 {
+            return;
+        }
+        if !self.take_reset_token(Instant::now()) {
+            inc(&self.stats.stateless_resets_rate_limited);
             return;
         }
         let len = (received_len - 1).min(43);
@@ -835,7 +998,22 @@ impl Intermediate {
         self.send_to(&pkt, to);
     }
 
+    /// One token from the stateless-reset bucket, if there is one.
+    fn take_reset_token(&mut self, now: Instant) -> bool {
+        let (tokens, last) = &mut self.reset_budget;
+        let refill = now.saturating_duration_since(*last).as_secs_f64() * RESET_RATE;
+        *tokens = (*tokens + refill).min(RESET_BURST);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
     fn process_client(&mut self, id: ClientId, now: Instant) {
+        self.path_events(id);
         let Some(client) = self.clients.get_mut(&id) else {
             return;
         };
@@ -920,10 +1098,27 @@ impl Intermediate {
     }
 
     fn queue_frame(&mut self, id: ClientId, frame: &Frame<'_>) {
-        if let Some(c) = self.clients.get_mut(&id)
-            && c.frames.queue(frame).is_err()
-        {
-            inc(&self.stats.bad_frames);
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if c.conn.local_error().is_some() {
+            // Already closing (perhaps for this very reason): nothing more to say.
+            return;
+        }
+        match c.frames.queue(frame) {
+            Ok(()) => {}
+            Err(frame_io::QueueError::Full { queued }) => {
+                inc(&self.stats.frame_queue_overflows);
+                tracing::warn!(
+                    "client {id}: {queued} bytes of control frames unread (no stream credit): closing"
+                );
+                let _ = c.conn.close(
+                    true,
+                    app_error::FRAME_QUEUE_FULL,
+                    b"control frame queue full: no stream credit",
+                );
+            }
+            Err(frame_io::QueueError::Encode(_)) => inc(&self.stats.bad_frames),
         }
     }
 
@@ -935,6 +1130,9 @@ impl Intermediate {
             } => {
                 let refuse = |this: &mut Self, status: RefusedStatus| {
                     inc(&this.stats.relay_sessions_refused);
+                    if status == RefusedStatus::TooManySessions {
+                        inc(&this.stats.relay_sessions_refused_client_limit);
+                    }
                     tracing::info!(
                         "client {id}: relay session for {service:?} refused: {status:?}"
                     );
@@ -1013,8 +1211,8 @@ impl Intermediate {
             } => {
                 let other = self
                     .relay
-                    .sessions()
-                    .find(|s| s.id == session_id && s.accepted)
+                    .session(session_id)
+                    .filter(|s| s.accepted)
                     .and_then(|s| {
                         if s.agent == id {
                             Some(s.connector)
@@ -1048,8 +1246,8 @@ impl Intermediate {
             Frame::SessionClose { session_id, reason } => {
                 let owned = self
                     .relay
-                    .sessions()
-                    .any(|s| s.id == session_id && (s.agent == id || s.connector == id));
+                    .session(session_id)
+                    .is_some_and(|s| s.agent == id || s.connector == id);
                 if owned && let Some(s) = self.relay.close(session_id) {
                     inc(&self.stats.relay_sessions_closed);
                     let other = if s.agent == id { s.connector } else { s.agent };
@@ -1423,7 +1621,9 @@ impl Intermediate {
                 c.identity.as_ref().map_or_else(|| "-".into(), |i| i.name()),
                 ztna_core::client::close_reason(&c.conn)
             );
-            self.cids.retain(|_, v| *v != id);
+            // By key, not a scan of every client's CIDs: many clients closing at once
+            // must not cost quadratic time.
+            self.cids.remove(&c.scid);
             self.addresses.release(id);
             self.flows.remove_client(id);
             for s in self.relay.remove_client(id) {
@@ -1448,14 +1648,40 @@ impl Intermediate {
     }
 }
 
-fn token_mac_input(body: &[u8], peer: SocketAddr) -> Vec<u8> {
+fn token_mac_input(body: &[u8], peer: SocketAddr, retry_scid: &[u8]) -> Vec<u8> {
     let mut v = body.to_vec();
     match peer {
         SocketAddr::V4(a) => v.extend_from_slice(&a.ip().octets()),
         SocketAddr::V6(a) => v.extend_from_slice(&a.ip().octets()),
     }
     v.extend_from_slice(&peer.port().to_be_bytes());
+    v.push(retry_scid.len() as u8);
+    v.extend_from_slice(retry_scid);
     v
+}
+
+/// The stateless-reset key: HKDF-SHA256 with the server's private key as input key
+/// material and the instance identity as info. Same key and identity (a restart) give
+/// the same tokens; another identity gives unrelated ones.
+fn reset_key(secret: &[u8], instance: &[u8]) -> hmac::Key {
+    let prk =
+        ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"ztna stateless reset v1").extract(secret);
+    let info = [instance];
+    let okm = prk
+        .expand(&info, hmac::HMAC_SHA256)
+        .expect("HKDF output of one hash length");
+    hmac::Key::from(okm)
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into the buffer we own.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return String::new();
+    }
+    let n = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -1475,4 +1701,62 @@ fn monotonic_ns() -> u64 {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(name: &str) -> Intermediate {
+        let dir = std::env::temp_dir().join(format!("ztna-inter-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pki = crate::identity::generate_dev_pki(&dir, &["echo".to_string()]).unwrap();
+        let cfg = IntermediateConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            pki.server_cert,
+            pki.server_key,
+            Some(pki.ca_cert),
+        );
+        Intermediate::bind(cfg).unwrap()
+    }
+
+    #[test]
+    fn a_turn_reads_a_bounded_number_of_batches_and_the_next_turn_does_not_wait() {
+        let mut s = server("bound");
+        s.batches_per_turn = 2;
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Loopback delivers into the server's receive queue during send_to.
+        for _ in 0..150 {
+            sock.send_to(b"\x00not quic", s.local).unwrap();
+        }
+        let garbage = |s: &Intermediate| s.stats.garbage_packets.load(Ordering::Relaxed);
+        let mut st = LoopState::default();
+        s.turn(&mut st).unwrap();
+        assert_eq!(garbage(&s), 2 * crate::batch::BATCH as u64);
+        assert!(st.backlog, "packets left for the next turn");
+        assert_eq!(s.stats.recv_budget_exhausted.load(Ordering::Relaxed), 1);
+        s.turn(&mut st).unwrap();
+        assert_eq!(garbage(&s), 4 * crate::batch::BATCH as u64);
+        s.turn(&mut st).unwrap();
+        assert_eq!(garbage(&s), 150);
+        assert!(!st.backlog);
+    }
+
+    #[test]
+    fn stateless_resets_are_rate_limited_by_a_token_bucket() {
+        let mut s = server("resetrate");
+        let t0 = Instant::now();
+        s.reset_budget = (RESET_BURST, t0);
+        let granted = (0..1000).filter(|_| s.take_reset_token(t0)).count();
+        assert_eq!(granted, RESET_BURST as usize);
+        // 10 ms at 500 per second: 5 more.
+        let t1 = t0 + Duration::from_millis(10);
+        let granted = (0..1000).filter(|_| s.take_reset_token(t1)).count();
+        assert_eq!(granted, 5);
+        // Refills up to the burst, not beyond.
+        let t2 = t1 + Duration::from_secs(60);
+        let granted = (0..1000).filter(|_| s.take_reset_token(t2)).count();
+        assert_eq!(granted, RESET_BURST as usize);
+    }
 }

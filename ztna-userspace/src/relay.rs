@@ -10,7 +10,7 @@
 //! use one UDP socket for everything, so the NAT mapping the intermediate observed on
 //! the control connection is the one relayed packets use.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,9 @@ pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A session with no forwarded packet for this long is removed. Data connections
 /// send keepalives well within it.
 pub const SESSION_IDLE: Duration = Duration::from_secs(60);
+/// Relay sessions one agent may hold at once, so one client cannot fill the global
+/// table (an agent needs one per service it uses).
+pub const MAX_SESSIONS_PER_AGENT: usize = 64;
 
 /// The kernel side of the forwarding table (the XDP program's map).
 pub trait KernelTable: Send {
@@ -87,6 +90,9 @@ pub enum ForwardResult {
 pub struct RelayTable {
     sessions: HashMap<u32, RelaySession>,
     fwd: HashMap<Cid, Forward>,
+    /// Sessions of each client (agent or connector side), so that removing a client
+    /// or moving it costs its own sessions, not a scan of the table.
+    by_client: HashMap<ClientId, HashSet<u32>>,
     kernel: Option<Box<dyn KernelTable>>,
     next_session: u32,
     max_entries: usize,
@@ -98,6 +104,7 @@ impl RelayTable {
         RelayTable {
             sessions: HashMap::new(),
             fwd: HashMap::new(),
+            by_client: HashMap::new(),
             kernel: None,
             next_session: 1,
             max_entries,
@@ -122,6 +129,10 @@ impl RelayTable {
 
     pub fn sessions(&self) -> impl Iterator<Item = &RelaySession> {
         self.sessions.values()
+    }
+
+    pub fn session(&self, id: u32) -> Option<&RelaySession> {
+        self.sessions.get(&id)
     }
 
     pub fn entry(&self, cid: &Cid) -> Option<&Forward> {
@@ -171,8 +182,25 @@ impl RelayTable {
         if self.fwd.len() + 2 > self.max_entries {
             return Err(RefusedStatus::TableFull);
         }
-        let id = self.next_session;
-        self.next_session = self.next_session.wrapping_add(1).max(1);
+        if agent != STATIC_CLIENT
+            && self
+                .client_sessions(agent)
+                .filter(|s| s.agent == agent)
+                .count()
+                >= MAX_SESSIONS_PER_AGENT
+        {
+            return Err(RefusedStatus::TooManySessions);
+        }
+        // The counter wraps (u32, 0 skipped); an id still in use is skipped, or the
+        // new session would replace a live one and orphan its kernel entries. The
+        // table holds far fewer sessions than ids, so the search ends quickly.
+        let id = loop {
+            let id = self.next_session;
+            self.next_session = self.next_session.wrapping_add(1).max(1);
+            if !self.sessions.contains_key(&id) {
+                break id;
+            }
+        };
         let agent_cid = self.new_cid();
         let connector_cid = loop {
             let c = self.new_cid();
@@ -211,6 +239,9 @@ impl RelayTable {
             is_static: false,
         };
         self.sessions.insert(id, s.clone());
+        for c in [agent, connector] {
+            self.by_client.entry(c).or_default().insert(id);
+        }
         Ok(s)
     }
 
@@ -242,6 +273,14 @@ impl RelayTable {
 
     pub fn close(&mut self, session_id: u32) -> Option<RelaySession> {
         let s = self.sessions.remove(&session_id)?;
+        for c in [s.agent, s.connector] {
+            if let Some(set) = self.by_client.get_mut(&c) {
+                set.remove(&session_id);
+                if set.is_empty() {
+                    self.by_client.remove(&c);
+                }
+            }
+        }
         for cid in [s.agent_cid, s.connector_cid] {
             self.fwd.remove(&cid);
             if let Some(k) = self.kernel.as_mut() {
@@ -254,26 +293,45 @@ impl RelayTable {
     /// Removes every session of a client that went away.
     pub fn remove_client(&mut self, id: ClientId) -> Vec<RelaySession> {
         let ids: Vec<u32> = self
-            .sessions
-            .values()
-            .filter(|s| !s.is_static && (s.agent == id || s.connector == id))
+            .client_sessions(id)
+            .filter(|s| !s.is_static)
             .map(|s| s.id)
             .collect();
         ids.into_iter().filter_map(|i| self.close(i)).collect()
     }
 
+    /// The sessions `id` is an endpoint of.
+    pub fn client_sessions(&self, id: ClientId) -> impl Iterator<Item = &RelaySession> {
+        self.by_client
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .filter_map(|sid| self.sessions.get(sid))
+    }
+
     /// A client's control connection now comes from `addr`: its relayed packets will
     /// too, and packets for it must go there.
     pub fn client_moved(&mut self, id: ClientId, addr: SocketAddr) {
+        let cids: Vec<Cid> = self
+            .client_sessions(id)
+            .flat_map(|s| [s.agent_cid, s.connector_cid])
+            .collect();
         let mut changed = Vec::new();
-        for (cid, f) in self.fwd.iter_mut() {
+        for cid in cids {
+            let Some(f) = self.fwd.get_mut(&cid) else {
+                continue;
+            };
+            let mut moved = false;
             if f.receiver == id && f.peer != addr {
                 f.peer = addr;
-                changed.push(*cid);
+                moved = true;
             }
             if f.sender == id && f.expected != addr {
                 f.expected = addr;
-                changed.push(*cid);
+                moved = true;
+            }
+            if moved {
+                changed.push(cid);
             }
         }
         for cid in changed {
@@ -455,6 +513,93 @@ mod tests {
         let (_, idle) = t.expire(now + SESSION_IDLE + Duration::from_secs(1), None);
         assert_eq!(idle.len(), 1);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn removing_clients_costs_their_own_sessions_not_a_table_scan() {
+        let now = Instant::now();
+        let n = 30_000u64;
+        let mut t = RelayTable::new(2 * n as usize);
+        for i in 0..n {
+            let (agent, connector) = (2 * i + 1, 2 * i + 2);
+            t.create(
+                agent,
+                a("192.0.2.1:1"),
+                connector,
+                a("192.0.2.2:2"),
+                "x",
+                1,
+                now,
+            )
+            .unwrap();
+        }
+        // Quadratic cleanup (a scan of the table per client) takes seconds here even
+        // with optimizations; per-client cost takes milliseconds.
+        let start = Instant::now();
+        t.client_moved(1, a("192.0.2.9:9"));
+        for i in 0..n {
+            assert_eq!(t.remove_client(2 * i + 1).len(), 1);
+            assert!(t.remove_client(2 * i + 2).is_empty());
+        }
+        let took = start.elapsed();
+        assert!(t.is_empty() && t.fwd.is_empty() && t.by_client.is_empty());
+        assert!(
+            took < Duration::from_secs(2),
+            "removing {n} clients took {took:?}"
+        );
+    }
+
+    #[test]
+    fn session_ids_wrap_around_live_sessions() {
+        let now = Instant::now();
+        let mut t = RelayTable::new(100);
+        let s1 = t
+            .create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 1, now)
+            .unwrap();
+        assert_eq!(s1.id, 1);
+        t.next_session = u32::MAX;
+        let last = t
+            .create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 2, now)
+            .unwrap();
+        assert_eq!(last.id, u32::MAX);
+        // The counter wraps past 0 to 1, which is live: the next free id is 2.
+        let wrapped = t
+            .create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 3, now)
+            .unwrap();
+        assert_eq!(wrapped.id, 2);
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.session(1).unwrap().agent_cid, s1.agent_cid);
+        // The first session's entries still name it, and closing it removes them.
+        assert_eq!(t.entry(&s1.agent_cid).unwrap().session, 1);
+        t.close(1).unwrap();
+        assert!(t.entry(&s1.agent_cid).is_none() && t.entry(&s1.connector_cid).is_none());
+        assert!(t.entry(&wrapped.agent_cid).is_some());
+    }
+
+    #[test]
+    fn one_agent_cannot_fill_the_table() {
+        let now = Instant::now();
+        let mut t = RelayTable::new(10_000);
+        let mut ids = Vec::new();
+        for i in 0..MAX_SESSIONS_PER_AGENT as u32 {
+            ids.push(
+                t.create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", i, now)
+                    .unwrap()
+                    .id,
+            );
+        }
+        assert_eq!(
+            t.create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 99, now)
+                .unwrap_err(),
+            RefusedStatus::TooManySessions
+        );
+        // Other agents (of the same connector) are not affected...
+        t.create(3, a("192.0.2.3:3"), 2, a("192.0.2.2:2"), "x", 1, now)
+            .unwrap();
+        // ...and a closed session frees a place.
+        t.close(ids[0]).unwrap();
+        t.create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 100, now)
+            .unwrap();
     }
 
     #[test]

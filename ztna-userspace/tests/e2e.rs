@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use std::sync::{Arc, Mutex};
+
 use ztna_common::NackStatus;
+use ztna_common::frames::Cid;
 use ztna_core::packet;
 use ztna_core::{ClientConfig, ClientError, ClientEvent, Role, app_error};
 use ztna_userspace::agent::{Agent, AgentEvent, EchoOptions, Pattern, run_echo};
@@ -16,6 +19,7 @@ use ztna_userspace::connector::{self, ServiceSpec};
 use ztna_userspace::echo::EchoServer;
 use ztna_userspace::identity::{self, DevPki};
 use ztna_userspace::intermediate::{self, IntermediateConfig, IntermediateHandle};
+use ztna_userspace::relay::KernelTable;
 
 const SERVICE: &str = "echo";
 const VIP: &str = "10.100.0.1";
@@ -122,6 +126,36 @@ fn agent_p2p(pki: &DevPki, server: SocketAddr) -> Agent {
     .unwrap()
 }
 
+/// The kernel side of the forwarding table as the intermediate drives it: every
+/// insert it would make into the XDP map, in order (the program itself is not loaded).
+#[derive(Clone, Default)]
+struct RecordingKernel {
+    inserts: Arc<Mutex<Vec<(Cid, SocketAddr, SocketAddr)>>>,
+}
+
+impl RecordingKernel {
+    fn inserts(&self) -> Vec<(Cid, SocketAddr, SocketAddr)> {
+        self.inserts.lock().unwrap().clone()
+    }
+}
+
+impl KernelTable for RecordingKernel {
+    fn insert(
+        &mut self,
+        cid: &Cid,
+        peer: SocketAddr,
+        expected: SocketAddr,
+        _session: u32,
+    ) -> Result<(), String> {
+        self.inserts.lock().unwrap().push((*cid, peer, expected));
+        Ok(())
+    }
+    fn remove(&mut self, _cid: &Cid) {}
+    fn stats(&self, _cid: &Cid) -> Option<(u64, u64, u64)> {
+        None
+    }
+}
+
 struct World {
     pki: DevPki,
     echo: EchoServer,
@@ -131,12 +165,27 @@ struct World {
 }
 
 fn world(name: &str) -> World {
+    world_with(name, None)
+}
+
+/// A world whose intermediate mirrors its forwarding table into `kernel`.
+fn world_with(name: &str, kernel: Option<RecordingKernel>) -> World {
     if std::env::var_os("ZTNA_TEST_LOG").is_some() {
         ztna_userspace::logging::init("info");
     }
     let pki = pki(name);
     let echo = EchoServer::spawn("127.0.0.1:0".parse().unwrap()).unwrap();
-    let inter = start_intermediate(&pki, "127.0.0.1:0".parse().unwrap());
+    let cfg = IntermediateConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        pki.server_cert.clone(),
+        pki.server_key.clone(),
+        Some(pki.ca_cert.clone()),
+    );
+    let inter = intermediate::spawn_with_kernel_table(
+        cfg,
+        kernel.map(|k| Box::new(k) as Box<dyn KernelTable>),
+    )
+    .unwrap();
     let server = inter.addr;
     let conn = start_connector(&pki, server, echo.addr);
     World {
@@ -763,6 +812,9 @@ fn candidates_for_a_session_the_sender_is_not_part_of_are_refused() {
 /// intermediate from an outside socket that `rebind` replaces (a NAT rebinding).
 struct LoopNat {
     addr: SocketAddr,
+    /// DCID of the latest short-header packet the client sent on its control
+    /// connection (the intermediate's 16-byte CIDs; relay CIDs are 8 bytes, 0xA5...).
+    control_dcid: Arc<Mutex<Option<Vec<u8>>>>,
     rebind: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -777,6 +829,8 @@ impl LoopNat {
         let rebind = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (r, st) = (rebind.clone(), stop.clone());
+        let control_dcid = Arc::new(Mutex::new(None));
+        let dcid = control_dcid.clone();
         let thread = std::thread::spawn(move || {
             let mut outside = UdpSocket::bind("127.0.0.1:0").unwrap();
             outside.set_nonblocking(true).unwrap();
@@ -790,7 +844,14 @@ impl LoopNat {
                 let mut idle = true;
                 while let Ok((n, from)) = inside.recv_from(&mut buf) {
                     client = Some(from);
-                    let _ = outside.send_to(&buf[..n], server);
+                    let pkt = &buf[..n];
+                    if n > 17
+                        && pkt[0] & 0x80 == 0
+                        && pkt[1] != ztna_common::relay::RELAY_CID_MARKER
+                    {
+                        *dcid.lock().unwrap() = Some(pkt[1..17].to_vec());
+                    }
+                    let _ = outside.send_to(pkt, server);
                     idle = false;
                 }
                 while let Ok((n, _)) = outside.recv_from(&mut buf) {
@@ -806,6 +867,7 @@ impl LoopNat {
         });
         LoopNat {
             addr,
+            control_dcid,
             rebind,
             stop,
             thread: Some(thread),
@@ -824,13 +886,15 @@ impl Drop for LoopNat {
 
 #[test]
 fn nat_rebinding_moves_the_relay_entry_after_the_control_connection_proves_it() {
-    let w = world("rebind");
+    let kernel = RecordingKernel::default();
+    let w = world_with("rebind", Some(kernel.clone()));
     let nat = LoopNat::new(w.server);
     let mut a = agent_relay(&w.pki, nat.addr);
     a.wait_registered(Duration::from_secs(10)).unwrap();
     a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
     assert!(echo_until_ok(&mut a, src(50000), Duration::from_secs(5)).is_some());
     let forwarded = stat(&w, |s| &s.userspace_forwarded_packets);
+    let inserts = kernel.inserts();
     nat.rebind.store(true, Ordering::SeqCst);
     // Same session, new outside address: traffic resumes without a new session.
     let took = echo_until_ok(&mut a, src(50000), Duration::from_secs(10)).expect("traffic resumed");
@@ -839,6 +903,16 @@ fn nat_rebinding_moves_the_relay_entry_after_the_control_connection_proves_it() 
     assert_eq!(stat(&w, |s| &s.relay_sessions_created), 1);
     assert!(stat(&w, |s| &s.client_moves) >= 1);
     assert!(stat(&w, |s| &s.userspace_forwarded_packets) > forwarded);
+    // The validated move reached the kernel table: the agent's entries now name the
+    // NAT's new outside address, which none of the entries before named.
+    let old_addrs: Vec<SocketAddr> = inserts.iter().flat_map(|i| [i.1, i.2]).collect();
+    let after = kernel.inserts();
+    assert!(
+        after[inserts.len()..]
+            .iter()
+            .any(|i| !old_addrs.contains(&i.1) || !old_addrs.contains(&i.2)),
+        "no kernel entry moved: {after:?}"
+    );
     // The observed address was reported again (QAD on change).
     let qads = a
         .events()
@@ -973,4 +1047,507 @@ fn agents_learn_prefixes_of_authorized_services_only_and_get_unique_tunnel_addre
     drive_until(&mut a, Duration::from_millis(200), |_| false);
     assert_eq!(a.engine().route("192.0.2.1".parse().unwrap()), None);
     drop(other);
+}
+
+#[test]
+fn junk_with_a_live_clients_connection_id_from_another_address_moves_nothing() {
+    let kernel = RecordingKernel::default();
+    let w = world_with("junkcid", Some(kernel.clone()));
+    let nat = LoopNat::new(w.server);
+    let mut a = agent_relay(&w.pki, nat.addr);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
+    assert!(echo_until_ok(&mut a, src(51000), Duration::from_secs(5)).is_some());
+    let dcid = nat
+        .control_dcid
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("control DCID seen");
+    assert_eq!(dcid.len(), 16);
+    let (moves, qads, inserts) = (
+        stat(&w, |s| &s.client_moves),
+        stat(&w, |s| &s.qad_sent),
+        kernel.inserts().len(),
+    );
+    assert!(
+        inserts >= 2,
+        "the session's entries reached the kernel table"
+    );
+    let dropped = stat(&w, |s| &s.quic_packets_dropped);
+    // The victim: a socket the attacker wants the agent's traffic reflected to. It
+    // sends undecryptable short-header packets carrying the agent's control CID.
+    let victim = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let victim_addr = victim.local_addr().unwrap();
+    for i in 0..20u8 {
+        let mut junk = vec![0x40 | (i & 0x3f)];
+        junk.extend_from_slice(&dcid);
+        junk.extend((0..100).map(|j: u8| j.wrapping_mul(31) ^ i));
+        victim.send_to(&junk, w.server).unwrap();
+    }
+    // quiche drops every one of them (and the intermediate counts that).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stat(&w, |s| &s.quic_packets_dropped) < dropped + 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(stat(&w, |s| &s.quic_packets_dropped) >= dropped + 20);
+    // Traffic still flows to the agent, through the relay, and nothing reached the victim.
+    assert!(echo_until_ok(&mut a, src(51000), Duration::from_secs(5)).is_some());
+    assert!(a.path(SERVICE).is_relay());
+    assert_eq!(stat(&w, |s| &s.client_moves), moves, "client moved by junk");
+    assert_eq!(stat(&w, |s| &s.qad_sent), qads, "QAD sent because of junk");
+    let moved: Vec<_> = kernel.inserts().into_iter().skip(inserts).collect();
+    assert!(moved.is_empty(), "kernel entries rewritten: {moved:?}");
+    victim.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 2048];
+    assert!(
+        victim.recv_from(&mut buf).is_err(),
+        "the victim {victim_addr} received reflected traffic"
+    );
+}
+
+/// Moves packets between two sans-IO data connections until neither has any.
+fn pump(
+    a: &mut ztna_core::data::DataConnection,
+    a_addr: SocketAddr,
+    b: &mut ztna_core::data::DataConnection,
+    b_addr: SocketAddr,
+    now: Instant,
+) {
+    let mut buf = [0u8; 2048];
+    loop {
+        let mut moved = false;
+        while let Some((n, _)) = a.poll_transmit(&mut buf, now) {
+            b.recv(&mut buf[..n], a_addr, now);
+            moved = true;
+        }
+        while let Some((n, _)) = b.poll_transmit(&mut buf, now) {
+            a.recv(&mut buf[..n], b_addr, now);
+            moved = true;
+        }
+        if !moved {
+            return;
+        }
+    }
+}
+
+#[test]
+fn junk_with_a_data_connections_cid_does_not_count_as_liveness() {
+    use ztna_core::data::{self, DataConfig, DataConnection};
+    let pki = pki("liveness");
+    let cfg = |cert: &Path, key: &Path| DataConfig {
+        ca_file: pki.ca_cert.to_str().unwrap().into(),
+        cert_file: cert.to_str().unwrap().into(),
+        key_file: key.to_str().unwrap().into(),
+        idle_timeout: Duration::from_secs(30),
+        keepalive: Duration::from_millis(200),
+    };
+    let mut qa = data::quic_config(&cfg(&pki.agent_cert, &pki.agent_key)).unwrap();
+    let mut qc = data::quic_config(&cfg(&pki.connector_cert, &pki.connector_key)).unwrap();
+    let (a_addr, c_addr): (SocketAddr, SocketAddr) = (
+        "127.0.0.1:40001".parse().unwrap(),
+        "127.0.0.1:40002".parse().unwrap(),
+    );
+    let t0 = Instant::now();
+    let keepalive = Duration::from_millis(200);
+    let mut agent =
+        DataConnection::connect_direct(&mut qa, keepalive, 1, SERVICE, a_addr, c_addr, t0).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, to) = agent.poll_transmit(&mut buf, t0).unwrap();
+    assert_eq!(to, c_addr);
+    let mut conn = DataConnection::accept(
+        &mut qc,
+        keepalive,
+        1,
+        SERVICE,
+        agent.peer_cid,
+        agent.local_cid,
+        c_addr,
+        a_addr,
+        t0,
+    )
+    .unwrap();
+    conn.recv(&mut buf[..n], a_addr, t0);
+    pump(&mut agent, a_addr, &mut conn, c_addr, t0);
+    assert!(agent.is_established() && conn.is_established());
+    assert_eq!(agent.last_recv(), t0);
+    // Later, the connector has gone silent; junk carrying the agent's CID arrives
+    // (from the connector's address, as a spoofer would send it).
+    let t1 = t0 + Duration::from_secs(1);
+    for i in 0..5u8 {
+        let mut junk = vec![0x40 | i];
+        junk.extend_from_slice(&agent.local_cid);
+        junk.extend((0..60).map(|j: u8| j ^ i));
+        agent.recv(&mut junk, c_addr, t1);
+    }
+    assert_eq!(agent.last_recv(), t0, "junk counted as a sign of life");
+    assert_eq!(agent.dropped_packets(), 5);
+    assert!(!agent.is_closed(), "junk is dropped, not fatal");
+    // A real packet from the connector does count.
+    assert!(conn.check_peer(t1, |_| Ok("agent".into())));
+    conn.send_packet(b"alive").unwrap();
+    pump(&mut agent, a_addr, &mut conn, c_addr, t1);
+    assert_eq!(agent.last_recv(), t1, "a real packet is liveness");
+}
+
+/// A client Initial's long header (version `version`, DCID, SCID, `token`) padded
+/// with junk to `len` bytes: enough for the intermediate's stateless answers, which
+/// look at the header only.
+fn initial(version: u32, dcid: &[u8], scid: &[u8], token: &[u8], len: usize) -> Vec<u8> {
+    let mut p = vec![0xc0];
+    p.extend_from_slice(&version.to_be_bytes());
+    p.push(dcid.len() as u8);
+    p.extend_from_slice(dcid);
+    p.push(scid.len() as u8);
+    p.extend_from_slice(scid);
+    // Token length and packet length as 2-byte varints.
+    p.extend_from_slice(&(0x4000u16 | token.len() as u16).to_be_bytes());
+    p.extend_from_slice(token);
+    let rest = len.saturating_sub(p.len() + 2);
+    p.extend_from_slice(&(0x4000u16 | rest as u16).to_be_bytes());
+    p.resize(len, 0x5a);
+    p
+}
+
+/// Receives datagrams on `sock` until one whose DCID (long header) is `dcid`; returns
+/// it and every datagram seen before it.
+fn recv_until_dcid(sock: &std::net::UdpSocket, dcid: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut before = Vec::new();
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            let p = buf[..n].to_vec();
+            let d = p.get(6..6 + *p.get(5).unwrap_or(&0) as usize);
+            if d == Some(dcid) {
+                return (p, before);
+            }
+            before.push(p);
+        }
+    }
+    panic!("no answer for DCID {dcid:02x?}; got {before:02x?}");
+}
+
+#[test]
+fn tiny_initials_get_no_retry_or_version_negotiation_and_tokens_bind_the_retry_cid() {
+    let w = world("tinyinit");
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let odcid = [0x11u8; 8];
+    // Retry: a 100-byte Initial goes unanswered, a 1200-byte one is answered. The
+    // server reads its socket in order, so the answer to the second comes after any
+    // answer to the first would have.
+    sock.send_to(&initial(1, &odcid, &[1; 8], &[], 100), w.server)
+        .unwrap();
+    sock.send_to(&initial(1, &odcid, &[2; 8], &[], 1199), w.server)
+        .unwrap();
+    sock.send_to(&initial(1, &odcid, &[3; 8], &[], 1200), w.server)
+        .unwrap();
+    let (retry, before) = recv_until_dcid(&sock, &[3; 8]);
+    assert!(before.is_empty(), "tiny Initials answered: {before:02x?}");
+    assert_eq!(retry[0] & 0xf0, 0xf0, "a Retry");
+    assert_eq!(stat(&w, |s| &s.dropped_short_initials), 2);
+    // Version negotiation: the same for an unknown version.
+    sock.send_to(&initial(0x1a2a3a4a, &odcid, &[4; 8], &[], 60), w.server)
+        .unwrap();
+    sock.send_to(&initial(0x1a2a3a4a, &odcid, &[5; 8], &[], 1200), w.server)
+        .unwrap();
+    let (vn, before) = recv_until_dcid(&sock, &[5; 8]);
+    assert!(before.is_empty(), "tiny Initial got VN: {before:02x?}");
+    assert_eq!(&vn[1..5], &[0, 0, 0, 0], "a Version Negotiation");
+    assert_eq!(stat(&w, |s| &s.dropped_short_initials), 3);
+    assert_eq!(stat(&w, |s| &s.version_negotiations), 1);
+    // The Retry's token is only good with the Retry's own source CID as DCID.
+    let scid_len = retry[6 + 8] as usize;
+    let retry_scid = retry[15..15 + scid_len].to_vec();
+    let token = retry[15 + scid_len..retry.len() - 16].to_vec();
+    let accepted = stat(&w, |s| &s.connections_accepted);
+    let invalid = stat(&w, |s| &s.invalid_tokens);
+    let mut chosen = [0x42u8; 16];
+    chosen[0] = ztna_common::relay::RELAY_CID_MARKER;
+    for dcid in [[0x42u8; 16], chosen] {
+        sock.send_to(&initial(1, &dcid, &[3; 8], &token, 1200), w.server)
+            .unwrap();
+    }
+    // And with it, the server takes the Initial as a new connection attempt.
+    sock.send_to(&initial(1, &retry_scid, &[3; 8], &token, 1200), w.server)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stat(&w, |s| &s.connections_accepted) == accepted && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(stat(&w, |s| &s.connections_accepted), accepted + 1);
+    assert_eq!(stat(&w, |s| &s.invalid_tokens), invalid + 2);
+}
+
+/// Sends a short-header packet with `dcid` to `server` and returns the stateless
+/// reset token of the answer (its last 16 bytes).
+fn reset_token_of(sock: &std::net::UdpSocket, server: SocketAddr, dcid: &[u8]) -> [u8; 16] {
+    let mut p = vec![0x41];
+    p.extend_from_slice(dcid);
+    p.resize(60, 0x33);
+    sock.send_to(&p, server).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        if let Ok((n, from)) = sock.recv_from(&mut buf)
+            && from == server
+        {
+            assert!((21..60).contains(&n), "a stateless reset: {n} bytes");
+            return buf[n - 16..n].try_into().unwrap();
+        }
+    }
+    panic!("no stateless reset from {server}");
+}
+
+#[test]
+fn instances_sharing_a_key_do_not_share_reset_tokens_and_relay_cids_get_no_reset() {
+    let w = world("resetkey");
+    // A second instance with the same certificate and key on another port.
+    let other = start_intermediate(&w.pki, "127.0.0.1:0".parse().unwrap());
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dcid = [0x17u8; 16];
+    // A short-header packet to an unknown relay CID is not answered: the reset that
+    // follows for an ordinary CID is the first thing to arrive.
+    let mut relay = vec![0x41, ztna_common::relay::RELAY_CID_MARKER];
+    relay.resize(60, 0x44);
+    sock.send_to(&relay, w.server).unwrap();
+    let a = reset_token_of(&sock, w.server, &dcid);
+    assert_eq!(stat(&w, |s| &s.stateless_resets_sent), 1);
+    assert_eq!(stat(&w, |s| &s.relay_unknown_cid), 1);
+    let b = reset_token_of(&sock, other.addr, &dcid);
+    assert_ne!(a, b, "two instances with one key share reset tokens");
+    // The same instance restarted on its address keeps its tokens (its predecessor's
+    // clients get resets they accept).
+    let addr = other.addr;
+    other.crash().unwrap();
+    let again = start_intermediate(&w.pki, addr);
+    assert_eq!(reset_token_of(&sock, addr, &dcid), b);
+    drop(again);
+}
+
+#[test]
+fn a_flood_of_unknown_cid_packets_gets_rate_limited_resets_and_does_not_starve_clients() {
+    let w = world("flood");
+    let mut a = agent(&w.pki, w.server);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    assert!(echo_until_ok(&mut a, src(52000), Duration::from_secs(5)).is_some());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Two senders of short-header packets to ever new unknown CIDs: each would cost
+    // the intermediate an HMAC and a stateless reset.
+    let floods: Vec<_> = (0..2u8)
+        .map(|t| {
+            let (stop, sent, server) = (stop.clone(), sent.clone(), w.server);
+            std::thread::spawn(move || {
+                let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                let mut p = [0x41u8; 60];
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    p[1] = t;
+                    p[2..10].copy_from_slice(&i.to_be_bytes());
+                    if sock.send_to(&p, server).is_ok() {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    // Once the flood is at full strength (the intermediate has seen thousands of it)...
+    let seen =
+        || stat(&w, |s| &s.stateless_resets_sent) + stat(&w, |s| &s.stateless_resets_rate_limited);
+    while seen() < 2000 && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(seen() >= 2000, "the flood did not reach the intermediate");
+    // ...it keeps serving its clients.
+    let took = echo_until_ok(&mut a, src(52001), Duration::from_secs(5));
+    let echo_ok = took.is_some();
+    while start.elapsed() < Duration::from_secs(1) {
+        let _ = a.recv_packet(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for f in floods {
+        f.join().unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let resets = stat(&w, |s| &s.stateless_resets_sent);
+    let limited = stat(&w, |s| &s.stateless_resets_rate_limited);
+    let sent = sent.load(Ordering::Relaxed);
+    assert!(
+        echo_ok,
+        "clients starved during the flood ({sent} packets sent)"
+    );
+    assert!(
+        limited > 0,
+        "no reset was rate-limited ({sent} sent, {resets} resets)"
+    );
+    // 500 per second plus a burst of 100.
+    assert!(
+        (resets as f64) <= 100.0 + 500.0 * (elapsed + 0.5),
+        "{resets} resets in {elapsed:.1} s"
+    );
+    assert!(echo_until_ok(&mut a, src(52002), Duration::from_secs(5)).is_some());
+}
+
+/// A control-connection client built straight on quiche with the agent's
+/// certificate, granting the intermediate `server_stream_credit` bytes on its frame
+/// stream and never reading it.
+struct RawClient {
+    sock: std::net::UdpSocket,
+    conn: quiche::Connection,
+}
+
+impl RawClient {
+    fn connect(pki: &DevPki, server: SocketAddr, server_stream_credit: u64) -> Self {
+        let mut c = quiche::Config::new(quiche::PROTOCOL_VERSION).unwrap();
+        c.set_application_protos(&[ztna_core::ALPN]).unwrap();
+        c.load_cert_chain_from_pem_file(pki.agent_cert.to_str().unwrap())
+            .unwrap();
+        c.load_priv_key_from_pem_file(pki.agent_key.to_str().unwrap())
+            .unwrap();
+        c.load_verify_locations_from_file(pki.ca_cert.to_str().unwrap())
+            .unwrap();
+        c.verify_peer(true);
+        ztna_core::apply_transport_defaults(&mut c, Duration::from_secs(30));
+        c.set_initial_max_stream_data_uni(server_stream_credit);
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let scid = quiche::ConnectionId::from_vec(vec![7u8; 16]);
+        let conn = quiche::connect(
+            Some("intermediate.ztna"),
+            &scid,
+            sock.local_addr().unwrap(),
+            server,
+            &mut c,
+        )
+        .unwrap();
+        let mut rc = RawClient { sock, conn };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !rc.conn.is_established() {
+            assert!(Instant::now() < deadline, "raw client handshake");
+            rc.io();
+        }
+        rc
+    }
+
+    /// Sends what quiche has, then receives for up to 20 ms.
+    fn io(&mut self) {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, info)) = self.conn.send(&mut buf) {
+            self.sock.send_to(&buf[..n], info.to).unwrap();
+        }
+        if let Ok((n, from)) = self.sock.recv_from(&mut buf) {
+            let to = self.sock.local_addr().unwrap();
+            let _ = self.conn.recv(&mut buf[..n], quiche::RecvInfo { from, to });
+        }
+        if self.conn.timeout().is_some_and(|t| t.is_zero()) {
+            self.conn.on_timeout();
+        }
+    }
+}
+
+#[test]
+fn a_client_that_grants_no_stream_credit_is_closed_when_its_frame_queue_is_full() {
+    use ztna_common::frames::{self, Frame};
+    let w = world("framequeue");
+    // 64 bytes of credit on the intermediate's frame stream, never extended.
+    let mut rc = RawClient::connect(&w.pki, w.server, 64);
+    // Every SESSION_REQUEST from an unregistered agent is answered with a
+    // SESSION_REFUSED frame: 20000 of them are far more than the queue holds.
+    let mut bytes = Vec::new();
+    for request_id in 0..20_000u32 {
+        let mut buf = [0u8; 64];
+        let n = Frame::SessionRequest {
+            request_id,
+            service: SERVICE,
+        }
+        .encode(&mut buf)
+        .unwrap();
+        bytes.extend_from_slice(&buf[..n]);
+    }
+    let mut off = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rc.conn.is_closed() && rc.conn.peer_error().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "not closed; {}",
+            w.inter.as_ref().unwrap().stats.snapshot()
+        );
+        if off < bytes.len()
+            && let Ok(n) = rc
+                .conn
+                .stream_send(frames::CLIENT_FRAME_STREAM, &bytes[off..], false)
+        {
+            off += n;
+        }
+        rc.io();
+    }
+    let e = rc.conn.peer_error().expect("closed by the intermediate");
+    assert!(e.is_app);
+    assert_eq!(e.error_code, app_error::FRAME_QUEUE_FULL);
+    assert_eq!(stat(&w, |s| &s.frame_queue_overflows), 1);
+    assert!(stat(&w, |s| &s.relay_sessions_refused) > 1000);
+    // The intermediate serves everyone else as before.
+    let mut a = agent(&w.pki, w.server);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    assert!(echo_until_ok(&mut a, src(53000), Duration::from_secs(5)).is_some());
+}
+
+#[test]
+fn one_agent_gets_at_most_its_share_of_relay_sessions() {
+    use ztna_common::frames::{self, Frame};
+    let w = world("sessioncap");
+    let mut rc = RawClient::connect(&w.pki, w.server, 1_000_000);
+    let msg = ztna_common::wire::ControlMessage::RegisterAgent { service: SERVICE };
+    let mut reg = vec![0u8; msg.encoded_len()];
+    msg.encode(&mut reg).unwrap();
+    rc.conn.dgram_send(&reg).unwrap();
+    let before = stat(&w, |s| &s.registrations_accepted);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stat(&w, |s| &s.registrations_accepted) == before {
+        assert!(Instant::now() < deadline, "raw agent did not register");
+        rc.io();
+    }
+    let cap = ztna_userspace::relay::MAX_SESSIONS_PER_AGENT as u32;
+    let mut bytes = Vec::new();
+    for request_id in 0..cap + 6 {
+        let mut buf = [0u8; 64];
+        let n = Frame::SessionRequest {
+            request_id,
+            service: SERVICE,
+        }
+        .encode(&mut buf)
+        .unwrap();
+        bytes.extend_from_slice(&buf[..n]);
+    }
+    let mut off = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stat(&w, |s| &s.relay_sessions_refused_client_limit) < 6 {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            w.inter.as_ref().unwrap().stats.snapshot()
+        );
+        if off < bytes.len()
+            && let Ok(n) = rc
+                .conn
+                .stream_send(frames::CLIENT_FRAME_STREAM, &bytes[off..], false)
+        {
+            off += n;
+        }
+        rc.io();
+    }
+    assert_eq!(stat(&w, |s| &s.relay_sessions_created), cap as u64);
+    assert_eq!(stat(&w, |s| &s.relay_sessions_refused_client_limit), 6);
+    // Another agent still gets its relayed path.
+    let mut a = agent_relay(&w.pki, w.server);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
 }

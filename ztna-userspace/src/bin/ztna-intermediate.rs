@@ -46,6 +46,10 @@ struct Args {
     /// a relay path without agents.
     #[arg(long = "static-session", value_parser = parse_pair)]
     static_sessions: Vec<(SocketAddr, SocketAddr)>,
+    /// Identity of this instance in its stateless-reset key (default: host name and
+    /// UDP address). Give instances that share a server key different ones.
+    #[arg(long)]
+    instance_id: Option<String>,
     /// Write counters as JSON to this file every second.
     #[arg(long)]
     stats_file: Option<PathBuf>,
@@ -65,6 +69,7 @@ fn main() -> anyhow::Result<()> {
     cfg.xdp_interfaces = args.ifaces;
     cfg.stats_file = args.stats_file;
     cfg.static_sessions = args.static_sessions;
+    cfg.instance_id = args.instance_id;
     let server = Intermediate::bind(cfg)?;
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
