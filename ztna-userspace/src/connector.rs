@@ -581,14 +581,15 @@ impl Connector {
     fn tunnel_in(&mut self, origin: Origin, service: Option<String>, packet: Vec<u8>) {
         let service = match service {
             Some(s) => s,
-            // Raw datagram: the only service, if there is exactly one.
-            None if self.services.len() == 1 => {
-                self.services.keys().next().cloned().unwrap_or_default()
-            }
-            None => {
-                inc(&self.stats.dropped_unknown_service);
-                return;
-            }
+            // Raw IP (an original intermediate, or a packet too big to wrap): the
+            // service whose virtual address it goes to, else the only service.
+            None => match self.service_of_raw(&packet) {
+                Some(s) => s,
+                None => {
+                    inc(&self.stats.dropped_unknown_service);
+                    return;
+                }
+            },
         };
         let Some(spec) = self.services.get(&service).cloned() else {
             inc(&self.stats.dropped_unknown_service);
@@ -641,6 +642,23 @@ impl Connector {
                 }
             }
             Proto::Tcp => inc(&self.stats.dropped_unsupported),
+        }
+    }
+
+    /// The service a raw IP packet is for: the one whose virtual address is the
+    /// packet's destination, else the only service there is.
+    fn service_of_raw(&self, packet: &[u8]) -> Option<String> {
+        if let Ok(key) = packet::flow_key(packet)
+            && let Some(s) = self
+                .services
+                .values()
+                .find(|s| s.virtual_ip == Some(key.dst.ip()))
+        {
+            return Some(s.id.clone());
+        }
+        match self.services.len() {
+            1 => self.services.keys().next().cloned(),
+            _ => None,
         }
     }
 

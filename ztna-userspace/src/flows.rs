@@ -31,8 +31,6 @@ pub struct Inbound {
     pub agent: ClientId,
     /// The agent's own key, to restore the translated port on the way back.
     pub original: FlowKey,
-    /// The agent sent raw IP datagrams (no 0x2F header): answer in kind.
-    pub raw: bool,
     last_seen: Instant,
 }
 
@@ -82,7 +80,6 @@ impl FlowTable {
         agent: ClientId,
         service: &str,
         key: FlowKey,
-        raw: bool,
         now: Instant,
     ) -> OutboundRoute {
         let okey = (agent, service.to_string(), key);
@@ -91,7 +88,6 @@ impl FlowTable {
             let wire = o.wire;
             if let Some(i) = self.inb.get_mut(&(service.to_string(), wire)) {
                 i.last_seen = now;
-                i.raw = raw;
             }
             return OutboundRoute {
                 wire,
@@ -127,7 +123,6 @@ impl FlowTable {
             Inbound {
                 agent,
                 original: key,
-                raw,
                 last_seen: now,
             },
         );
@@ -192,8 +187,8 @@ mod tests {
         let mut t = FlowTable::default();
         let a = key("100.64.0.2:5000", "10.100.0.1:7");
         let b = key("100.64.0.2:5001", "10.100.0.1:7");
-        assert_eq!(t.outbound(1, "echo", a, false, now).rewrite_to, None);
-        assert_eq!(t.outbound(2, "echo", b, false, now).rewrite_to, None);
+        assert_eq!(t.outbound(1, "echo", a, now).rewrite_to, None);
+        assert_eq!(t.outbound(2, "echo", b, now).rewrite_to, None);
         assert_eq!(t.inbound("echo", &a.reversed(), now).unwrap().agent, 1);
         assert_eq!(t.inbound("echo", &b.reversed(), now).unwrap().agent, 2);
         assert!(t.inbound("other", &a.reversed(), now).is_none());
@@ -204,13 +199,13 @@ mod tests {
         let now = Instant::now();
         let mut t = FlowTable::default();
         let k = key("100.64.0.2:5000", "10.100.0.1:7");
-        assert_eq!(t.outbound(1, "echo", k, false, now).rewrite_to, None);
-        let r = t.outbound(2, "echo", k, false, now);
+        assert_eq!(t.outbound(1, "echo", k, now).rewrite_to, None);
+        let r = t.outbound(2, "echo", k, now);
         let port = r.rewrite_to.expect("second agent must be translated");
         assert_ne!(port, 5000);
         assert_eq!(r.wire.src.port(), port);
         // the same agent's next packet reuses the translation
-        assert_eq!(t.outbound(2, "echo", k, false, now).rewrite_to, Some(port));
+        assert_eq!(t.outbound(2, "echo", k, now).rewrite_to, Some(port));
         let back = t.inbound("echo", &r.wire.reversed(), now).unwrap();
         assert_eq!(back.agent, 2);
         assert_eq!(back.original, k);
@@ -223,10 +218,10 @@ mod tests {
         let now = Instant::now();
         let mut t = FlowTable::default();
         let k = key("100.64.0.2:5000", "10.100.0.1:7");
-        t.outbound(1, "echo", k, false, now);
+        t.outbound(1, "echo", k, now);
         t.remove_client(1);
         assert!(t.inbound("echo", &k.reversed(), now).is_none());
-        t.outbound(1, "echo", k, false, now);
+        t.outbound(1, "echo", k, now);
         t.expire(now + FLOW_IDLE + Duration::from_secs(1));
         assert!(t.is_empty());
     }
