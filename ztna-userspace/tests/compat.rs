@@ -982,6 +982,9 @@ fn original_agent_with_ztna_connector_every_size_both_framings() {
     assert_eq!(get(&s.dropped_too_large), 0);
     let n = (2 * (max - IPV4_UDP) - 2 - SERVICE.len() + 2) as u64;
     assert!(get(&s.relayed_to_agent) >= n, "{}", s.snapshot());
+    // ztna's connector negotiated 0x2F; the packets too big for it came raw.
+    assert_eq!(get(&s.capabilities_received), 1);
+    assert!(get(&s.relayed_raw_to_fit) >= (2 + SERVICE.len()) as u64);
 }
 
 #[test]
@@ -1044,6 +1047,11 @@ fn ztna_agent_with_original_connector_both_directions_up_to_the_limit() {
         reply_size_request,
         pattern,
     );
+    assert_eq!(
+        a.agent.client().server_capabilities(),
+        Some(0x0000_0001),
+        "ztna's intermediate answers CAPABILITIES with SERVICE_PACKETS"
+    );
     assert!(a.raw > 0, "the largest replies came raw");
     assert!(get(&inter.stats.relayed_raw_to_fit) >= a.raw);
     assert_eq!(get(&conn.stats.send_failed), 0);
@@ -1083,6 +1091,7 @@ fn ztna_connector_behind_original_intermediate_replies_raw() {
     echo_sizes(&mut a, agent_max - 16..=agent_max);
     echo_sizes(&mut a, 0..=8);
     assert_eq!(a.wrapped, 0, "the original intermediate relays raw IP");
+    assert_eq!(a.agent.client().server_capabilities(), None);
     let s = &inter.stats;
     assert_eq!(
         get(&s.dropped_service_packet_from_connector),
@@ -1091,4 +1100,28 @@ fn ztna_connector_behind_original_intermediate_replies_raw() {
     );
     assert_eq!(get(&s.dropped_other), 0);
     assert_eq!(get(&conn.stats.dropped_send_failed), 0);
+}
+
+#[test]
+fn ztna_agent_and_ztna_connector_negotiate_service_packets() {
+    let pki = pki("ztna-pair");
+    let echo = EchoServer::spawn("127.0.0.1:0".parse().unwrap()).unwrap();
+    let inter = ztna_intermediate(&pki);
+    let _conn = ztna_connector(&pki, inter.addr, echo.addr);
+    let agent = ztna_agent(&pki, inter.addr);
+    let agent_max = agent.max_udp_payload(SERVICE, false).unwrap();
+    let mut a = ZtnaAgent {
+        agent,
+        sport: 40040,
+        wrapped: 0,
+        raw: 0,
+    };
+    echo_sizes(&mut a, 0..=agent_max);
+    // Both sides announced SERVICE_PACKETS: everything fits wrapped, so nothing is raw.
+    assert_eq!(a.raw, 0);
+    assert!(a.wrapped > agent_max as u64);
+    let s = &inter.stats;
+    assert_eq!(get(&s.capabilities_received), 2);
+    assert_eq!(get(&s.relayed_raw_to_fit), 0);
+    assert_eq!(get(&s.dropped_send_failed), 0);
 }
