@@ -1080,9 +1080,13 @@ fn ztna_connector_behind_original_intermediate_replies_raw() {
     agent.wrap = true;
     agent.sport = 40031;
     echo_sizes(&mut agent, 0..=max - IPV4_UDP - 2 - SERVICE.len());
-    // ztna's agent through the original intermediate, to ztna's connector.
+    // ztna's agent through the original intermediate, to ztna's connector. Its data
+    // path is on: the session request it sends is never answered, so it stays on the
+    // datagram relay.
+    let mut full = Agent::connect(client_cfg(&pki, inter.addr, Role::Agent)).unwrap();
+    full.wait_registered(Duration::from_secs(10)).unwrap();
     let mut a = ZtnaAgent {
-        agent: ztna_agent(&pki, inter.addr),
+        agent: full,
         sport: 40032,
         wrapped: 0,
         raw: 0,
@@ -1092,6 +1096,10 @@ fn ztna_connector_behind_original_intermediate_replies_raw() {
     echo_sizes(&mut a, 0..=8);
     assert_eq!(a.wrapped, 0, "the original intermediate relays raw IP");
     assert_eq!(a.agent.client().server_capabilities(), None);
+    assert_eq!(
+        a.agent.path(SERVICE),
+        ztna_userspace::agent::PathKind::Datagram
+    );
     let s = &inter.stats;
     assert_eq!(
         get(&s.dropped_service_packet_from_connector),
