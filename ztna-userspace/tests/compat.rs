@@ -581,10 +581,8 @@ fn original_intermediate(
             if !c.conn.is_established() {
                 continue;
             }
-            if !c.qad_sent {
-                if c.conn.dgram_send(&qad_v4(c.peer)).is_ok() {
-                    c.qad_sent = true;
-                }
+            if !c.qad_sent && c.conn.dgram_send(&qad_v4(c.peer)).is_ok() {
+                c.qad_sent = true;
             }
             let mut d = [0u8; 2048];
             let mut got = Vec::new();
@@ -596,13 +594,8 @@ fn original_intermediate(
             }
         }
         for c in conns.values_mut() {
-            loop {
-                match c.conn.send(&mut out) {
-                    Ok((n, info)) => {
-                        let _ = socket.send_to(&out[..n], info.to);
-                    }
-                    Err(_) => break,
-                }
+            while let Ok((n, info)) = c.conn.send(&mut out) {
+                let _ = socket.send_to(&out[..n], info.to);
             }
         }
         conns.retain(|_, c| !c.conn.is_closed());
