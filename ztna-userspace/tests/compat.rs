@@ -936,12 +936,26 @@ fn original_agent_registration_edge_cases_get_the_documented_answers() {
         let got = p.register(msg);
         assert_eq!(&got, want, "{what}: sent {msg:02x?}");
     }
-    let s = &inter.stats;
-    assert_eq!(get(&s.registrations_malformed), 6);
-    assert_eq!(get(&s.registrations_refused), 9);
-    assert_eq!(get(&s.registrations_accepted), 1);
     // The connection survived all of it.
     assert!(!p.conn.is_closed());
+
+    // A 255-byte id is accepted where the certificate covers it (`agent.*.ztna`).
+    let (cert, key) = identity::issue_leaf(
+        &pki.ca_cert,
+        &pki.ca_key,
+        &pki.dir,
+        "any-service-agent",
+        &["agent.*.ztna".into()],
+    )
+    .unwrap();
+    let mut any = Peer::connect(inter.addr, &cert, &key, &pki.ca_cert);
+    assert_eq!(any.register(&register_agent(&long)), ack(&long));
+    assert_eq!(any.register(&register_connector(&long)), nack(0x02, &long));
+
+    let s = &inter.stats;
+    assert_eq!(get(&s.registrations_malformed), 6);
+    assert_eq!(get(&s.registrations_refused), 10);
+    assert_eq!(get(&s.registrations_accepted), 2);
 }
 
 #[test]
