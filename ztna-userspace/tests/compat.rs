@@ -1140,3 +1140,56 @@ fn ztna_agent_and_ztna_connector_negotiate_service_packets() {
     assert_eq!(get(&s.relayed_raw_to_fit), 0);
     assert_eq!(get(&s.dropped_send_failed), 0);
 }
+
+#[test]
+fn ztna_connector_behind_original_intermediate_routes_raw_ip_by_virtual_address() {
+    const OTHER: &str = "other-service";
+    const OTHER_VIP: [u8; 4] = [10, 100, 0, 2];
+    let pki = pki("orig-inter-two");
+    let echo_a = EchoServer::spawn("127.0.0.1:0".parse().unwrap()).unwrap();
+    let echo_b = EchoServer::spawn("127.0.0.1:0".parse().unwrap()).unwrap();
+    let inter = OriginalIntermediate::spawn(&pki);
+    let specs = vec![
+        ServiceSpec {
+            id: SERVICE.into(),
+            backend: echo_a.addr,
+            virtual_ip: Some(VIP.into()),
+        },
+        ServiceSpec {
+            id: OTHER.into(),
+            backend: echo_b.addr,
+            virtual_ip: Some(OTHER_VIP.into()),
+        },
+    ];
+    let conn = connector::spawn(client_cfg(&pki, inter.addr, Role::Connector), specs).unwrap();
+    poll_until("both services registered", Duration::from_secs(10), || {
+        conn.stats.registrations.load(Ordering::Relaxed) >= 2
+    });
+    let mut p = Peer::connect(inter.addr, &pki.agent_cert, &pki.agent_key, &pki.ca_cert);
+    for id in [SERVICE, OTHER] {
+        assert_eq!(
+            p.register(&register_agent(id.as_bytes())),
+            ack(id.as_bytes())
+        );
+    }
+    // The original intermediate strips 0x2F: the connector sees raw IP and must pick
+    // the service by destination address.
+    for (id, vip, echo) in [(OTHER, OTHER_VIP, &echo_b), (SERVICE, VIP, &echo_a)] {
+        let before = get(&echo.echoed);
+        let ip = ipv4_udp((TUNNEL_IP, 40050), (vip, 7), b"which service?");
+        let mut reply = None;
+        for _ in 0..5 {
+            p.send(&service_packet(id.as_bytes(), &ip));
+            reply = p.next_non_qad(Instant::now() + Duration::from_secs(1));
+            if reply.is_some() {
+                break;
+            }
+        }
+        let udp = parse_ipv4_udp(&reply.expect("reply")).unwrap();
+        assert_eq!(udp.src, (vip, 7));
+        assert_eq!(udp.payload, b"which service?");
+        assert!(get(&echo.echoed) > before, "{id} reached its own backend");
+    }
+    assert_eq!(get(&conn.stats.dropped_unknown_service), 0);
+    assert_eq!(get(&inter.stats.dropped_service_packet_from_connector), 0);
+}
