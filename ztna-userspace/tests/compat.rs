@@ -1193,3 +1193,30 @@ fn ztna_connector_behind_original_intermediate_routes_raw_ip_by_virtual_address(
     assert_eq!(get(&conn.stats.dropped_unknown_service), 0);
     assert_eq!(get(&inter.stats.dropped_service_packet_from_connector), 0);
 }
+
+#[test]
+fn ztna_agent_behind_original_intermediate_with_original_connector() {
+    let pki = pki("orig-inter-orig-conn");
+    let inter = OriginalIntermediate::spawn(&pki);
+    let conn = OriginalConnector::spawn(inter.addr, &pki);
+    let mut a = ZtnaAgent {
+        agent: ztna_agent(&pki, inter.addr),
+        sport: 40060,
+        wrapped: 0,
+        raw: 0,
+    };
+    let agent_max = a.agent.max_udp_payload(SERVICE, false).unwrap();
+    echo_sizes(&mut a, 0..=8);
+    echo_sizes(&mut a, agent_max - 16..=agent_max);
+    // Replies up to the original connector's limit, raw all the way.
+    let conn_max = get(&conn.stats.max_dgram) as usize - IPV4_UDP;
+    exchange_sizes(
+        &mut a,
+        conn_max - 16..=conn_max,
+        reply_size_request,
+        pattern,
+    );
+    assert_eq!(a.wrapped, 0);
+    assert_eq!(get(&conn.stats.received_non_ip), 0);
+    assert_eq!(get(&inter.stats.dropped_other), 0);
+}
