@@ -16,6 +16,11 @@
 //! 0x6_ raw IPv6 packet      the packet itself (first nibble 6)
 //! ```
 //!
+//! Whether tunneled packets are sent to a peer as `0x2F` or as raw IP is negotiated
+//! with the CAPABILITIES stream frame ([`crate::frames`]): the original system's
+//! clients never send it and read only raw IP (its connectors also send only raw IP),
+//! so they are sent raw IP.
+//!
 //! A `0x10`/`0x11` registration that does not decode (length byte missing or 0, id
 //! running past the payload, id not UTF-8, bytes after the id) is answered with a NACK
 //! of status 01 whose id is the id bytes as received, cut to the payload (so possibly
