@@ -24,6 +24,11 @@
 //!                                   | ip[4|16] | port[2]
 //! 0x08 SESSION_PATH     intermediate → endpoints  session_id[4] | forwarding[1]
 //!                       (1 XDP native, 2 XDP generic, 3 userspace forwarder)
+//! 0x09 CAPABILITIES     client → intermediate, intermediate → client
+//!                       flags[4] | ignored[..]
+//!                       bit 0 (0x0000_0001) SERVICE_PACKETS, see below; other bits
+//!                       are reserved: senders set them to 0, receivers ignore them,
+//!                       and bytes after `flags` are ignored (room for later fields)
 //! 0x0A SERVICE_PREFIXES connector → intermediate: the addresses a service answers on;
 //!                       intermediate → agent: the same, for each service the agent
 //!                       is registered (so authorized) for, after its ACK and
@@ -37,6 +42,17 @@
 //!
 //! A prefix's host bits are zero and its length at most 32 (IPv4) or 128 (IPv6);
 //! anything else is malformed. At most [`MAX_PREFIXES`] per frame.
+//!
+//! CAPABILITIES negotiates the DATAGRAM framing of tunneled packets, so that ztna
+//! peers interoperate with the original system's, which never send stream frames:
+//! a ztna client sends it once right after the handshake, and the intermediate answers
+//! each one it receives with its own. Without it, a peer is assumed to be an original
+//! one. `SERVICE_PACKETS` from a client means "send me tunneled packets as `0x2F`
+//! (service-routed) DATAGRAMs where they fit; I read raw IP too"; without it the
+//! intermediate sends that client only raw IP DATAGRAMs (0x4_/0x6_), as the original
+//! intermediate does. `SERVICE_PACKETS` from the intermediate means "I accept `0x2F`
+//! from you in your role"; the original intermediate accepts `0x2F` only from agents,
+//! so a ztna connector that did not get it replies with raw IP.
 //!
 //! CANDIDATES carry the sender's NAT-traversal candidates and its check password
 //! (`ztna_core::p2p`). The intermediate passes them on only between the agent and
@@ -61,6 +77,16 @@ pub const FRAME_SESSION_REFUSED: u8 = 0x05;
 pub const FRAME_SESSION_CLOSE: u8 = 0x06;
 pub const FRAME_CANDIDATES: u8 = 0x07;
 pub const FRAME_SESSION_PATH: u8 = 0x08;
+pub const FRAME_CAPABILITIES: u8 = 0x09;
+
+/// CAPABILITIES flag bits.
+pub mod capability {
+    /// Bit 0: tunneled packets may be sent to the sender of this frame as `0x2F`
+    /// DATAGRAMs (a client), or the sender accepts `0x2F` from the receiver (the
+    /// intermediate). See the module documentation.
+    pub const SERVICE_PACKETS: u32 = 0x0000_0001;
+}
+
 pub const FRAME_SERVICE_PREFIXES: u8 = 0x0A;
 pub const FRAME_TUNNEL_ADDRESS: u8 = 0x0C;
 
@@ -182,6 +208,10 @@ pub enum Frame<'a> {
     TunnelAddress {
         ipv4: core::net::Ipv4Addr,
         ipv6: core::net::Ipv6Addr,
+    },
+    /// Feature flags (`capability::*`) of the sender.
+    Capabilities {
+        flags: u32,
     },
     /// A frame type this version does not know; skipped.
     Unknown {
@@ -338,6 +368,12 @@ impl<'a> Frame<'a> {
                     ipv6: a.into(),
                 }
             }
+            FRAME_CAPABILITIES => {
+                let flags = r.u32()?;
+                // Later versions may append fields; this one reads only the flags.
+                r.buf = &[];
+                Frame::Capabilities { flags }
+            }
             t => {
                 r.buf = &[];
                 Frame::Unknown { frame_type: t }
@@ -431,6 +467,10 @@ impl<'a> Frame<'a> {
                 w.put(&ipv4.octets())?;
                 w.put(&ipv6.octets())?;
                 FRAME_TUNNEL_ADDRESS
+            }
+            Frame::Capabilities { flags } => {
+                w.put(&flags.to_be_bytes())?;
+                FRAME_CAPABILITIES
             }
             Frame::Unknown { frame_type } => frame_type,
         };
@@ -686,6 +726,9 @@ mod tests {
             session_id: 1,
             forwarding: forwarding::XDP_NATIVE,
         });
+        rt(Frame::Capabilities {
+            flags: capability::SERVICE_PACKETS,
+        });
         let mut raw = [0u8; 64];
         let mut n = 0;
         assert!(encode_candidate(
@@ -882,6 +925,24 @@ mod tests {
         .encode(&mut buf)
         .unwrap();
         assert_eq!(&buf[..n], &[0, 6, 6, 0, 0, 0, 2, 1]);
+        let n = Frame::Capabilities {
+            flags: capability::SERVICE_PACKETS,
+        }
+        .encode(&mut buf)
+        .unwrap();
+        assert_eq!(&buf[..n], &[0, 5, 9, 0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn capabilities_ignore_later_fields_but_need_the_flags() {
+        assert_eq!(
+            Frame::decode(&[0, 7, FRAME_CAPABILITIES, 0x80, 0, 0, 1, 0xaa, 0xbb]),
+            Ok(Some((Frame::Capabilities { flags: 0x8000_0001 }, 9)))
+        );
+        assert_eq!(
+            Frame::decode(&[0, 3, FRAME_CAPABILITIES, 0, 1]),
+            Err(WireError::Truncated { needed: 4, have: 2 })
+        );
     }
 
     #[test]

@@ -16,6 +16,18 @@
 //! 0x6_ raw IPv6 packet      the packet itself (first nibble 6)
 //! ```
 //!
+//! Whether tunneled packets are sent to a peer as `0x2F` or as raw IP is negotiated
+//! with the CAPABILITIES stream frame ([`crate::frames`]): the original system's
+//! clients never send it and read only raw IP (its connectors also send only raw IP),
+//! so they are sent raw IP.
+//!
+//! A `0x10`/`0x11` registration that does not decode (length byte missing or 0, id
+//! running past the payload, id not UTF-8, bytes after the id) is answered with a NACK
+//! of status 01 whose id is the id bytes as received, cut to the payload (so possibly
+//! empty, `13 01 00`, or not UTF-8): the client learns why and can match the answer to
+//! its request byte for byte. ztna clients never send such registrations, and their
+//! decoder treats such a NACK as malformed (see [`encode_nack_bytes`]).
+//!
 //! Decoding borrows from the input and never allocates, so the same code runs in
 //! `no_std` contexts. Every malformed class has its own [`WireError`] variant so the
 //! receiver can count each class separately.
@@ -361,6 +373,44 @@ impl<'a> ControlMessage<'a> {
     }
 }
 
+/// For a `0x10`/`0x11` DATAGRAM: the id bytes it carries, as far as the payload goes
+/// (`len` bytes if present, fewer if the payload ends first, none if the length byte is
+/// missing or 0). `None` for other message types. Used to answer a malformed
+/// registration with a NACK that echoes what the client sent.
+pub fn registration_id_bytes(buf: &[u8]) -> Option<&[u8]> {
+    match buf.first() {
+        Some(&TYPE_REGISTER_AGENT | &TYPE_REGISTER_CONNECTOR) => {}
+        _ => return None,
+    }
+    let len = buf.get(1).copied().unwrap_or(0) as usize;
+    let id = buf.get(2..).unwrap_or(&[]);
+    Some(&id[..len.min(id.len())])
+}
+
+/// Encodes a NACK `13 | status | len | id[len]` from raw id bytes, which may be empty
+/// or not UTF-8 (the answer to a malformed registration). Returns the bytes written.
+pub fn encode_nack_bytes(
+    status: NackStatus,
+    id: &[u8],
+    out: &mut [u8],
+) -> Result<usize, WireError> {
+    if id.len() > MAX_SERVICE_ID_LEN {
+        return Err(WireError::LengthTooLong { len: id.len() });
+    }
+    let needed = 3 + id.len();
+    if out.len() < needed {
+        return Err(WireError::BufferTooSmall {
+            needed,
+            have: out.len(),
+        });
+    }
+    out[0] = TYPE_REGISTER_NACK;
+    out[1] = status.to_byte();
+    out[2] = id.len() as u8;
+    out[3..needed].copy_from_slice(id);
+    Ok(needed)
+}
+
 /// Bytes a `0x2F` message adds in front of the IP packet for `service`.
 pub const fn service_packet_overhead(service: &str) -> usize {
     2 + service.len()
@@ -600,6 +650,32 @@ mod tests {
                 status: NackStatus::Other(9),
                 service: "a"
             })
+        );
+    }
+
+    #[test]
+    fn malformed_registrations_echo_their_id_bytes() {
+        assert_eq!(registration_id_bytes(&[0x10]), Some(&[][..]));
+        assert_eq!(registration_id_bytes(&[0x11, 0]), Some(&[][..]));
+        assert_eq!(
+            registration_id_bytes(&[0x10, 2, 0xff, 0xfe]),
+            Some(&[0xff, 0xfe][..])
+        );
+        assert_eq!(
+            registration_id_bytes(&[0x10, 1, b'a', b'b']),
+            Some(&b"a"[..])
+        );
+        assert_eq!(registration_id_bytes(&[0x10, 9, b'a']), Some(&b"a"[..]));
+        assert_eq!(registration_id_bytes(&[0x2F, 1, b'a']), None);
+        assert_eq!(registration_id_bytes(&[]), None);
+        let mut buf = [0u8; 8];
+        let n = encode_nack_bytes(NackStatus::InvalidId, &[], &mut buf).unwrap();
+        assert_eq!(&buf[..n], &[0x13, 1, 0]);
+        let n = encode_nack_bytes(NackStatus::InvalidId, &[0xff, 0xfe], &mut buf).unwrap();
+        assert_eq!(&buf[..n], &[0x13, 1, 2, 0xff, 0xfe]);
+        assert_eq!(
+            encode_nack_bytes(NackStatus::InvalidId, &[0; 6], &mut buf),
+            Err(WireError::BufferTooSmall { needed: 9, have: 8 })
         );
     }
 

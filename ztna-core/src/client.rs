@@ -8,6 +8,13 @@
 //! every configured service (0x10 for agents, 0x11 for connectors). When the connection
 //! closes for any reason the client reports `Disconnected`, waits an exponential
 //! backoff and starts a new handshake with fresh connection IDs, then registers again.
+//!
+//! Framing of tunneled packets (`ztna_common::frames` CAPABILITIES): right after the
+//! handshake the client announces that it reads `0x2F` DATAGRAMs. An agent always sends
+//! `0x2F` (every intermediate, the original one too, accepts it from agents). A
+//! connector sends `0x2F` only when the intermediate answered with `SERVICE_PACKETS`
+//! and the packet fits that way; otherwise raw IP, which every intermediate routes back
+//! by flow, so a ztna connector works behind the original intermediate.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -176,6 +183,9 @@ pub struct ClientStats {
     pub unknown_type: u64,
     pub unexpected: u64,
     pub bad_frames: u64,
+    /// Tunneled packets received as `0x2F` (service-routed) and as raw IP.
+    pub service_packets_in: u64,
+    pub raw_packets_in: u64,
 }
 
 enum State {
@@ -208,6 +218,9 @@ pub struct ControlClient {
     next_request: u32,
     /// request id → service, for relay-session requests in flight.
     requests: BTreeMap<u32, String>,
+    /// CAPABILITIES flags the intermediate sent on the current connection; `None`
+    /// until it does (an original intermediate never does).
+    server_caps: Option<u32>,
 }
 
 fn quic_config(cfg: &ClientConfig) -> Result<quiche::Config, ClientError> {
@@ -268,6 +281,7 @@ impl ControlClient {
             frames: FrameIo::default(),
             next_request: 1,
             requests: BTreeMap::new(),
+            server_caps: None,
         };
         client.start_connect(now)?;
         Ok(client)
@@ -291,6 +305,7 @@ impl ControlClient {
         self.stats.connects += 1;
         self.frames.reset();
         self.requests.clear();
+        self.server_caps = None;
         for v in self.registered.values_mut() {
             *v = false;
         }
@@ -323,10 +338,30 @@ impl ControlClient {
         self.conn.as_ref()?.dgram_max_writable_len()
     }
 
-    /// Largest IP packet that fits a `0x2F` message for `service`.
+    /// CAPABILITIES flags of the intermediate on the current connection, `None` until
+    /// they arrive (never, from the original intermediate).
+    pub fn server_capabilities(&self) -> Option<u32> {
+        self.server_caps
+    }
+
+    /// Whether `send_packet` may use `0x2F`: agents always may; connectors only when
+    /// the intermediate negotiated it.
+    fn may_send_service_packets(&self) -> bool {
+        self.cfg.role == Role::Agent
+            || self
+                .server_caps
+                .is_some_and(|f| f & frames::capability::SERVICE_PACKETS != 0)
+    }
+
+    /// Largest IP packet `send_packet` takes for `service`: for an agent what fits a
+    /// `0x2F` message; for a connector, which falls back to raw IP when `0x2F` does
+    /// not fit, the whole DATAGRAM.
     pub fn max_packet_len(&self, service: &str) -> Option<usize> {
-        self.max_datagram_payload()?
-            .checked_sub(wire::service_packet_overhead(service))
+        let max = self.max_datagram_payload()?;
+        match self.cfg.role {
+            Role::Agent => max.checked_sub(wire::service_packet_overhead(service)),
+            Role::Connector => Some(max),
+        }
     }
 
     /// Feeds one received UDP payload.
@@ -407,7 +442,8 @@ impl ControlClient {
         self.events.pop_front()
     }
 
-    /// Queues an IP packet for `service` as a `0x2F` DATAGRAM.
+    /// Queues an IP packet for `service`: as a `0x2F` DATAGRAM where allowed and it
+    /// fits (see the module documentation), else (connectors only) as raw IP.
     pub fn send_packet(&mut self, service: &str, packet: &[u8]) -> Result<(), ClientError> {
         if !self.is_registered(service) {
             return Err(if self.is_established() {
@@ -424,6 +460,13 @@ impl ControlClient {
                 size: packet.len(),
                 max,
             });
+        }
+        let wrapped_fits = self
+            .max_datagram_payload()
+            .is_some_and(|m| packet.len() + wire::service_packet_overhead(service) <= m);
+        if !(self.may_send_service_packets() && wrapped_fits) {
+            // Only a connector gets here: the intermediate routes raw replies by flow.
+            return self.send_raw(packet);
         }
         let msg = ControlMessage::ServicePacket { service, packet };
         let mut buf = vec![0u8; msg.encoded_len()];
@@ -587,6 +630,10 @@ impl ControlClient {
             self.events.push_back(ClientEvent::Connected {
                 handshake: now.saturating_duration_since(started),
             });
+            // Announce that we read 0x2F; an original intermediate ignores the stream.
+            let _ = self.frames.queue(&Frame::Capabilities {
+                flags: frames::capability::SERVICE_PACKETS,
+            });
             let services: Vec<String> = self.registered.keys().cloned().collect();
             for service in services {
                 let msg = match self.cfg.role {
@@ -664,12 +711,14 @@ impl ControlClient {
                     });
                 }
                 Ok(ControlMessage::ServicePacket { service, packet }) => {
+                    self.stats.service_packets_in += 1;
                     self.events.push_back(ClientEvent::Packet {
                         service: Some(service.to_string()),
                         packet: packet.to_vec(),
                     });
                 }
                 Ok(ControlMessage::RawIp { packet }) => {
+                    self.stats.raw_packets_in += 1;
                     self.events.push_back(ClientEvent::Packet {
                         service: None,
                         packet: packet.to_vec(),
@@ -777,6 +826,10 @@ impl ControlClient {
                 Ok(Frame::TunnelAddress { ipv4, ipv6 }) if self.cfg.role == Role::Agent => {
                     self.events
                         .push_back(ClientEvent::TunnelAddress { ipv4, ipv6 });
+                }
+                Ok(Frame::Capabilities { flags }) => {
+                    tracing::debug!("intermediate capabilities 0x{flags:08x}");
+                    self.server_caps = Some(flags);
                 }
                 Ok(Frame::Unknown { .. }) => {}
                 Ok(_) => self.stats.unexpected += 1,

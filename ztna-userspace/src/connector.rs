@@ -620,14 +620,15 @@ impl Connector {
     fn tunnel_in(&mut self, origin: Origin, service: Option<String>, packet: Vec<u8>) {
         let service = match service {
             Some(s) => s,
-            // Raw datagram: the only service, if there is exactly one.
-            None if self.services.len() == 1 => {
-                self.services.keys().next().cloned().unwrap_or_default()
-            }
-            None => {
-                inc(&self.stats.dropped_unknown_service);
-                return;
-            }
+            // Raw IP (an original intermediate, or a packet too big to wrap): the
+            // service whose virtual address it goes to, else the only service.
+            None => match self.service_of_raw(&packet) {
+                Some(s) => s,
+                None => {
+                    inc(&self.stats.dropped_unknown_service);
+                    return;
+                }
+            },
         };
         let Some(spec) = self.services.get(&service).cloned() else {
             inc(&self.stats.dropped_unknown_service);
@@ -680,6 +681,33 @@ impl Connector {
                 }
             }
             Proto::Tcp => inc(&self.stats.dropped_unsupported),
+        }
+    }
+
+    /// The service a raw IP packet is for: the one whose prefix covers the
+    /// packet's destination (the longest), else the only service there is.
+    fn service_of_raw(&self, packet: &[u8]) -> Option<String> {
+        if let Some(dst) = packet::destination(packet)
+            && let Some(s) = self
+                .services
+                .values()
+                .filter_map(|s| {
+                    let best = s
+                        .prefixes
+                        .iter()
+                        .filter(|p| p.contains(&dst))
+                        .map(|p| p.prefix_len())
+                        .max()?;
+                    Some((best, s))
+                })
+                .max_by_key(|(len, _)| *len)
+                .map(|(_, s)| s)
+        {
+            return Some(s.id.clone());
+        }
+        match self.services.len() {
+            1 => self.services.keys().next().cloned(),
+            _ => None,
         }
     }
 

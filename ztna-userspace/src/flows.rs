@@ -31,8 +31,6 @@ pub struct Inbound {
     pub agent: ClientId,
     /// The agent's own key, to restore the translated port on the way back.
     pub original: FlowKey,
-    /// The agent sent raw IP datagrams (no 0x2F header): answer in kind.
-    pub raw: bool,
     last_seen: Instant,
 }
 
@@ -93,7 +91,6 @@ impl FlowTable {
         agent: ClientId,
         service: &str,
         key: FlowKey,
-        raw: bool,
         now: Instant,
     ) -> OutboundRoute {
         let okey = (agent, service.to_string(), key);
@@ -102,7 +99,6 @@ impl FlowTable {
             let wire = o.wire;
             if let Some(i) = self.inb.get_mut(&(service.to_string(), wire)) {
                 i.last_seen = now;
-                i.raw = raw;
             }
             return OutboundRoute {
                 wire,
@@ -141,7 +137,6 @@ impl FlowTable {
             Inbound {
                 agent,
                 original: key,
-                raw,
                 last_seen: now,
             },
         );
@@ -227,8 +222,8 @@ mod tests {
         let mut t = FlowTable::default();
         let a = key("100.64.0.2:5000", "10.100.0.1:7");
         let b = key("100.64.0.2:5001", "10.100.0.1:7");
-        assert_eq!(t.outbound(1, "echo", a, false, now).rewrite_to, None);
-        assert_eq!(t.outbound(2, "echo", b, false, now).rewrite_to, None);
+        assert_eq!(t.outbound(1, "echo", a, now).rewrite_to, None);
+        assert_eq!(t.outbound(2, "echo", b, now).rewrite_to, None);
         assert_eq!(t.inbound("echo", &a.reversed(), now).unwrap().agent, 1);
         assert_eq!(t.inbound("echo", &b.reversed(), now).unwrap().agent, 2);
         assert!(t.inbound("other", &a.reversed(), now).is_none());
@@ -239,13 +234,13 @@ mod tests {
         let now = Instant::now();
         let mut t = FlowTable::default();
         let k = key("100.64.0.2:5000", "10.100.0.1:7");
-        assert_eq!(t.outbound(1, "echo", k, false, now).rewrite_to, None);
-        let r = t.outbound(2, "echo", k, false, now);
+        assert_eq!(t.outbound(1, "echo", k, now).rewrite_to, None);
+        let r = t.outbound(2, "echo", k, now);
         let port = r.rewrite_to.expect("second agent must be translated");
         assert_ne!(port, 5000);
         assert_eq!(r.wire.src.port(), port);
         // the same agent's next packet reuses the translation
-        assert_eq!(t.outbound(2, "echo", k, false, now).rewrite_to, Some(port));
+        assert_eq!(t.outbound(2, "echo", k, now).rewrite_to, Some(port));
         let back = t.inbound("echo", &r.wire.reversed(), now).unwrap();
         assert_eq!(back.agent, 2);
         assert_eq!(back.original, k);
@@ -264,7 +259,6 @@ mod tests {
                 agent,
                 "echo",
                 key(&format!("100.64.0.2:{port}"), "10.100.0.1:7"),
-                false,
                 now,
             );
         }
@@ -285,10 +279,10 @@ mod tests {
         let now = Instant::now();
         let mut t = FlowTable::default();
         let k = key("100.64.0.2:5000", "10.100.0.1:7");
-        t.outbound(1, "echo", k, false, now);
+        t.outbound(1, "echo", k, now);
         let later = now + FLOW_IDLE - Duration::from_secs(1);
         // Agent 2 uses the same 5-tuple (translated) later.
-        let r = t.outbound(2, "echo", k, false, later);
+        let r = t.outbound(2, "echo", k, later);
         t.expire(now + FLOW_IDLE + Duration::from_millis(1));
         assert!(
             !t.by_agent.contains_key(&1),
@@ -308,10 +302,10 @@ mod tests {
         let now = Instant::now();
         let mut t = FlowTable::default();
         let k = key("100.64.0.2:5000", "10.100.0.1:7");
-        t.outbound(1, "echo", k, false, now);
+        t.outbound(1, "echo", k, now);
         t.remove_client(1);
         assert!(t.inbound("echo", &k.reversed(), now).is_none());
-        t.outbound(1, "echo", k, false, now);
+        t.outbound(1, "echo", k, now);
         t.expire(now + FLOW_IDLE + Duration::from_secs(1));
         assert!(t.is_empty());
     }

@@ -8,6 +8,14 @@
 //! the new address), answer registrations, relay service packets between agents and
 //! the connector of their service.
 //!
+//! Framing of relayed packets: each client is answered in the framing it can read.
+//! A client that announced `SERVICE_PACKETS` (CAPABILITIES frame, ztna clients) gets
+//! `0x2F` where the wrapped packet fits its connection's DATAGRAM limit and raw IP
+//! where it does not; every other client (the original system's agents and
+//! connectors) gets raw IP only, the packet exactly as its sender tunneled it, as the
+//! original intermediate relays. So a packet its sender could send always fits the
+//! receiver's connection (same transport settings), whatever the service id's length.
+//!
 //! Stateless resets use a key derived (HKDF) from the server's private key and the
 //! instance's identity (host name and listening address, or `instance_id`), so a
 //! restarted intermediate resets the connections of its previous incarnation and their
@@ -30,7 +38,7 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
-use ztna_common::wire::{ControlMessage, NackStatus, WireError};
+use ztna_common::wire::{self, ControlMessage, NackStatus, WireError};
 use ztna_core::packet::{self, PortField};
 use ztna_core::{ALPN, MAX_UDP_PAYLOAD, app_error};
 
@@ -167,12 +175,25 @@ stats!(IntermediateStats {
     datagrams_unexpected,
     relayed_to_connector,
     relayed_to_agent,
+    /// Relayed as raw IP to a client that reads `0x2F`, because wrapped it would not
+    /// have fit that client's DATAGRAM limit.
+    relayed_raw_to_fit,
+    /// Malformed registrations (length 0, not UTF-8, trailing bytes, ...) answered
+    /// with NACK 0x01; also counted in `datagrams_malformed` and
+    /// `registrations_refused`.
+    registrations_malformed,
+    /// CAPABILITIES frames received.
+    capabilities_received,
     port_translations,
     dropped_not_registered,
     dropped_no_connector,
     dropped_no_flow,
     dropped_bad_inner_packet,
     dropped_send_failed,
+    /// Packets larger than the receiving client's DATAGRAM limit even as raw IP
+    /// (its connection negotiated a smaller one than the sender's); also counted in
+    /// `dropped_send_failed`.
+    dropped_too_large,
     relay_sessions_created,
     relay_sessions_refused,
     /// Of those, refused because the agent holds the most sessions one client may.
@@ -224,6 +245,8 @@ struct Client {
     frames: FrameIo,
     /// Tunnel addresses, assigned at the client's first agent registration.
     tunnel: Option<(Ipv4Addr, Ipv6Addr)>,
+    /// Announced `SERVICE_PACKETS`: may be sent `0x2F`. Off for original clients.
+    reads_service_packets: bool,
 }
 
 #[derive(Default)]
@@ -966,6 +989,7 @@ impl Intermediate {
                 connector_of: BTreeSet::new(),
                 frames: FrameIo::default(),
                 tunnel: None,
+                reads_service_packets: false,
             },
         );
         Some(id)
@@ -1293,6 +1317,21 @@ impl Intermediate {
                     self.send_prefixes(a, service, &prefixes);
                 }
             }
+            Frame::Capabilities { flags } => {
+                inc(&self.stats.capabilities_received);
+                let Some(c) = self.clients.get_mut(&id) else {
+                    return;
+                };
+                c.reads_service_packets = flags & frames::capability::SERVICE_PACKETS != 0;
+                tracing::debug!("client {id}: capabilities 0x{flags:08x}");
+                // We accept 0x2F from agents and connectors alike.
+                self.queue_frame(
+                    id,
+                    &Frame::Capabilities {
+                        flags: frames::capability::SERVICE_PACKETS,
+                    },
+                );
+            }
             Frame::Unknown { .. } => {}
             _ => inc(&self.stats.bad_frames),
         }
@@ -1350,8 +1389,14 @@ impl Intermediate {
     }
 
     fn reply(&mut self, id: ClientId, msg: &ControlMessage<'_>) {
-        if let (Some(c), Some(bytes)) = (self.clients.get_mut(&id), encode(msg))
-            && c.conn.dgram_send(&bytes).is_err()
+        if let Some(bytes) = encode(msg) {
+            self.send_datagram(id, &bytes);
+        }
+    }
+
+    fn send_datagram(&mut self, id: ClientId, bytes: &[u8]) {
+        if let Some(c) = self.clients.get_mut(&id)
+            && c.conn.dgram_send(bytes).is_err()
         {
             inc(&self.stats.dropped_send_failed);
         }
@@ -1367,6 +1412,18 @@ impl Intermediate {
             }
             Err(e) => {
                 inc(&self.stats.datagrams_malformed);
+                if let Some(echo) = wire::registration_id_bytes(dgram) {
+                    // Tell the client why, echoing its id bytes so it can match the
+                    // answer to its request (the original NACKs some of these too).
+                    inc(&self.stats.registrations_malformed);
+                    inc(&self.stats.registrations_refused);
+                    tracing::warn!("client {id}: registration refused: malformed: {e}");
+                    let mut buf = [0u8; 3 + wire::MAX_SERVICE_ID_LEN];
+                    if let Ok(n) = wire::encode_nack_bytes(NackStatus::InvalidId, echo, &mut buf) {
+                        self.send_datagram(id, &buf[..n]);
+                    }
+                    return;
+                }
                 tracing::debug!("client {id}: ignoring malformed DATAGRAM: {e}");
                 return;
             }
@@ -1513,7 +1570,6 @@ impl Intermediate {
 
     /// Relays one tunneled IP packet. `service` is `None` for raw datagrams.
     fn relay(&mut self, from: ClientId, service: Option<&str>, ip: &mut [u8], now: Instant) {
-        let raw = service.is_none();
         let stats = self.stats.clone();
         let Some(client) = self.clients.get(&from) else {
             return;
@@ -1547,15 +1603,7 @@ impl Intermediate {
             if inbound.translated(&key.reversed()) {
                 let _ = packet::rewrite_port(ip, PortField::Dst, inbound.original.src.port());
             }
-            let msg = if inbound.raw {
-                ControlMessage::RawIp { packet: ip }
-            } else {
-                ControlMessage::ServicePacket {
-                    service: &service,
-                    packet: ip,
-                }
-            };
-            self.forward(inbound.agent, &msg, &stats.relayed_to_agent);
+            self.forward(inbound.agent, &service, ip, &stats.relayed_to_agent);
             return;
         }
         // Agent → connector.
@@ -1578,7 +1626,7 @@ impl Intermediate {
             inc(&self.stats.dropped_no_connector);
             return;
         };
-        let route = self.flows.outbound(from, &service, key, raw, now);
+        let route = self.flows.outbound(from, &service, key, now);
         if let Some(port) = route.rewrite_to {
             inc(&self.stats.port_translations);
             if packet::rewrite_port(ip, PortField::Src, port).is_err() {
@@ -1586,19 +1634,40 @@ impl Intermediate {
                 return;
             }
         }
-        let msg = ControlMessage::ServicePacket {
-            service: &service,
-            packet: ip,
-        };
-        self.forward(connector, &msg, &stats.relayed_to_connector);
+        self.forward(connector, &service, ip, &stats.relayed_to_connector);
     }
 
-    fn forward(&mut self, to: ClientId, msg: &ControlMessage<'_>, counter: &AtomicU64) {
+    /// Sends one tunneled IP packet to client `to` in the framing it reads: `0x2F`
+    /// if it announced `SERVICE_PACKETS` and the wrapped packet fits its DATAGRAM
+    /// limit, else the raw packet unchanged (which every client reads).
+    fn forward(&mut self, to: ClientId, service: &str, ip: &[u8], counter: &AtomicU64) {
         let Some(c) = self.clients.get_mut(&to) else {
             inc(&self.stats.dropped_send_failed);
             return;
         };
-        match encode(msg).map(|b| c.conn.dgram_send(&b)) {
+        let max = c.conn.dgram_max_writable_len().unwrap_or(0);
+        let wrapped_len = wire::service_packet_overhead(service) + ip.len();
+        let msg = if c.reads_service_packets && wrapped_len <= max {
+            ControlMessage::ServicePacket {
+                service,
+                packet: ip,
+            }
+        } else {
+            if c.reads_service_packets {
+                inc(&self.stats.relayed_raw_to_fit);
+            }
+            ControlMessage::RawIp { packet: ip }
+        };
+        if msg.encoded_len() > max {
+            inc(&self.stats.dropped_too_large);
+            inc(&self.stats.dropped_send_failed);
+            tracing::debug!(
+                "client {to}: {} byte packet exceeds its DATAGRAM limit of {max}",
+                ip.len()
+            );
+            return;
+        }
+        match encode(&msg).map(|b| c.conn.dgram_send(&b)) {
             Some(Ok(())) => inc(counter),
             _ => inc(&self.stats.dropped_send_failed),
         }
