@@ -185,6 +185,8 @@ impl AgentConfig {
 pub struct AgentStats {
     /// Tunnel packets to an address no route covers; answered with ICMP.
     pub tun_no_route: u64,
+    /// Tunnel packets to multicast, broadcast or link-local addresses: dropped.
+    pub tun_local_dropped: u64,
     /// Tunnel packets that are not IPv4/IPv6 or too short to route.
     pub tun_malformed: u64,
     /// Tunnel packets that could not be sent (service not registered yet, queue
@@ -206,6 +208,35 @@ pub struct Traffic {
     pub tx_bytes: u64,
     pub rx_packets: u64,
     pub rx_bytes: u64,
+}
+
+/// A snapshot of the engine for status displays (`ztna-agent status`, the macOS
+/// app): JSON with the `serde` feature.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct AgentStatus {
+    pub connected: bool,
+    pub observed_address: Option<SocketAddr>,
+    pub tunnel_ipv4: Option<Ipv4Addr>,
+    pub tunnel_ipv6: Option<Ipv6Addr>,
+    pub mtu: u16,
+    pub handshake_ms: Option<f64>,
+    pub services: Vec<ServiceStatus>,
+    pub tun_no_route: u64,
+    pub tun_too_big: u64,
+    pub tun_send_failed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct ServiceStatus {
+    pub name: String,
+    pub registered: bool,
+    pub prefixes: Vec<IpNet>,
+    pub path: PathKind,
+    pub rtt_ms: Option<f64>,
+    pub traffic: Traffic,
+    pub history: Vec<PathChange>,
 }
 
 /// The direct path of one service: connectivity checks, then a data connection.
@@ -380,6 +411,12 @@ impl AgentEngine {
             return;
         };
         let Some(service) = self.route(dst).map(str::to_owned) else {
+            // The OS's own chatter on the device (router solicitations, mDNS): no
+            // error for multicast or link-local destinations (RFC 4443 §2.4 (e)).
+            if is_local_scope(dst) {
+                self.stats.tun_local_dropped += 1;
+                return;
+            }
             self.stats.tun_no_route += 1;
             self.icmp_to_tun(packet, packet::IcmpError::Prohibited);
             return;
@@ -625,6 +662,45 @@ impl AgentEngine {
         s.direct_usable()
             .or(s.data.as_ref().filter(|d| d.is_usable()))
             .and_then(|d| d.stats_rtt())
+    }
+
+    /// Everything a status display shows, as of now.
+    pub fn status(&self) -> AgentStatus {
+        let services = self
+            .services
+            .iter()
+            .map(|(name, s)| ServiceStatus {
+                name: name.clone(),
+                registered: self.client.is_registered(name),
+                prefixes: self
+                    .routes
+                    .iter()
+                    .filter(|(_, svc)| svc == name)
+                    .map(|(p, _)| *p)
+                    .collect(),
+                path: self.path(name),
+                rtt_ms: self.rtt(name).map(|d| d.as_secs_f64() * 1000.0),
+                traffic: s.traffic,
+                history: self
+                    .timeline
+                    .iter()
+                    .filter(|c| &c.service == name)
+                    .cloned()
+                    .collect(),
+            })
+            .collect();
+        AgentStatus {
+            connected: self.client.is_established(),
+            observed_address: self.client.observed_address(),
+            tunnel_ipv4: self.tunnel_address.map(|a| a.0),
+            tunnel_ipv6: self.tunnel_address.map(|a| a.1),
+            mtu: TUN_MTU,
+            handshake_ms: self.handshake.map(|d| d.as_secs_f64() * 1000.0),
+            services,
+            tun_no_route: self.stats.tun_no_route,
+            tun_too_big: self.stats.tun_too_big,
+            tun_send_failed: self.stats.tun_send_failed,
+        }
     }
 
     /// Every path change so far, in order.
@@ -1066,6 +1142,14 @@ fn direct_silence_limit(c: &DataConnection) -> Duration {
     }
 }
 
+/// Multicast, broadcast and link-local destinations never leave the machine.
+fn is_local_scope(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a.is_multicast() || a.is_broadcast() || a.is_link_local(),
+        IpAddr::V6(a) => a.is_multicast() || a.is_unicast_link_local(),
+    }
+}
+
 /// Appends unless the queue is full; false when it dropped the item.
 fn push_bounded<T>(q: &mut VecDeque<T>, item: T, max: usize) -> bool {
     if q.len() >= max {
@@ -1207,6 +1291,16 @@ mod tests {
             Icmpv6Type::DestinationUnreachable(etherparse::icmpv6::DestUnreachableCode::Prohibited)
         );
         assert_eq!(m.payload(), &pkt[..1280 - 48]);
+        // The OS's router solicitations and mDNS get no error, only a count.
+        let rs = packet::build_udp(
+            "[fe80::1]:5353".parse().unwrap(),
+            "[ff02::fb]:5353".parse().unwrap(),
+            b"mdns",
+        )
+        .unwrap();
+        e.handle_tun(&mut rs.clone(), now);
+        assert_eq!(e.stats().tun_local_dropped, 1);
+        assert_eq!(e.stats().tun_no_route, 1);
         // An ICMP error about our ICMP error is never made (RFC 4443 §2.4).
         e.handle_tun(&mut reply.clone(), now);
         assert_eq!(e.stats().tun_no_route, 2);

@@ -12,4 +12,5 @@ pub mod intermediate;
 pub mod logging;
 pub mod netif;
 pub mod relay;
+pub mod tun_agent;
 pub mod xdp;

@@ -1,10 +1,16 @@
-//! ztna-agent: the Linux agent CLI. `echo` sends UDP through the tunnel and reports.
+//! ztna-agent: the Linux agent. `up` runs it on a TUN device; `status` asks a
+//! running one; `echo` sends UDP through the tunnel and reports.
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use ztna_core::agent::AgentConfig;
 use ztna_core::{ClientConfig, Role};
 use ztna_userspace::agent::{Agent, EchoOptions, Pattern, run_echo};
+use ztna_userspace::tun_agent::{Up, UpConfig, serve_status};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "ztna agent")]
@@ -56,6 +62,24 @@ struct ConnArgs {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Run the agent on a TUN device until SIGINT/SIGTERM: routes for the services'
+    /// prefixes, traffic on each service's best path.
+    Up {
+        /// TUN device name.
+        #[arg(long, default_value = "ztna0")]
+        tun: String,
+        /// Unix socket for `ztna-agent status`.
+        #[arg(long, default_value_os_t = ztna_userspace::tun_agent::default_status_socket())]
+        status_socket: PathBuf,
+    },
+    /// Show a running agent's services, paths, RTT and traffic.
+    Status {
+        #[arg(long, default_value_os_t = ztna_userspace::tun_agent::default_status_socket())]
+        status_socket: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Send UDP payloads to a service through the tunnel and check the echoes.
     Echo {
         /// Service address to send to (the connector's virtual address).
@@ -95,8 +119,26 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    ztna_userspace::logging::init(&args.conn.log);
     let c = &args.conn;
+    if let Cmd::Status {
+        status_socket,
+        json,
+    } = &args.cmd
+    {
+        let v = ztna_userspace::tun_agent::read_status(status_socket)?;
+        if *json {
+            println!("{v}");
+        } else {
+            print!("{}", ztna_userspace::tun_agent::format_status(&v));
+        }
+        return Ok(());
+    }
+    let default_log = if matches!(args.cmd, Cmd::Up { .. }) {
+        "info"
+    } else {
+        c.log.as_str()
+    };
+    ztna_userspace::logging::init(if c.log != "warn" { &c.log } else { default_log });
     if c.services.is_empty() {
         anyhow::bail!("--service is required");
     }
@@ -110,8 +152,24 @@ fn main() -> anyhow::Result<()> {
     cfg.ca_file = c.ca.clone();
     cfg.cert_file = c.cert.clone();
     cfg.key_file = c.key.clone();
-    cfg.reconnect = false;
     match args.cmd {
+        Cmd::Status { .. } => unreachable!("handled above"),
+        Cmd::Up { tun, status_socket } => {
+            let mut agent = AgentConfig::new(cfg);
+            agent.data_path = !c.datagram_only;
+            agent.p2p = !c.no_p2p;
+            let (up, status) = Up::new(UpConfig {
+                agent,
+                tun_name: tun,
+                status_socket: status_socket.clone(),
+            })?;
+            serve_status(status_socket, status)?;
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, stop.clone())?;
+            }
+            up.run(&stop)
+        }
         Cmd::Echo {
             dst,
             tunnel_ip,
@@ -125,6 +183,7 @@ fn main() -> anyhow::Result<()> {
             verify,
             json,
         } => {
+            cfg.reconnect = false;
             let start = Instant::now();
             let mut agent = Agent::connect_with(cfg, !c.datagram_only)?;
             agent.set_p2p(!c.no_p2p);
