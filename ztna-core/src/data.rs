@@ -221,7 +221,7 @@ impl DataConnection {
         peer: SocketAddr,
         now: Instant,
     ) -> Result<Self, ClientError> {
-        let (scid, dcid) = (random_cid(), random_cid());
+        let (scid, dcid) = (random_cid(), direct_dcid(session_id));
         let conn = quiche::connect_with_dcid(
             None,
             &quiche::ConnectionId::from_ref(&scid),
@@ -400,6 +400,21 @@ pub fn dcid_of(pkt: &[u8]) -> Option<&[u8]> {
         }
         pkt.get(6..14)
     }
+}
+
+/// The first DCID of a direct data connection: `random[1] | session_id[4 BE] |
+/// random[3]`, first byte never the relay-CID marker. The connector tells by it
+/// which session (so which service) a direct connection belongs to: one agent's
+/// sessions for several services all pick the same pair of addresses.
+pub fn direct_dcid(session_id: u32) -> Cid {
+    let mut c = random_cid();
+    c[1..5].copy_from_slice(&session_id.to_be_bytes());
+    c
+}
+
+/// The session a direct connection's first DCID names (see [`direct_dcid`]).
+pub fn session_of_direct_dcid(dcid: &Cid) -> u32 {
+    u32::from_be_bytes([dcid[1], dcid[2], dcid[3], dcid[4]])
 }
 
 /// A random 8-byte CID that is not a relay CID.

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub mod p2p;
+pub mod tunnel;
 pub mod xdp_run;
 
 pub const RELAY_IP: &str = "10.201.0.1";
@@ -210,6 +211,10 @@ impl Lab {
             .with_context(|| format!("starting {bin}"))?;
         self.children.push((name.to_string(), child));
         Ok(())
+    }
+
+    fn push_child(&mut self, name: &str, child: Child) {
+        self.children.push((name.to_string(), child));
     }
 
     /// Process id of a started process.

@@ -10,14 +10,15 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use ipnet::IpNet;
 use mio::net::UdpSocket;
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use ztna_common::frames::{Cid, close_reason};
 use ztna_core::data::{self, DataConfig, DataConnection};
@@ -26,82 +27,15 @@ use ztna_core::packet::{self, FlowKey, Proto};
 use ztna_core::{ClientConfig, ClientEvent, ControlClient, MAX_UDP_PAYLOAD};
 
 use crate::identity::{Role, authorize};
+use crate::kernel_nat::KernelNat;
+pub use crate::service::{Backend, ServiceSpec, parse_prefix};
 
 const CONTROL: Token = Token(0);
+/// The kernel mode's TUN device (flow sockets count up from 1).
+const KERNEL: Token = Token(usize::MAX);
+/// Device reads per loop turn.
+const KERNEL_BURST: usize = 256;
 const FLOW_IDLE: Duration = Duration::from_secs(120);
-
-/// One service this connector provides.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceSpec {
-    pub id: String,
-    /// Where the real service listens.
-    pub backend: SocketAddr,
-    /// The addresses agents send to (published to the intermediate, which tells
-    /// authorized agents to route them into the tunnel). Packets to any other
-    /// address are dropped, so the connector cannot be used to reach arbitrary
-    /// hosts. Empty accepts any (and publishes nothing).
-    pub prefixes: Vec<IpNet>,
-}
-
-impl ServiceSpec {
-    /// True if agents may send to `dst` for this service.
-    pub fn covers(&self, dst: IpAddr) -> bool {
-        self.prefixes.is_empty() || self.prefixes.iter().any(|p| p.contains(&dst))
-    }
-}
-
-impl std::str::FromStr for ServiceSpec {
-    type Err = String;
-
-    /// `ID=BACKEND_ADDR:PORT[@PREFIX[,PREFIX...]]`, where a prefix is an address
-    /// (`10.100.0.1`, `fd00::5`: one host) or a CIDR block (`10.20.0.0/24`), e.g.
-    /// `echo=127.0.0.1:9000@10.100.0.1,fd00:100::1`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (id, rest) = s
-            .split_once('=')
-            .ok_or_else(|| format!("service {s:?}: expected ID=HOST:PORT[@PREFIX[,PREFIX...]]"))?;
-        let (backend, prefixes) = match rest.split_once('@') {
-            Some((b, list)) => (
-                b,
-                list.split(',')
-                    .map(|p| parse_prefix(p).map_err(|e| format!("service {s:?}: {e}")))
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-            None => (rest, Vec::new()),
-        };
-        let backend = backend
-            .parse::<SocketAddr>()
-            .map_err(|e| format!("service {s:?}: backend {backend:?}: {e}"))?;
-        if id.is_empty() {
-            return Err(format!("service {s:?}: empty service id"));
-        }
-        Ok(ServiceSpec {
-            id: id.to_string(),
-            backend,
-            prefixes,
-        })
-    }
-}
-
-/// An address (a host prefix) or a CIDR block whose host bits are zero.
-pub fn parse_prefix(p: &str) -> Result<IpNet, String> {
-    if p.contains('/') {
-        let net = p
-            .parse::<IpNet>()
-            .map_err(|e| format!("prefix {p:?}: {e}"))?;
-        if net.trunc() != net {
-            return Err(format!(
-                "prefix {p:?} has host bits set (did you mean {}?)",
-                net.trunc()
-            ));
-        }
-        Ok(net)
-    } else {
-        p.parse::<IpAddr>()
-            .map(IpNet::from)
-            .map_err(|e| format!("address {p:?}: {e}"))
-    }
-}
 
 macro_rules! counters {
     ($name:ident { $($(#[$m:meta])* $field:ident),* $(,)? }) => {
@@ -140,6 +74,11 @@ counters!(ConnectorStats {
     direct_connections,
     /// CANDIDATES for sessions this connector does not have.
     candidates_refused,
+    /// Kernel mode: packets written to the device, read from it, and read for an
+    /// address no agent has (dropped).
+    packets_to_kernel,
+    packets_from_kernel,
+    dropped_no_agent,
 });
 
 /// A direct data connection silent this long is dropped (the agent decides when to
@@ -201,6 +140,13 @@ pub struct Connector {
     direct_cids: std::collections::HashSet<Cid>,
     /// Initial DCID an agent chose for a direct connection → our CID for it.
     initial_dcids: HashMap<Cid, Cid>,
+    /// Kernel mode (TUN + NAT), when on.
+    kernel: Option<KernelNat>,
+    /// Kernel mode: agent tunnel address → the connection its latest packet came in
+    /// on and its service, where packets the kernel routes to it go.
+    agents: HashMap<IpAddr, (Origin, String)>,
+    /// The device had more to read than one turn takes.
+    kernel_pending: bool,
 }
 
 pub struct ConnectorHandle {
@@ -286,6 +232,9 @@ impl Connector {
             direct: HashMap::new(),
             direct_cids: Default::default(),
             initial_dcids: HashMap::new(),
+            kernel: None,
+            agents: HashMap::new(),
+            kernel_pending: false,
             services: services.into_iter().map(|s| (s.id.clone(), s)).collect(),
             client,
             socket,
@@ -295,6 +244,20 @@ impl Connector {
             next_token: 1,
             stats: Arc::new(ConnectorStats::default()),
         })
+    }
+
+    /// Delivers agents' packets through a TUN device and the kernel's NAT instead
+    /// of per-flow sockets: all of TCP, UDP and ICMP (see [`crate::kernel_nat`]).
+    pub fn enable_kernel_mode(&mut self, device: &str, flows_per_agent: u32) -> anyhow::Result<()> {
+        let specs: Vec<ServiceSpec> = self.services.values().cloned().collect();
+        let nat = KernelNat::start(device, &specs, flows_per_agent)?;
+        self.poll.registry().register(
+            &mut SourceFd(&nat.dev.as_raw_fd()),
+            KERNEL,
+            Interest::READABLE,
+        )?;
+        self.kernel = Some(nat);
+        Ok(())
     }
 
     pub fn stats(&self) -> Arc<ConnectorStats> {
@@ -324,16 +287,23 @@ impl Connector {
                 )
                 .chain(self.client.poll_timeout())
                 .min();
-            let timeout = next.map_or(Duration::from_millis(100), |t| {
-                t.saturating_duration_since(now)
-                    .min(Duration::from_millis(100))
-            });
+            let timeout = if self.kernel_pending {
+                Duration::ZERO
+            } else {
+                next.map_or(Duration::from_millis(100), |t| {
+                    t.saturating_duration_since(now)
+                        .min(Duration::from_millis(100))
+                })
+            };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout))
                 && e.kind() != io::ErrorKind::Interrupted
             {
                 return Err(e.into());
             }
             let now = Instant::now();
+            if std::mem::take(&mut self.kernel_pending) {
+                self.read_kernel(&mut buf);
+            }
             for ev in events.iter() {
                 if ev.token() == CONTROL {
                     loop {
@@ -346,6 +316,8 @@ impl Connector {
                             }
                         }
                     }
+                } else if ev.token() == KERNEL {
+                    self.read_kernel(&mut buf);
                 } else {
                     self.read_backend(ev.token(), &mut buf);
                 }
@@ -411,13 +383,15 @@ impl Connector {
                 d.recv(pkt, from, now);
                 return;
             }
-            // A direct connection's first Initial, from the address the checks chose.
+            // A direct connection's first Initial: its DCID names the session, and
+            // it comes from the address that session's checks chose.
+            let session_id = data::session_of_direct_dcid(&cid);
             if pkt[0] & 0x80 != 0
-                && let Some((session_id, service)) = self
+                && let Some(service) = self
                     .direct
-                    .iter()
-                    .find(|(_, d)| d.checker.selected() == Some(from))
-                    .map(|(id, d)| (*id, d.service.clone()))
+                    .get(&session_id)
+                    .filter(|d| d.checker.selected() == Some(from))
+                    .map(|d| d.service.clone())
                 && let Some(quic) = self.data_quic.as_mut()
             {
                 let ours = data::random_cid();
@@ -650,6 +624,25 @@ impl Connector {
             );
             return;
         }
+        if let Some(k) = self.kernel.as_mut() {
+            let agent = key.src.ip();
+            k.learn_agent(agent);
+            match self.agents.get_mut(&agent) {
+                Some(entry) if entry.0 == origin && entry.1 == service => {}
+                Some(entry) => *entry = (origin, service.clone()),
+                None => {
+                    self.agents.insert(agent, (origin, service.clone()));
+                }
+            }
+            match k.dev.send(&packet) {
+                Ok(_) => inc(&self.stats.packets_to_kernel),
+                Err(e) => {
+                    inc(&self.stats.dropped_send_failed);
+                    tracing::debug!("{service}: TUN write: {e}");
+                }
+            }
+            return;
+        }
         match key.proto {
             Proto::Icmp | Proto::Icmpv6 => match packet::icmp_echo_reply(&packet) {
                 Some(reply) => {
@@ -666,7 +659,8 @@ impl Connector {
                         return;
                     }
                 };
-                let Some(token) = self.flow_socket(&service, key, spec.backend) else {
+                let backend = spec.backend.target(key.dst);
+                let Some(token) = self.flow_socket(&service, key, backend) else {
                     return;
                 };
                 let flow = self.flows.get_mut(&token).expect("flow exists");
@@ -676,7 +670,7 @@ impl Connector {
                     Ok(_) => inc(&self.stats.udp_to_backend),
                     Err(e) => {
                         inc(&self.stats.dropped_send_failed);
-                        tracing::debug!("{service}: send to backend {}: {e}", spec.backend);
+                        tracing::debug!("{service}: send to backend {backend}: {e}");
                     }
                 }
             }
@@ -780,6 +774,36 @@ impl Connector {
                 }
             }
         }
+    }
+
+    /// Kernel mode: packets the kernel routed into the device go to the agent
+    /// whose address they are for, on the connection its latest packet used.
+    fn read_kernel(&mut self, buf: &mut [u8]) {
+        for _ in 0..KERNEL_BURST {
+            let Some(k) = self.kernel.as_ref() else {
+                return;
+            };
+            let n = match k.dev.recv(buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!("TUN read: {e}");
+                    return;
+                }
+            };
+            inc(&self.stats.packets_from_kernel);
+            let Some(dst) = packet::destination(&buf[..n]) else {
+                inc(&self.stats.dropped_malformed);
+                continue;
+            };
+            let Some((origin, service)) = self.agents.get(&dst).cloned() else {
+                inc(&self.stats.dropped_no_agent);
+                continue;
+            };
+            self.tunnel_out(origin, &service, &buf[..n]);
+        }
+        // Left over: edge-triggered readiness will not report it again.
+        self.kernel_pending = true;
     }
 
     fn tunnel_out(&mut self, origin: Origin, service: &str, packet: &[u8]) {

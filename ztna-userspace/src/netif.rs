@@ -1,5 +1,24 @@
-//! Local interface addresses, for host candidates.
+//! Local interfaces: their addresses (host candidates) and `ip` for routes.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+/// Runs `ip ARGS`, naming the command and its output in the error.
+pub fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
 
 #[cfg(test)]
 use ztna_core::p2p::CandidateKind;

@@ -18,7 +18,6 @@ use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,6 +30,7 @@ use mio::{Events, Interest, Poll, Token};
 use ztna_core::agent::{AgentConfig, AgentEngine, AgentEvent, TUN_MTU};
 
 use crate::batch::{BATCH, RecvBatch, SendBatch};
+use crate::netif::ip;
 
 const UDP: Token = Token(0);
 const TUN: Token = Token(1);
@@ -69,22 +69,6 @@ pub fn check_net_admin(what: &str) -> anyhow::Result<()> {
         bail!(
             "{what} needs CAP_NET_ADMIN to create a TUN device and routes: run it as root \
              or grant the capability (setcap cap_net_admin+ep $(which ztna-agent))"
-        );
-    }
-    Ok(())
-}
-
-/// Runs `ip ARGS`, naming the command and its output in the error.
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running `ip` (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(())

@@ -743,7 +743,7 @@ fn ztna_connector(
 ) -> connector::ConnectorHandle {
     let spec = ServiceSpec {
         id: SERVICE.into(),
-        backend,
+        backend: backend.into(),
         prefixes: vec![std::net::IpAddr::from(VIP).into()],
     };
     let c = connector::spawn(client_cfg(pki, server, Role::Connector), vec![spec]).unwrap();
@@ -1148,12 +1148,12 @@ fn ztna_connector_behind_original_intermediate_routes_raw_ip_by_virtual_address(
     let specs = vec![
         ServiceSpec {
             id: SERVICE.into(),
-            backend: echo_a.addr,
+            backend: echo_a.addr.into(),
             prefixes: vec![std::net::IpAddr::from(VIP).into()],
         },
         ServiceSpec {
             id: OTHER.into(),
-            backend: echo_b.addr,
+            backend: echo_b.addr.into(),
             prefixes: vec![std::net::IpAddr::from(OTHER_VIP).into()],
         },
     ];

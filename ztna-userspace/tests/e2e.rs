@@ -79,7 +79,7 @@ fn start_connector(
     );
     let spec = ServiceSpec {
         id: SERVICE.into(),
-        backend,
+        backend: backend.into(),
         prefixes: vec![VIP.parse::<IpAddr>().unwrap().into()],
     };
     let c = connector::spawn(cfg, vec![spec]).unwrap();
@@ -955,7 +955,7 @@ fn agents_learn_prefixes_of_authorized_services_only_and_get_unique_tunnel_addre
         ccfg,
         vec![ServiceSpec {
             id: "other".into(),
-            backend: w.echo.addr,
+            backend: w.echo.addr.into(),
             prefixes: vec!["10.200.0.0/24".parse().unwrap()],
         }],
     )

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use ztna_core::{ClientConfig, Role};
 use ztna_userspace::connector::{Connector, ServiceSpec};
+use ztna_userspace::tun_agent::check_net_admin;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -32,9 +33,24 @@ struct Args {
     cert: Option<String>,
     #[arg(long)]
     key: Option<String>,
-    /// Service to provide: ID=HOST:PORT[@VIRTUAL_IP], repeatable.
+    /// Service to provide, repeatable: ID=BACKEND[@PREFIX[,PREFIX...]], where
+    /// BACKEND is HOST:PORT, HOST (every port) or `routed` (the prefixes are a
+    /// subnet this host routes to) and a PREFIX an address or CIDR block agents
+    /// reach the service at, e.g. db=10.0.3.2:5432@10.100.0.5.
     #[arg(long = "service", required = true)]
     services: Vec<ServiceSpec>,
+    /// How agents' packets reach the services: `kernel` (a TUN device and the
+    /// kernel's NAT: TCP, UDP, ICMP; needs CAP_NET_ADMIN), `userspace` (UDP and
+    /// ICMP echo from this process, unprivileged), `auto` (kernel when permitted).
+    #[arg(long, value_enum, default_value = "auto")]
+    mode: Mode,
+    /// TUN device of the kernel mode.
+    #[arg(long, default_value = "ztnac0")]
+    tun: String,
+    /// Kernel mode: most concurrent flows one agent may have through this
+    /// connector (more are dropped and counted).
+    #[arg(long, default_value_t = ztna_userspace::kernel_nat::DEFAULT_FLOWS_PER_AGENT)]
+    flows_per_agent: u32,
     /// Local UDP address for the connection to the intermediate.
     #[arg(long, default_value = "0.0.0.0:0")]
     bind: SocketAddr,
@@ -43,6 +59,13 @@ struct Args {
     max_backoff_ms: u64,
     #[arg(long, default_value = "info")]
     log: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    Auto,
+    Kernel,
+    Userspace,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,7 +82,26 @@ fn main() -> anyhow::Result<()> {
     cfg.cert_file = args.cert;
     cfg.key_file = args.key;
     cfg.backoff_max = Duration::from_millis(args.max_backoff_ms);
-    let connector = Connector::new(cfg, args.services, args.bind)?;
+    let mut connector = Connector::new(cfg, args.services, args.bind)?;
+    let kernel = match args.mode {
+        Mode::Kernel => {
+            check_net_admin("ztna-connector --mode kernel")?;
+            true
+        }
+        Mode::Userspace => false,
+        Mode::Auto => match check_net_admin("the kernel mode") {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("{e:#}; using the userspace mode (UDP and ICMP echo only)");
+                false
+            }
+        },
+    };
+    if kernel {
+        connector.enable_kernel_mode(&args.tun, args.flows_per_agent)?;
+    } else {
+        tracing::info!("userspace mode: UDP and ICMP echo, no TCP");
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handler")?;
