@@ -244,6 +244,30 @@ impl Lab {
         )
     }
 
+    /// Waits for a started process to exit by itself.
+    pub fn wait_exit(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let i = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .with_context(|| format!("no process {name}"))?;
+        loop {
+            if let Some(status) = self.children[i].1.try_wait()? {
+                self.children.remove(i);
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{name} still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends SIGTERM to a started process and waits for it.
     pub fn stop(&mut self, name: &str) {
         if let Some(i) = self.children.iter().position(|(n, _)| n == name) {

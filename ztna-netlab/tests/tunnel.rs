@@ -163,3 +163,90 @@ fn ping_iperf3_refused_ports_and_unauthorized_services() {
     // The connector never saw it.
     assert!(!lab.log("connector").contains(SECRET_VIP));
 }
+
+#[test]
+#[ignore = "needs root: network namespaces, TUN, nftables, iptables"]
+fn tcp_download_survives_a_cut_of_the_direct_path_and_its_restore() {
+    let mut lab = Lab::relay_topology("tc").expect("topology");
+    let stack = lab
+        .start_tunnel_stack("native", "kernel", 40)
+        .expect("stack");
+    lab.start_agent_up(&stack.certs, &[], &[])
+        .expect("agent up");
+    lab.wait_agent_path("web", "direct", Duration::from_secs(15))
+        .expect("direct first");
+    let (a, r) = (lab.ns("a"), lab.ns("r"));
+    let got = lab.dir.join("cut-download");
+    let got_s = got.display().to_string();
+    // 40 MiB at 4 MiB/s: about 10 s, long enough for a cut and a restore.
+    lab.spawn_program(
+        &a,
+        "curl",
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "--limit-rate",
+            "4M",
+            "--max-time",
+            "120",
+            "-o",
+            &got_s,
+            &url(),
+        ],
+    )
+    .unwrap();
+    let size = || std::fs::metadata(&got).map_or(0, |m| m.len());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while size() < 4 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "download started: {}",
+            lab.log("curl")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Cut everything between the agent's and the connector's links in the router;
+    // the relay stays reachable.
+    let rule = |op: &str| {
+        for (i, o) in [("a1", "c1"), ("c1", "a1")] {
+            lab.exec(
+                &r,
+                "iptables",
+                &[op, "FORWARD", "-i", i, "-o", o, "-j", "DROP"],
+            )
+            .unwrap();
+        }
+    };
+    rule("-I");
+    let cut_at = Instant::now();
+    lab.wait_agent_path("web", "relay-xdp", Duration::from_secs(3))
+        .expect("fell back to the relay within 3 s");
+    let fallback = cut_at.elapsed();
+    assert!(
+        size() < 40 << 20,
+        "still downloading when the path fell back"
+    );
+    rule("-D");
+    lab.wait_agent_path("web", "direct", Duration::from_secs(10))
+        .expect("direct again after the restore");
+    let status = lab
+        .wait_exit("curl", Duration::from_secs(60))
+        .expect("curl ends");
+    assert!(status.success(), "no reset, no error: {}", lab.log("curl"));
+    assert_eq!(
+        ztna_netlab::tunnel::sha256(&got).unwrap(),
+        stack.sha256,
+        "intact"
+    );
+    let s = lab.agent_status().unwrap();
+    let history: Vec<&str> = web_of(&s).unwrap()["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["path"].as_str())
+        .collect();
+    let tail: Vec<&str> = history.iter().rev().take(3).rev().copied().collect();
+    assert_eq!(tail, ["direct", "relay-xdp", "direct"], "{history:?}");
+    eprintln!("fell back in {fallback:?}; history {history:?}");
+}

@@ -81,6 +81,9 @@ counters!(ConnectorStats {
     dropped_no_agent,
 });
 
+/// Replies stop using a direct connection the agent has been silent on this long
+/// (both sides send keepalives every 200 ms on it), and take the relay.
+const DIRECT_REPLY_SILENCE: Duration = Duration::from_millis(600);
 /// A direct data connection silent this long is dropped (the agent decides when to
 /// fall back; this only frees the state).
 const DIRECT_SILENCE: Duration = Duration::from_secs(3);
@@ -806,10 +809,29 @@ impl Connector {
         self.kernel_pending = true;
     }
 
+    /// The connection a reply to an agent goes on: the one its latest packet came
+    /// in on, unless that is a direct connection the agent has gone silent on (it
+    /// fell back to the relay, and a pure receiver may send nothing to tell us):
+    /// then the session's relayed connection.
+    fn reply_cid(&self, cid: Cid) -> Option<Cid> {
+        let d = self.data.get(&cid)?;
+        let direct_dead =
+            self.direct_cids.contains(&cid) && d.last_recv().elapsed() > DIRECT_REPLY_SILENCE;
+        if d.is_usable() && !direct_dead {
+            return Some(cid);
+        }
+        self.data
+            .iter()
+            .find(|(c, r)| {
+                r.session_id == d.session_id && !self.direct_cids.contains(*c) && r.is_usable()
+            })
+            .map(|(c, _)| *c)
+    }
+
     fn tunnel_out(&mut self, origin: Origin, service: &str, packet: &[u8]) {
         if let Origin::Data(cid) = origin
+            && let Some(cid) = self.reply_cid(cid)
             && let Some(d) = self.data.get_mut(&cid)
-            && d.is_usable()
         {
             match d.send_packet(packet) {
                 Ok(()) => {

@@ -226,6 +226,8 @@ stats!(IntermediateStats {
     /// Tunnel addresses handed to agents, and agents refused one (pool exhausted).
     tunnel_addresses_assigned,
     tunnel_addresses_exhausted,
+    /// Connector → agent packets of no known flow, routed by the agent's address.
+    relayed_by_address,
 });
 
 fn inc(c: &AtomicU64) {
@@ -1597,6 +1599,13 @@ impl Intermediate {
         };
         if let Some(found) = as_connector {
             let Some((service, inbound)) = found else {
+                // No flow from an agent seen here (it went over a data connection
+                // that is gone): route by destination, the agent's tunnel address.
+                if let Some((agent, svc)) = self.agent_by_address(from, key.dst.ip(), service) {
+                    inc(&self.stats.relayed_by_address);
+                    self.forward(agent, &svc, ip, &stats.relayed_to_agent);
+                    return;
+                }
                 inc(&self.stats.dropped_no_flow);
                 return;
             };
@@ -1635,6 +1644,33 @@ impl Intermediate {
             }
         }
         self.forward(connector, &service, ip, &stats.relayed_to_connector);
+    }
+
+    /// The agent that holds tunnel address `dst`, if it is registered for a service
+    /// (`service`, or any of the connector's) that `connector` serves.
+    fn agent_by_address(
+        &self,
+        connector: ClientId,
+        dst: std::net::IpAddr,
+        service: Option<&str>,
+    ) -> Option<(ClientId, String)> {
+        let agent = match dst {
+            std::net::IpAddr::V4(a) => self.addresses.owner_v4(a),
+            std::net::IpAddr::V6(a) => self.addresses.owner_v6(a),
+        }?;
+        let agent_of = &self.clients.get(&agent)?.agent_of;
+        let connector_of = &self.clients.get(&connector)?.connector_of;
+        connector_of
+            .iter()
+            .filter(|s| service.is_none_or(|want| want == s.as_str()))
+            .find(|s| {
+                agent_of.contains(*s)
+                    && self
+                        .services
+                        .get(*s)
+                        .is_some_and(|svc| svc.connector == Some(connector))
+            })
+            .map(|s| (agent, s.clone()))
     }
 
     /// Sends one tunneled IP packet to client `to` in the framing it reads: `0x2F`
