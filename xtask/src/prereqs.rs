@@ -1,0 +1,71 @@
+//! What a fresh machine lacks, installed before anything builds: as root, missing
+//! Debian packages are installed with one line saying which; otherwise one line
+//! names them and the command that installs them. (rust-src and bpf-linker are
+//! `ebpf::build_ebpf`'s: they install without root.)
+
+use std::process::{Command, Stdio};
+
+use anyhow::bail;
+
+/// Building: quiche builds BoringSSL with cmake, and bindgen needs libclang.
+const BUILD: &[&str] = &["cmake", "libclang-dev", "clang"];
+
+/// The privileged tests, the demo's tunnel and the benchmarks: namespaces, NAT,
+/// BPF map inspection, the connector's nftables table, real clients and servers.
+const PRIVILEGED: &[&str] = &[
+    "iproute2",
+    "iptables",
+    "nftables",
+    "bpftool",
+    "ethtool",
+    "iputils-ping",
+    "util-linux",
+    "curl",
+    "iperf3",
+];
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+/// Makes sure the packages for building (and, as root, for the privileged tests)
+/// are there.
+pub fn ensure() -> anyhow::Result<()> {
+    let root = crate::is_root();
+    let wanted: Vec<&str> = if root {
+        BUILD.iter().chain(PRIVILEGED).copied().collect()
+    } else {
+        BUILD.to_vec()
+    };
+    let missing: Vec<&str> = wanted.into_iter().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    if !root {
+        bail!("missing Debian packages: {list}; install them with: sudo apt-get install -y {list}");
+    }
+    println!("xtask: installing missing packages: {list}");
+    let quiet = |c: &mut Command| -> anyhow::Result<()> {
+        let out = c
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "{c:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    };
+    quiet(Command::new("apt-get").args(["update", "-qq"]))?;
+    quiet(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
