@@ -319,7 +319,11 @@ fn demo(count: u32, size: &str, profile: Profile) -> anyhow::Result<()> {
     }
     println!(
         "xtask: building the {} binaries",
-        if profile == Profile::Release { "release" } else { "debug" }
+        if profile == Profile::Release {
+            "release"
+        } else {
+            "debug"
+        }
     );
     run(&mut build)?;
     let bin = root().join(match profile {
@@ -331,7 +335,9 @@ fn demo(count: u32, size: &str, profile: Profile) -> anyhow::Result<()> {
     let result = demo_in(&bin, &dir, count, size);
     let _ = std::fs::remove_dir_all(&dir);
     result?;
-    println!("\n  HTTP through the tunnel: ztna-agent up (TUN) -> relay -> connector (kernel mode, NAT) -> HTTP server, in network namespaces");
+    println!(
+        "\n  HTTP through the tunnel: ztna-agent up (TUN) -> relay -> connector (kernel mode, NAT) -> HTTP server, in network namespaces"
+    );
     if !is_root() {
         println!("    skipped: creating TUN devices and namespaces needs root");
         println!("demo OK");

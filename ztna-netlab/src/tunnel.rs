@@ -6,7 +6,7 @@
 //!
 //! | service | prefix | backend | agent may use it |
 //! |---|---|---|---|
-//! | echo | 10.100.0.1 | 10.201.2.2:9000 (UDP echo) | yes |
+//! | echo | 10.100.0.1 | 127.0.0.1:9000 (UDP echo on the connector's loopback) | yes |
 //! | web | 10.100.0.2 | 10.201.2.2 (every port: HTTP on 8080, iperf3 on 5201) | yes |
 //! | secret | 10.100.0.3 | 10.201.2.2 | no (its certificate does not cover it) |
 
@@ -142,7 +142,7 @@ impl Lab {
             &[
                 "echo-server".into(),
                 "--listen".into(),
-                format!("{CONN_IP}:9000"),
+                "127.0.0.1:9000".into(),
             ],
         )?;
         let stats = self.dir.join("intermediate-stats.json");
@@ -180,7 +180,7 @@ impl Lab {
             "--mode",
             connector_mode,
             "--service",
-            &format!("echo={CONN_IP}:9000@{ECHO_VIP}"),
+            &format!("echo=127.0.0.1:9000@{ECHO_VIP}"),
             "--service",
             &format!("web={CONN_IP}@{WEB_VIP}"),
             "--service",

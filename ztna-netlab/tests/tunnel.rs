@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use ztna_netlab::tunnel::{HTTP_PORT, SECRET_VIP, WEB_VIP};
+use ztna_netlab::tunnel::{ECHO_VIP, HTTP_PORT, SECRET_VIP, WEB_VIP};
 use ztna_netlab::{Lab, n};
 
 const BLOB_MIB: usize = 50;
@@ -110,6 +110,19 @@ fn ping_iperf3_refused_ports_and_unauthorized_services() {
             if udp { "UDP" } else { "TCP" }
         );
     }
+
+    // UDP to a backend on the connector's own loopback (DNAT to 127.0.0.1).
+    let py = format!(
+        "import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(3);\
+         s.sendto(b'over the tunnel',('{ECHO_VIP}',7));print(s.recvfrom(100)[0].decode())"
+    );
+    let out = lab
+        .exec(&a, "python3", &["-c", &py])
+        .expect("UDP echo answered");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "over the tunnel"
+    );
 
     // A backend port nothing listens on: a prompt "connection refused".
     let start = Instant::now();
