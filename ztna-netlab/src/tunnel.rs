@@ -95,7 +95,8 @@ impl Lab {
 
     /// The services of the module docs: HTTP server with a `blob_mib` MiB file,
     /// UDP echo, iperf3 server, the intermediate (`xdp`: off|generic|native) and
-    /// the connector in `connector_mode`.
+    /// the connector in `connector_mode` (`kernel`, `userspace`, or `unprivileged`:
+    /// `auto` as user nobody without capabilities).
     pub fn start_tunnel_stack(
         &mut self,
         xdp: &str,
@@ -188,7 +189,36 @@ impl Lab {
         ]
         .map(String::from)
         .to_vec();
-        self.spawn(&cn, "connector", "ztna-connector", &args)?;
+        if connector_mode == "unprivileged" {
+            // As nobody, with no capabilities: `--mode auto` must pick the
+            // userspace mode by itself. The lab's key files are root's.
+            for f in ["ca.pem", "connector.pem", "connector.key"] {
+                crate::sh("chmod", &["0644", &c(f)])?;
+            }
+            let bin = bin_dir().join("ztna-connector").display().to_string();
+            let mut all: Vec<&str> = vec![
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+                &bin,
+            ];
+            let args: Vec<String> = args
+                .iter()
+                .map(|a| {
+                    if a == "unprivileged" {
+                        "auto".to_string()
+                    } else {
+                        a.clone()
+                    }
+                })
+                .collect();
+            all.extend(args.iter().map(String::as_str));
+            self.spawn_program(&cn, "connector", "setpriv", &all)?;
+        } else {
+            self.spawn(&cn, "connector", "ztna-connector", &args)?;
+        }
         for svc in ["echo", "web", "secret"] {
             self.wait_log(
                 "connector",

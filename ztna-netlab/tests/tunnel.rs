@@ -263,3 +263,55 @@ fn tcp_download_survives_a_cut_of_the_direct_path_and_its_restore() {
     assert_eq!(tail, ["direct", "relay-xdp", "direct"], "{history:?}");
     eprintln!("fell back in {fallback:?}; history {history:?}");
 }
+
+#[test]
+#[ignore = "needs root: network namespaces, TUN, setpriv"]
+fn unprivileged_connector_serves_the_same_download_in_userspace_mode() {
+    let mut lab = Lab::relay_topology("tn").expect("topology");
+    let stack = lab
+        .start_tunnel_stack("off", "unprivileged", BLOB_MIB)
+        .expect("stack");
+    let pid = lab.pid("connector").unwrap();
+    let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        proc_status.contains("CapEff:\t0000000000000000"),
+        "{proc_status}"
+    );
+    lab.wait_log(
+        "connector",
+        "using the userspace mode",
+        Duration::from_secs(5),
+    )
+    .expect("the connector says why it chose the userspace mode");
+    lab.start_agent_up(&stack.certs, &[], &[])
+        .expect("agent up");
+    lab.wait_agent_path("web", "direct", Duration::from_secs(15))
+        .expect("direct");
+    let (sha, took) = lab.fetch(&url(), &[]).expect("download");
+    assert_eq!(sha, stack.sha256, "intact through the userspace TCP stack");
+    eprintln!("userspace mode: {BLOB_MIB} MiB in {took:?}");
+    // The connector dials the backend first: a closed port is a prompt refusal.
+    let a = lab.ns("a");
+    let start = Instant::now();
+    let err = lab
+        .exec(
+            &a,
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "10",
+                &format!("http://{WEB_VIP}:8081/"),
+            ],
+        )
+        .expect_err("nothing listens on 8081");
+    assert!(
+        err.to_string().contains("Connection refused")
+            || err.to_string().contains("Couldn't connect"),
+        "{err}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(3), "refused promptly");
+    // ping is answered by the connector itself.
+    lab.exec(&a, "ping", &["-c", "2", "-i", "0.2", "-W", "2", WEB_VIP])
+        .expect("ping answered");
+}

@@ -29,12 +29,15 @@ use ztna_core::{ClientConfig, ClientEvent, ControlClient, MAX_UDP_PAYLOAD};
 use crate::identity::{Role, authorize};
 use crate::kernel_nat::KernelNat;
 pub use crate::service::{Backend, ServiceSpec, parse_prefix};
+use crate::user_tcp::UserTcp;
 
 const CONTROL: Token = Token(0);
 /// The kernel mode's TUN device (flow sockets count up from 1).
 const KERNEL: Token = Token(usize::MAX);
 /// Device reads per loop turn.
 const KERNEL_BURST: usize = 256;
+/// Userspace TCP's backend streams use tokens from here up.
+const USER_TCP_TOKENS: usize = 1 << 48;
 const FLOW_IDLE: Duration = Duration::from_secs(120);
 
 macro_rules! counters {
@@ -74,6 +77,10 @@ counters!(ConnectorStats {
     direct_connections,
     /// CANDIDATES for sessions this connector does not have.
     candidates_refused,
+    /// Userspace mode: TCP packets from agents (terminated in the userspace stack).
+    tcp_packets_from_agents,
+    /// Userspace mode: new flows refused because the agent holds its cap.
+    flows_over_limit,
     /// Kernel mode: packets written to the device, read from it, and read for an
     /// address no agent has (dropped).
     packets_to_kernel,
@@ -150,6 +157,10 @@ pub struct Connector {
     agents: HashMap<IpAddr, (Origin, String)>,
     /// The device had more to read than one turn takes.
     kernel_pending: bool,
+    /// Userspace mode: TCP terminated in a userspace stack, relayed to backends.
+    user_tcp: UserTcp,
+    /// Most concurrent flows (TCP connections, UDP flows) per agent.
+    flows_per_agent: usize,
 }
 
 pub struct ConnectorHandle {
@@ -238,6 +249,8 @@ impl Connector {
             kernel: None,
             agents: HashMap::new(),
             kernel_pending: false,
+            user_tcp: UserTcp::new(USER_TCP_TOKENS, crate::user_tcp::DEFAULT_PER_AGENT),
+            flows_per_agent: crate::user_tcp::DEFAULT_PER_AGENT,
             services: services.into_iter().map(|s| (s.id.clone(), s)).collect(),
             client,
             socket,
@@ -251,6 +264,13 @@ impl Connector {
 
     /// Delivers agents' packets through a TUN device and the kernel's NAT instead
     /// of per-flow sockets: all of TCP, UDP and ICMP (see [`crate::kernel_nat`]).
+    /// Most concurrent flows one agent may have (userspace mode; the kernel mode
+    /// takes its own cap).
+    pub fn set_flows_per_agent(&mut self, n: usize) {
+        self.flows_per_agent = n;
+        self.user_tcp = UserTcp::new(USER_TCP_TOKENS, n);
+    }
+
     pub fn enable_kernel_mode(&mut self, device: &str, flows_per_agent: u32) -> anyhow::Result<()> {
         let specs: Vec<ServiceSpec> = self.services.values().cloned().collect();
         let nat = KernelNat::start(device, &specs, flows_per_agent)?;
@@ -289,6 +309,7 @@ impl Connector {
                         .filter_map(|d| d.checker.poll_timeout()),
                 )
                 .chain(self.client.poll_timeout())
+                .chain(self.user_tcp.poll_delay().map(|d| now + d))
                 .min();
             let timeout = if self.kernel_pending {
                 Duration::ZERO
@@ -321,6 +342,8 @@ impl Connector {
                     }
                 } else if ev.token() == KERNEL {
                     self.read_kernel(&mut buf);
+                } else if self.user_tcp.owns(ev.token()) {
+                    self.user_tcp.ready(self.poll.registry(), ev.token());
                 } else {
                     self.read_backend(ev.token(), &mut buf);
                 }
@@ -335,6 +358,7 @@ impl Connector {
             }
             self.handle_events();
             self.service_data(now);
+            self.poll_user_tcp();
             self.flush(&mut out);
             if now.duration_since(last_sweep) > Duration::from_secs(5) {
                 self.expire(now);
@@ -627,16 +651,9 @@ impl Connector {
             );
             return;
         }
+        self.note_agent(key.src.ip(), origin, &service);
         if let Some(k) = self.kernel.as_mut() {
-            let agent = key.src.ip();
-            k.learn_agent(agent);
-            match self.agents.get_mut(&agent) {
-                Some(entry) if entry.0 == origin && entry.1 == service => {}
-                Some(entry) => *entry = (origin, service.clone()),
-                None => {
-                    self.agents.insert(agent, (origin, service.clone()));
-                }
-            }
+            k.learn_agent(key.src.ip());
             match k.dev.send(&packet) {
                 Ok(_) => inc(&self.stats.packets_to_kernel),
                 Err(e) => {
@@ -677,7 +694,38 @@ impl Connector {
                     }
                 }
             }
-            Proto::Tcp => inc(&self.stats.dropped_unsupported),
+            Proto::Tcp => {
+                inc(&self.stats.tcp_packets_from_agents);
+                let backend = spec.backend.target(key.dst);
+                self.user_tcp
+                    .packet_in(self.poll.registry(), key, packet, backend);
+            }
+        }
+    }
+
+    /// Remembers the connection and service of an agent's latest packet: where
+    /// packets for its address go.
+    fn note_agent(&mut self, agent: IpAddr, origin: Origin, service: &str) {
+        match self.agents.get_mut(&agent) {
+            Some(entry) if entry.0 == origin && entry.1 == service => {}
+            Some(entry) => *entry = (origin, service.to_string()),
+            None => {
+                self.agents.insert(agent, (origin, service.to_string()));
+            }
+        }
+    }
+
+    /// Userspace TCP: runs the stack and sends what it emits to the agents.
+    fn poll_user_tcp(&mut self) {
+        for p in self.user_tcp.poll(self.poll.registry()) {
+            let Some(dst) = packet::destination(&p) else {
+                continue;
+            };
+            let Some((origin, service)) = self.agents.get(&dst).cloned() else {
+                inc(&self.stats.dropped_no_agent);
+                continue;
+            };
+            self.tunnel_out(origin, &service, &p);
         }
     }
 
@@ -711,6 +759,19 @@ impl Connector {
     fn flow_socket(&mut self, service: &str, key: FlowKey, backend: SocketAddr) -> Option<Token> {
         if let Some(t) = self.by_key.get(&(service.to_string(), key)) {
             return Some(*t);
+        }
+        // One agent must not take every file descriptor (and with them every other
+        // agent's service).
+        let agent = key.src.ip();
+        if self
+            .by_key
+            .keys()
+            .filter(|(_, k)| k.src.ip() == agent)
+            .count()
+            >= self.flows_per_agent
+        {
+            inc(&self.stats.flows_over_limit);
+            return None;
         }
         let bind: SocketAddr = if backend.is_ipv4() {
             "0.0.0.0:0".parse().ok()?

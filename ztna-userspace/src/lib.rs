@@ -15,4 +15,5 @@ pub mod netif;
 pub mod relay;
 pub mod service;
 pub mod tun_agent;
+pub mod user_tcp;
 pub mod xdp;

@@ -66,9 +66,11 @@ pub fn check_net_admin(what: &str) -> anyhow::Result<()> {
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0);
     if eff & (1 << CAP_NET_ADMIN) == 0 {
+        let exe = std::env::current_exe()
+            .map_or_else(|_| "<binary>".to_string(), |p| p.display().to_string());
         bail!(
             "{what} needs CAP_NET_ADMIN to create a TUN device and routes: run it as root \
-             or grant the capability (setcap cap_net_admin+ep $(which ztna-agent))"
+             or grant the capability (setcap cap_net_admin+ep {exe})"
         );
     }
     Ok(())
@@ -188,6 +190,8 @@ impl Up {
         let mut events = Events::with_capacity(64);
         let mut buf = vec![0u8; 65535];
         let mut out = vec![0u8; 65535];
+        // The first Initial goes out now, not after the first wait.
+        self.flush(&mut buf, &mut out)?;
         // Edge-triggered readiness: when a turn leaves input behind, the next poll
         // must not wait for a new edge.
         let mut more = false;

@@ -41,14 +41,15 @@ struct Args {
     services: Vec<ServiceSpec>,
     /// How agents' packets reach the services: `kernel` (a TUN device and the
     /// kernel's NAT: TCP, UDP, ICMP; needs CAP_NET_ADMIN), `userspace` (UDP and
-    /// ICMP echo from this process, unprivileged), `auto` (kernel when permitted).
+    /// ICMP echo from this process, TCP through a userspace TCP/IP stack;
+    /// unprivileged), `auto` (kernel when permitted).
     #[arg(long, value_enum, default_value = "auto")]
     mode: Mode,
     /// TUN device of the kernel mode.
     #[arg(long, default_value = "ztnac0")]
     tun: String,
-    /// Kernel mode: most concurrent flows one agent may have through this
-    /// connector (more are dropped and counted).
+    /// Most concurrent flows (TCP connections, UDP flows) one agent may have
+    /// through this connector; more are refused and counted.
     #[arg(long, default_value_t = ztna_userspace::kernel_nat::DEFAULT_FLOWS_PER_AGENT)]
     flows_per_agent: u32,
     /// Local UDP address for the connection to the intermediate.
@@ -92,7 +93,7 @@ fn main() -> anyhow::Result<()> {
         Mode::Auto => match check_net_admin("the kernel mode") {
             Ok(()) => true,
             Err(e) => {
-                tracing::warn!("{e:#}; using the userspace mode (UDP and ICMP echo only)");
+                tracing::warn!("{e:#}; using the userspace mode");
                 false
             }
         },
@@ -100,7 +101,8 @@ fn main() -> anyhow::Result<()> {
     if kernel {
         connector.enable_kernel_mode(&args.tun, args.flows_per_agent)?;
     } else {
-        tracing::info!("userspace mode: UDP and ICMP echo, no TCP");
+        connector.set_flows_per_agent(args.flows_per_agent as usize);
+        tracing::info!("userspace mode: TCP through a userspace stack, UDP sockets, ICMP echo");
     }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
