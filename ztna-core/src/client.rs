@@ -189,8 +189,10 @@ pub struct ClientStats {
 }
 
 enum State {
+    /// `started`: when the first Initial left (`poll_transmit`), so the reported
+    /// handshake time is the handshake's, not the caller's set-up before it.
     Connecting {
-        started: Instant,
+        started: Option<Instant>,
     },
     Established,
     Backoff {
@@ -283,11 +285,11 @@ impl ControlClient {
             requests: BTreeMap::new(),
             server_caps: None,
         };
-        client.start_connect(now)?;
+        client.start_connect()?;
         Ok(client)
     }
 
-    fn start_connect(&mut self, now: Instant) -> Result<(), ClientError> {
+    fn start_connect(&mut self) -> Result<(), ClientError> {
         let mut scid = [0u8; 16];
         self.rng
             .fill(&mut scid)
@@ -301,7 +303,7 @@ impl ControlClient {
             &mut self.quic,
         )?;
         self.conn = Some(conn);
-        self.state = State::Connecting { started: now };
+        self.state = State::Connecting { started: None };
         self.stats.connects += 1;
         self.frames.reset();
         self.requests.clear();
@@ -388,6 +390,9 @@ impl ControlClient {
         match conn.send(out) {
             Ok((n, info)) => {
                 self.last_send = now;
+                if let State::Connecting { started: None } = self.state {
+                    self.state = State::Connecting { started: Some(now) };
+                }
                 Some((n, info.to))
             }
             Err(quiche::Error::Done) => None,
@@ -416,7 +421,7 @@ impl ControlClient {
     pub fn handle_timeout(&mut self, now: Instant) {
         match self.state {
             State::Backoff { until } if now >= until => {
-                if let Err(e) = self.start_connect(now) {
+                if let Err(e) = self.start_connect() {
                     tracing::warn!("reconnect failed: {e}");
                     self.schedule_reconnect(now, e.to_string());
                 }
@@ -628,7 +633,7 @@ impl ControlClient {
         {
             self.state = State::Established;
             self.events.push_back(ClientEvent::Connected {
-                handshake: now.saturating_duration_since(started),
+                handshake: started.map_or(Duration::ZERO, |s| now.saturating_duration_since(s)),
             });
             // Announce that we read 0x2F; an original intermediate ignores the stream.
             let _ = self.frames.queue(&Frame::Capabilities {
