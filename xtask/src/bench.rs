@@ -1,6 +1,6 @@
-//! `cargo xtask bench relay --out FILE`: the relay benchmark (root). Builds the
-//! release binaries and runs `relay-bench` (ztna-netlab) with them; it writes the
-//! JSON to FILE, an SVG next to it and a table on stdout.
+//! `cargo xtask bench relay|tunnel --out FILE` (root). Builds the release binaries
+//! and runs `relay-bench` or `tunnel-bench` (ztna-netlab) with them: JSON to FILE
+//! (relay: an SVG next to it), a table on stdout.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,12 +23,18 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 pub fn bench(what: &str, out: &Path) -> anyhow::Result<()> {
-    if what != "relay" {
-        bail!("unknown benchmark {what:?} (known: relay)");
-    }
+    let program = match what {
+        "relay" => "relay-bench",
+        "tunnel" => "tunnel-bench",
+        _ => bail!("unknown benchmark {what:?} (known: relay, tunnel)"),
+    };
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("the relay benchmark needs root (network namespaces, XDP, bpf(2))");
+        bail!("the {what} benchmark needs root (network namespaces, XDP, bpf(2))");
+    }
+    crate::prereqs::ensure()?;
+    if what == "tunnel" {
+        crate::prereqs::ensure_bench_tools()?;
     }
     let root = root();
     // The intermediate embeds target/ztna-ebpf.o at build time. Rebuild it from the
@@ -56,7 +62,7 @@ pub fn bench(what: &str, out: &Path) -> anyhow::Result<()> {
     ]))?;
     let out = std::path::absolute(out)?;
     let bin = root.join("target/release");
-    run(Command::new(bin.join("relay-bench"))
+    run(Command::new(bin.join(program))
         .arg("--out")
         .arg(&out)
         .env("ZTNA_BIN_DIR", &bin))

@@ -46,10 +46,11 @@ enum Cmd {
     /// Run every test (the README's test command; CI runs this).
     Test,
     /// Benchmarks (root): `relay` drives the same load through XDP native, XDP
-    /// generic, the userspace forwarder and the datagram relay; JSON to --out, an
-    /// SVG next to it, a table on stdout.
+    /// generic, the userspace forwarder and the datagram relay (JSON to --out, an
+    /// SVG next to it, a table on stdout); `tunnel` measures TCP/UDP through the
+    /// tunnel on each path against no tunnel and boringtun.
     Bench {
-        /// What to benchmark: `relay`.
+        /// What to benchmark: `relay` or `tunnel`.
         what: String,
         #[arg(long)]
         out: PathBuf,

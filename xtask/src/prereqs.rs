@@ -69,3 +69,42 @@ pub fn ensure() -> anyhow::Result<()> {
             .args(&missing),
     )
 }
+
+/// The tunnel benchmark's peer: boringtun (userspace WireGuard, from crates.io)
+/// and `wg` to configure it.
+pub fn ensure_bench_tools() -> anyhow::Result<()> {
+    if !installed("wireguard-tools") {
+        println!("xtask: installing missing packages: wireguard-tools");
+        let ok = Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "wireguard-tools",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .status()?
+            .success();
+        if !ok {
+            bail!("apt-get install wireguard-tools failed");
+        }
+    }
+    let have = Command::new("sh")
+        .args(["-c", "command -v boringtun-cli"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        println!("xtask: cargo install boringtun-cli --locked");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        if !Command::new(cargo)
+            .args(["install", "boringtun-cli", "--locked"])
+            .status()?
+            .success()
+        {
+            bail!("cargo install boringtun-cli failed");
+        }
+    }
+    Ok(())
+}
