@@ -261,6 +261,27 @@ impl<'a> Reader<'a> {
         }
         core::str::from_utf8(self.take(len)?).map_err(|_| WireError::BadUtf8)
     }
+    /// `count[1] | count × item`, at most `max` items, each checked by `item`:
+    /// (count, the items' bytes).
+    fn list(
+        &mut self,
+        max: usize,
+        item: impl Fn(&mut Self) -> Result<(), WireError>,
+    ) -> Result<(u8, &'a [u8]), WireError> {
+        let count = self.u8()?;
+        if count as usize > max {
+            return Err(WireError::LengthTooLong {
+                len: count as usize,
+            });
+        }
+        let start = self.buf;
+        for _ in 0..count {
+            item(self)?;
+        }
+        let used = start.len() - self.buf.len();
+        Ok((count, &start[..used]))
+    }
+
     fn end(&self) -> Result<(), WireError> {
         if self.buf.is_empty() {
             Ok(())
@@ -317,22 +338,12 @@ impl<'a> Frame<'a> {
                 let session_id = r.u32()?;
                 let mut password = [0u8; 16];
                 password.copy_from_slice(r.take(16)?);
-                let count = r.u8()?;
-                if count as usize > MAX_CANDIDATES {
-                    return Err(WireError::LengthTooLong {
-                        len: count as usize,
-                    });
-                }
-                let start = r.buf;
-                for _ in 0..count {
-                    candidate(&mut r)?;
-                }
-                let used = start.len() - r.buf.len();
+                let (count, candidates) = r.list(MAX_CANDIDATES, |r| candidate(r).map(drop))?;
                 Frame::Candidates {
                     session_id,
                     password,
                     count,
-                    candidates: &start[..used],
+                    candidates,
                 }
             }
             FRAME_SESSION_PATH => Frame::SessionPath {
@@ -341,21 +352,11 @@ impl<'a> Frame<'a> {
             },
             FRAME_SERVICE_PREFIXES => {
                 let service = r.service()?;
-                let count = r.u8()?;
-                if count as usize > MAX_PREFIXES {
-                    return Err(WireError::LengthTooLong {
-                        len: count as usize,
-                    });
-                }
-                let start = r.buf;
-                for _ in 0..count {
-                    prefix(&mut r)?;
-                }
-                let used = start.len() - r.buf.len();
+                let (count, prefixes) = r.list(MAX_PREFIXES, |r| prefix(r).map(drop))?;
                 Frame::ServicePrefixes {
                     service,
                     count,
-                    prefixes: &start[..used],
+                    prefixes,
                 }
             }
             FRAME_TUNNEL_ADDRESS => {
@@ -553,6 +554,21 @@ pub fn prefixes(raw: &[u8]) -> impl Iterator<Item = (core::net::IpAddr, u8)> + '
             prefix(&mut r).ok()
         }
     })
+}
+
+/// Encodes up to [`MAX_PREFIXES`] prefixes (network address, length) into `raw`
+/// for a SERVICE_PREFIXES frame: (count, bytes used).
+pub fn encode_prefixes(
+    prefixes: impl IntoIterator<Item = (core::net::IpAddr, u8)>,
+    raw: &mut [u8],
+) -> (u8, usize) {
+    let (mut n, mut count) = (0, 0u8);
+    for (ip, len) in prefixes.into_iter().take(MAX_PREFIXES) {
+        if encode_prefix(ip, len, raw, &mut n) {
+            count += 1;
+        }
+    }
+    (count, n)
 }
 
 /// Appends one encoded prefix to `out` at `*pos`; returns false if it doesn't fit.

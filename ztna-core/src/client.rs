@@ -680,18 +680,10 @@ impl ControlClient {
                         *v = true;
                         if let Some(prefixes) = self.cfg.service_prefixes.get(service) {
                             let mut raw = [0u8; frames::MAX_PREFIXES * 18];
-                            let mut n = 0;
-                            let mut count = 0u8;
-                            for p in prefixes.iter().take(frames::MAX_PREFIXES) {
-                                if frames::encode_prefix(
-                                    p.network(),
-                                    p.prefix_len(),
-                                    &mut raw,
-                                    &mut n,
-                                ) {
-                                    count += 1;
-                                }
-                            }
+                            let (count, n) = frames::encode_prefixes(
+                                prefixes.iter().map(|p| (p.network(), p.prefix_len())),
+                                &mut raw,
+                            );
                             let frame = Frame::ServicePrefixes {
                                 service,
                                 count,

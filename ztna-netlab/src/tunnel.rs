@@ -359,6 +359,22 @@ impl Lab {
         }
     }
 
+    /// Asserts that a TCP connection to a port of the web service nobody listens on
+    /// fails at once with "connection refused" (an RST, not a timeout).
+    pub fn assert_refused_promptly(&self) {
+        let start = Instant::now();
+        let url = format!("http://{WEB_VIP}:8081/");
+        let err = self
+            .exec(&self.ns("a"), "curl", &["-sS", "--max-time", "10", &url])
+            .expect_err("nothing listens on 8081");
+        let e = err.to_string();
+        assert!(
+            e.contains("Connection refused") || e.contains("Couldn't connect"),
+            "{e}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(3), "refused promptly");
+    }
+
     /// Fetches `url` with curl in the agent namespace into a file; returns its
     /// SHA-256 and how long it took. `extra` goes to curl (e.g. `--limit-rate`).
     pub fn fetch(&self, url: &str, extra: &[&str]) -> anyhow::Result<(String, Duration)> {

@@ -1553,13 +1553,10 @@ impl Intermediate {
 
     fn send_prefixes(&mut self, id: ClientId, service: &str, prefixes: &[IpNet]) {
         let mut raw = [0u8; frames::MAX_PREFIXES * 18];
-        let mut n = 0;
-        let mut count = 0u8;
-        for p in prefixes.iter().take(frames::MAX_PREFIXES) {
-            if frames::encode_prefix(p.network(), p.prefix_len(), &mut raw, &mut n) {
-                count += 1;
-            }
-        }
+        let (count, n) = frames::encode_prefixes(
+            prefixes.iter().map(|p| (p.network(), p.prefix_len())),
+            &mut raw,
+        );
         self.queue_frame(
             id,
             &Frame::ServicePrefixes {

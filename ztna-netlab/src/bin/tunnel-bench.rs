@@ -259,12 +259,15 @@ fn ztna(tag: &str, xdp: &str, flags: &[&str], path: &str) -> anyhow::Result<Path
     Ok(r)
 }
 
+/// One measured configuration.
+type Run = Box<dyn Fn() -> anyhow::Result<PathResult>>;
+
 fn main() -> anyhow::Result<()> {
     let out = std::env::args()
         .skip_while(|a| a != "--out")
         .nth(1)
         .context("usage: tunnel-bench --out FILE")?;
-    let runs: Vec<(&str, Box<dyn Fn() -> anyhow::Result<PathResult>>)> = vec![
+    let runs: Vec<(&str, Run)> = vec![
         ("no_tunnel", Box::new(no_tunnel)),
         ("boringtun", Box::new(boringtun)),
         ("direct", Box::new(|| ztna("bd", "native", &[], "direct"))),
