@@ -47,7 +47,7 @@ use ztna_core::frame_io::{self, FrameIo};
 
 use crate::addressing::AddressPool;
 use crate::batch::{RecvBatch, SendBatch};
-use crate::flows::{ClientId, FlowTable};
+use crate::flows::{ClientId, FlowRefused, FlowTable};
 use crate::identity::{PeerIdentity, Role};
 use crate::relay::{ForwardResult, KernelTable, RelayTable, relay_cid_of};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -185,6 +185,11 @@ stats!(IntermediateStats {
     /// CAPABILITIES frames received.
     capabilities_received,
     port_translations,
+    /// New flows whose 5-tuple another agent owns, with no translation port free:
+    /// dropped rather than sent untranslated (which would take the owner's replies).
+    dropped_no_free_port,
+    /// New flows from an agent that holds `flows::MAX_FLOWS_PER_AGENT` already.
+    dropped_agent_flow_limit,
     dropped_not_registered,
     dropped_no_connector,
     dropped_no_flow,
@@ -1632,7 +1637,17 @@ impl Intermediate {
             inc(&self.stats.dropped_no_connector);
             return;
         };
-        let route = self.flows.outbound(from, &service, key, now);
+        let route = match self.flows.outbound(from, &service, key, now) {
+            Ok(route) => route,
+            Err(FlowRefused::NoFreePort) => {
+                inc(&self.stats.dropped_no_free_port);
+                return;
+            }
+            Err(FlowRefused::AgentLimit) => {
+                inc(&self.stats.dropped_agent_flow_limit);
+                return;
+            }
+        };
         if let Some(port) = route.rewrite_to {
             inc(&self.stats.port_translations);
             if packet::rewrite_port(ip, PortField::Src, port).is_err() {
