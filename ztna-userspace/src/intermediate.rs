@@ -147,6 +147,13 @@ stats!(IntermediateStats {
     /// Loop turns that stopped reading with packets still queued (load), so that
     /// timers and clients are served.
     recv_budget_exhausted,
+    /// Datagrams larger than a receive buffer (`MSG_TRUNC`): dropped, their tail
+    /// is lost.
+    recv_truncated,
+    /// Relayed datagrams dropped because the socket's send buffer was full.
+    relay_send_dropped_would_block,
+    /// Relayed datagrams the kernel refused for another reason (no route, ...).
+    relay_send_dropped_failed,
     /// Unknown short-header packets to relay CIDs: never answered with a reset.
     relay_cid_resets_refused,
     retries_sent,
@@ -675,6 +682,14 @@ impl Intermediate {
                 }
             }
             self.forwarded.flush(fd);
+            // The batches count cumulatively; mirror them into the stats.
+            let set = |c: &AtomicU64, v: u64| c.store(v, Ordering::Relaxed);
+            set(&self.stats.recv_truncated, st.batch.truncated);
+            set(
+                &self.stats.relay_send_dropped_would_block,
+                self.forwarded.dropped_would_block,
+            );
+            set(&self.stats.relay_send_dropped_failed, self.forwarded.dropped_failed);
             if n < crate::batch::BATCH {
                 break false;
             }
