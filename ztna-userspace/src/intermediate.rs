@@ -68,6 +68,12 @@ const MAX_BATCHES_PER_TURN: usize = 8;
 const RESET_RATE: f64 = 500.0;
 const RESET_BURST: f64 = 100.0;
 
+/// CANDIDATES one endpoint may send per session (token bucket: a burst of 2, then
+/// one per 2 s). Each frame makes the other endpoint restart its checks towards the
+/// addresses it names; an endpoint sends one per (re)start of the checks.
+const CANDIDATES_RATE: f64 = 0.5;
+const CANDIDATES_BURST: f64 = 2.0;
+
 #[derive(Clone, Debug)]
 pub struct IntermediateConfig {
     pub listen: SocketAddr,
@@ -231,6 +237,9 @@ stats!(IntermediateStats {
     path_validations_failed,
     /// CANDIDATES from a client that is not an endpoint of that session.
     candidates_refused,
+    /// CANDIDATES from an endpoint over its per-session rate (`CANDIDATES_RATE`):
+    /// dropped, not forwarded.
+    candidates_rate_limited,
     /// SERVICE_PREFIXES accepted from a service's connector.
     service_prefixes_published,
     /// SERVICE_PREFIXES from a client that is not the service's connector.
@@ -291,6 +300,9 @@ pub struct Intermediate {
     last_expiry: Instant,
     /// Token bucket of stateless resets: tokens and when it was last refilled.
     reset_budget: (f64, Instant),
+    /// CANDIDATES buckets per (session, sending client); entries of gone sessions
+    /// are dropped in `expire_sessions`.
+    candidates_budget: HashMap<(u32, ClientId), (f64, Instant)>,
     /// Receive batches per loop turn ([`MAX_BATCHES_PER_TURN`]; tests lower it).
     batches_per_turn: usize,
     xdp: Option<crate::xdp::XdpRelay>,
@@ -510,6 +522,7 @@ impl Intermediate {
             stats: Arc::new(IntermediateStats::default()),
             last_expiry: Instant::now(),
             reset_budget: (RESET_BURST, Instant::now()),
+            candidates_budget: HashMap::new(),
             batches_per_turn: MAX_BATCHES_PER_TURN,
             xdp: None,
             forwarded: SendBatch::default(),
@@ -1058,6 +1071,24 @@ impl Intermediate {
         }
     }
 
+    /// One token from the CANDIDATES bucket of `sender` in `session`, if there is one.
+    fn take_candidates_token(&mut self, session: u32, sender: ClientId) -> bool {
+        let now = Instant::now();
+        let (tokens, last) = self
+            .candidates_budget
+            .entry((session, sender))
+            .or_insert((CANDIDATES_BURST, now));
+        let refill = now.saturating_duration_since(*last).as_secs_f64() * CANDIDATES_RATE;
+        *tokens = (*tokens + refill).min(CANDIDATES_BURST);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
     fn process_client(&mut self, id: ClientId, now: Instant) {
         self.path_events(id);
         let Some(client) = self.clients.get_mut(&id) else {
@@ -1268,7 +1299,16 @@ impl Intermediate {
                             None
                         }
                     });
+                // Only endpoints of a live session get a bucket, so refused frames
+                // with made-up session ids add no state.
+                let allowed = other.is_none() || self.take_candidates_token(session_id, id);
                 match other {
+                    Some(_) if !allowed => {
+                        inc(&self.stats.candidates_rate_limited);
+                        tracing::debug!(
+                            "client {id}: CANDIDATES for session {session_id} over the rate limit: dropped"
+                        );
+                    }
                     Some(other) => {
                         inc(&self.stats.candidates_forwarded);
                         self.queue_frame(
@@ -1375,6 +1415,9 @@ impl Intermediate {
     }
 
     fn expire_sessions(&mut self, now: Instant) {
+        let relay = &self.relay;
+        self.candidates_budget
+            .retain(|(session, _), _| relay.session(*session).is_some());
         let kernel_now = monotonic_ns();
         let (unaccepted, idle) = self.relay.expire(now, Some(kernel_now));
         for s in unaccepted {

@@ -808,6 +808,41 @@ fn candidates_for_a_session_the_sender_is_not_part_of_are_refused() {
     assert_eq!(stat(&w, |s| &s.candidates_refused), 1);
 }
 
+#[test]
+fn candidates_are_rate_limited_per_session_at_the_intermediate() {
+    let w = world("candrate");
+    let mut a = agent_p2p(&w.pki, w.server);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
+    let session = a.data_connection(SERVICE).unwrap().session_id;
+    let forwarded0 = stat(&w, |s| &s.candidates_forwarded);
+    let limited0 = stat(&w, |s| &s.candidates_rate_limited);
+    // An authorized agent repeats CANDIDATES naming an address that is not its own:
+    // each forwarded one would restart the connector's checks towards it.
+    let cand = [ztna_core::p2p::Candidate {
+        kind: ztna_core::p2p::CandidateKind::Host,
+        addr: "127.0.0.1:9".parse().unwrap(),
+    }];
+    for _ in 0..20 {
+        a.client_mut()
+            .send_candidates(session, [1; 16], &cand)
+            .unwrap();
+    }
+    let limited = |w: &World| stat(w, |s| &s.candidates_rate_limited) - limited0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while limited(&w) < 18 && Instant::now() < deadline {
+        let _ = a.recv_packet(Duration::from_millis(50));
+    }
+    // A burst of 2 per session and endpoint, then one per 2 s: at most 2 of the
+    // agent's frames get through (fewer if its own first CANDIDATES used a token),
+    // plus the connector's answers to them from its own bucket.
+    assert!(limited(&w) >= 18, "rate-limited {} of 20", limited(&w));
+    let forwarded = stat(&w, |s| &s.candidates_forwarded) - forwarded0;
+    assert!(forwarded <= 4, "forwarded {forwarded}");
+    // The agent's session still works on the relay.
+    assert!(echo_until_ok(&mut a, src(49500), Duration::from_secs(5)).is_some());
+}
+
 /// A one-client UDP NAT on loopback: the agent talks to it, it talks to the
 /// intermediate from an outside socket that `rebind` replaces (a NAT rebinding).
 struct LoopNat {
