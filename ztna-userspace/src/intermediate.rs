@@ -160,6 +160,9 @@ stats!(IntermediateStats {
     relay_send_dropped_would_block,
     /// Relayed datagrams the kernel refused for another reason (no route, ...).
     relay_send_dropped_failed,
+    /// Kernel relay entries removed because updating them after a client moved
+    /// failed (the userspace forwarder takes the session's packets instead).
+    kernel_update_failures,
     /// Unknown short-header packets to relay CIDs: never answered with a reset.
     relay_cid_resets_refused,
     retries_sent,
@@ -890,6 +893,9 @@ impl Intermediate {
             tracing::info!("client {id} moved {} -> {to} (path validated)", client.peer);
             client.peer = to;
             self.relay.client_moved(id, to);
+            self.stats
+                .kernel_update_failures
+                .store(self.relay.kernel_update_failures, Ordering::Relaxed);
         }
     }
 
@@ -913,6 +919,9 @@ impl Intermediate {
                 if moved {
                     inc(&self.stats.relay_sender_updated);
                     self.relay.client_moved(sender, from);
+                    self.stats
+                        .kernel_update_failures
+                        .store(self.relay.kernel_update_failures, Ordering::Relaxed);
                     if let ForwardResult::Send(to) = self.relay.forward(cid, from, pkt.len(), now) {
                         inc(&self.stats.userspace_forwarded_packets);
                         self.forwarded.push(pkt, to);

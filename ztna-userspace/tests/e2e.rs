@@ -5,7 +5,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use std::sync::{Arc, Mutex};
@@ -131,11 +132,18 @@ fn agent_p2p(pki: &DevPki, server: SocketAddr) -> Agent {
 #[derive(Clone, Default)]
 struct RecordingKernel {
     inserts: Arc<Mutex<Vec<(Cid, SocketAddr, SocketAddr)>>>,
+    /// What the kernel map would hold now: inserts minus removals.
+    live: Arc<Mutex<HashMap<Cid, (SocketAddr, SocketAddr)>>>,
+    /// While set, inserts fail (like a full or vanished BPF map).
+    fail: Arc<AtomicBool>,
 }
 
 impl RecordingKernel {
     fn inserts(&self) -> Vec<(Cid, SocketAddr, SocketAddr)> {
         self.inserts.lock().unwrap().clone()
+    }
+    fn live(&self) -> HashMap<Cid, (SocketAddr, SocketAddr)> {
+        self.live.lock().unwrap().clone()
     }
 }
 
@@ -147,10 +155,16 @@ impl KernelTable for RecordingKernel {
         expected: SocketAddr,
         _session: u32,
     ) -> Result<(), String> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err("injected failure".into());
+        }
         self.inserts.lock().unwrap().push((*cid, peer, expected));
+        self.live.lock().unwrap().insert(*cid, (peer, expected));
         Ok(())
     }
-    fn remove(&mut self, _cid: &Cid) {}
+    fn remove(&mut self, cid: &Cid) {
+        self.live.lock().unwrap().remove(cid);
+    }
     fn stats(&self, _cid: &Cid) -> Option<(u64, u64, u64)> {
         None
     }
@@ -955,6 +969,37 @@ fn nat_rebinding_moves_the_relay_entry_after_the_control_connection_proves_it() 
         .filter(|e| matches!(e, AgentEvent::ObservedAddress(_)))
         .count();
     assert!(qads >= 2, "QAD after the rebinding: {qads}");
+}
+
+#[test]
+fn a_failed_kernel_update_after_a_move_removes_the_stale_kernel_entry() {
+    let kernel = RecordingKernel::default();
+    let w = world_with("rebindfail", Some(kernel.clone()));
+    let nat = LoopNat::new(w.server);
+    let mut a = agent_relay(&w.pki, nat.addr);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
+    assert!(echo_until_ok(&mut a, src(50100), Duration::from_secs(5)).is_some());
+    let before = kernel.live();
+    assert_eq!(before.len(), 2, "both entries of the session: {before:?}");
+    // The map refuses updates from now on; the agent's NAT rebinds.
+    kernel.fail.store(true, Ordering::SeqCst);
+    nat.rebind.store(true, Ordering::SeqCst);
+    let took = echo_until_ok(&mut a, src(50100), Duration::from_secs(10)).expect("traffic resumed");
+    assert!(took < Duration::from_secs(5), "resumed after {took:?}");
+    assert!(stat(&w, |s| &s.client_moves) >= 1);
+    // Both entries name the agent's old outside address (one as peer, one as
+    // expected sender): neither may stay behind for the XDP program to follow.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !kernel.live().is_empty() && Instant::now() < deadline {
+        let _ = a.recv_packet(Duration::from_millis(50));
+    }
+    assert!(
+        kernel.live().is_empty(),
+        "stale kernel entries: {:?}",
+        kernel.live()
+    );
+    assert!(stat(&w, |s| &s.kernel_update_failures) >= 2);
 }
 
 /// Drives `a` until `cond` holds; false after `within`.
