@@ -176,6 +176,9 @@ stats!(IntermediateStats {
     /// Initials with a valid token whose DCID carries the relay-CID marker.
     refused_relay_marker_cids,
     connections_accepted,
+    /// Without Retry: Initials to a DCID a client chose for a connection that
+    /// exists (retransmissions), passed to that connection rather than accepted anew.
+    initials_to_existing_connection,
     connections_closed,
     /// Clients refused for presenting no certificate.
     refused_no_certificate,
@@ -273,6 +276,8 @@ struct Client {
     tunnel: Option<(Ipv4Addr, Ipv6Addr)>,
     /// Announced `SERVICE_PACKETS`: may be sent `0x2F`. Off for original clients.
     reads_service_packets: bool,
+    /// Its key in `initial_dcids` (no Retry).
+    initial_dcid: Option<quiche::ConnectionId<'static>>,
 }
 
 #[derive(Default)]
@@ -292,6 +297,10 @@ pub struct Intermediate {
     quic: quiche::Config,
     clients: HashMap<ClientId, Client>,
     cids: HashMap<quiche::ConnectionId<'static>, ClientId>,
+    /// Without Retry: the DCID each client chose for its first Initial, so that a
+    /// retransmission of that Initial (it carries the same DCID, not yet ours)
+    /// reaches the connection it created instead of creating a second one.
+    initial_dcids: HashMap<quiche::ConnectionId<'static>, ClientId>,
     services: HashMap<String, Service>,
     flows: FlowTable,
     relay: RelayTable,
@@ -515,6 +524,7 @@ impl Intermediate {
             quic,
             clients: HashMap::new(),
             cids: HashMap::new(),
+            initial_dcids: HashMap::new(),
             services: HashMap::new(),
             flows: FlowTable::default(),
             relay: RelayTable::new(ztna_common::relay::MAX_RELAY_ENTRIES as usize),
@@ -830,7 +840,15 @@ impl Intermediate {
                 return;
             }
         };
-        let id = self.cids.get(&hdr.dcid).copied();
+        let id = self.cids.get(&hdr.dcid).copied().or_else(|| {
+            let id = (hdr.ty == quiche::Type::Initial)
+                .then(|| self.initial_dcids.get(&hdr.dcid).copied())
+                .flatten();
+            if id.is_some() {
+                inc(&self.stats.initials_to_existing_connection);
+            }
+            id
+        });
         let id = match id {
             Some(id) => id,
             None => {
@@ -1004,6 +1022,9 @@ impl Intermediate {
             odcid = None;
             scid = quiche::ConnectionId::from_vec(self.new_local_cid().to_vec());
         }
+        // Without Retry the client's first DCID is its own choice and not ours:
+        // remember it for retransmissions of this Initial (see `initial_dcids`).
+        let initial_dcid = (!self.cfg.retry).then(|| hdr.dcid.clone().into_owned());
         let token = self.reset_token(&scid);
         self.quic.set_stateless_reset_token(Some(token));
         let odcid_ref = odcid.as_ref().map(|o| quiche::ConnectionId::from_ref(o));
@@ -1020,6 +1041,9 @@ impl Intermediate {
         inc(&self.stats.connections_accepted);
         tracing::debug!("new connection {id} from {from}");
         self.cids.insert(scid.clone(), id);
+        if let Some(d) = &initial_dcid {
+            self.initial_dcids.insert(d.clone(), id);
+        }
         self.clients.insert(
             id,
             Client {
@@ -1034,6 +1058,7 @@ impl Intermediate {
                 frames: FrameIo::default(),
                 tunnel: None,
                 reads_service_packets: false,
+                initial_dcid,
             },
         );
         Some(id)
@@ -1808,6 +1833,11 @@ impl Intermediate {
             // By key, not a scan of every client's CIDs: many clients closing at once
             // must not cost quadratic time.
             self.cids.remove(&c.scid);
+            if let Some(d) = &c.initial_dcid
+                && self.initial_dcids.get(d) == Some(&id)
+            {
+                self.initial_dcids.remove(d);
+            }
             self.addresses.release(id);
             self.flows.remove_client(id);
             for s in self.relay.remove_client(id) {

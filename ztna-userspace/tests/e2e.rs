@@ -1361,6 +1361,57 @@ fn tiny_initials_get_no_retry_or_version_negotiation_and_tokens_bind_the_retry_c
     assert_eq!(stat(&w, |s| &s.invalid_tokens), invalid + 2);
 }
 
+#[test]
+fn without_retry_a_retransmitted_first_initial_reaches_the_same_connection() {
+    let pki = pki("noretry");
+    let mut cfg = IntermediateConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        pki.server_cert.clone(),
+        pki.server_key.clone(),
+        Some(pki.ca_cert.clone()),
+    );
+    cfg.retry = false;
+    let inter = intermediate::spawn(cfg).unwrap();
+    let stat = |f: fn(&intermediate::IntermediateStats) -> &std::sync::atomic::AtomicU64| {
+        f(&inter.stats).load(Ordering::Relaxed)
+    };
+    // A real quiche client's first flight, sent twice: the second copy is what the
+    // client's loss recovery sends when the server's answer is lost.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut qc = quiche::Config::new(quiche::PROTOCOL_VERSION).unwrap();
+    qc.set_application_protos(&[ztna_core::ALPN]).unwrap();
+    qc.verify_peer(false);
+    let scid = quiche::ConnectionId::from_ref(&[0x31; 16]);
+    let mut conn = quiche::connect(
+        Some("intermediate.ztna"),
+        &scid,
+        sock.local_addr().unwrap(),
+        inter.addr,
+        &mut qc,
+    )
+    .unwrap();
+    let mut first = vec![0u8; 1500];
+    let (n, _) = conn.send(&mut first).unwrap();
+    first.truncate(n);
+    assert!(n >= 1200, "client Initials are padded: {n}");
+    sock.send_to(&first, inter.addr).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stat(|s| &s.connections_accepted) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(stat(|s| &s.connections_accepted), 1);
+    sock.send_to(&first, inter.addr).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stat(|s| &s.initials_to_existing_connection) == 0
+        && stat(|s| &s.connections_accepted) == 1
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(stat(|s| &s.connections_accepted), 1, "a second connection");
+    assert_eq!(stat(|s| &s.initials_to_existing_connection), 1);
+}
+
 /// Sends a short-header packet with `dcid` to `server` and returns the stateless
 /// reset token of the answer (its last 16 bytes).
 fn reset_token_of(sock: &std::net::UdpSocket, server: SocketAddr, dcid: &[u8]) -> [u8; 16] {
