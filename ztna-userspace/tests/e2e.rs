@@ -600,6 +600,59 @@ fn restart_intermediate(crash: bool) {
     }
 }
 
+/// A `tracing` writer into a shared buffer, to read what was logged.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn skipping_server_verification_warns_at_every_connect() {
+    let mut w = world("insecureverify");
+    let log = LogBuf::default();
+    let sub = tracing_subscriber::fmt()
+        .with_writer({
+            let log = log.clone();
+            move || log.clone()
+        })
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    // The agent runs on this thread: its connects log to `log`.
+    tracing::subscriber::with_default(sub, || {
+        let mut cfg = client_cfg(
+            &w.pki,
+            w.server,
+            Role::Agent,
+            &w.pki.agent_cert,
+            &w.pki.agent_key,
+        );
+        cfg.ca_file = None;
+        let mut a = Agent::connect_with(cfg, false).unwrap();
+        a.wait_registered(Duration::from_secs(10)).unwrap();
+        w.inter.take().unwrap().stop().unwrap();
+        w.inter = Some(start_intermediate(&w.pki, w.server));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a.client().stats().connects < 2 && Instant::now() < deadline {
+            let _ = a.recv_packet(Duration::from_millis(50));
+        }
+        let stats = a.client().stats().clone();
+        assert!(stats.connects >= 2, "reconnected: {stats:?}");
+        assert_eq!(stats.unverified_connects, stats.connects);
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let warnings = text.matches("WITHOUT verifying its certificate").count();
+        assert_eq!(warnings as u64, stats.connects, "{text}");
+    });
+}
+
 #[test]
 fn intermediate_graceful_restart_both_sides_reconnect() {
     restart_intermediate(false);
