@@ -345,4 +345,28 @@ mod tests {
         s.push(&[1; 10], to);
         assert_eq!(s.flush(a.as_raw_fd()), 1);
     }
+
+    #[test]
+    fn a_full_send_buffer_drops_the_rest_counted() {
+        // A socket whose send buffer really fills: a loopback TCP connection whose
+        // peer never reads (UDP on loopback frees its buffer at once). sendmmsg
+        // works on it like on the relay's socket; TCP ignores the address.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_peer, _) = listener.accept().unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let to: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let mut s = SendBatch::default();
+        let total = 20_000;
+        for _ in 0..total {
+            s.push(&[0x5a; 1400], to);
+        }
+        let sent = s.flush(tcp.as_raw_fd());
+        assert!(sent < total, "the buffer never filled");
+        assert!(s.dropped_would_block > 0);
+        assert_eq!(sent as u64 + s.dropped_would_block + s.dropped_failed, total as u64);
+        assert_eq!(s.dropped_failed, 0);
+        assert!(s.is_empty());
+    }
 }
+
