@@ -354,7 +354,10 @@ impl Checker {
         self.remote_password = Some(password);
         let mut seen: Vec<SocketAddr> = Vec::with_capacity(MAX_REMOTE_CANDIDATES);
         self.pairs.clear();
-        for r in remote.iter().filter(|r| r.kind != CandidateKind::PeerReflexive) {
+        for r in remote
+            .iter()
+            .filter(|r| r.kind != CandidateKind::PeerReflexive)
+        {
             if seen.contains(&r.addr) {
                 continue;
             }
@@ -549,8 +552,7 @@ impl Checker {
             // candidate; check it too (behind a symmetric NAT it is the only way in).
             if self.remote_password.is_some() {
                 self.add_prflx(from);
-            } else if !self.early_prflx.contains(&from)
-                && self.early_prflx.len() < MAX_PRFLX_PAIRS
+            } else if !self.early_prflx.contains(&from) && self.early_prflx.len() < MAX_PRFLX_PAIRS
             {
                 self.early_prflx.push(from);
             }
@@ -861,11 +863,18 @@ mod tests {
     fn peer_reflexive_pairs_are_capped_per_session() {
         let now = Instant::now();
         let mut a = Checker::new(Role::Controlled, 1, &[], now);
-        a.set_remote([5; 16], &[cand(CandidateKind::Host, "203.0.113.2:2000")], now);
+        a.set_remote(
+            [5; 16],
+            &[cand(CandidateKind::Host, "203.0.113.2:2000")],
+            now,
+        );
         for port in 0..20u16 {
             let from = SocketAddr::new("203.0.113.2".parse().unwrap(), 40000 + port);
             // Every valid request is still answered...
-            assert!(a.handle(&request_to(&a, false, port as u8), from, now).is_some());
+            assert!(
+                a.handle(&request_to(&a, false, port as u8), from, now)
+                    .is_some()
+            );
         }
         // ...but only MAX_PRFLX_PAIRS sources became pairs that we check.
         let targets = check_targets(&mut a, now);
@@ -920,7 +929,10 @@ mod tests {
             })
             .collect();
         assert!(a.set_remote([5; 16], &many, now));
-        assert_eq!(a.remote_candidates_dropped, 16 - MAX_REMOTE_CANDIDATES as u64);
+        assert_eq!(
+            a.remote_candidates_dropped,
+            16 - MAX_REMOTE_CANDIDATES as u64
+        );
         // Another set at once would restart every check: ignored.
         let other = [cand(CandidateKind::Host, "192.0.2.99:9")];
         assert!(!a.set_remote([5; 16], &other, now + Duration::from_millis(100)));
@@ -936,4 +948,3 @@ mod tests {
         assert_eq!(check_targets(&mut a, later), vec![other[0].addr]);
     }
 }
-

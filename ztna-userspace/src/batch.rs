@@ -210,10 +210,11 @@ impl SendBatch {
         self.addrs
             .resize(total, unsafe { MaybeUninit::zeroed().assume_init() });
         self.iov.clear();
-        self.iov.extend(self.items.iter().map(|(s, l, _)| libc::iovec {
-            iov_base: self.data[*s..].as_ptr() as *mut _,
-            iov_len: *l,
-        }));
+        self.iov
+            .extend(self.items.iter().map(|(s, l, _)| libc::iovec {
+                iov_base: self.data[*s..].as_ptr() as *mut _,
+                iov_len: *l,
+            }));
         self.msgs
             .resize(total, unsafe { MaybeUninit::zeroed().assume_init() });
         for (i, (_, _, to)) in self.items.iter().enumerate() {
@@ -313,7 +314,11 @@ mod tests {
             }
         }
         assert_eq!(slots, 2);
-        assert_eq!(got, vec![vec![9u8; 100]], "only the whole datagram is handed on");
+        assert_eq!(
+            got,
+            vec![vec![9u8; 100]],
+            "only the whole datagram is handed on"
+        );
         assert_eq!(r.truncated, 1);
     }
 
@@ -364,9 +369,11 @@ mod tests {
         let sent = s.flush(tcp.as_raw_fd());
         assert!(sent < total, "the buffer never filled");
         assert!(s.dropped_would_block > 0);
-        assert_eq!(sent as u64 + s.dropped_would_block + s.dropped_failed, total as u64);
+        assert_eq!(
+            sent as u64 + s.dropped_would_block + s.dropped_failed,
+            total as u64
+        );
         assert_eq!(s.dropped_failed, 0);
         assert!(s.is_empty());
     }
 }
-

@@ -297,7 +297,10 @@ mod tests {
         assert_ne!(port, 5000);
         assert_eq!(r.wire.src.port(), port);
         // the same agent's next packet reuses the translation
-        assert_eq!(t.outbound(2, "echo", k, now).unwrap().rewrite_to, Some(port));
+        assert_eq!(
+            t.outbound(2, "echo", k, now).unwrap().rewrite_to,
+            Some(port)
+        );
         let back = t.inbound("echo", &r.wire.reversed(), now).unwrap();
         assert_eq!(back.agent, 2);
         assert_eq!(back.original, k);
@@ -420,7 +423,10 @@ mod tests {
             );
         }
         let took = start.elapsed();
-        assert!(took < Duration::from_millis(500), "2000 refusals took {took:?}");
+        assert!(
+            took < Duration::from_millis(500),
+            "2000 refusals took {took:?}"
+        );
     }
 
     #[test]
@@ -442,7 +448,10 @@ mod tests {
         );
         // Its existing flows still pass, and other agents are unaffected.
         assert!(t.outbound(1, "echo", flow(0), now).is_ok());
-        assert!(t.outbound(2, "echo", flow(MAX_FLOWS_PER_AGENT), now).is_ok());
+        assert!(
+            t.outbound(2, "echo", flow(MAX_FLOWS_PER_AGENT), now)
+                .is_ok()
+        );
         // Expired flows free the agent's quota.
         t.expire(now + FLOW_IDLE + Duration::from_secs(1));
         assert!(

@@ -715,7 +715,10 @@ impl Intermediate {
                 &self.stats.relay_send_dropped_would_block,
                 self.forwarded.dropped_would_block,
             );
-            set(&self.stats.relay_send_dropped_failed, self.forwarded.dropped_failed);
+            set(
+                &self.stats.relay_send_dropped_failed,
+                self.forwarded.dropped_failed,
+            );
             if n < crate::batch::BATCH {
                 break false;
             }

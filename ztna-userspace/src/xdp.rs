@@ -65,8 +65,8 @@ impl SysctlRestore {
     /// Writes `value` to `path` if it holds something else; `None` if it already
     /// held `value` (nothing to restore).
     pub fn set(path: &Path, value: &str) -> anyhow::Result<Option<Self>> {
-        let previous = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let previous =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         if previous.trim() == value {
             return Ok(None);
         }
@@ -81,11 +81,7 @@ impl SysctlRestore {
 impl Drop for SysctlRestore {
     fn drop(&mut self) {
         match std::fs::write(&self.path, &self.previous) {
-            Ok(()) => tracing::info!(
-                "restored {} to {}",
-                self.path.display(),
-                self.previous
-            ),
+            Ok(()) => tracing::info!("restored {} to {}", self.path.display(), self.previous),
             Err(e) => tracing::warn!(
                 "restoring {} to {}: {e}; it stays changed",
                 self.path.display(),

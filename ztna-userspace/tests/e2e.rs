@@ -3,9 +3,9 @@
 //! Components run in-process on their own threads so the tests can stop, crash and
 //! restart them and read their counters.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
