@@ -83,6 +83,9 @@ counters!(ConnectorStats {
     /// Valid checks from new addresses not made peer-reflexive pairs: the session
     /// has `p2p::MAX_PRFLX_PAIRS` already.
     prflx_refused,
+    /// Remote candidates beyond `p2p::MAX_REMOTE_CANDIDATES` in one CANDIDATES
+    /// frame: not checked.
+    candidates_dropped,
     /// Userspace mode: TCP packets from agents (terminated in the userspace stack).
     tcp_packets_from_agents,
     /// Userspace mode: new flows refused because the agent holds its cap.
@@ -613,6 +616,9 @@ impl Connector {
                         crate::netif::candidates(self.local, self.client.observed_address());
                     let mut checker = Checker::new(p2p::Role::Controlled, session_id, &cands, now);
                     checker.set_remote(password, &candidates, now);
+                    self.stats
+                        .candidates_dropped
+                        .fetch_add(checker.remote_candidates_dropped, Ordering::Relaxed);
                     if self
                         .client
                         .send_candidates(session_id, checker.local_password(), &cands)

@@ -910,6 +910,34 @@ fn candidates_are_rate_limited_per_session_at_the_intermediate() {
     assert!(echo_until_ok(&mut a, src(49500), Duration::from_secs(5)).is_some());
 }
 
+#[test]
+fn the_connector_checks_at_most_max_remote_candidates_of_a_frame() {
+    let w = world("candcap");
+    let mut a = agent_relay(&w.pki, w.server);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
+    let session = a.data_connection(SERVICE).unwrap().session_id;
+    // Sixteen addresses (the most a frame carries) that are not the agent's.
+    let cands: Vec<ztna_core::p2p::Candidate> = (0..16u16)
+        .map(|i| ztna_core::p2p::Candidate {
+            kind: ztna_core::p2p::CandidateKind::Host,
+            addr: SocketAddr::new("127.0.0.1".parse().unwrap(), 9000 + i),
+        })
+        .collect();
+    a.client_mut()
+        .send_candidates(session, [1; 16], &cands)
+        .unwrap();
+    let cs = &w.conn.as_ref().unwrap().stats;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cs.candidates_dropped.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+        let _ = a.recv_packet(Duration::from_millis(50));
+    }
+    assert_eq!(
+        cs.candidates_dropped.load(Ordering::Relaxed),
+        (16 - ztna_core::p2p::MAX_REMOTE_CANDIDATES) as u64
+    );
+}
+
 /// A one-client UDP NAT on loopback: the agent talks to it, it talks to the
 /// intermediate from an outside socket that `rebind` replaces (a NAT rebinding).
 struct LoopNat {
