@@ -253,9 +253,11 @@ impl SendBatch {
         }
         self.data.clear();
         self.items.clear();
-        // The headers point into `data`; drop them with it (capacity is kept).
+        // The headers point into `data`; drop them with it (capacity is kept). The
+        // addresses go too, so the next flush starts from zeroed sockaddrs.
         self.iov.clear();
         self.msgs.clear();
+        self.addrs.clear();
         sent
     }
 }
