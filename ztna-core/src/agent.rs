@@ -198,6 +198,12 @@ pub struct AgentStats {
     pub tun_queue_dropped: u64,
     /// CANDIDATES frames for sessions we do not have.
     pub candidates_refused: u64,
+    /// CANDIDATES frames ignored: within `p2p::REMOTE_UPDATE_INTERVAL` of the
+    /// session's last accepted set.
+    pub candidates_rate_limited: u64,
+    /// Remote candidates beyond `p2p::MAX_REMOTE_CANDIDATES` in one CANDIDATES
+    /// frame: not checked.
+    pub candidates_dropped: u64,
 }
 
 /// Per-service traffic counters, as the status output shows them.
@@ -887,7 +893,12 @@ impl AgentEngine {
                 {
                     Some(d) => {
                         tracing::debug!("remote candidates {candidates:?}");
-                        d.checker.set_remote(password, &candidates, now)
+                        let dropped = d.checker.remote_candidates_dropped;
+                        if !d.checker.set_remote(password, &candidates, now) {
+                            self.stats.candidates_rate_limited += 1;
+                        }
+                        self.stats.candidates_dropped +=
+                            d.checker.remote_candidates_dropped - dropped;
                     }
                     None => {
                         self.stats.candidates_refused += 1;

@@ -177,6 +177,9 @@ pub enum ClientEvent {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClientStats {
     pub connects: u64,
+    /// Connects made without verifying the intermediate's certificate (no CA file,
+    /// `--insecure-skip-server-verify`); each one is also warned about.
+    pub unverified_connects: u64,
     pub datagrams_in: u64,
     pub datagrams_out: u64,
     pub malformed: u64,
@@ -305,6 +308,16 @@ impl ControlClient {
         self.conn = Some(conn);
         self.state = State::Connecting { started: None };
         self.stats.connects += 1;
+        if self.cfg.ca_file.is_none() {
+            // Every connect, not once at start: a reconnect hours later is just as
+            // open to an impostor, and that is when someone reads the log.
+            self.stats.unverified_connects += 1;
+            tracing::warn!(
+                "connecting to {} WITHOUT verifying its certificate \
+                 (--insecure-skip-server-verify): anyone on the path can impersonate it",
+                self.cfg.server
+            );
+        }
         self.frames.reset();
         self.requests.clear();
         self.server_caps = None;

@@ -35,6 +35,20 @@ pub const PACING: Duration = Duration::from_millis(20);
 pub const FIRST_RTO: Duration = Duration::from_millis(100);
 pub const MAX_TRIES: u32 = 7;
 
+/// Peer-reflexive pairs one session may learn. Each costs up to [`MAX_TRIES`]
+/// checks; without a cap every new source port of a valid request added one.
+pub const MAX_PRFLX_PAIRS: usize = 4;
+
+/// Remote candidates taken from one CANDIDATES frame (the wire allows 16). A
+/// peer's candidates are addresses we send checks to: fewer targets, less that an
+/// authorized peer can aim at someone else.
+pub const MAX_REMOTE_CANDIDATES: usize = 8;
+
+/// Least time between two accepted remote-candidate sets of one session. Each set
+/// restarts every check, so without it a peer repeating CANDIDATES would have us
+/// send checks to the addresses it names at the rate it sends frames.
+pub const REMOTE_UPDATE_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Candidate types with RFC 8445 type preferences.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CandidateKind {
@@ -143,6 +157,21 @@ struct Pair {
     priority: u64,
     state: PairState,
     nominating: Option<[u8; 8]>,
+    /// Controlled side: the peer nominated this pair before our own check of it
+    /// succeeded; it is selected when (if) that check succeeds (RFC 8445 §7.3.1.5).
+    peer_nominated: bool,
+}
+
+impl Pair {
+    fn new(remote: Candidate, priority: u64) -> Self {
+        Pair {
+            remote,
+            priority,
+            state: PairState::Waiting,
+            nominating: None,
+            peer_nominated: false,
+        }
+    }
 }
 
 /// A parsed check packet.
@@ -264,6 +293,15 @@ pub struct Checker {
     started: Instant,
     /// Checks that failed verification or came for pairs we don't have.
     pub rejected: u64,
+    /// Valid requests from new addresses not made pairs: the session has
+    /// [`MAX_PRFLX_PAIRS`] peer-reflexive pairs already.
+    pub prflx_refused: u64,
+    /// Remote-candidate sets ignored: within [`REMOTE_UPDATE_INTERVAL`] of the last.
+    pub remote_updates_refused: u64,
+    /// Remote candidates dropped beyond [`MAX_REMOTE_CANDIDATES`] per set.
+    pub remote_candidates_dropped: u64,
+    /// When the last remote-candidate set was accepted.
+    remote_at: Option<Instant>,
     /// Sources of valid requests that arrived before the remote candidates did.
     early_prflx: Vec<SocketAddr>,
 }
@@ -285,6 +323,10 @@ impl Checker {
             rng,
             started: now,
             rejected: 0,
+            prflx_refused: 0,
+            remote_updates_refused: 0,
+            remote_candidates_dropped: 0,
+            remote_at: None,
             early_prflx: Vec::new(),
         }
     }
@@ -297,24 +339,39 @@ impl Checker {
         self.started
     }
 
-    /// Remote candidates and password arrived (through the intermediate).
-    pub fn set_remote(&mut self, password: [u8; 16], remote: &[Candidate], now: Instant) {
+    /// Remote candidates and password arrived (through the intermediate). Returns
+    /// false (and counts it) when the set is ignored: it came within
+    /// [`REMOTE_UPDATE_INTERVAL`] of the last accepted one.
+    pub fn set_remote(&mut self, password: [u8; 16], remote: &[Candidate], now: Instant) -> bool {
+        if self
+            .remote_at
+            .is_some_and(|at| now.saturating_duration_since(at) < REMOTE_UPDATE_INTERVAL)
+        {
+            self.remote_updates_refused += 1;
+            return false;
+        }
+        self.remote_at = Some(now);
         self.remote_password = Some(password);
-        self.pairs = remote
+        let mut seen: Vec<SocketAddr> = Vec::with_capacity(MAX_REMOTE_CANDIDATES);
+        self.pairs.clear();
+        for r in remote
             .iter()
-            .map(|r| {
-                let (g, d) = match self.role {
-                    Role::Controlling => (self.local_best, r.priority()),
-                    Role::Controlled => (r.priority(), self.local_best),
-                };
-                Pair {
-                    remote: *r,
-                    priority: pair_priority(g, d),
-                    state: PairState::Waiting,
-                    nominating: None,
-                }
-            })
-            .collect();
+            .filter(|r| r.kind != CandidateKind::PeerReflexive)
+        {
+            if seen.contains(&r.addr) {
+                continue;
+            }
+            if seen.len() == MAX_REMOTE_CANDIDATES {
+                self.remote_candidates_dropped += 1;
+                continue;
+            }
+            seen.push(r.addr);
+            let (g, d) = match self.role {
+                Role::Controlling => (self.local_best, r.priority()),
+                Role::Controlled => (r.priority(), self.local_best),
+            };
+            self.pairs.push(Pair::new(*r, pair_priority(g, d)));
+        }
         self.pairs.sort_by_key(|p| std::cmp::Reverse(p.priority));
         // Requests that beat the candidates here (the peer got ours first) still
         // name an address its NAT opened towards us: check it like any prflx.
@@ -322,10 +379,20 @@ impl Checker {
             self.add_prflx(from);
         }
         self.next_check = now;
+        true
     }
 
     fn add_prflx(&mut self, from: SocketAddr) {
         if self.pairs.iter().any(|p| p.remote.addr == from) {
+            return;
+        }
+        let prflx = self
+            .pairs
+            .iter()
+            .filter(|p| p.remote.kind == CandidateKind::PeerReflexive)
+            .count();
+        if prflx >= MAX_PRFLX_PAIRS {
+            self.prflx_refused += 1;
             return;
         }
         let remote = Candidate {
@@ -336,12 +403,7 @@ impl Checker {
             Role::Controlling => (self.local_best, remote.priority()),
             Role::Controlled => (remote.priority(), self.local_best),
         };
-        self.pairs.push(Pair {
-            remote,
-            priority: pair_priority(g, d),
-            state: PairState::Waiting,
-            nominating: None,
-        });
+        self.pairs.push(Pair::new(remote, pair_priority(g, d)));
         self.pairs.sort_by_key(|p| std::cmp::Reverse(p.priority));
     }
 
@@ -486,15 +548,29 @@ impl Checker {
                 self.rejected += 1;
                 return None;
             }
-            if c.nominate && self.role == Role::Controlled {
-                self.selected = Some(from);
-            }
             // RFC 8445 §7.3.1.3: a request from an unknown address is a peer-reflexive
             // candidate; check it too (behind a symmetric NAT it is the only way in).
             if self.remote_password.is_some() {
                 self.add_prflx(from);
-            } else if !self.early_prflx.contains(&from) && self.early_prflx.len() < 8 {
+            } else if !self.early_prflx.contains(&from) && self.early_prflx.len() < MAX_PRFLX_PAIRS
+            {
                 self.early_prflx.push(from);
+            }
+            // RFC 8445 §7.3.1.5: a nomination selects the pair only once our own
+            // check of it succeeded (proof that `from` answers, not merely that a
+            // request came from it); until then it is remembered.
+            if c.nominate
+                && self.role == Role::Controlled
+                && let Some(p) = self.pairs.iter_mut().find(|p| p.remote.addr == from)
+            {
+                if p.state == PairState::Succeeded {
+                    self.selected = Some(from);
+                } else {
+                    p.peer_nominated = true;
+                    if p.state == PairState::Failed {
+                        p.state = PairState::Waiting;
+                    }
+                }
             }
             let resp = Check {
                 request: false,
@@ -516,6 +592,9 @@ impl Checker {
                 && p.remote.addr == from
             {
                 p.state = PairState::Succeeded;
+                if p.peer_nominated && self.role == Role::Controlled {
+                    self.selected = Some(from);
+                }
             }
             if p.nominating == Some(c.txn) && p.remote.addr == from {
                 p.state = PairState::Succeeded;
@@ -531,6 +610,7 @@ impl Checker {
         for p in self.pairs.iter_mut() {
             p.state = PairState::Waiting;
             p.nominating = None;
+            p.peer_nominated = false;
         }
         self.next_check = now;
         self.started = now;
@@ -749,5 +829,122 @@ mod tests {
                 .is_none()
         );
         assert_eq!(a.rejected, 1);
+    }
+
+    fn request_to(checker: &Checker, nominate: bool, txn: u8) -> Vec<u8> {
+        encode_check(
+            &Check {
+                request: true,
+                session_id: checker.session_id,
+                txn: [txn; 8],
+                nominate,
+                addr: "198.51.100.1:1".parse().unwrap(),
+            },
+            &checker.local_password(),
+        )
+    }
+
+    /// Every destination `c` sends checks to until nothing is left to send.
+    fn check_targets(c: &mut Checker, now: Instant) -> Vec<SocketAddr> {
+        let mut to = Vec::new();
+        let mut t = now;
+        for _ in 0..3000 {
+            t += Duration::from_millis(10);
+            while let Some((_, d)) = c.poll_transmit(t) {
+                if !to.contains(&d) {
+                    to.push(d);
+                }
+            }
+        }
+        to
+    }
+
+    #[test]
+    fn peer_reflexive_pairs_are_capped_per_session() {
+        let now = Instant::now();
+        let mut a = Checker::new(Role::Controlled, 1, &[], now);
+        a.set_remote(
+            [5; 16],
+            &[cand(CandidateKind::Host, "203.0.113.2:2000")],
+            now,
+        );
+        for port in 0..20u16 {
+            let from = SocketAddr::new("203.0.113.2".parse().unwrap(), 40000 + port);
+            // Every valid request is still answered...
+            assert!(
+                a.handle(&request_to(&a, false, port as u8), from, now)
+                    .is_some()
+            );
+        }
+        // ...but only MAX_PRFLX_PAIRS sources became pairs that we check.
+        let targets = check_targets(&mut a, now);
+        assert_eq!(targets.len(), 1 + MAX_PRFLX_PAIRS, "{targets:?}");
+        assert_eq!(a.prflx_refused, (20 - MAX_PRFLX_PAIRS) as u64);
+    }
+
+    #[test]
+    fn the_controlled_side_selects_a_nominated_pair_only_after_its_check_succeeded() {
+        let now = Instant::now();
+        let peer: SocketAddr = "203.0.113.2:2000".parse().unwrap();
+        let a_pw = [5u8; 16];
+        let mut b = Checker::new(Role::Controlled, 1, &[], now);
+        b.set_remote(a_pw, &[cand(CandidateKind::Host, "203.0.113.2:2000")], now);
+        // A nomination from an address our checks have not confirmed.
+        assert!(b.handle(&request_to(&b, true, 1), peer, now).is_some());
+        assert_eq!(b.selected(), None, "nominated before any check succeeded");
+        // A nomination from a source we refuse as a new pair never selects.
+        let mut c = Checker::new(Role::Controlled, 1, &[], now);
+        c.set_remote(a_pw, &[], now);
+        for port in 0..MAX_PRFLX_PAIRS as u16 {
+            let from = SocketAddr::new("203.0.113.9".parse().unwrap(), 1000 + port);
+            c.handle(&request_to(&c, false, 2), from, now);
+        }
+        let stranger: SocketAddr = "192.0.2.66:6666".parse().unwrap();
+        assert!(c.handle(&request_to(&c, true, 3), stranger, now).is_some());
+        assert_eq!(c.selected(), None);
+        // Our own check of the nominated pair succeeds: now it is selected.
+        let (req, to) = b.poll_transmit(now).unwrap();
+        assert_eq!(to, peer);
+        let req = decode_check(&req, &a_pw).unwrap();
+        let resp = encode_check(
+            &Check {
+                request: false,
+                addr: "198.51.100.1:1".parse().unwrap(),
+                ..req
+            },
+            &a_pw,
+        );
+        b.handle(&resp, peer, now);
+        assert_eq!(b.selected(), Some(peer));
+    }
+
+    #[test]
+    fn remote_candidate_sets_are_capped_and_rate_limited() {
+        let now = Instant::now();
+        let mut a = Checker::new(Role::Controlling, 1, &[], now);
+        let many: Vec<Candidate> = (0..16u16)
+            .map(|i| Candidate {
+                kind: CandidateKind::Host,
+                addr: SocketAddr::new("192.0.2.1".parse().unwrap(), 1000 + i),
+            })
+            .collect();
+        assert!(a.set_remote([5; 16], &many, now));
+        assert_eq!(
+            a.remote_candidates_dropped,
+            16 - MAX_REMOTE_CANDIDATES as u64
+        );
+        // Another set at once would restart every check: ignored.
+        let other = [cand(CandidateKind::Host, "192.0.2.99:9")];
+        assert!(!a.set_remote([5; 16], &other, now + Duration::from_millis(100)));
+        assert_eq!(a.remote_updates_refused, 1);
+        let targets = check_targets(&mut a, now);
+        assert_eq!(targets.len(), MAX_REMOTE_CANDIDATES, "{targets:?}");
+        assert!(!targets.contains(&other[0].addr));
+        // Each pair is checked at most MAX_TRIES times: the checks one set buys are
+        // bounded, and the next set is accepted only after the interval.
+        assert!(a.failed());
+        let later = now + REMOTE_UPDATE_INTERVAL;
+        assert!(a.set_remote([5; 16], &other, later));
+        assert_eq!(check_targets(&mut a, later), vec![other[0].addr]);
     }
 }

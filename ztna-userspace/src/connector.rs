@@ -77,6 +77,15 @@ counters!(ConnectorStats {
     direct_connections,
     /// CANDIDATES for sessions this connector does not have.
     candidates_refused,
+    /// CANDIDATES ignored: within `p2p::REMOTE_UPDATE_INTERVAL` of the session's
+    /// last accepted set (each set restarts every check).
+    candidates_rate_limited,
+    /// Valid checks from new addresses not made peer-reflexive pairs: the session
+    /// has `p2p::MAX_PRFLX_PAIRS` already.
+    prflx_refused,
+    /// Remote candidates beyond `p2p::MAX_REMOTE_CANDIDATES` in one CANDIDATES
+    /// frame: not checked.
+    candidates_dropped,
     /// Userspace mode: TCP packets from agents (terminated in the userspace stack).
     tcp_packets_from_agents,
     /// Userspace mode: new flows refused because the agent holds its cap.
@@ -395,10 +404,15 @@ impl Connector {
     fn recv_udp(&mut self, pkt: &mut [u8], from: SocketAddr, now: Instant) {
         if p2p::is_check(pkt) {
             let session = p2p::check_session(pkt);
-            if let Some(d) = session.and_then(|s| self.direct.get_mut(&s))
-                && let Some((resp, to)) = d.checker.handle(pkt, from, now)
-            {
-                let _ = self.socket.send_to(&resp, to);
+            if let Some(d) = session.and_then(|s| self.direct.get_mut(&s)) {
+                let refused = d.checker.prflx_refused;
+                let resp = d.checker.handle(pkt, from, now);
+                if d.checker.prflx_refused > refused {
+                    inc(&self.stats.prflx_refused);
+                }
+                if let Some((resp, to)) = resp {
+                    let _ = self.socket.send_to(&resp, to);
+                }
             }
             return;
         }
@@ -586,12 +600,25 @@ impl Connector {
                         tracing::warn!("CANDIDATES for unknown session {session_id}: refused");
                         continue;
                     };
-                    // The agent (re)starts checks: answer with fresh candidates.
+                    // The agent (re)starts checks: answer with fresh candidates. Not
+                    // more often than a checker takes a new set: each restart sends
+                    // checks to the addresses the agent names.
                     let now = Instant::now();
+                    if self.direct.get(&session_id).is_some_and(|d| {
+                        now.saturating_duration_since(d.checker.started())
+                            < p2p::REMOTE_UPDATE_INTERVAL
+                    }) {
+                        inc(&self.stats.candidates_rate_limited);
+                        tracing::debug!("CANDIDATES for session {session_id}: too soon, ignored");
+                        continue;
+                    }
                     let cands =
                         crate::netif::candidates(self.local, self.client.observed_address());
                     let mut checker = Checker::new(p2p::Role::Controlled, session_id, &cands, now);
                     checker.set_remote(password, &candidates, now);
+                    self.stats
+                        .candidates_dropped
+                        .fetch_add(checker.remote_candidates_dropped, Ordering::Relaxed);
                     if self
                         .client
                         .send_candidates(session_id, checker.local_password(), &cands)

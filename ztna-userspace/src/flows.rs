@@ -43,7 +43,11 @@ impl Inbound {
 #[derive(Default)]
 pub struct FlowTable {
     out: HashMap<(ClientId, String, FlowKey), Outbound>,
-    inb: HashMap<(String, FlowKey), Inbound>,
+    /// Per service, wire key → owner. Nested by service so that probing candidate
+    /// ports looks up a `FlowKey` in a borrowed map: no `String` is built per probe.
+    inb: HashMap<String, HashMap<FlowKey, Inbound>>,
+    /// Entries in `inb` over all services.
+    inb_len: usize,
     /// Keys of each agent's entries in `out` and `inb`, so that forgetting an agent
     /// costs its own flows, not a scan of the table.
     by_agent: HashMap<ClientId, AgentFlows>,
@@ -66,6 +70,29 @@ pub struct OutboundRoute {
     pub rewrite_to: Option<u16>,
 }
 
+/// Why a new flow was not recorded; the caller drops the packet and counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowRefused {
+    /// The 5-tuple is owned by another agent and no translation port was free
+    /// within [`MAX_PORT_PROBES`] tries. Sending it untranslated would overwrite the
+    /// other agent's return route.
+    NoFreePort,
+    /// The agent already holds [`MAX_FLOWS_PER_AGENT`] flows.
+    AgentLimit,
+}
+
+/// Flows one agent may hold at once (all services): one agent must not fill the
+/// translation range (16384 ports per destination) or the table on its own.
+pub const MAX_FLOWS_PER_AGENT: usize = 4096;
+
+/// Candidate translation ports tried per new colliding flow. Bounds the work one
+/// packet can cost when the range is (nearly) full; with the range 90% full the
+/// chance of missing a free port is 0.9^64 ≈ 0.1%, and that packet is dropped.
+pub const MAX_PORT_PROBES: usize = 64;
+
+/// First port of the translation range (the IANA dynamic range, 49152..=65535).
+const TRANSLATION_FIRST: u16 = 49152;
+
 fn with_src_port(key: FlowKey, port: u16) -> FlowKey {
     let mut k = key;
     k.src.set_port(port);
@@ -78,49 +105,63 @@ fn with_src_port(key: FlowKey, port: u16) -> FlowKey {
 
 impl FlowTable {
     pub fn len(&self) -> usize {
-        self.inb.len()
+        self.inb_len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.inb.is_empty()
+        self.inb_len == 0
     }
 
-    /// Records (or refreshes) a flow from `agent` and says how to send it on.
+    /// Records (or refreshes) a flow from `agent` and says how to send it on, or
+    /// refuses a new flow that cannot be routed back to this agent alone.
     pub fn outbound(
         &mut self,
         agent: ClientId,
         service: &str,
         key: FlowKey,
         now: Instant,
-    ) -> OutboundRoute {
+    ) -> Result<OutboundRoute, FlowRefused> {
         let okey = (agent, service.to_string(), key);
         if let Some(o) = self.out.get_mut(&okey) {
             o.last_seen = now;
             let wire = o.wire;
-            if let Some(i) = self.inb.get_mut(&(service.to_string(), wire)) {
+            if let Some(i) = self.inb.get_mut(service).and_then(|m| m.get_mut(&wire)) {
                 i.last_seen = now;
             }
-            return OutboundRoute {
+            return Ok(OutboundRoute {
                 wire,
                 rewrite_to: (wire.src.port() != key.src.port()).then_some(wire.src.port()),
-            };
+            });
+        }
+        if self
+            .by_agent
+            .get(&agent)
+            .is_some_and(|a| a.out.len() >= MAX_FLOWS_PER_AGENT)
+        {
+            return Err(FlowRefused::AgentLimit);
         }
         let mut wire = key;
-        let taken = |t: &Self, w: &FlowKey| t.inb.contains_key(&(service.to_string(), *w));
-        if taken(self, &wire) {
-            // Same 5-tuple owned by another agent: pick a free port.
-            for _ in 0..16384 {
-                self.next_port = if self.next_port < 49152 || self.next_port == u16::MAX {
-                    49152
+        if let Some(owned) = self.inb.get(service)
+            && owned.contains_key(&wire)
+        {
+            // Same 5-tuple owned by another agent: pick a free port, or refuse.
+            // Falling back to the agent's own key would overwrite the owner's
+            // return route and hand it this agent's replies.
+            let mut found = None;
+            for _ in 0..MAX_PORT_PROBES {
+                self.next_port = if self.next_port < TRANSLATION_FIRST || self.next_port == u16::MAX
+                {
+                    TRANSLATION_FIRST
                 } else {
                     self.next_port + 1
                 };
                 let candidate = with_src_port(key, self.next_port);
-                if !taken(self, &candidate) {
-                    wire = candidate;
+                if !owned.contains_key(&candidate) {
+                    found = Some(candidate);
                     break;
                 }
             }
+            wire = found.ok_or(FlowRefused::NoFreePort)?;
         }
         self.out.insert(
             okey,
@@ -132,24 +173,26 @@ impl FlowTable {
         let index = self.by_agent.entry(agent).or_default();
         index.out.insert((service.to_string(), key));
         index.inb.insert((service.to_string(), wire));
-        self.inb.insert(
-            (service.to_string(), wire),
+        let previous = self.inb.entry(service.to_string()).or_default().insert(
+            wire,
             Inbound {
                 agent,
                 original: key,
                 last_seen: now,
             },
         );
-        OutboundRoute {
+        debug_assert!(previous.is_none(), "a wire key has one owner");
+        self.inb_len += 1;
+        Ok(OutboundRoute {
             wire,
             rewrite_to: (wire != key).then_some(wire.src.port()),
-        }
+        })
     }
 
     /// Finds the agent for a connector→agent packet whose own key is `reply`.
     pub fn inbound(&mut self, service: &str, reply: &FlowKey, now: Instant) -> Option<&Inbound> {
         let wire = reply.reversed();
-        let entry = self.inb.get_mut(&(service.to_string(), wire))?;
+        let entry = self.inb.get_mut(service)?.get_mut(&wire)?;
         entry.last_seen = now;
         Some(entry)
     }
@@ -177,9 +220,15 @@ impl FlowTable {
         for (service, key) in index.out {
             self.out.remove(&(agent, service, key));
         }
-        for k in index.inb {
-            if self.inb.get(&k).is_some_and(|i| i.agent == agent) {
-                self.inb.remove(&k);
+        for (service, wire) in index.inb {
+            if let Some(m) = self.inb.get_mut(&service)
+                && m.get(&wire).is_some_and(|i| i.agent == agent)
+            {
+                m.remove(&wire);
+                self.inb_len -= 1;
+                if m.is_empty() {
+                    self.inb.remove(&service);
+                }
             }
         }
     }
@@ -193,13 +242,21 @@ impl FlowTable {
             }
             keep
         });
-        self.inb.retain(|k, i| {
-            let keep = now.saturating_duration_since(i.last_seen) < FLOW_IDLE;
-            if !keep && let Some(a) = by_agent.get_mut(&i.agent) {
-                a.inb.remove(k);
-            }
-            keep
+        let mut removed = 0;
+        self.inb.retain(|service, m| {
+            m.retain(|wire, i| {
+                let keep = now.saturating_duration_since(i.last_seen) < FLOW_IDLE;
+                if !keep {
+                    removed += 1;
+                    if let Some(a) = by_agent.get_mut(&i.agent) {
+                        a.inb.remove(&(service.clone(), *wire));
+                    }
+                }
+                keep
+            });
+            !m.is_empty()
         });
+        self.inb_len -= removed;
         by_agent.retain(|_, a| !a.out.is_empty() || !a.inb.is_empty());
     }
 }
@@ -222,8 +279,8 @@ mod tests {
         let mut t = FlowTable::default();
         let a = key("100.64.0.2:5000", "10.100.0.1:7");
         let b = key("100.64.0.2:5001", "10.100.0.1:7");
-        assert_eq!(t.outbound(1, "echo", a, now).rewrite_to, None);
-        assert_eq!(t.outbound(2, "echo", b, now).rewrite_to, None);
+        assert_eq!(t.outbound(1, "echo", a, now).unwrap().rewrite_to, None);
+        assert_eq!(t.outbound(2, "echo", b, now).unwrap().rewrite_to, None);
         assert_eq!(t.inbound("echo", &a.reversed(), now).unwrap().agent, 1);
         assert_eq!(t.inbound("echo", &b.reversed(), now).unwrap().agent, 2);
         assert!(t.inbound("other", &a.reversed(), now).is_none());
@@ -234,13 +291,16 @@ mod tests {
         let now = Instant::now();
         let mut t = FlowTable::default();
         let k = key("100.64.0.2:5000", "10.100.0.1:7");
-        assert_eq!(t.outbound(1, "echo", k, now).rewrite_to, None);
-        let r = t.outbound(2, "echo", k, now);
+        assert_eq!(t.outbound(1, "echo", k, now).unwrap().rewrite_to, None);
+        let r = t.outbound(2, "echo", k, now).unwrap();
         let port = r.rewrite_to.expect("second agent must be translated");
         assert_ne!(port, 5000);
         assert_eq!(r.wire.src.port(), port);
         // the same agent's next packet reuses the translation
-        assert_eq!(t.outbound(2, "echo", k, now).rewrite_to, Some(port));
+        assert_eq!(
+            t.outbound(2, "echo", k, now).unwrap().rewrite_to,
+            Some(port)
+        );
         let back = t.inbound("echo", &r.wire.reversed(), now).unwrap();
         assert_eq!(back.agent, 2);
         assert_eq!(back.original, k);
@@ -260,7 +320,8 @@ mod tests {
                 "echo",
                 key(&format!("100.64.0.2:{port}"), "10.100.0.1:7"),
                 now,
-            );
+            )
+            .unwrap();
         }
         let start = Instant::now();
         for agent in 1..=n {
@@ -279,10 +340,10 @@ mod tests {
         let now = Instant::now();
         let mut t = FlowTable::default();
         let k = key("100.64.0.2:5000", "10.100.0.1:7");
-        t.outbound(1, "echo", k, now);
+        t.outbound(1, "echo", k, now).unwrap();
         let later = now + FLOW_IDLE - Duration::from_secs(1);
         // Agent 2 uses the same 5-tuple (translated) later.
-        let r = t.outbound(2, "echo", k, later);
+        let r = t.outbound(2, "echo", k, later).unwrap();
         t.expire(now + FLOW_IDLE + Duration::from_millis(1));
         assert!(
             !t.by_agent.contains_key(&1),
@@ -302,11 +363,100 @@ mod tests {
         let now = Instant::now();
         let mut t = FlowTable::default();
         let k = key("100.64.0.2:5000", "10.100.0.1:7");
-        t.outbound(1, "echo", k, now);
+        t.outbound(1, "echo", k, now).unwrap();
         t.remove_client(1);
         assert!(t.inbound("echo", &k.reversed(), now).is_none());
-        t.outbound(1, "echo", k, now);
+        t.outbound(1, "echo", k, now).unwrap();
         t.expire(now + FLOW_IDLE + Duration::from_secs(1));
         assert!(t.is_empty());
+    }
+
+    /// Fills the translation range for one 5-tuple: agent 1 owns it untranslated,
+    /// agents 2.. hold every port of 49152..=65535 for it.
+    fn exhausted(now: Instant) -> (FlowTable, FlowKey) {
+        let mut t = FlowTable::default();
+        let k = key("100.64.0.2:5000", "10.100.0.1:7");
+        t.outbound(1, "echo", k, now).unwrap();
+        let range = (u16::MAX - TRANSLATION_FIRST) as u64 + 1;
+        for agent in 2..2 + range {
+            let r = t.outbound(agent, "echo", k, now).unwrap();
+            assert!(r.rewrite_to.is_some());
+        }
+        (t, k)
+    }
+
+    #[test]
+    fn exhausted_range_refuses_instead_of_stealing_the_owners_route() {
+        let now = Instant::now();
+        let (mut t, k) = exhausted(now);
+        let before = t.len();
+        assert_eq!(
+            t.outbound(1_000_000, "echo", k, now),
+            Err(FlowRefused::NoFreePort)
+        );
+        assert_eq!(t.len(), before, "a refused flow records nothing");
+        // The owner's replies still go to the owner, not to the refused agent.
+        let back = t.inbound("echo", &k.reversed(), now).unwrap();
+        assert_eq!(back.agent, 1);
+        assert!(!t.by_agent.contains_key(&1_000_000));
+        // Once translations are freed (every other port here), the next colliding
+        // flow gets one.
+        let range = (u16::MAX - TRANSLATION_FIRST) as u64 + 1;
+        for agent in (2..2 + range).step_by(2) {
+            t.remove_client(agent);
+        }
+        let r = t.outbound(1_000_000, "echo", k, now);
+        assert!(r.is_ok_and(|r| r.rewrite_to.is_some()), "{r:?}");
+    }
+
+    #[test]
+    fn refusals_on_an_exhausted_range_cost_bounded_work() {
+        let now = Instant::now();
+        let (mut t, k) = exhausted(now);
+        // Before the bound each refusal probed all 16384 ports, building a String
+        // per probe: 2000 packets took seconds. Now each costs MAX_PORT_PROBES.
+        let start = Instant::now();
+        for agent in 0..2000u64 {
+            assert_eq!(
+                t.outbound(2_000_000 + agent, "echo", k, now),
+                Err(FlowRefused::NoFreePort)
+            );
+        }
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_millis(500),
+            "2000 refusals took {took:?}"
+        );
+    }
+
+    #[test]
+    fn one_agent_holds_at_most_max_flows() {
+        let now = Instant::now();
+        let mut t = FlowTable::default();
+        let flow = |i: usize| {
+            key(
+                &format!("100.64.0.2:{}", 1024 + i % 60_000),
+                &format!("10.100.{}.1:7", i / 60_000),
+            )
+        };
+        for i in 0..MAX_FLOWS_PER_AGENT {
+            t.outbound(1, "echo", flow(i), now).unwrap();
+        }
+        assert_eq!(
+            t.outbound(1, "echo", flow(MAX_FLOWS_PER_AGENT), now),
+            Err(FlowRefused::AgentLimit)
+        );
+        // Its existing flows still pass, and other agents are unaffected.
+        assert!(t.outbound(1, "echo", flow(0), now).is_ok());
+        assert!(
+            t.outbound(2, "echo", flow(MAX_FLOWS_PER_AGENT), now)
+                .is_ok()
+        );
+        // Expired flows free the agent's quota.
+        t.expire(now + FLOW_IDLE + Duration::from_secs(1));
+        assert!(
+            t.outbound(1, "echo", flow(MAX_FLOWS_PER_AGENT), now + FLOW_IDLE)
+                .is_ok()
+        );
     }
 }

@@ -47,7 +47,7 @@ use ztna_core::frame_io::{self, FrameIo};
 
 use crate::addressing::AddressPool;
 use crate::batch::{RecvBatch, SendBatch};
-use crate::flows::{ClientId, FlowTable};
+use crate::flows::{ClientId, FlowRefused, FlowTable};
 use crate::identity::{PeerIdentity, Role};
 use crate::relay::{ForwardResult, KernelTable, RelayTable, relay_cid_of};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -67,6 +67,12 @@ const MAX_BATCHES_PER_TURN: usize = 8;
 /// flood of short-header packets to unknown CIDs must not buy them without limit).
 const RESET_RATE: f64 = 500.0;
 const RESET_BURST: f64 = 100.0;
+
+/// CANDIDATES one endpoint may send per session (token bucket: a burst of 2, then
+/// one per 2 s). Each frame makes the other endpoint restart its checks towards the
+/// addresses it names; an endpoint sends one per (re)start of the checks.
+const CANDIDATES_RATE: f64 = 0.5;
+const CANDIDATES_BURST: f64 = 2.0;
 
 #[derive(Clone, Debug)]
 pub struct IntermediateConfig {
@@ -147,6 +153,16 @@ stats!(IntermediateStats {
     /// Loop turns that stopped reading with packets still queued (load), so that
     /// timers and clients are served.
     recv_budget_exhausted,
+    /// Datagrams larger than a receive buffer (`MSG_TRUNC`): dropped, their tail
+    /// is lost.
+    recv_truncated,
+    /// Relayed datagrams dropped because the socket's send buffer was full.
+    relay_send_dropped_would_block,
+    /// Relayed datagrams the kernel refused for another reason (no route, ...).
+    relay_send_dropped_failed,
+    /// Kernel relay entries removed because updating them after a client moved
+    /// failed (the userspace forwarder takes the session's packets instead).
+    kernel_update_failures,
     /// Unknown short-header packets to relay CIDs: never answered with a reset.
     relay_cid_resets_refused,
     retries_sent,
@@ -160,6 +176,9 @@ stats!(IntermediateStats {
     /// Initials with a valid token whose DCID carries the relay-CID marker.
     refused_relay_marker_cids,
     connections_accepted,
+    /// Without Retry: Initials to a DCID a client chose for a connection that
+    /// exists (retransmissions), passed to that connection rather than accepted anew.
+    initials_to_existing_connection,
     connections_closed,
     /// Clients refused for presenting no certificate.
     refused_no_certificate,
@@ -185,6 +204,11 @@ stats!(IntermediateStats {
     /// CAPABILITIES frames received.
     capabilities_received,
     port_translations,
+    /// New flows whose 5-tuple another agent owns, with no translation port free:
+    /// dropped rather than sent untranslated (which would take the owner's replies).
+    dropped_no_free_port,
+    /// New flows from an agent that holds `flows::MAX_FLOWS_PER_AGENT` already.
+    dropped_agent_flow_limit,
     dropped_not_registered,
     dropped_no_connector,
     dropped_no_flow,
@@ -219,6 +243,9 @@ stats!(IntermediateStats {
     path_validations_failed,
     /// CANDIDATES from a client that is not an endpoint of that session.
     candidates_refused,
+    /// CANDIDATES from an endpoint over its per-session rate (`CANDIDATES_RATE`):
+    /// dropped, not forwarded.
+    candidates_rate_limited,
     /// SERVICE_PREFIXES accepted from a service's connector.
     service_prefixes_published,
     /// SERVICE_PREFIXES from a client that is not the service's connector.
@@ -249,6 +276,8 @@ struct Client {
     tunnel: Option<(Ipv4Addr, Ipv6Addr)>,
     /// Announced `SERVICE_PACKETS`: may be sent `0x2F`. Off for original clients.
     reads_service_packets: bool,
+    /// Its key in `initial_dcids` (no Retry).
+    initial_dcid: Option<quiche::ConnectionId<'static>>,
 }
 
 #[derive(Default)]
@@ -268,6 +297,10 @@ pub struct Intermediate {
     quic: quiche::Config,
     clients: HashMap<ClientId, Client>,
     cids: HashMap<quiche::ConnectionId<'static>, ClientId>,
+    /// Without Retry: the DCID each client chose for its first Initial, so that a
+    /// retransmission of that Initial (it carries the same DCID, not yet ours)
+    /// reaches the connection it created instead of creating a second one.
+    initial_dcids: HashMap<quiche::ConnectionId<'static>, ClientId>,
     services: HashMap<String, Service>,
     flows: FlowTable,
     relay: RelayTable,
@@ -279,6 +312,9 @@ pub struct Intermediate {
     last_expiry: Instant,
     /// Token bucket of stateless resets: tokens and when it was last refilled.
     reset_budget: (f64, Instant),
+    /// CANDIDATES buckets per (session, sending client); entries of gone sessions
+    /// are dropped in `expire_sessions`.
+    candidates_budget: HashMap<(u32, ClientId), (f64, Instant)>,
     /// Receive batches per loop turn ([`MAX_BATCHES_PER_TURN`]; tests lower it).
     batches_per_turn: usize,
     xdp: Option<crate::xdp::XdpRelay>,
@@ -488,6 +524,7 @@ impl Intermediate {
             quic,
             clients: HashMap::new(),
             cids: HashMap::new(),
+            initial_dcids: HashMap::new(),
             services: HashMap::new(),
             flows: FlowTable::default(),
             relay: RelayTable::new(ztna_common::relay::MAX_RELAY_ENTRIES as usize),
@@ -498,6 +535,7 @@ impl Intermediate {
             stats: Arc::new(IntermediateStats::default()),
             last_expiry: Instant::now(),
             reset_budget: (RESET_BURST, Instant::now()),
+            candidates_budget: HashMap::new(),
             batches_per_turn: MAX_BATCHES_PER_TURN,
             xdp: None,
             forwarded: SendBatch::default(),
@@ -670,6 +708,17 @@ impl Intermediate {
                 }
             }
             self.forwarded.flush(fd);
+            // The batches count cumulatively; mirror them into the stats.
+            let set = |c: &AtomicU64, v: u64| c.store(v, Ordering::Relaxed);
+            set(&self.stats.recv_truncated, st.batch.truncated);
+            set(
+                &self.stats.relay_send_dropped_would_block,
+                self.forwarded.dropped_would_block,
+            );
+            set(
+                &self.stats.relay_send_dropped_failed,
+                self.forwarded.dropped_failed,
+            );
             if n < crate::batch::BATCH {
                 break false;
             }
@@ -794,7 +843,15 @@ impl Intermediate {
                 return;
             }
         };
-        let id = self.cids.get(&hdr.dcid).copied();
+        let id = self.cids.get(&hdr.dcid).copied().or_else(|| {
+            let id = (hdr.ty == quiche::Type::Initial)
+                .then(|| self.initial_dcids.get(&hdr.dcid).copied())
+                .flatten();
+            if id.is_some() {
+                inc(&self.stats.initials_to_existing_connection);
+            }
+            id
+        });
         let id = match id {
             Some(id) => id,
             None => {
@@ -857,6 +914,9 @@ impl Intermediate {
             tracing::info!("client {id} moved {} -> {to} (path validated)", client.peer);
             client.peer = to;
             self.relay.client_moved(id, to);
+            self.stats
+                .kernel_update_failures
+                .store(self.relay.kernel_update_failures, Ordering::Relaxed);
         }
     }
 
@@ -880,6 +940,9 @@ impl Intermediate {
                 if moved {
                     inc(&self.stats.relay_sender_updated);
                     self.relay.client_moved(sender, from);
+                    self.stats
+                        .kernel_update_failures
+                        .store(self.relay.kernel_update_failures, Ordering::Relaxed);
                     if let ForwardResult::Send(to) = self.relay.forward(cid, from, pkt.len(), now) {
                         inc(&self.stats.userspace_forwarded_packets);
                         self.forwarded.push(pkt, to);
@@ -962,6 +1025,9 @@ impl Intermediate {
             odcid = None;
             scid = quiche::ConnectionId::from_vec(self.new_local_cid().to_vec());
         }
+        // Without Retry the client's first DCID is its own choice and not ours:
+        // remember it for retransmissions of this Initial (see `initial_dcids`).
+        let initial_dcid = (!self.cfg.retry).then(|| hdr.dcid.clone().into_owned());
         let token = self.reset_token(&scid);
         self.quic.set_stateless_reset_token(Some(token));
         let odcid_ref = odcid.as_ref().map(|o| quiche::ConnectionId::from_ref(o));
@@ -978,6 +1044,9 @@ impl Intermediate {
         inc(&self.stats.connections_accepted);
         tracing::debug!("new connection {id} from {from}");
         self.cids.insert(scid.clone(), id);
+        if let Some(d) = &initial_dcid {
+            self.initial_dcids.insert(d.clone(), id);
+        }
         self.clients.insert(
             id,
             Client {
@@ -992,6 +1061,7 @@ impl Intermediate {
                 frames: FrameIo::default(),
                 tunnel: None,
                 reads_service_packets: false,
+                initial_dcid,
             },
         );
         Some(id)
@@ -1029,6 +1099,24 @@ impl Intermediate {
         let (tokens, last) = &mut self.reset_budget;
         let refill = now.saturating_duration_since(*last).as_secs_f64() * RESET_RATE;
         *tokens = (*tokens + refill).min(RESET_BURST);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// One token from the CANDIDATES bucket of `sender` in `session`, if there is one.
+    fn take_candidates_token(&mut self, session: u32, sender: ClientId) -> bool {
+        let now = Instant::now();
+        let (tokens, last) = self
+            .candidates_budget
+            .entry((session, sender))
+            .or_insert((CANDIDATES_BURST, now));
+        let refill = now.saturating_duration_since(*last).as_secs_f64() * CANDIDATES_RATE;
+        *tokens = (*tokens + refill).min(CANDIDATES_BURST);
         *last = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
@@ -1248,7 +1336,16 @@ impl Intermediate {
                             None
                         }
                     });
+                // Only endpoints of a live session get a bucket, so refused frames
+                // with made-up session ids add no state.
+                let allowed = other.is_none() || self.take_candidates_token(session_id, id);
                 match other {
+                    Some(_) if !allowed => {
+                        inc(&self.stats.candidates_rate_limited);
+                        tracing::debug!(
+                            "client {id}: CANDIDATES for session {session_id} over the rate limit: dropped"
+                        );
+                    }
                     Some(other) => {
                         inc(&self.stats.candidates_forwarded);
                         self.queue_frame(
@@ -1355,6 +1452,9 @@ impl Intermediate {
     }
 
     fn expire_sessions(&mut self, now: Instant) {
+        let relay = &self.relay;
+        self.candidates_budget
+            .retain(|(session, _), _| relay.session(*session).is_some());
         let kernel_now = monotonic_ns();
         let (unaccepted, idle) = self.relay.expire(now, Some(kernel_now));
         for s in unaccepted {
@@ -1632,7 +1732,17 @@ impl Intermediate {
             inc(&self.stats.dropped_no_connector);
             return;
         };
-        let route = self.flows.outbound(from, &service, key, now);
+        let route = match self.flows.outbound(from, &service, key, now) {
+            Ok(route) => route,
+            Err(FlowRefused::NoFreePort) => {
+                inc(&self.stats.dropped_no_free_port);
+                return;
+            }
+            Err(FlowRefused::AgentLimit) => {
+                inc(&self.stats.dropped_agent_flow_limit);
+                return;
+            }
+        };
         if let Some(port) = route.rewrite_to {
             inc(&self.stats.port_translations);
             if packet::rewrite_port(ip, PortField::Src, port).is_err() {
@@ -1726,6 +1836,11 @@ impl Intermediate {
             // By key, not a scan of every client's CIDs: many clients closing at once
             // must not cost quadratic time.
             self.cids.remove(&c.scid);
+            if let Some(d) = &c.initial_dcid
+                && self.initial_dcids.get(d) == Some(&id)
+            {
+                self.initial_dcids.remove(d);
+            }
             self.addresses.release(id);
             self.flows.remove_client(id);
             for s in self.relay.remove_client(id) {

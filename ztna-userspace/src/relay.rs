@@ -94,6 +94,8 @@ pub struct RelayTable {
     /// or moving it costs its own sessions, not a scan of the table.
     by_client: HashMap<ClientId, HashSet<u32>>,
     kernel: Option<Box<dyn KernelTable>>,
+    /// Kernel entries removed because updating them after a move failed.
+    pub kernel_update_failures: u64,
     next_session: u32,
     max_entries: usize,
     rng: SystemRandom,
@@ -106,6 +108,7 @@ impl RelayTable {
             fwd: HashMap::new(),
             by_client: HashMap::new(),
             kernel: None,
+            kernel_update_failures: 0,
             next_session: 1,
             max_entries,
             rng: SystemRandom::new(),
@@ -338,7 +341,17 @@ impl RelayTable {
             if let (Some(k), Some(f)) = (self.kernel.as_mut(), self.fwd.get(&cid))
                 && let Err(e) = k.insert(&cid, f.peer, f.expected, f.session)
             {
-                tracing::debug!("kernel table: {e}");
+                // The kernel entry still names the old addresses: left there, the
+                // XDP program would go on sending this session's packets to where
+                // the client was, and accept them from there. Without it the packets
+                // reach userspace, which has the new addresses (IPv6 ones always
+                // end up here: they stay in userspace).
+                k.remove(&cid);
+                self.kernel_update_failures += 1;
+                tracing::warn!(
+                    "kernel table: updating moved entry of session {} failed ({e}); removed it, userspace forwards",
+                    f.session
+                );
             }
         }
     }

@@ -47,6 +47,48 @@ pub struct XdpRelay {
     _ebpf: Ebpf,
     pub mode: &'static str,
     pub interfaces: Vec<String>,
+    /// Forwarding sysctls we turned on; restored when this drops. Declared after
+    /// `_ebpf` so the program detaches first.
+    _forwarding: Vec<SysctlRestore>,
+}
+
+/// A sysctl file this process changed, and the value it had before: written back
+/// on drop, so that stopping the intermediate leaves the host as it found it. (A
+/// crashed or killed intermediate cannot; it logs what it changed when it does.)
+#[derive(Debug)]
+pub struct SysctlRestore {
+    path: PathBuf,
+    previous: String,
+}
+
+impl SysctlRestore {
+    /// Writes `value` to `path` if it holds something else; `None` if it already
+    /// held `value` (nothing to restore).
+    pub fn set(path: &Path, value: &str) -> anyhow::Result<Option<Self>> {
+        let previous =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        if previous.trim() == value {
+            return Ok(None);
+        }
+        std::fs::write(path, value).with_context(|| format!("writing {}", path.display()))?;
+        Ok(Some(SysctlRestore {
+            path: path.to_path_buf(),
+            previous: previous.trim().to_string(),
+        }))
+    }
+}
+
+impl Drop for SysctlRestore {
+    fn drop(&mut self) {
+        match std::fs::write(&self.path, &self.previous) {
+            Ok(()) => tracing::info!("restored {} to {}", self.path.display(), self.previous),
+            Err(e) => tracing::warn!(
+                "restoring {} to {}: {e}; it stays changed",
+                self.path.display(),
+                self.previous
+            ),
+        }
+    }
 }
 
 fn mount_bpffs() -> anyhow::Result<()> {
@@ -79,18 +121,18 @@ fn mount_bpffs() -> anyhow::Result<()> {
 
 /// `bpf_fib_lookup` refuses to route packets that arrive on an interface with IPv4
 /// forwarding off (BPF_FIB_LKUP_RET_FWD_DISABLED), like the kernel's own forwarding.
-fn enable_forwarding(iface: &str) -> anyhow::Result<()> {
+/// Returns the guard that turns it off again, if it was off.
+fn enable_forwarding(iface: &str) -> anyhow::Result<Option<SysctlRestore>> {
     let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
-    let now = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {path} (does {iface} exist?)"))?;
-    if now.trim() != "1" {
-        std::fs::write(&path, "1")
-            .with_context(|| format!("enabling IPv4 forwarding in {path}"))?;
+    let restore = SysctlRestore::set(Path::new(&path), "1")
+        .with_context(|| format!("enabling IPv4 forwarding on {iface} (does it exist?)"))?;
+    if restore.is_some() {
         tracing::warn!(
-            "enabled IPv4 forwarding on {iface} ({path}): XDP forwarding needs it for route lookups"
+            "enabled IPv4 forwarding on {iface} ({path}): XDP forwarding needs it for route \
+             lookups; it is turned off again when the intermediate stops (not if it crashes)"
         );
     }
-    Ok(())
+    Ok(restore)
 }
 
 fn pin_path(name: &str) -> PathBuf {
@@ -125,8 +167,10 @@ pub fn load(
         bail!("--xdp needs at least one --iface");
     }
     mount_bpffs()?;
+    // Dropped (restoring the sysctls) if loading fails below.
+    let mut forwarding = Vec::new();
     for iface in interfaces {
-        enable_forwarding(iface)?;
+        forwarding.extend(enable_forwarding(iface)?);
     }
     std::fs::create_dir_all(PIN_DIR).with_context(|| format!("creating {PIN_DIR}"))?;
     remove_stale_pins();
@@ -149,6 +193,7 @@ pub fn load(
                         _ebpf: ebpf,
                         mode: name,
                         interfaces: interfaces.to_vec(),
+                        _forwarding: std::mem::take(&mut forwarding),
                     },
                     table,
                 ));
@@ -331,4 +376,31 @@ pub fn verdict_counters() -> anyhow::Result<Vec<(&'static str, u64)>> {
     }
     debug_assert_eq!(out.len(), VERDICT_COUNT as usize);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file standing in for the sysctl (tests must not change the host's).
+    fn sysctl(name: &str, value: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ztna-sysctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, format!("{value}\n")).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_changed_sysctl_is_restored_on_drop_and_an_unchanged_one_left_alone() {
+        let off = sysctl("off", "0");
+        let guard = SysctlRestore::set(&off, "1").unwrap().expect("changed");
+        assert_eq!(std::fs::read_to_string(&off).unwrap(), "1");
+        drop(guard);
+        assert_eq!(std::fs::read_to_string(&off).unwrap().trim(), "0");
+        let on = sysctl("on", "1");
+        assert!(SysctlRestore::set(&on, "1").unwrap().is_none());
+        assert_eq!(std::fs::read_to_string(&on).unwrap().trim(), "1");
+        assert!(SysctlRestore::set(&off.with_extension("missing"), "1").is_err());
+    }
 }

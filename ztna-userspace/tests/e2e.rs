@@ -3,9 +3,10 @@
 //! Components run in-process on their own threads so the tests can stop, crash and
 //! restart them and read their counters.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use std::sync::{Arc, Mutex};
@@ -131,11 +132,18 @@ fn agent_p2p(pki: &DevPki, server: SocketAddr) -> Agent {
 #[derive(Clone, Default)]
 struct RecordingKernel {
     inserts: Arc<Mutex<Vec<(Cid, SocketAddr, SocketAddr)>>>,
+    /// What the kernel map would hold now: inserts minus removals.
+    live: Arc<Mutex<HashMap<Cid, (SocketAddr, SocketAddr)>>>,
+    /// While set, inserts fail (like a full or vanished BPF map).
+    fail: Arc<AtomicBool>,
 }
 
 impl RecordingKernel {
     fn inserts(&self) -> Vec<(Cid, SocketAddr, SocketAddr)> {
         self.inserts.lock().unwrap().clone()
+    }
+    fn live(&self) -> HashMap<Cid, (SocketAddr, SocketAddr)> {
+        self.live.lock().unwrap().clone()
     }
 }
 
@@ -147,10 +155,16 @@ impl KernelTable for RecordingKernel {
         expected: SocketAddr,
         _session: u32,
     ) -> Result<(), String> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err("injected failure".into());
+        }
         self.inserts.lock().unwrap().push((*cid, peer, expected));
+        self.live.lock().unwrap().insert(*cid, (peer, expected));
         Ok(())
     }
-    fn remove(&mut self, _cid: &Cid) {}
+    fn remove(&mut self, cid: &Cid) {
+        self.live.lock().unwrap().remove(cid);
+    }
     fn stats(&self, _cid: &Cid) -> Option<(u64, u64, u64)> {
         None
     }
@@ -586,6 +600,59 @@ fn restart_intermediate(crash: bool) {
     }
 }
 
+/// A `tracing` writer into a shared buffer, to read what was logged.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn skipping_server_verification_warns_at_every_connect() {
+    let mut w = world("insecureverify");
+    let log = LogBuf::default();
+    let sub = tracing_subscriber::fmt()
+        .with_writer({
+            let log = log.clone();
+            move || log.clone()
+        })
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    // The agent runs on this thread: its connects log to `log`.
+    tracing::subscriber::with_default(sub, || {
+        let mut cfg = client_cfg(
+            &w.pki,
+            w.server,
+            Role::Agent,
+            &w.pki.agent_cert,
+            &w.pki.agent_key,
+        );
+        cfg.ca_file = None;
+        let mut a = Agent::connect_with(cfg, false).unwrap();
+        a.wait_registered(Duration::from_secs(10)).unwrap();
+        w.inter.take().unwrap().stop().unwrap();
+        w.inter = Some(start_intermediate(&w.pki, w.server));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a.client().stats().connects < 2 && Instant::now() < deadline {
+            let _ = a.recv_packet(Duration::from_millis(50));
+        }
+        let stats = a.client().stats().clone();
+        assert!(stats.connects >= 2, "reconnected: {stats:?}");
+        assert_eq!(stats.unverified_connects, stats.connects);
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let warnings = text.matches("WITHOUT verifying its certificate").count();
+        assert_eq!(warnings as u64, stats.connects, "{text}");
+    });
+}
+
 #[test]
 fn intermediate_graceful_restart_both_sides_reconnect() {
     restart_intermediate(false);
@@ -808,6 +875,69 @@ fn candidates_for_a_session_the_sender_is_not_part_of_are_refused() {
     assert_eq!(stat(&w, |s| &s.candidates_refused), 1);
 }
 
+#[test]
+fn candidates_are_rate_limited_per_session_at_the_intermediate() {
+    let w = world("candrate");
+    let mut a = agent_p2p(&w.pki, w.server);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
+    let session = a.data_connection(SERVICE).unwrap().session_id;
+    let forwarded0 = stat(&w, |s| &s.candidates_forwarded);
+    let limited0 = stat(&w, |s| &s.candidates_rate_limited);
+    // An authorized agent repeats CANDIDATES naming an address that is not its own:
+    // each forwarded one would restart the connector's checks towards it.
+    let cand = [ztna_core::p2p::Candidate {
+        kind: ztna_core::p2p::CandidateKind::Host,
+        addr: "127.0.0.1:9".parse().unwrap(),
+    }];
+    for _ in 0..20 {
+        a.client_mut()
+            .send_candidates(session, [1; 16], &cand)
+            .unwrap();
+    }
+    let limited = |w: &World| stat(w, |s| &s.candidates_rate_limited) - limited0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while limited(&w) < 18 && Instant::now() < deadline {
+        let _ = a.recv_packet(Duration::from_millis(50));
+    }
+    // A burst of 2 per session and endpoint, then one per 2 s: at most 2 of the
+    // agent's frames get through (fewer if its own first CANDIDATES used a token),
+    // plus the connector's answers to them from its own bucket.
+    assert!(limited(&w) >= 18, "rate-limited {} of 20", limited(&w));
+    let forwarded = stat(&w, |s| &s.candidates_forwarded) - forwarded0;
+    assert!(forwarded <= 4, "forwarded {forwarded}");
+    // The agent's session still works on the relay.
+    assert!(echo_until_ok(&mut a, src(49500), Duration::from_secs(5)).is_some());
+}
+
+#[test]
+fn the_connector_checks_at_most_max_remote_candidates_of_a_frame() {
+    let w = world("candcap");
+    let mut a = agent_relay(&w.pki, w.server);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
+    let session = a.data_connection(SERVICE).unwrap().session_id;
+    // Sixteen addresses (the most a frame carries) that are not the agent's.
+    let cands: Vec<ztna_core::p2p::Candidate> = (0..16u16)
+        .map(|i| ztna_core::p2p::Candidate {
+            kind: ztna_core::p2p::CandidateKind::Host,
+            addr: SocketAddr::new("127.0.0.1".parse().unwrap(), 9000 + i),
+        })
+        .collect();
+    a.client_mut()
+        .send_candidates(session, [1; 16], &cands)
+        .unwrap();
+    let cs = &w.conn.as_ref().unwrap().stats;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cs.candidates_dropped.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+        let _ = a.recv_packet(Duration::from_millis(50));
+    }
+    assert_eq!(
+        cs.candidates_dropped.load(Ordering::Relaxed),
+        (16 - ztna_core::p2p::MAX_REMOTE_CANDIDATES) as u64
+    );
+}
+
 /// A one-client UDP NAT on loopback: the agent talks to it, it talks to the
 /// intermediate from an outside socket that `rebind` replaces (a NAT rebinding).
 struct LoopNat {
@@ -920,6 +1050,37 @@ fn nat_rebinding_moves_the_relay_entry_after_the_control_connection_proves_it() 
         .filter(|e| matches!(e, AgentEvent::ObservedAddress(_)))
         .count();
     assert!(qads >= 2, "QAD after the rebinding: {qads}");
+}
+
+#[test]
+fn a_failed_kernel_update_after_a_move_removes_the_stale_kernel_entry() {
+    let kernel = RecordingKernel::default();
+    let w = world_with("rebindfail", Some(kernel.clone()));
+    let nat = LoopNat::new(w.server);
+    let mut a = agent_relay(&w.pki, nat.addr);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
+    assert!(echo_until_ok(&mut a, src(50100), Duration::from_secs(5)).is_some());
+    let before = kernel.live();
+    assert_eq!(before.len(), 2, "both entries of the session: {before:?}");
+    // The map refuses updates from now on; the agent's NAT rebinds.
+    kernel.fail.store(true, Ordering::SeqCst);
+    nat.rebind.store(true, Ordering::SeqCst);
+    let took = echo_until_ok(&mut a, src(50100), Duration::from_secs(10)).expect("traffic resumed");
+    assert!(took < Duration::from_secs(5), "resumed after {took:?}");
+    assert!(stat(&w, |s| &s.client_moves) >= 1);
+    // Both entries name the agent's old outside address (one as peer, one as
+    // expected sender): neither may stay behind for the XDP program to follow.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !kernel.live().is_empty() && Instant::now() < deadline {
+        let _ = a.recv_packet(Duration::from_millis(50));
+    }
+    assert!(
+        kernel.live().is_empty(),
+        "stale kernel entries: {:?}",
+        kernel.live()
+    );
+    assert!(stat(&w, |s| &s.kernel_update_failures) >= 2);
 }
 
 /// Drives `a` until `cond` holds; false after `within`.
@@ -1279,6 +1440,57 @@ fn tiny_initials_get_no_retry_or_version_negotiation_and_tokens_bind_the_retry_c
     }
     assert_eq!(stat(&w, |s| &s.connections_accepted), accepted + 1);
     assert_eq!(stat(&w, |s| &s.invalid_tokens), invalid + 2);
+}
+
+#[test]
+fn without_retry_a_retransmitted_first_initial_reaches_the_same_connection() {
+    let pki = pki("noretry");
+    let mut cfg = IntermediateConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        pki.server_cert.clone(),
+        pki.server_key.clone(),
+        Some(pki.ca_cert.clone()),
+    );
+    cfg.retry = false;
+    let inter = intermediate::spawn(cfg).unwrap();
+    let stat = |f: fn(&intermediate::IntermediateStats) -> &std::sync::atomic::AtomicU64| {
+        f(&inter.stats).load(Ordering::Relaxed)
+    };
+    // A real quiche client's first flight, sent twice: the second copy is what the
+    // client's loss recovery sends when the server's answer is lost.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut qc = quiche::Config::new(quiche::PROTOCOL_VERSION).unwrap();
+    qc.set_application_protos(&[ztna_core::ALPN]).unwrap();
+    qc.verify_peer(false);
+    let scid = quiche::ConnectionId::from_ref(&[0x31; 16]);
+    let mut conn = quiche::connect(
+        Some("intermediate.ztna"),
+        &scid,
+        sock.local_addr().unwrap(),
+        inter.addr,
+        &mut qc,
+    )
+    .unwrap();
+    let mut first = vec![0u8; 1500];
+    let (n, _) = conn.send(&mut first).unwrap();
+    first.truncate(n);
+    assert!(n >= 1200, "client Initials are padded: {n}");
+    sock.send_to(&first, inter.addr).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stat(|s| &s.connections_accepted) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(stat(|s| &s.connections_accepted), 1);
+    sock.send_to(&first, inter.addr).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stat(|s| &s.initials_to_existing_connection) == 0
+        && stat(|s| &s.connections_accepted) == 1
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(stat(|s| &s.connections_accepted), 1, "a second connection");
+    assert_eq!(stat(|s| &s.initials_to_existing_connection), 1);
 }
 
 /// Sends a short-header packet with `dcid` to `server` and returns the stateless
