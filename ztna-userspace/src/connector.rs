@@ -166,6 +166,11 @@ pub struct Connector {
     agents: HashMap<IpAddr, (Origin, String)>,
     /// The device had more to read than one turn takes.
     kernel_pending: bool,
+    /// Reused buffers of `service_data`: packets, (connection, start, end), and
+    /// the service of each connection that had packets.
+    rx_arena: Vec<u8>,
+    rx_items: Vec<(Cid, usize, usize)>,
+    rx_services: HashMap<Cid, String>,
     /// Userspace mode: TCP terminated in a userspace stack, relayed to backends.
     user_tcp: UserTcp,
     /// Most concurrent flows (TCP connections, UDP flows) per agent.
@@ -258,6 +263,9 @@ impl Connector {
             kernel: None,
             agents: HashMap::new(),
             kernel_pending: false,
+            rx_arena: Vec::new(),
+            rx_items: Vec::new(),
+            rx_services: HashMap::new(),
             user_tcp: UserTcp::new(USER_TCP_TOKENS, crate::user_tcp::DEFAULT_PER_AGENT),
             flows_per_agent: crate::user_tcp::DEFAULT_PER_AGENT,
             services: services.into_iter().map(|s| (s.id.clone(), s)).collect(),
@@ -487,7 +495,12 @@ impl Connector {
 
     /// Checks new data connections' peers, reads their packets, drops closed ones.
     fn service_data(&mut self, now: Instant) {
-        let mut incoming = Vec::new();
+        // Received tunnel packets, back to back in one reused buffer: no allocation
+        // per packet on the data path.
+        let mut arena = std::mem::take(&mut self.rx_arena);
+        let mut items = std::mem::take(&mut self.rx_items);
+        arena.clear();
+        items.clear();
         let mut closed = Vec::new();
         for (cid, d) in self.data.iter_mut() {
             let service = d.service.clone();
@@ -504,7 +517,14 @@ impl Connector {
             {
                 d.close("direct path silent");
             }
-            d.recv_packets(|p| incoming.push((*cid, service.clone(), p.to_vec())));
+            let first = items.len();
+            d.recv_packets(|p| {
+                arena.extend_from_slice(p);
+                items.push((*cid, arena.len() - p.len(), arena.len()));
+            });
+            if items.len() > first {
+                self.rx_services.insert(*cid, service);
+            }
             if d.is_closed() {
                 if !d.is_usable() && d.handshake_time().is_none() {
                     inc(&self.stats.data_connections_refused);
@@ -517,10 +537,16 @@ impl Connector {
                 closed.push((*cid, d.session_id));
             }
         }
-        for (cid, service, p) in incoming {
+        let services = std::mem::take(&mut self.rx_services);
+        for &(cid, start, end) in &items {
             inc(&self.stats.packets_from_data);
-            self.tunnel_in(Origin::Data(cid), Some(service), p);
+            let service = services.get(&cid).map(String::as_str);
+            self.tunnel_in(Origin::Data(cid), service, &arena[start..end]);
         }
+        self.rx_services = services;
+        self.rx_services.clear();
+        self.rx_arena = arena;
+        self.rx_items = items;
         for (cid, session) in closed {
             self.data.remove(&cid);
             self.initial_dcids.retain(|_, v| *v != cid);
@@ -559,7 +585,7 @@ impl Connector {
                 }
                 ClientEvent::Packet { service, packet } => {
                     inc(&self.stats.packets_from_tunnel);
-                    self.tunnel_in(Origin::Control, service, packet);
+                    self.tunnel_in(Origin::Control, service.as_deref(), &packet);
                 }
                 ClientEvent::SessionOffer {
                     session_id,
@@ -645,24 +671,28 @@ impl Connector {
         }
     }
 
-    fn tunnel_in(&mut self, origin: Origin, service: Option<String>, packet: Vec<u8>) {
+    fn tunnel_in(&mut self, origin: Origin, service: Option<&str>, packet: &[u8]) {
+        let raw_service;
         let service = match service {
             Some(s) => s,
             // Raw IP (an original intermediate, or a packet too big to wrap): the
             // service whose virtual address it goes to, else the only service.
-            None => match self.service_of_raw(&packet) {
-                Some(s) => s,
+            None => match self.service_of_raw(packet) {
+                Some(s) => {
+                    raw_service = s;
+                    raw_service.as_str()
+                }
                 None => {
                     inc(&self.stats.dropped_unknown_service);
                     return;
                 }
             },
         };
-        let Some(spec) = self.services.get(&service).cloned() else {
+        let Some(backend) = self.services.get(service).map(|s| s.backend) else {
             inc(&self.stats.dropped_unknown_service);
             return;
         };
-        let key = match packet::flow_key(&packet) {
+        let key = match packet::flow_key(packet) {
             Ok(k) => k,
             Err(e) => {
                 inc(&self.stats.dropped_malformed);
@@ -670,7 +700,7 @@ impl Connector {
                 return;
             }
         };
-        if !spec.covers(key.dst.ip()) {
+        if !self.services[service].covers(key.dst.ip()) {
             inc(&self.stats.dropped_wrong_destination);
             tracing::debug!(
                 "{service}: dropping packet to {} (not the service address)",
@@ -678,10 +708,10 @@ impl Connector {
             );
             return;
         }
-        self.note_agent(key.src.ip(), origin, &service);
+        self.note_agent(key.src.ip(), origin, service);
         if let Some(k) = self.kernel.as_mut() {
             k.learn_agent(key.src.ip());
-            match k.dev.send(&packet) {
+            match k.dev.send(packet) {
                 Ok(_) => inc(&self.stats.packets_to_kernel),
                 Err(e) => {
                     inc(&self.stats.dropped_send_failed);
@@ -691,23 +721,23 @@ impl Connector {
             return;
         }
         match key.proto {
-            Proto::Icmp | Proto::Icmpv6 => match packet::icmp_echo_reply(&packet) {
+            Proto::Icmp | Proto::Icmpv6 => match packet::icmp_echo_reply(packet) {
                 Some(reply) => {
                     inc(&self.stats.icmp_echo_replies);
-                    self.tunnel_out(origin, &service, &reply);
+                    self.tunnel_out(origin, service, &reply);
                 }
                 None => inc(&self.stats.dropped_unsupported),
             },
             Proto::Udp => {
-                let payload = match packet::parse_udp(&packet) {
+                let payload = match packet::parse_udp(packet) {
                     Ok((_, _, p)) => p.to_vec(),
                     Err(_) => {
                         inc(&self.stats.dropped_malformed);
                         return;
                     }
                 };
-                let backend = spec.backend.target(key.dst);
-                let Some(token) = self.flow_socket(&service, key, backend) else {
+                let backend = backend.target(key.dst);
+                let Some(token) = self.flow_socket(service, key, backend) else {
                     return;
                 };
                 let flow = self.flows.get_mut(&token).expect("flow exists");
@@ -723,9 +753,9 @@ impl Connector {
             }
             Proto::Tcp => {
                 inc(&self.stats.tcp_packets_from_agents);
-                let backend = spec.backend.target(key.dst);
+                let backend = backend.target(key.dst);
                 self.user_tcp
-                    .packet_in(self.poll.registry(), key, packet, backend);
+                    .packet_in(self.poll.registry(), key, packet.to_vec(), backend);
             }
         }
     }
