@@ -892,3 +892,84 @@ pub extern "C" fn ztna_error_message(code: i32) -> *const c_char {
 fn c_line(msg: &str) -> CString {
     CString::new(msg.replace('\0', " ")).unwrap_or_default()
 }
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_are_the_documented_ones() {
+        use std::mem::{align_of, offset_of, size_of};
+        assert_eq!((size_of::<ZtnaSockaddr>(), align_of::<ZtnaSockaddr>()), (20, 2));
+        assert_eq!(offset_of!(ZtnaSockaddr, port), 2);
+        assert_eq!(offset_of!(ZtnaSockaddr, addr), 4);
+        assert_eq!((size_of::<ZtnaPrefix>(), align_of::<ZtnaPrefix>()), (18, 1));
+        assert_eq!(offset_of!(ZtnaPrefix, addr), 2);
+        assert_eq!(size_of::<ZtnaError>(), 4, "a C enum is an int");
+    }
+
+    #[test]
+    fn sockaddr_round_trips() {
+        for a in ["192.0.2.7:4433", "[2001:db8::1]:9"] {
+            let a: SocketAddr = a.parse().unwrap();
+            assert_eq!(ZtnaSockaddr::from_std(a).to_std(), Some(a));
+        }
+        let bad = ZtnaSockaddr {
+            family: 5,
+            ..Default::default()
+        };
+        assert_eq!(bad.to_std(), None);
+    }
+
+    #[test]
+    fn a_panic_is_an_error_and_poisons_the_handle() {
+        let dir = std::env::temp_dir().join(format!("ztna-ffi-unit-{}", std::process::id()));
+        let pki = ztna_userspace::identity::generate_dev_pki(&dir, &["echo".into()]).unwrap();
+        let pem: Vec<Vec<u8>> = [&pki.ca_cert, &pki.agent_cert, &pki.agent_key]
+            .iter()
+            .map(|p| std::fs::read(p).unwrap())
+            .collect();
+        let echo = CString::new("echo").unwrap();
+        let services = [echo.as_ptr()];
+        let cfg = ZtnaAgentConfig {
+            intermediate: ZtnaSockaddr::from_std("127.0.0.1:9".parse().unwrap()),
+            server_name: std::ptr::null(),
+            ca_pem: pem[0].as_ptr(),
+            ca_pem_len: pem[0].len(),
+            cert_pem: pem[1].as_ptr(),
+            cert_pem_len: pem[1].len(),
+            key_pem: pem[2].as_ptr(),
+            key_pem_len: pem[2].len(),
+            services: services.as_ptr(),
+            services_len: 1,
+            local: ZtnaSockaddr::default(),
+            options: 0,
+            keepalive_ms: 0,
+            idle_timeout_ms: 0,
+            log_level: 0,
+            log: None,
+            log_ctx: std::ptr::null_mut(),
+        };
+        let mut a = std::ptr::null_mut();
+        // SAFETY: valid config and out pointer; then a live handle, freed once.
+        unsafe {
+            assert_eq!(ztna_agent_new(&cfg, &mut a), ZtnaError::Ok);
+            let pem_dir = (*a)._pem.ca.parent().unwrap().to_path_buf();
+            assert!(pem_dir.join("key.pem").exists());
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = |p: &std::path::Path| {
+                    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+                };
+                assert_eq!(mode(&pem_dir), 0o700);
+                assert_eq!(mode(&pem_dir.join("key.pem")), 0o600);
+            }
+            assert_eq!(with_agent(a, |_| panic!("boom")), ZtnaError::Panic);
+            assert_eq!(ztna_agent_on_timeout(a), ZtnaError::Poisoned);
+            ztna_agent_free(a);
+            assert!(!pem_dir.exists(), "free removes the PEM directory");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -4,6 +4,7 @@
 //! agent connects to a real intermediate and connector on loopback, registers,
 //! learns its tunnel address and routes, and its tunnel packets (UDP to the echo
 //! service, a TCP SYN to the web service) come back as the expected replies.
+#![cfg(target_os = "linux")]
 
 mod common;
 

@@ -4,6 +4,7 @@
 //! harness registers, sends UDP to the echo service and a TCP SYN to the web
 //! service and checks the replies byte for byte; valgrind must report no leak and
 //! no invalid access.
+#![cfg(target_os = "linux")]
 
 mod common;
 
