@@ -9,7 +9,9 @@ fn main() {
     if !std::path::Path::new(header).exists() {
         // Only while bootstrapping the header (tests/header.rs writes it): the
         // bindgen test then fails to compile, which is the point.
-        println!("cargo:warning={header} is missing; run ZTNA_BLESS=1 cargo test -p ztna-agent-ffi --test header");
+        println!(
+            "cargo:warning={header} is missing; run ZTNA_BLESS=1 cargo test -p ztna-agent-ffi --test header"
+        );
         std::fs::write(out.join("bindings.rs"), "").unwrap();
         return;
     }

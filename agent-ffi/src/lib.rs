@@ -354,11 +354,12 @@ unsafe fn build(cfg: &ZtnaAgentConfig) -> Result<Box<ZtnaAgent>, ZtnaError> {
         4 => Some(ZtnaLogLevel::Debug),
         _ => Some(ZtnaLogLevel::Trace),
     };
-    let logger = log::Logger::new(if max.is_some() { cfg.log } else { None }, cfg.log_ctx, max.unwrap_or(ZtnaLogLevel::Error));
-    let server = cfg
-        .intermediate
-        .to_std()
-        .ok_or(ZtnaError::InvalidAddress)?;
+    let logger = log::Logger::new(
+        if max.is_some() { cfg.log } else { None },
+        cfg.log_ctx,
+        max.unwrap_or(ZtnaLogLevel::Error),
+    );
+    let server = cfg.intermediate.to_std().ok_or(ZtnaError::InvalidAddress)?;
     let local = if cfg.local.family == 0 {
         SocketAddr::from(([0, 0, 0, 0], 0))
     } else {
@@ -900,7 +901,10 @@ mod tests {
     #[test]
     fn layouts_are_the_documented_ones() {
         use std::mem::{align_of, offset_of, size_of};
-        assert_eq!((size_of::<ZtnaSockaddr>(), align_of::<ZtnaSockaddr>()), (20, 2));
+        assert_eq!(
+            (size_of::<ZtnaSockaddr>(), align_of::<ZtnaSockaddr>()),
+            (20, 2)
+        );
         assert_eq!(offset_of!(ZtnaSockaddr, port), 2);
         assert_eq!(offset_of!(ZtnaSockaddr, addr), 4);
         assert_eq!((size_of::<ZtnaPrefix>(), align_of::<ZtnaPrefix>()), (18, 1));

@@ -111,8 +111,10 @@ impl Subscriber for Callback {
         let mut line = Line(String::new());
         event.record(&mut line);
         let meta = event.metadata();
-        self.0
-            .emit(level(meta.level()), &format!("{}: {}", meta.target(), line.0));
+        self.0.emit(
+            level(meta.level()),
+            &format!("{}: {}", meta.target(), line.0),
+        );
     }
 
     fn enter(&self, _: &Id) {}

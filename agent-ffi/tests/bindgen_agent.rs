@@ -80,7 +80,11 @@ impl Harness {
         let mut ms = 0u64;
         // SAFETY: live handle, valid out pointer.
         let r = unsafe { ztna_agent_next_timeout_ms(self.agent, &mut ms) };
-        let wait = if r == ZTNA_ERROR_OK { ms.clamp(1, 5) } else { 5 };
+        let wait = if r == ZTNA_ERROR_OK {
+            ms.clamp(1, 5)
+        } else {
+            5
+        };
         self.sock
             .set_read_timeout(Some(Duration::from_millis(wait)))
             .unwrap();
@@ -115,7 +119,8 @@ impl Harness {
         loop {
             let mut len = 0usize;
             // SAFETY: as above.
-            let r = unsafe { ztna_agent_poll_tun(self.agent, out.as_mut_ptr(), out.len(), &mut len) };
+            let r =
+                unsafe { ztna_agent_poll_tun(self.agent, out.as_mut_ptr(), out.len(), &mut len) };
             if r == ZTNA_ERROR_NOTHING {
                 break;
             }
@@ -148,7 +153,8 @@ impl Harness {
         // SAFETY: as above.
         let mut v = vec![unsafe { std::mem::zeroed::<ztna_prefix>() }; count];
         // SAFETY: `count` entries.
-        let r = unsafe { ztna_agent_routes(self.agent, &mut info, v.as_mut_ptr(), count, &mut count) };
+        let r =
+            unsafe { ztna_agent_routes(self.agent, &mut info, v.as_mut_ptr(), count, &mut count) };
         assert_eq!(r, ZTNA_ERROR_OK);
         v.truncate(count);
         (info, v)
@@ -161,7 +167,8 @@ impl Harness {
         assert_eq!(r, ZTNA_ERROR_BUFFER_TOO_SMALL);
         let mut buf = vec![0 as c_char; len + 1];
         // SAFETY: `len + 1` bytes.
-        let r = unsafe { ztna_agent_status_json(self.agent, buf.as_mut_ptr(), buf.len(), &mut len) };
+        let r =
+            unsafe { ztna_agent_status_json(self.agent, buf.as_mut_ptr(), buf.len(), &mut len) };
         assert_eq!(r, ZTNA_ERROR_OK);
         // SAFETY: NUL-terminated by contract.
         let s = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_str().unwrap();
@@ -246,9 +253,13 @@ fn agent_through_bindgen_bindings_registers_and_carries_udp_and_tcp() {
     let mut small = [0u8; 16];
     let (mut len, mut to) = (0usize, to_c("0.0.0.0:0".parse().unwrap()));
     // SAFETY: 16-byte buffer, valid outputs.
-    let r = unsafe { ztna_agent_poll_udp(agent, small.as_mut_ptr(), small.len(), &mut len, &mut to) };
+    let r =
+        unsafe { ztna_agent_poll_udp(agent, small.as_mut_ptr(), small.len(), &mut len, &mut to) };
     assert_eq!(r, ZTNA_ERROR_BUFFER_TOO_SMALL);
-    assert!(len > small.len() && len <= ZTNA_MAX_DATAGRAM as usize, "{len}");
+    assert!(
+        len > small.len() && len <= ZTNA_MAX_DATAGRAM as usize,
+        "{len}"
+    );
     let needed = len;
     let mut big = vec![0u8; needed];
     // SAFETY: `needed` bytes.
@@ -267,7 +278,13 @@ fn agent_through_bindgen_bindings_registers_and_carries_udp_and_tcp() {
     assert_eq!(info.mtu, 1280);
     let mut got: Vec<(u8, u8, [u8; 4])> = prefixes
         .iter()
-        .map(|p| (p.family, p.prefix_len, [p.addr[0], p.addr[1], p.addr[2], p.addr[3]]))
+        .map(|p| {
+            (
+                p.family,
+                p.prefix_len,
+                [p.addr[0], p.addr[1], p.addr[2], p.addr[3]],
+            )
+        })
         .collect();
     got.sort();
     assert_eq!(
@@ -296,7 +313,9 @@ fn agent_through_bindgen_bindings_registers_and_carries_udp_and_tcp() {
         h.tun.clear();
         h.send_tun(&pkt);
         h.until(&format!("echo reply {i}"), 20, |h| {
-            h.tun.iter().any(|p| ztna_core::packet::parse_udp(p).is_ok())
+            h.tun
+                .iter()
+                .any(|p| ztna_core::packet::parse_udp(p).is_ok())
         });
         let reply = h
             .tun
@@ -362,16 +381,28 @@ fn bad_input_gets_error_codes() {
     let mut to = to_c("0.0.0.0:0".parse().unwrap());
     // SAFETY: every call below passes null or valid pointers, as the header allows.
     unsafe {
-        assert_eq!(ztna_agent_new(std::ptr::null(), &mut agent), ZTNA_ERROR_NULL_POINTER);
+        assert_eq!(
+            ztna_agent_new(std::ptr::null(), &mut agent),
+            ZTNA_ERROR_NULL_POINTER
+        );
         assert_eq!(
             ztna_agent_udp_input(std::ptr::null_mut(), buf.as_ptr(), 1, &to),
             ZTNA_ERROR_NULL_POINTER
         );
         assert_eq!(
-            ztna_agent_poll_udp(std::ptr::null_mut(), buf.as_mut_ptr(), 64, &mut len, &mut to),
+            ztna_agent_poll_udp(
+                std::ptr::null_mut(),
+                buf.as_mut_ptr(),
+                64,
+                &mut len,
+                &mut to
+            ),
             ZTNA_ERROR_NULL_POINTER
         );
-        assert_eq!(ztna_agent_on_timeout(std::ptr::null_mut()), ZTNA_ERROR_NULL_POINTER);
+        assert_eq!(
+            ztna_agent_on_timeout(std::ptr::null_mut()),
+            ZTNA_ERROR_NULL_POINTER
+        );
         ztna_agent_free(std::ptr::null_mut());
         for code in 0..=11 {
             let m = CStr::from_ptr(ztna_error_message(code)).to_str().unwrap();
@@ -416,7 +447,8 @@ fn bad_input_gets_error_codes() {
         log_ctx: logs_ptr.cast(),
     };
     let try_new = |c: &ztna_agent_config| {
-        let mut a: *mut ztna_agent = 1 as *mut ztna_agent;
+        // Non-null, so the test sees `out` nulled on failure.
+        let mut a: *mut ztna_agent = std::ptr::dangling_mut();
         // SAFETY: valid config pointers.
         let r = unsafe { ztna_agent_new(c, &mut a) };
         if r == ZTNA_ERROR_OK {
@@ -469,12 +501,24 @@ fn bad_input_gets_error_codes() {
             ztna_agent_udp_input(a, std::ptr::null(), 10, &to),
             ZTNA_ERROR_NULL_POINTER
         );
-        assert_eq!(ztna_agent_udp_input(a, buf.as_ptr(), 0, &to), ZTNA_ERROR_INVALID_LENGTH);
+        assert_eq!(
+            ztna_agent_udp_input(a, buf.as_ptr(), 0, &to),
+            ZTNA_ERROR_INVALID_LENGTH
+        );
         let mut bad = to;
         bad.family = 5;
-        assert_eq!(ztna_agent_udp_input(a, buf.as_ptr(), 10, &bad), ZTNA_ERROR_INVALID_ADDRESS);
-        assert_eq!(ztna_agent_tun_input(a, std::ptr::null(), 10), ZTNA_ERROR_NULL_POINTER);
-        assert_eq!(ztna_agent_tun_input(a, buf.as_ptr(), 0), ZTNA_ERROR_INVALID_LENGTH);
+        assert_eq!(
+            ztna_agent_udp_input(a, buf.as_ptr(), 10, &bad),
+            ZTNA_ERROR_INVALID_ADDRESS
+        );
+        assert_eq!(
+            ztna_agent_tun_input(a, std::ptr::null(), 10),
+            ZTNA_ERROR_NULL_POINTER
+        );
+        assert_eq!(
+            ztna_agent_tun_input(a, buf.as_ptr(), 0),
+            ZTNA_ERROR_INVALID_LENGTH
+        );
         // Garbage from the tunnel is counted and dropped, not an error.
         assert_eq!(ztna_agent_tun_input(a, buf.as_ptr(), 20), ZTNA_ERROR_OK);
         assert_eq!(
@@ -482,7 +526,10 @@ fn bad_input_gets_error_codes() {
             ZTNA_ERROR_NULL_POINTER
         );
         let mut ms = 0u64;
-        assert_eq!(ztna_agent_next_timeout_ms(a, std::ptr::null_mut()), ZTNA_ERROR_NULL_POINTER);
+        assert_eq!(
+            ztna_agent_next_timeout_ms(a, std::ptr::null_mut()),
+            ZTNA_ERROR_NULL_POINTER
+        );
         // Once the first Initial is out, a retransmission timer is armed.
         let mut dgram = vec![0u8; ZTNA_MAX_DATAGRAM as usize];
         assert_eq!(
@@ -495,8 +542,14 @@ fn bad_input_gets_error_codes() {
             ztna_agent_network_changed(a, std::ptr::null(), 1),
             ZTNA_ERROR_NULL_POINTER
         );
-        assert_eq!(ztna_agent_network_changed(a, &bad, 1), ZTNA_ERROR_INVALID_ADDRESS);
-        assert_eq!(ztna_agent_network_changed(a, std::ptr::null(), 0), ZTNA_ERROR_OK);
+        assert_eq!(
+            ztna_agent_network_changed(a, &bad, 1),
+            ZTNA_ERROR_INVALID_ADDRESS
+        );
+        assert_eq!(
+            ztna_agent_network_changed(a, std::ptr::null(), 0),
+            ZTNA_ERROR_OK
+        );
         let mut small = [0 as c_char; 4];
         assert_eq!(
             ztna_agent_status_json(a, small.as_mut_ptr(), small.len(), &mut len),

@@ -36,7 +36,14 @@ fn compile(out: &Path) {
     let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let o = Command::new(&cc)
-        .args(["-std=c11", "-D_POSIX_C_SOURCE=200809L", "-Wall", "-Wextra", "-Werror", "-g"])
+        .args([
+            "-std=c11",
+            "-D_POSIX_C_SOURCE=200809L",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-g",
+        ])
         .arg("-I")
         .arg(crate_dir.join("include"))
         .arg(crate_dir.join("tests/c/harness.c"))
@@ -113,7 +120,8 @@ fn c_harness_against_static_library() {
             "valgrind found errors:\n{stderr}"
         );
         assert!(
-            stderr.contains("definitely lost: 0 bytes") || stderr.contains("All heap blocks were freed"),
+            stderr.contains("definitely lost: 0 bytes")
+                || stderr.contains("All heap blocks were freed"),
             "valgrind found leaks:\n{stderr}"
         );
     }

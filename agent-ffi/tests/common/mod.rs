@@ -41,8 +41,7 @@ impl Drop for Env {
 }
 
 pub fn start(name: &str) -> Env {
-    let dir: PathBuf =
-        std::env::temp_dir().join(format!("ztna-ffi-{name}-{}", std::process::id()));
+    let dir: PathBuf = std::env::temp_dir().join(format!("ztna-ffi-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let pki = identity::generate_dev_pki(&dir, &[ECHO.to_string(), WEB.to_string()]).unwrap();
     let handle = intermediate::spawn(IntermediateConfig::new(
@@ -77,7 +76,10 @@ pub fn start(name: &str) -> Env {
     let c = connector::spawn(cfg, specs).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while c.stats.registrations.load(Ordering::Relaxed) < 2 {
-        assert!(Instant::now() < deadline, "connector did not register both services");
+        assert!(
+            Instant::now() < deadline,
+            "connector did not register both services"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     Env {
@@ -105,14 +107,14 @@ pub fn tcp_syn(src: SocketAddr, dst: SocketAddr, seq: u32) -> Vec<u8> {
     let c = checksum(&p[..20], 0);
     p[10..12].copy_from_slice(&c.to_be_bytes());
     {
-    let t = &mut p[20..];
-    t[0..2].copy_from_slice(&s.port().to_be_bytes());
-    t[2..4].copy_from_slice(&d.port().to_be_bytes());
-    t[4..8].copy_from_slice(&seq.to_be_bytes());
-    t[12] = 6 << 4; // data offset: 6 words (MSS option)
-    t[13] = 0x02; // SYN
-    t[14..16].copy_from_slice(&65535u16.to_be_bytes());
-    t[20..24].copy_from_slice(&[2, 4, 0x04, 0xd8]); // MSS 1240
+        let t = &mut p[20..];
+        t[0..2].copy_from_slice(&s.port().to_be_bytes());
+        t[2..4].copy_from_slice(&d.port().to_be_bytes());
+        t[4..8].copy_from_slice(&seq.to_be_bytes());
+        t[12] = 6 << 4; // data offset: 6 words (MSS option)
+        t[13] = 0x02; // SYN
+        t[14..16].copy_from_slice(&65535u16.to_be_bytes());
+        t[20..24].copy_from_slice(&[2, 4, 0x04, 0xd8]); // MSS 1240
     }
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&s.ip().octets());
