@@ -300,6 +300,12 @@ fn agent_through_bindgen_bindings_registers_and_carries_udp_and_tcp() {
     assert_eq!(services.len(), 2);
     assert!(services.iter().all(|s| s["registered"] == true), "{status}");
     assert!(logs.iter().any(|l| l == "registered echo"), "{logs:?}");
+    // The engine's own tracing lines reach the callback too, with their target.
+    assert!(
+        logs.iter()
+            .any(|l| l.starts_with("ztna_core::agent: tunnel addresses")),
+        "{logs:?}"
+    );
 
     // UDP through the tunnel to the echo service: the reply comes back byte for
     // byte, from the service address to ours.
