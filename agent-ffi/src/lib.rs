@@ -613,6 +613,21 @@ pub unsafe extern "C" fn ztna_agent_poll_udp(
             if out.is_null() || out_len.is_null() || to.is_null() {
                 return ZtnaError::NullPointer;
             }
+            if a.pending_udp.is_none() && cap >= ZTNA_MAX_DATAGRAM {
+                // The usual case: straight into the caller's buffer, no copy. Zeroed
+                // first: the caller's memory may be uninitialized, which a `&mut
+                // [u8]` must not see.
+                std::ptr::write_bytes(out, 0, ZTNA_MAX_DATAGRAM);
+                let buf = std::slice::from_raw_parts_mut(out, ZTNA_MAX_DATAGRAM);
+                return match a.engine.poll_transmit(buf, Instant::now()) {
+                    Some((n, dest)) => {
+                        *out_len = n;
+                        *to = ZtnaSockaddr::from_std(dest);
+                        ZtnaError::Ok
+                    }
+                    None => ZtnaError::Nothing,
+                };
+            }
             if a.pending_udp.is_none() {
                 let mut buf = vec![0u8; MAX_UDP_PAYLOAD];
                 match a.engine.poll_transmit(&mut buf, Instant::now()) {
@@ -659,6 +674,18 @@ pub unsafe extern "C" fn ztna_agent_poll_tun(
         with_agent(agent, |a| {
             if out.is_null() || out_len.is_null() {
                 return ZtnaError::NullPointer;
+            }
+            if a.pending_tun.is_none() && cap >= ZTNA_MAX_PACKET {
+                // As in `ztna_agent_poll_udp`: no copy in the usual case.
+                std::ptr::write_bytes(out, 0, ZTNA_MAX_PACKET);
+                let buf = std::slice::from_raw_parts_mut(out, ZTNA_MAX_PACKET);
+                return match a.engine.poll_tun(buf) {
+                    Some(n) => {
+                        *out_len = n;
+                        ZtnaError::Ok
+                    }
+                    None => ZtnaError::Nothing,
+                };
             }
             if a.pending_tun.is_none() {
                 let mut buf = vec![0u8; ZTNA_MAX_PACKET];

@@ -378,6 +378,72 @@ fn agent_through_bindgen_bindings_registers_and_carries_udp_and_tcp() {
     unsafe { ztna_agent_free(agent) };
 }
 
+/// The header's types, as bindgen read them, have the size, alignment and field
+/// offsets of the crate's own `#[repr(C)]` types.
+#[test]
+fn header_types_match_the_rust_types() {
+    use std::mem::{align_of, offset_of, size_of};
+    use ztna_agent_ffi as ffi;
+    macro_rules! same {
+        ($c:ty, $r:ty, $($f:ident / $g:ident),*) => {
+            assert_eq!(size_of::<$c>(), size_of::<$r>(), stringify!($c));
+            assert_eq!(align_of::<$c>(), align_of::<$r>(), stringify!($c));
+            $(assert_eq!(offset_of!($c, $f), offset_of!($r, $g), stringify!($c.$f));)*
+        };
+    }
+    same!(
+        ztna_sockaddr,
+        ffi::ZtnaSockaddr,
+        family / family,
+        port / port,
+        addr / addr
+    );
+    same!(
+        ztna_prefix,
+        ffi::ZtnaPrefix,
+        family / family,
+        prefix_len / prefix_len,
+        addr / addr
+    );
+    same!(
+        ztna_tunnel_info,
+        ffi::ZtnaTunnelInfo,
+        has_address / has_address,
+        ipv4 / ipv4,
+        ipv6 / ipv6,
+        mtu / mtu
+    );
+    same!(
+        ztna_agent_config,
+        ffi::ZtnaAgentConfig,
+        intermediate / intermediate,
+        server_name / server_name,
+        ca_pem / ca_pem,
+        ca_pem_len / ca_pem_len,
+        cert_pem / cert_pem,
+        cert_pem_len / cert_pem_len,
+        key_pem / key_pem,
+        key_pem_len / key_pem_len,
+        services / services,
+        services_len / services_len,
+        local / local,
+        options / options,
+        keepalive_ms / keepalive_ms,
+        idle_timeout_ms / idle_timeout_ms,
+        log_level / log_level,
+        log / log,
+        log_ctx / log_ctx
+    );
+    assert_eq!(size_of::<ztna_error>(), size_of::<ffi::ZtnaError>());
+    assert_eq!(ZTNA_ERROR_POISONED, ffi::ZtnaError::Poisoned as ztna_error);
+    assert_eq!(
+        ZTNA_ERROR_BUFFER_TOO_SMALL,
+        ffi::ZtnaError::BufferTooSmall as ztna_error
+    );
+    assert_eq!(ZTNA_MAX_DATAGRAM as usize, ffi::ZTNA_MAX_DATAGRAM);
+    assert_eq!(ZTNA_OPT_P2P, ffi::ZTNA_OPT_P2P);
+}
+
 #[test]
 fn bad_input_gets_error_codes() {
     let mut logs: Box<Vec<String>> = Box::default();
