@@ -206,7 +206,9 @@ typedef struct ztna_agent_config {
   size_t services_len;
   /**
    * Address of the caller's UDP socket (its port is advertised in NAT-traversal
-   * candidates); family 0 means 0.0.0.0:0.
+   * candidates); family 0 means 0.0.0.0:0. A specific address is also the host
+   * candidate; for a socket bound to the unspecified address, pass the
+   * interface addresses with `ztna_agent_network_changed` after creating.
    */
   struct ztna_sockaddr local;
   /**

@@ -210,7 +210,9 @@ pub struct ZtnaAgentConfig {
     /// Number of entries in `services` (at least 1).
     pub services_len: usize,
     /// Address of the caller's UDP socket (its port is advertised in NAT-traversal
-    /// candidates); family 0 means 0.0.0.0:0.
+    /// candidates); family 0 means 0.0.0.0:0. A specific address is also the host
+    /// candidate; for a socket bound to the unspecified address, pass the
+    /// interface addresses with `ztna_agent_network_changed` after creating.
     pub local: ZtnaSockaddr,
     /// `ZTNA_OPT_*` bits.
     pub options: u32,
