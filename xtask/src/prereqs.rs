@@ -7,8 +7,10 @@ use std::process::{Command, Stdio};
 
 use anyhow::bail;
 
-/// Building: quiche builds BoringSSL with cmake, and bindgen needs libclang.
-const BUILD: &[&str] = &["cmake", "libclang-dev", "clang"];
+/// Building: quiche builds BoringSSL with cmake, and bindgen needs libclang. The
+/// agent C ABI's harness (agent-ffi/tests/c) is compiled with the system C compiler
+/// and runs under valgrind.
+const BUILD: &[&str] = &["cmake", "libclang-dev", "clang", "gcc", "valgrind"];
 
 /// The privileged tests, the demo's tunnel and the benchmarks: namespaces, NAT,
 /// BPF map inspection, the connector's nftables table, real clients and servers.
