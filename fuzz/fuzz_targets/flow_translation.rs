@@ -1,8 +1,11 @@
 //! The datagram relay's flow table (`ztna_userspace::flows`): a sequence of agents'
-//! packets (outbound) and connectors' replies (inbound) drawn from the input. The
-//! owner of a flow never changes while the flow lives: a reply is never routed to
-//! an agent that did not send that flow.
+//! packets (outbound) and connectors' replies (inbound) drawn from the input, with
+//! few ports so that agents collide and translation runs out. A flow's wire key,
+//! once an agent's, is never handed to another while it lives, and a reply is only
+//! ever routed to that owner.
 #![no_main]
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
@@ -12,23 +15,24 @@ use ztna_userspace::flows::FlowTable;
 fuzz_target!(|data: &[u8]| {
     let start = Instant::now();
     let mut t = FlowTable::default();
-    let mut owners: std::collections::HashMap<FlowKey, u64> = Default::default();
+    let mut owners: HashMap<FlowKey, u64> = HashMap::new();
     for (i, c) in data.chunks_exact(4).enumerate() {
         let agent = u64::from(c[0] % 4) + 1;
-        let port = u16::from_be_bytes([c[1], c[2] % 8]);
+        let port = u16::from_be_bytes([c[1] % 4, c[2]]);
         let key = FlowKey {
             proto: if c[3] & 1 == 0 { Proto::Udp } else { Proto::Tcp },
-            src: std::net::SocketAddr::from(([100, 64, 0, 2], port)),
-            dst: std::net::SocketAddr::from(([10, 100, 0, 1], 7)),
+            src: SocketAddr::from(([100, 64, 0, 2], port)),
+            dst: SocketAddr::from(([10, 100, 0, 1], 7)),
         };
+        // Milliseconds apart: nothing expires within one input.
         let now = start + Duration::from_millis(i as u64);
         if c[3] & 2 == 0 {
-            let r = t.outbound(agent, "echo", key, now);
-            if let Some(wire) = r.wire() {
-                owners.insert(wire, agent);
+            if let Ok(r) = t.outbound(agent, "echo", key, now) {
+                let owner = *owners.entry(r.wire).or_insert(agent);
+                assert_eq!(owner, agent, "wire key {:?} taken from its owner", r.wire);
             }
-        } else if let Some(inbound) = t.inbound("echo", &key.reversed(), now) {
-            if let Some(owner) = owners.get(&key) {
+        } else if let Some((wire, owner)) = owners.iter().nth(usize::from(c[1]) % owners.len().max(1)) {
+            if let Some(inbound) = t.inbound("echo", &wire.reversed(), now) {
                 assert_eq!(inbound.agent, *owner, "a reply goes to the flow's owner");
             }
         }

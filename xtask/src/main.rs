@@ -19,6 +19,7 @@ use anyhow::{Context, bail};
 
 mod bench;
 mod ebpf;
+mod fuzz;
 mod prereqs;
 use clap::{Parser, Subcommand};
 
@@ -45,6 +46,11 @@ enum Cmd {
     BuildEbpf,
     /// Run every test (the README's test command; CI runs this).
     Test,
+    /// Run every fuzz target (cargo-fuzz, nightly) for --secs seconds each.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+    },
     /// Benchmarks (root): `relay` drives the same load through XDP native, XDP
     /// generic, the userspace forwarder and the datagram relay (JSON to --out, an
     /// SVG next to it, a table on stdout); `tunnel` measures TCP/UDP through the
@@ -71,6 +77,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test => test(),
         Cmd::BuildEbpf => ebpf::build_ebpf(&root()).map(|_| ()),
+        Cmd::Fuzz { secs } => fuzz::run(&root(), secs).map(|_| ()),
         Cmd::NatMatrix { out } => nat_matrix(&out),
         Cmd::Bench { what, out } => bench::bench(&what, &out),
     }
@@ -195,6 +202,14 @@ fn test() -> anyhow::Result<()> {
         skipped = plain.ignored;
         println!("\nSKIPPED: {skipped} privileged tests (not root; CI runs them as root)");
     }
+    println!("\n== fuzz targets, briefly (cargo xtask fuzz runs them longer) ==");
+    let fuzz_ok = match fuzz::run(&root(), 5) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("fuzzing failed: {e:#}");
+            false
+        }
+    };
     println!("\n== demo (smoke test of the real binaries) ==");
     let demo_ok = match demo(50, "max", Profile::Debug) {
         Ok(()) => true,
@@ -203,10 +218,10 @@ fn test() -> anyhow::Result<()> {
             false
         }
     };
-    let passed = plain.passed + privileged.passed + u64::from(demo_ok);
-    let failed = plain.failed + privileged.failed + u64::from(!demo_ok);
+    let passed = plain.passed + privileged.passed + u64::from(demo_ok) + u64::from(fuzz_ok);
+    let failed = plain.failed + privileged.failed + u64::from(!demo_ok) + u64::from(!fuzz_ok);
     println!("\nxtask: {passed} passed, {failed} failed, {skipped} skipped");
-    if !ok || !demo_ok || failed > 0 {
+    if !ok || !demo_ok || !fuzz_ok || failed > 0 {
         bail!("tests failed");
     }
     Ok(())
