@@ -42,7 +42,9 @@ impl Inbound {
 
 #[derive(Default)]
 pub struct FlowTable {
-    out: HashMap<(ClientId, String, FlowKey), Outbound>,
+    /// Per service, (agent, the agent's key) → the flow. Nested by service, like
+    /// `inb`, so a known flow's packet is looked up without building a `String`.
+    out: HashMap<String, HashMap<(ClientId, FlowKey), Outbound>>,
     /// Per service, wire key → owner. Nested by service so that probing candidate
     /// ports looks up a `FlowKey` in a borrowed map: no `String` is built per probe.
     inb: HashMap<String, HashMap<FlowKey, Inbound>>,
@@ -121,8 +123,11 @@ impl FlowTable {
         key: FlowKey,
         now: Instant,
     ) -> Result<OutboundRoute, FlowRefused> {
-        let okey = (agent, service.to_string(), key);
-        if let Some(o) = self.out.get_mut(&okey) {
+        if let Some(o) = self
+            .out
+            .get_mut(service)
+            .and_then(|m| m.get_mut(&(agent, key)))
+        {
             o.last_seen = now;
             let wire = o.wire;
             if let Some(i) = self.inb.get_mut(service).and_then(|m| m.get_mut(&wire)) {
@@ -163,8 +168,8 @@ impl FlowTable {
             }
             wire = found.ok_or(FlowRefused::NoFreePort)?;
         }
-        self.out.insert(
-            okey,
+        self.out.entry(service.to_string()).or_default().insert(
+            (agent, key),
             Outbound {
                 wire,
                 last_seen: now,
@@ -218,7 +223,12 @@ impl FlowTable {
             return;
         };
         for (service, key) in index.out {
-            self.out.remove(&(agent, service, key));
+            if let Some(m) = self.out.get_mut(&service) {
+                m.remove(&(agent, key));
+                if m.is_empty() {
+                    self.out.remove(&service);
+                }
+            }
         }
         for (service, wire) in index.inb {
             if let Some(m) = self.inb.get_mut(&service)
@@ -235,12 +245,15 @@ impl FlowTable {
 
     pub fn expire(&mut self, now: Instant) {
         let by_agent = &mut self.by_agent;
-        self.out.retain(|(agent, service, key), o| {
-            let keep = now.saturating_duration_since(o.last_seen) < FLOW_IDLE;
-            if !keep && let Some(i) = by_agent.get_mut(agent) {
-                i.out.remove(&(service.clone(), *key));
-            }
-            keep
+        self.out.retain(|service, m| {
+            m.retain(|(agent, key), o| {
+                let keep = now.saturating_duration_since(o.last_seen) < FLOW_IDLE;
+                if !keep && let Some(i) = by_agent.get_mut(agent) {
+                    i.out.remove(&(service.clone(), *key));
+                }
+                keep
+            });
+            !m.is_empty()
         });
         let mut removed = 0;
         self.inb.retain(|service, m| {
