@@ -60,12 +60,22 @@ pub fn run(root: &Path, secs: u64) -> anyhow::Result<Vec<(String, u64)>> {
         let runs = log
             .lines()
             .rev()
-            .find_map(|l| l.strip_prefix("Done ")?.split(' ').next()?.parse::<u64>().ok())
+            .find_map(|l| {
+                l.strip_prefix("Done ")?
+                    .split(' ')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
             .unwrap_or(0);
         let ok = out.status.success();
         println!(
             "fuzz {t:<18} {runs:>12} executions in {secs} s, {}",
-            if ok { "no findings" } else { "FINDING (see fuzz/artifacts)" }
+            if ok {
+                "no findings"
+            } else {
+                "FINDING (see fuzz/artifacts)"
+            }
         );
         if !ok {
             let tail: Vec<&str> = log.lines().rev().take(30).collect();

@@ -359,6 +359,22 @@ impl Lab {
         }
     }
 
+    /// Waits until something accepts TCP connections at `addr`, seen from `ns`.
+    pub fn wait_tcp(&self, ns: &str, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+        crate::p2p::in_netns(ns, move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    bail!("nothing accepts TCP at {addr}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    }
+
     /// Asserts that a TCP connection to a port of the web service nobody listens on
     /// fails at once with "connection refused" (an RST, not a timeout).
     pub fn assert_refused_promptly(&self) {

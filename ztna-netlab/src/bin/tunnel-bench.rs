@@ -125,7 +125,7 @@ fn no_tunnel() -> anyhow::Result<PathResult> {
     let mut lab = Lab::relay_topology("bn")?;
     let c = lab.ns("c");
     lab.spawn_program(&c, "iperf3", "iperf3", &["-s", "-B", CONN_IP])?;
-    std::thread::sleep(Duration::from_millis(300));
+    lab.wait_tcp(&c, format!("{CONN_IP}:5201").parse()?)?;
     measure(&lab, CONN_IP, None)
 }
 
@@ -226,7 +226,7 @@ fn boringtun() -> anyhow::Result<PathResult> {
         &format!("{WG_A}/32"),
     )?;
     lab.spawn_program(&c, "iperf3", "iperf3", &["-s", "-B", WG_C])?;
-    std::thread::sleep(Duration::from_millis(300));
+    lab.wait_tcp(&c, format!("{WG_C}:5201").parse()?)?;
     let pids = (
         vec![lab.pid("bt-agent").unwrap_or(0)],
         vec![lab.pid("bt-connector").unwrap_or(0)],
