@@ -56,7 +56,11 @@ pub fn run(root: &Path, secs: u64) -> anyhow::Result<Vec<(String, u64)>> {
             .args(["--", &format!("-max_total_time={secs}")])
             // Each 4 bytes of input are one table operation: 64 of them exercise
             // collisions and exhaustion, longer inputs only slow the search.
-            .args(if *t == "flow_translation" { &["-max_len=256"][..] } else { &[] })
+            .args(if *t == "flow_translation" {
+                &["-max_len=256"][..]
+            } else {
+                &[]
+            })
             .output()
             .with_context(|| format!("running fuzz target {t}"))?;
         let log = String::from_utf8_lossy(&out.stderr);

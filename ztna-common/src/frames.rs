@@ -543,6 +543,14 @@ fn prefix(r: &mut Reader<'_>) -> Result<(core::net::IpAddr, u8), WireError> {
 
 /// The prefixes of a decoded SERVICE_PREFIXES frame: (network address, length).
 pub fn prefixes(raw: &[u8]) -> impl Iterator<Item = (core::net::IpAddr, u8)> + '_ {
+    items(raw, prefix)
+}
+
+/// The items of a list `decode` already validated, read one by one with `item`.
+fn items<'a, T: 'a>(
+    raw: &'a [u8],
+    item: fn(&mut Reader<'a>) -> Result<T, WireError>,
+) -> impl Iterator<Item = T> + 'a {
     let mut r = Reader {
         buf: raw,
         total: raw.len(),
@@ -551,7 +559,7 @@ pub fn prefixes(raw: &[u8]) -> impl Iterator<Item = (core::net::IpAddr, u8)> + '
         if r.buf.is_empty() {
             None
         } else {
-            prefix(&mut r).ok()
+            item(&mut r).ok()
         }
     })
 }
@@ -597,17 +605,7 @@ pub fn encode_prefix(ip: core::net::IpAddr, len: u8, out: &mut [u8], pos: &mut u
 
 /// The candidates of a decoded CANDIDATES frame: (kind, address).
 pub fn candidates(raw: &[u8]) -> impl Iterator<Item = (u8, core::net::SocketAddr)> + '_ {
-    let mut r = Reader {
-        buf: raw,
-        total: raw.len(),
-    };
-    core::iter::from_fn(move || {
-        if r.buf.is_empty() {
-            None
-        } else {
-            candidate(&mut r).ok()
-        }
-    })
+    items(raw, candidate)
 }
 
 /// Appends one encoded candidate to `out` at `*pos`; returns false if it doesn't fit.

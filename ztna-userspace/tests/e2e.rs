@@ -1663,44 +1663,65 @@ impl RawClient {
             self.conn.on_timeout();
         }
     }
+
+    /// SESSION_REQUEST frames for `SERVICE` with ids `0..n`, back to back.
+    fn session_requests(n: u32) -> Vec<u8> {
+        use ztna_common::frames::Frame;
+        let mut bytes = Vec::new();
+        for request_id in 0..n {
+            let mut buf = [0u8; 64];
+            let len = Frame::SessionRequest {
+                request_id,
+                service: SERVICE,
+            }
+            .encode(&mut buf)
+            .unwrap();
+            bytes.extend_from_slice(&buf[..len]);
+        }
+        bytes
+    }
+
+    /// Writes `bytes` on our frame stream as flow control allows, driving IO until
+    /// `done` holds; `what` names the wait in the failure message.
+    fn push_frames_until(
+        &mut self,
+        bytes: &[u8],
+        within: Duration,
+        mut done: impl FnMut(&Self) -> bool,
+        what: impl Fn() -> String,
+    ) {
+        let mut off = 0;
+        let deadline = Instant::now() + within;
+        while !done(self) {
+            assert!(Instant::now() < deadline, "{}", what());
+            if off < bytes.len()
+                && let Ok(n) = self.conn.stream_send(
+                    ztna_common::frames::CLIENT_FRAME_STREAM,
+                    &bytes[off..],
+                    false,
+                )
+            {
+                off += n;
+            }
+            self.io();
+        }
+    }
 }
 
 #[test]
 fn a_client_that_grants_no_stream_credit_is_closed_when_its_frame_queue_is_full() {
-    use ztna_common::frames::{self, Frame};
     let w = world("framequeue");
     // 64 bytes of credit on the intermediate's frame stream, never extended.
     let mut rc = RawClient::connect(&w.pki, w.server, 64);
     // Every SESSION_REQUEST from an unregistered agent is answered with a
     // SESSION_REFUSED frame: 20000 of them are far more than the queue holds.
-    let mut bytes = Vec::new();
-    for request_id in 0..20_000u32 {
-        let mut buf = [0u8; 64];
-        let n = Frame::SessionRequest {
-            request_id,
-            service: SERVICE,
-        }
-        .encode(&mut buf)
-        .unwrap();
-        bytes.extend_from_slice(&buf[..n]);
-    }
-    let mut off = 0;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !rc.conn.is_closed() && rc.conn.peer_error().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "not closed; {}",
-            w.inter.as_ref().unwrap().stats.snapshot()
-        );
-        if off < bytes.len()
-            && let Ok(n) = rc
-                .conn
-                .stream_send(frames::CLIENT_FRAME_STREAM, &bytes[off..], false)
-        {
-            off += n;
-        }
-        rc.io();
-    }
+    let bytes = RawClient::session_requests(20_000);
+    rc.push_frames_until(
+        &bytes,
+        Duration::from_secs(20),
+        |rc| rc.conn.is_closed() || rc.conn.peer_error().is_some(),
+        || format!("not closed; {}", w.inter.as_ref().unwrap().stats.snapshot()),
+    );
     let e = rc.conn.peer_error().expect("closed by the intermediate");
     assert!(e.is_app);
     assert_eq!(e.error_code, app_error::FRAME_QUEUE_FULL);
@@ -1714,7 +1735,6 @@ fn a_client_that_grants_no_stream_credit_is_closed_when_its_frame_queue_is_full(
 
 #[test]
 fn one_agent_gets_at_most_its_share_of_relay_sessions() {
-    use ztna_common::frames::{self, Frame};
     let w = world("sessioncap");
     let mut rc = RawClient::connect(&w.pki, w.server, 1_000_000);
     let msg = ztna_common::wire::ControlMessage::RegisterAgent { service: SERVICE };
@@ -1728,34 +1748,13 @@ fn one_agent_gets_at_most_its_share_of_relay_sessions() {
         rc.io();
     }
     let cap = ztna_userspace::relay::MAX_SESSIONS_PER_AGENT as u32;
-    let mut bytes = Vec::new();
-    for request_id in 0..cap + 6 {
-        let mut buf = [0u8; 64];
-        let n = Frame::SessionRequest {
-            request_id,
-            service: SERVICE,
-        }
-        .encode(&mut buf)
-        .unwrap();
-        bytes.extend_from_slice(&buf[..n]);
-    }
-    let mut off = 0;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stat(&w, |s| &s.relay_sessions_refused_client_limit) < 6 {
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            w.inter.as_ref().unwrap().stats.snapshot()
-        );
-        if off < bytes.len()
-            && let Ok(n) = rc
-                .conn
-                .stream_send(frames::CLIENT_FRAME_STREAM, &bytes[off..], false)
-        {
-            off += n;
-        }
-        rc.io();
-    }
+    let bytes = RawClient::session_requests(cap + 6);
+    rc.push_frames_until(
+        &bytes,
+        Duration::from_secs(10),
+        |_| stat(&w, |s| &s.relay_sessions_refused_client_limit) >= 6,
+        || w.inter.as_ref().unwrap().stats.snapshot().to_string(),
+    );
     assert_eq!(stat(&w, |s| &s.relay_sessions_created), cap as u64);
     assert_eq!(stat(&w, |s| &s.relay_sessions_refused_client_limit), 6);
     // Another agent still gets its relayed path.
