@@ -47,8 +47,11 @@ pub fn serve(socket: &UdpSocket, echoed: &AtomicU64, stop: &AtomicBool) {
     while !stop.load(Ordering::SeqCst) {
         match socket.recv_from(&mut buf) {
             Ok((n, from)) => {
-                if socket.send_to(&buf[..n], from).is_ok() {
-                    echoed.fetch_add(1, Ordering::Relaxed);
+                // Count before sending: a caller that has the reply must already see
+                // the count (counting after the send raced with fast readers).
+                echoed.fetch_add(1, Ordering::SeqCst);
+                if socket.send_to(&buf[..n], from).is_err() {
+                    echoed.fetch_sub(1, Ordering::SeqCst);
                 }
             }
             Err(e)
