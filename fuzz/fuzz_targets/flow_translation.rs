@@ -2,7 +2,8 @@
 //! packets (outbound) and connectors' replies (inbound) drawn from the input, with
 //! few ports so that agents collide and translation runs out. A flow's wire key,
 //! once an agent's, is never handed to another while it lives, and a reply is only
-//! ever routed to that owner.
+//! ever routed to that owner. Each packet sees one of three sets of live connectors:
+//! its route always names a live one.
 #![no_main]
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,7 +28,13 @@ fuzz_target!(|data: &[u8]| {
         // Milliseconds apart: nothing expires within one input.
         let now = start + Duration::from_millis(i as u64);
         if c[3] & 2 == 0 {
-            if let Ok(r) = t.outbound(agent, "echo", key, now) {
+            let live: &[u64] = match (c[3] >> 2) & 3 {
+                0 => &[10],
+                1 => &[11],
+                _ => &[10, 11],
+            };
+            if let Ok(r) = t.outbound(agent, "echo", key, now, live) {
+                assert!(live.contains(&r.connector), "routed to a connector that is not live");
                 let owner = *owners.entry(r.wire).or_insert(agent);
                 assert_eq!(owner, agent, "wire key {:?} taken from its owner", r.wire);
             }

@@ -180,10 +180,23 @@ pub struct Connector {
 pub struct ConnectorHandle {
     pub stats: Arc<ConnectorStats>,
     stop: Arc<AtomicBool>,
+    crash: Arc<AtomicBool>,
     thread: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl ConnectorHandle {
+    /// Stops without telling anyone, as a crash or power loss would: the
+    /// intermediate learns of it only from the silence.
+    pub fn crash(mut self) -> anyhow::Result<()> {
+        self.crash.store(true, Ordering::SeqCst);
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| anyhow::anyhow!("connector panicked"))?,
+            None => Ok(()),
+        }
+    }
+
     pub fn stop(mut self) -> anyhow::Result<()> {
         self.stop.store(true, Ordering::SeqCst);
         match self.thread.take() {
@@ -208,13 +221,15 @@ pub fn spawn(client: ClientConfig, services: Vec<ServiceSpec>) -> anyhow::Result
     let connector = Connector::new(client, services, "0.0.0.0:0".parse()?)?;
     let stats = connector.stats.clone();
     let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
+    let crash = Arc::new(AtomicBool::new(false));
+    let (s, c) = (stop.clone(), crash.clone());
     let thread = std::thread::Builder::new()
         .name("connector".into())
-        .spawn(move || connector.run(&s))?;
+        .spawn(move || connector.run_until(&s, &c))?;
     Ok(ConnectorHandle {
         stats,
         stop,
+        crash,
         thread: Some(thread),
     })
 }
@@ -304,12 +319,21 @@ impl Connector {
         self.stats.clone()
     }
 
-    pub fn run(mut self, stop: &AtomicBool) -> anyhow::Result<()> {
+    pub fn run(self, stop: &AtomicBool) -> anyhow::Result<()> {
+        self.run_until(stop, &AtomicBool::new(false))
+    }
+
+    /// Runs until `stop` (closing the control connection first) or `crash` (leaving
+    /// without a word; for tests).
+    pub fn run_until(mut self, stop: &AtomicBool, crash: &AtomicBool) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(256);
         let mut buf = vec![0u8; 65535];
         let mut out = vec![0u8; MAX_UDP_PAYLOAD];
         let mut last_sweep = Instant::now();
         loop {
+            if crash.load(Ordering::SeqCst) {
+                return Ok(());
+            }
             if stop.load(Ordering::SeqCst) {
                 self.client.close("connector stopping");
                 self.flush(&mut out);

@@ -7,6 +7,12 @@
 //! flow; when a second agent opens a flow whose 5-tuple is already owned by another
 //! agent, the intermediate translates that agent's source port (or ICMP identifier) to
 //! a free one on the way in and back on the way out, like a NAT would.
+//!
+//! A service may have several connectors up at once (high availability). Each flow is
+//! pinned to the connector that carried its first packet, so its replies and its
+//! connector-side state (NAT entries, TCP connections) stay in one place; new flows
+//! are spread over the live connectors in turn. When a flow's connector is no longer
+//! live, its next packet pins it to a survivor.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -23,6 +29,8 @@ pub const FLOW_IDLE: Duration = Duration::from_secs(180);
 struct Outbound {
     /// Key as it leaves towards the connector (source port possibly translated).
     wire: FlowKey,
+    /// The connector the flow is pinned to.
+    connector: ClientId,
     last_seen: Instant,
 }
 
@@ -54,6 +62,8 @@ pub struct FlowTable {
     /// costs its own flows, not a scan of the table.
     by_agent: HashMap<ClientId, AgentFlows>,
     next_port: u16,
+    /// Round-robin position for spreading new flows over a service's connectors.
+    next_connector: usize,
 }
 
 #[derive(Default)]
@@ -68,6 +78,8 @@ struct AgentFlows {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OutboundRoute {
     pub wire: FlowKey,
+    /// The connector to send the packet to.
+    pub connector: ClientId,
     /// `Some(port)` when the packet's source port must be rewritten to `port`.
     pub rewrite_to: Option<u16>,
 }
@@ -81,6 +93,8 @@ pub enum FlowRefused {
     NoFreePort,
     /// The agent already holds [`MAX_FLOWS_PER_AGENT`] flows.
     AgentLimit,
+    /// The service has no live connector.
+    NoConnector,
 }
 
 /// Flows one agent may hold at once (all services): one agent must not fill the
@@ -116,25 +130,36 @@ impl FlowTable {
 
     /// Records (or refreshes) a flow from `agent` and says how to send it on, or
     /// refuses a new flow that cannot be routed back to this agent alone.
+    /// `connectors` are the service's live connectors: a known flow stays on its
+    /// connector while that one is among them, and moves to one of them otherwise.
     pub fn outbound(
         &mut self,
         agent: ClientId,
         service: &str,
         key: FlowKey,
         now: Instant,
+        connectors: &[ClientId],
     ) -> Result<OutboundRoute, FlowRefused> {
+        if connectors.is_empty() {
+            return Err(FlowRefused::NoConnector);
+        }
         if let Some(o) = self
             .out
             .get_mut(service)
             .and_then(|m| m.get_mut(&(agent, key)))
         {
             o.last_seen = now;
+            if !connectors.contains(&o.connector) {
+                self.next_connector = self.next_connector.wrapping_add(1);
+                o.connector = connectors[self.next_connector % connectors.len()];
+            }
             let wire = o.wire;
             if let Some(i) = self.inb.get_mut(service).and_then(|m| m.get_mut(&wire)) {
                 i.last_seen = now;
             }
             return Ok(OutboundRoute {
                 wire,
+                connector: o.connector,
                 rewrite_to: (wire.src.port() != key.src.port()).then_some(wire.src.port()),
             });
         }
@@ -168,10 +193,13 @@ impl FlowTable {
             }
             wire = found.ok_or(FlowRefused::NoFreePort)?;
         }
+        self.next_connector = self.next_connector.wrapping_add(1);
+        let connector = connectors[self.next_connector % connectors.len()];
         self.out.entry(service.to_string()).or_default().insert(
             (agent, key),
             Outbound {
                 wire,
+                connector,
                 last_seen: now,
             },
         );
@@ -190,6 +218,7 @@ impl FlowTable {
         self.inb_len += 1;
         Ok(OutboundRoute {
             wire,
+            connector,
             rewrite_to: (wire != key).then_some(wire.src.port()),
         })
     }
@@ -278,6 +307,9 @@ impl FlowTable {
 mod tests {
     use super::*;
 
+    /// One live connector.
+    const C: &[ClientId] = &[100];
+
     fn key(src: &str, dst: &str) -> FlowKey {
         FlowKey {
             proto: Proto::Udp,
@@ -292,8 +324,8 @@ mod tests {
         let mut t = FlowTable::default();
         let a = key("100.64.0.2:5000", "10.100.0.1:7");
         let b = key("100.64.0.2:5001", "10.100.0.1:7");
-        assert_eq!(t.outbound(1, "echo", a, now).unwrap().rewrite_to, None);
-        assert_eq!(t.outbound(2, "echo", b, now).unwrap().rewrite_to, None);
+        assert_eq!(t.outbound(1, "echo", a, now, C).unwrap().rewrite_to, None);
+        assert_eq!(t.outbound(2, "echo", b, now, C).unwrap().rewrite_to, None);
         assert_eq!(t.inbound("echo", &a.reversed(), now).unwrap().agent, 1);
         assert_eq!(t.inbound("echo", &b.reversed(), now).unwrap().agent, 2);
         assert!(t.inbound("other", &a.reversed(), now).is_none());
@@ -304,14 +336,14 @@ mod tests {
         let now = Instant::now();
         let mut t = FlowTable::default();
         let k = key("100.64.0.2:5000", "10.100.0.1:7");
-        assert_eq!(t.outbound(1, "echo", k, now).unwrap().rewrite_to, None);
-        let r = t.outbound(2, "echo", k, now).unwrap();
+        assert_eq!(t.outbound(1, "echo", k, now, C).unwrap().rewrite_to, None);
+        let r = t.outbound(2, "echo", k, now, C).unwrap();
         let port = r.rewrite_to.expect("second agent must be translated");
         assert_ne!(port, 5000);
         assert_eq!(r.wire.src.port(), port);
         // the same agent's next packet reuses the translation
         assert_eq!(
-            t.outbound(2, "echo", k, now).unwrap().rewrite_to,
+            t.outbound(2, "echo", k, now, C).unwrap().rewrite_to,
             Some(port)
         );
         let back = t.inbound("echo", &r.wire.reversed(), now).unwrap();
@@ -333,6 +365,7 @@ mod tests {
                 "echo",
                 key(&format!("100.64.0.2:{port}"), "10.100.0.1:7"),
                 now,
+                C,
             )
             .unwrap();
         }
@@ -353,10 +386,10 @@ mod tests {
         let now = Instant::now();
         let mut t = FlowTable::default();
         let k = key("100.64.0.2:5000", "10.100.0.1:7");
-        t.outbound(1, "echo", k, now).unwrap();
+        t.outbound(1, "echo", k, now, C).unwrap();
         let later = now + FLOW_IDLE - Duration::from_secs(1);
         // Agent 2 uses the same 5-tuple (translated) later.
-        let r = t.outbound(2, "echo", k, later).unwrap();
+        let r = t.outbound(2, "echo", k, later, C).unwrap();
         t.expire(now + FLOW_IDLE + Duration::from_millis(1));
         assert!(
             !t.by_agent.contains_key(&1),
@@ -376,10 +409,10 @@ mod tests {
         let now = Instant::now();
         let mut t = FlowTable::default();
         let k = key("100.64.0.2:5000", "10.100.0.1:7");
-        t.outbound(1, "echo", k, now).unwrap();
+        t.outbound(1, "echo", k, now, C).unwrap();
         t.remove_client(1);
         assert!(t.inbound("echo", &k.reversed(), now).is_none());
-        t.outbound(1, "echo", k, now).unwrap();
+        t.outbound(1, "echo", k, now, C).unwrap();
         t.expire(now + FLOW_IDLE + Duration::from_secs(1));
         assert!(t.is_empty());
     }
@@ -389,10 +422,10 @@ mod tests {
     fn exhausted(now: Instant) -> (FlowTable, FlowKey) {
         let mut t = FlowTable::default();
         let k = key("100.64.0.2:5000", "10.100.0.1:7");
-        t.outbound(1, "echo", k, now).unwrap();
+        t.outbound(1, "echo", k, now, C).unwrap();
         let range = (u16::MAX - TRANSLATION_FIRST) as u64 + 1;
         for agent in 2..2 + range {
-            let r = t.outbound(agent, "echo", k, now).unwrap();
+            let r = t.outbound(agent, "echo", k, now, C).unwrap();
             assert!(r.rewrite_to.is_some());
         }
         (t, k)
@@ -404,7 +437,7 @@ mod tests {
         let (mut t, k) = exhausted(now);
         let before = t.len();
         assert_eq!(
-            t.outbound(1_000_000, "echo", k, now),
+            t.outbound(1_000_000, "echo", k, now, C),
             Err(FlowRefused::NoFreePort)
         );
         assert_eq!(t.len(), before, "a refused flow records nothing");
@@ -418,7 +451,7 @@ mod tests {
         for agent in (2..2 + range).step_by(2) {
             t.remove_client(agent);
         }
-        let r = t.outbound(1_000_000, "echo", k, now);
+        let r = t.outbound(1_000_000, "echo", k, now, C);
         assert!(r.is_ok_and(|r| r.rewrite_to.is_some()), "{r:?}");
     }
 
@@ -431,7 +464,7 @@ mod tests {
         let start = Instant::now();
         for agent in 0..2000u64 {
             assert_eq!(
-                t.outbound(2_000_000 + agent, "echo", k, now),
+                t.outbound(2_000_000 + agent, "echo", k, now, C),
                 Err(FlowRefused::NoFreePort)
             );
         }
@@ -453,23 +486,69 @@ mod tests {
             )
         };
         for i in 0..MAX_FLOWS_PER_AGENT {
-            t.outbound(1, "echo", flow(i), now).unwrap();
+            t.outbound(1, "echo", flow(i), now, C).unwrap();
         }
         assert_eq!(
-            t.outbound(1, "echo", flow(MAX_FLOWS_PER_AGENT), now),
+            t.outbound(1, "echo", flow(MAX_FLOWS_PER_AGENT), now, C),
             Err(FlowRefused::AgentLimit)
         );
         // Its existing flows still pass, and other agents are unaffected.
-        assert!(t.outbound(1, "echo", flow(0), now).is_ok());
+        assert!(t.outbound(1, "echo", flow(0), now, C).is_ok());
         assert!(
-            t.outbound(2, "echo", flow(MAX_FLOWS_PER_AGENT), now)
+            t.outbound(2, "echo", flow(MAX_FLOWS_PER_AGENT), now, C)
                 .is_ok()
         );
         // Expired flows free the agent's quota.
         t.expire(now + FLOW_IDLE + Duration::from_secs(1));
         assert!(
-            t.outbound(1, "echo", flow(MAX_FLOWS_PER_AGENT), now + FLOW_IDLE)
+            t.outbound(1, "echo", flow(MAX_FLOWS_PER_AGENT), now + FLOW_IDLE, C)
                 .is_ok()
+        );
+    }
+
+    #[test]
+    fn new_flows_spread_over_connectors_and_stay_until_theirs_is_gone() {
+        let now = Instant::now();
+        let mut t = FlowTable::default();
+        let both = [7, 8];
+        let flow = |p: u16| key(&format!("100.64.0.2:{p}"), "10.100.0.1:7");
+        let first: Vec<ClientId> = (0..10)
+            .map(|p| {
+                t.outbound(1, "echo", flow(5000 + p), now, &both)
+                    .unwrap()
+                    .connector
+            })
+            .collect();
+        assert_eq!(first.iter().filter(|&&c| c == 7).count(), 5, "{first:?}");
+        assert_eq!(first.iter().filter(|&&c| c == 8).count(), 5, "{first:?}");
+        // Known flows keep their connector, whatever the round-robin position.
+        for (p, c) in first.iter().enumerate() {
+            let r = t
+                .outbound(1, "echo", flow(5000 + p as u16), now, &both)
+                .unwrap();
+            assert_eq!(r.connector, *c);
+        }
+        // Connector 7 is gone: its flows move to 8, 8's flows stay.
+        for p in 0..10u16 {
+            let r = t.outbound(1, "echo", flow(5000 + p), now, &[8]).unwrap();
+            assert_eq!(r.connector, 8);
+        }
+        // 7 is back: the moved flows stay on 8 (no flapping), new ones use both.
+        for p in 0..10u16 {
+            let r = t.outbound(1, "echo", flow(5000 + p), now, &both).unwrap();
+            assert_eq!(r.connector, 8);
+        }
+        let new: Vec<ClientId> = (10..12)
+            .map(|p| {
+                t.outbound(1, "echo", flow(5000 + p), now, &both)
+                    .unwrap()
+                    .connector
+            })
+            .collect();
+        assert!(new.contains(&7) && new.contains(&8), "{new:?}");
+        assert_eq!(
+            t.outbound(1, "echo", flow(6000), now, &[]),
+            Err(FlowRefused::NoConnector)
         );
     }
 }

@@ -6,7 +6,8 @@
 //! Per connection: require and check the client certificate, send QAD after the
 //! handshake and whenever the client's address changes (after QUIC path validation of
 //! the new address), answer registrations, relay service packets between agents and
-//! the connector of their service.
+//! the connectors of their service (several may serve one service side by side: see
+//! `connector_set`).
 //!
 //! Framing of relayed packets: each client is answered in the framing it can read.
 //! A client that announced `SERVICE_PACKETS` (CAPABILITIES frame, ztna clients) gets
@@ -47,6 +48,7 @@ use ztna_core::frame_io::{self, FrameIo};
 
 use crate::addressing::AddressPool;
 use crate::batch::{RecvBatch, SendBatch};
+use crate::connector_set::{self, ConnectorSet, Liveness, LivenessChange};
 use crate::flows::{ClientId, FlowRefused, FlowTable};
 use crate::identity::{PeerIdentity, Role};
 use crate::relay::{ForwardResult, KernelTable, RelayTable, relay_cid_of};
@@ -185,8 +187,15 @@ stats!(IntermediateStats {
     qad_sent,
     registrations_accepted,
     registrations_refused,
-    /// Connector registrations that replaced an earlier connector of the same service.
-    connector_takeovers,
+    /// Connector registrations for a service that already had a connector: both
+    /// serve it (high availability).
+    connectors_joined,
+    /// Connectors taken out of rotation for silence (crashed, unreachable), and
+    /// connectors heard from again and put back.
+    connectors_lost,
+    connectors_back,
+    /// Relay sessions closed because their connector was taken out of rotation.
+    relay_sessions_closed_connector_lost,
     datagrams_in,
     datagrams_unknown_type,
     datagrams_malformed,
@@ -278,15 +287,8 @@ struct Client {
     reads_service_packets: bool,
     /// Its key in `initial_dcids` (no Retry).
     initial_dcid: Option<quiche::ConnectionId<'static>>,
-}
-
-#[derive(Default)]
-struct Service {
-    connector: Option<ClientId>,
-    /// The addresses the service answers on, as its connector last published them.
-    /// Kept when the connector goes away: withdrawing the agents' routes would send
-    /// their traffic for the service out of the tunnel.
-    prefixes: Vec<IpNet>,
+    /// Set at its first connector registration.
+    liveness: Option<Liveness>,
 }
 
 pub struct Intermediate {
@@ -301,7 +303,7 @@ pub struct Intermediate {
     /// retransmission of that Initial (it carries the same DCID, not yet ours)
     /// reaches the connection it created instead of creating a second one.
     initial_dcids: HashMap<quiche::ConnectionId<'static>, ClientId>,
-    services: HashMap<String, Service>,
+    services: HashMap<String, ConnectorSet>,
     flows: FlowTable,
     relay: RelayTable,
     next_id: ClientId,
@@ -310,6 +312,7 @@ pub struct Intermediate {
     rng: SystemRandom,
     stats: Arc<IntermediateStats>,
     last_expiry: Instant,
+    last_connector_check: Instant,
     /// Token bucket of stateless resets: tokens and when it was last refilled.
     reset_budget: (f64, Instant),
     /// CANDIDATES buckets per (session, sending client); entries of gone sessions
@@ -534,6 +537,7 @@ impl Intermediate {
             rng,
             stats: Arc::new(IntermediateStats::default()),
             last_expiry: Instant::now(),
+            last_connector_check: Instant::now(),
             reset_budget: (RESET_BURST, Instant::now()),
             candidates_budget: HashMap::new(),
             batches_per_turn: MAX_BATCHES_PER_TURN,
@@ -732,6 +736,10 @@ impl Intermediate {
         for id in ids {
             self.process_client(id, now);
         }
+        if now.duration_since(self.last_connector_check) >= connector_set::CHECK_EVERY {
+            self.check_connectors(now);
+            self.last_connector_check = now;
+        }
         self.flush(&mut st.out);
         self.collect_closed();
         if now.duration_since(self.last_expiry) > Duration::from_secs(1) {
@@ -741,6 +749,62 @@ impl Intermediate {
             self.last_expiry = now;
         }
         Ok(())
+    }
+
+    /// Probes silent connectors and takes those silent for too long out of rotation
+    /// (closing their relay sessions, so their agents go to a survivor), or puts
+    /// them back when heard from again. See `connector_set`.
+    fn check_connectors(&mut self, now: Instant) {
+        let mut changes = Vec::new();
+        for (&id, c) in self.clients.iter_mut() {
+            let Some(l) = c.liveness.as_mut() else {
+                continue;
+            };
+            if c.conn.is_closed() || c.conn.is_draining() {
+                continue;
+            }
+            if let Some(change) = l.observe(c.conn.stats().recv, now) {
+                changes.push((id, change));
+            }
+            if l.wants_probe(now) {
+                // The peer acknowledges it; that ACK is our proof of life.
+                let _ = c.conn.send_ack_eliciting();
+            }
+        }
+        for (id, change) in changes {
+            let Some(c) = self.clients.get(&id) else {
+                continue;
+            };
+            let live = change == LivenessChange::Back;
+            for s in &c.connector_of {
+                if let Some(set) = self.services.get_mut(s) {
+                    set.set_live(id, live);
+                }
+            }
+            if live {
+                inc(&self.stats.connectors_back);
+                tracing::info!("connector {id} heard from again: back in rotation");
+                continue;
+            }
+            inc(&self.stats.connectors_lost);
+            tracing::warn!(
+                "connector {id} silent for {:?}: out of rotation, its sessions and flows move to other connectors",
+                connector_set::DEAD_AFTER
+            );
+            for s in self.relay.remove_client(id) {
+                inc(&self.stats.relay_sessions_closed);
+                inc(&self.stats.relay_sessions_closed_connector_lost);
+                for to in [s.agent, s.connector] {
+                    self.queue_frame(
+                        to,
+                        &Frame::SessionClose {
+                            session_id: s.id,
+                            reason: close_reason::PEER_GONE,
+                        },
+                    );
+                }
+            }
+        }
     }
 
     fn send_to(&self, buf: &[u8], to: SocketAddr) {
@@ -1062,6 +1126,7 @@ impl Intermediate {
                 tunnel: None,
                 reads_service_packets: false,
                 initial_dcid,
+                liveness: None,
             },
         );
         Some(id)
@@ -1259,7 +1324,8 @@ impl Intermediate {
                     return refuse(self, RefusedStatus::NotAuthorized);
                 }
                 let agent_addr = agent.peer;
-                let Some(conn_id) = self.services.get(service).and_then(|s| s.connector) else {
+                // New sessions are spread over the live connectors in turn.
+                let Some(conn_id) = self.services.get_mut(service).and_then(|s| s.pick()) else {
                     return refuse(self, RefusedStatus::NoConnector);
                 };
                 let Some(connector_addr) = self.clients.get(&conn_id).map(|c| c.peer) else {
@@ -1384,10 +1450,7 @@ impl Intermediate {
                     .clients
                     .get(&id)
                     .is_some_and(|c| c.connector_of.contains(service))
-                    && self
-                        .services
-                        .get(service)
-                        .is_some_and(|s| s.connector == Some(id));
+                    && self.services.get(service).is_some_and(|s| s.contains(id));
                 if !is_connector {
                     inc(&self.stats.service_prefixes_refused);
                     tracing::warn!(
@@ -1409,6 +1472,13 @@ impl Intermediate {
                 if let Some(s) = self.services.get_mut(service) {
                     if s.prefixes == prefixes {
                         return;
+                    }
+                    if !s.prefixes.is_empty() && s.all().len() > 1 {
+                        tracing::warn!(
+                            "service {service:?}: connector {id} publishes prefixes {prefixes:?}, \
+                             another connector of the service published {:?}; the newest apply",
+                            s.prefixes
+                        );
                     }
                     s.prefixes = prefixes.clone();
                 }
@@ -1597,19 +1667,19 @@ impl Intermediate {
             }
             Role::Connector => {
                 client.connector_of.insert(service.to_string());
+                if client.liveness.is_none() {
+                    client.liveness = Some(Liveness::new(Instant::now(), client.conn.stats().recv));
+                }
+                // Every connector of a service serves it (high availability). A
+                // restarted connector's previous connection leaves the rotation once
+                // its silence is noticed (`connector_set::DEAD_AFTER`).
                 let entry = self.services.entry(service.to_string()).or_default();
-                // Newest wins: a restarted connector must not wait for its previous
-                // connection to time out, and both are vouched for by the same CA.
-                if let Some(old) = entry.connector.replace(id)
-                    && old != id
-                {
-                    inc(&self.stats.connector_takeovers);
-                    tracing::warn!(
-                        "service {service:?}: connector {id} ({name}) replaces connector {old}"
+                if entry.add(id) && entry.all().len() > 1 {
+                    inc(&self.stats.connectors_joined);
+                    tracing::info!(
+                        "service {service:?}: connector {id} ({name}) joins {} other connector(s)",
+                        entry.all().len() - 1
                     );
-                    if let Some(o) = self.clients.get_mut(&old) {
-                        o.connector_of.remove(service);
-                    }
                 }
             }
         }
@@ -1728,12 +1798,13 @@ impl Intermediate {
             inc(&self.stats.dropped_not_registered);
             return;
         }
-        let Some(connector) = self.services.get(&service).and_then(|s| s.connector) else {
-            inc(&self.stats.dropped_no_connector);
-            return;
-        };
-        let route = match self.flows.outbound(from, &service, key, now) {
+        let live = self.services.get(&service).map_or(&[][..], |s| s.live());
+        let route = match self.flows.outbound(from, &service, key, now, live) {
             Ok(route) => route,
+            Err(FlowRefused::NoConnector) => {
+                inc(&self.stats.dropped_no_connector);
+                return;
+            }
             Err(FlowRefused::NoFreePort) => {
                 inc(&self.stats.dropped_no_free_port);
                 return;
@@ -1750,7 +1821,7 @@ impl Intermediate {
                 return;
             }
         }
-        self.forward(connector, &service, ip, &stats.relayed_to_connector);
+        self.forward(route.connector, &service, ip, &stats.relayed_to_connector);
     }
 
     /// The agent that holds tunnel address `dst`, if it is registered for a service
@@ -1775,7 +1846,7 @@ impl Intermediate {
                     && self
                         .services
                         .get(*s)
-                        .is_some_and(|svc| svc.connector == Some(connector))
+                        .is_some_and(|svc| svc.contains(connector))
             })
             .map(|s| (agent, s.clone()))
     }
@@ -1855,10 +1926,8 @@ impl Intermediate {
                 );
             }
             for s in &c.connector_of {
-                if let Some(entry) = self.services.get_mut(s)
-                    && entry.connector == Some(id)
-                {
-                    entry.connector = None;
+                if let Some(entry) = self.services.get_mut(s) {
+                    entry.remove(id);
                 }
             }
         }

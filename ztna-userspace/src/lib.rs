@@ -5,6 +5,7 @@ pub mod addressing;
 pub mod agent;
 pub mod batch;
 pub mod connector;
+pub mod connector_set;
 pub mod echo;
 pub mod flows;
 pub mod identity;

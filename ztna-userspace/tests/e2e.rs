@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -22,110 +22,8 @@ use ztna_userspace::identity::{self, DevPki};
 use ztna_userspace::intermediate::{self, IntermediateConfig, IntermediateHandle};
 use ztna_userspace::relay::KernelTable;
 
-const SERVICE: &str = "echo";
-const VIP: &str = "10.100.0.1";
-
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ztna-e2e-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn pki(name: &str) -> DevPki {
-    identity::generate_dev_pki(&temp_dir(name), &[SERVICE.to_string()]).unwrap()
-}
-
-fn start_intermediate(pki: &DevPki, addr: SocketAddr) -> IntermediateHandle {
-    let cfg = IntermediateConfig::new(
-        addr,
-        pki.server_cert.clone(),
-        pki.server_key.clone(),
-        Some(pki.ca_cert.clone()),
-    );
-    intermediate::spawn(cfg).unwrap()
-}
-
-fn client_cfg(
-    pki: &DevPki,
-    server: SocketAddr,
-    role: Role,
-    cert: &Path,
-    key: &Path,
-) -> ClientConfig {
-    let mut c = ClientConfig::new(server, role, vec![SERVICE.to_string()]);
-    c.server_name = "intermediate.ztna".into();
-    c.ca_file = Some(pki.ca_cert.to_str().unwrap().into());
-    c.cert_file = Some(cert.to_str().unwrap().into());
-    c.key_file = Some(key.to_str().unwrap().into());
-    c.backoff_initial = Duration::from_millis(50);
-    c.backoff_max = Duration::from_millis(500);
-    // An idle connector learns of a crashed intermediate at its next keepalive.
-    c.keepalive = Duration::from_secs(1);
-    c
-}
-
-/// Starts a connector and waits until the intermediate has ACKed its registration.
-fn start_connector(
-    pki: &DevPki,
-    server: SocketAddr,
-    backend: SocketAddr,
-) -> connector::ConnectorHandle {
-    let cfg = client_cfg(
-        pki,
-        server,
-        Role::Connector,
-        &pki.connector_cert,
-        &pki.connector_key,
-    );
-    let spec = ServiceSpec {
-        id: SERVICE.into(),
-        backend: backend.into(),
-        prefixes: vec![VIP.parse::<IpAddr>().unwrap().into()],
-    };
-    let c = connector::spawn(cfg, vec![spec]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while c.stats.registrations.load(Ordering::Relaxed) == 0 {
-        assert!(Instant::now() < deadline, "connector did not register");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    c
-}
-
-/// An agent on the datagram relay (the original protocol's path).
-fn agent(pki: &DevPki, server: SocketAddr) -> Agent {
-    Agent::connect_with(
-        client_cfg(pki, server, Role::Agent, &pki.agent_cert, &pki.agent_key),
-        false,
-    )
-    .unwrap()
-}
-
-/// An agent that sets up a relayed data connection, without hole punching.
-fn agent_relay(pki: &DevPki, server: SocketAddr) -> Agent {
-    let mut a = Agent::connect(client_cfg(
-        pki,
-        server,
-        Role::Agent,
-        &pki.agent_cert,
-        &pki.agent_key,
-    ))
-    .unwrap();
-    a.set_p2p(false);
-    a
-}
-
-/// An agent with everything on: relayed data connection, then the direct path.
-fn agent_p2p(pki: &DevPki, server: SocketAddr) -> Agent {
-    Agent::connect(client_cfg(
-        pki,
-        server,
-        Role::Agent,
-        &pki.agent_cert,
-        &pki.agent_key,
-    ))
-    .unwrap()
-}
+mod common;
+use common::*;
 
 /// The kernel side of the forwarding table as the intermediate drives it: every
 /// insert it would make into the XDP map, in order (the program itself is not loaded).
@@ -216,48 +114,6 @@ fn stat(
     f: impl Fn(&intermediate::IntermediateStats) -> &std::sync::atomic::AtomicU64,
 ) -> u64 {
     f(&w.inter.as_ref().unwrap().stats).load(Ordering::Relaxed)
-}
-
-fn dst() -> SocketAddr {
-    SocketAddr::new(VIP.parse().unwrap(), 7)
-}
-
-fn src(port: u16) -> SocketAddr {
-    SocketAddr::new("100.64.0.2".parse().unwrap(), port)
-}
-
-/// Sends one echo and returns the payload that came back, if any.
-fn echo_once(a: &mut Agent, from: SocketAddr, payload: &[u8], wait: Duration) -> Option<Vec<u8>> {
-    a.send_udp(SERVICE, from, dst(), payload).ok()?;
-    let deadline = Instant::now() + wait;
-    while Instant::now() < deadline {
-        let left = deadline - Instant::now();
-        match a.recv_udp(left).unwrap() {
-            Some((s, d, p)) if s == dst() && d == from => return Some(p),
-            Some(_) => continue,
-            None => return None,
-        }
-    }
-    None
-}
-
-/// Retries echoes until one comes back byte-exact or `within` runs out.
-fn echo_until_ok(a: &mut Agent, from: SocketAddr, within: Duration) -> Option<Duration> {
-    let start = Instant::now();
-    let mut n = 0u32;
-    while start.elapsed() < within {
-        n += 1;
-        let payload = format!("probe {n}").into_bytes();
-        if !a.client().is_registered(SERVICE) {
-            let _ = a.recv_packet(Duration::from_millis(100));
-            continue;
-        }
-        if echo_once(a, from, &payload, Duration::from_millis(300)).as_deref() == Some(&payload[..])
-        {
-            return Some(start.elapsed());
-        }
-    }
-    None
 }
 
 #[test]
@@ -699,29 +555,6 @@ fn unknown_types_and_garbage_are_counted_and_ignored() {
     assert_eq!(stat(&w, |s| &s.datagrams_unexpected), 1);
     assert!(stat(&w, |s| &s.garbage_packets) + stat(&w, |s| &s.unknown_cid_packets) >= 6);
     assert!(stat(&w, |s| &s.relayed_to_agent) >= 1);
-}
-
-#[test]
-fn second_connector_takes_over_the_service() {
-    let mut w = world("takeover");
-    let mut a = agent(&w.pki, w.server);
-    a.wait_registered(Duration::from_secs(10)).unwrap();
-    assert!(echo_until_ok(&mut a, src(44000), Duration::from_secs(5)).is_some());
-    let second_echo = EchoServer::spawn("127.0.0.1:0".parse().unwrap()).unwrap();
-    let second = start_connector(&w.pki, w.server, second_echo.addr);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stat(&w, |s| &s.connector_takeovers) == 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(stat(&w, |s| &s.connector_takeovers), 1);
-    let before = second_echo.echoed.load(Ordering::Relaxed);
-    assert!(echo_until_ok(&mut a, src(44001), Duration::from_secs(5)).is_some());
-    assert!(
-        second_echo.echoed.load(Ordering::Relaxed) > before,
-        "the newest connector serves"
-    );
-    drop(second);
-    drop(w.conn.take());
 }
 
 #[test]

@@ -1,0 +1,166 @@
+//! Helpers shared by the loopback end-to-end tests (`e2e.rs`, `ha.rs`): a throwaway
+//! PKI, an in-process intermediate and connectors, agents on each path, and echoes.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ztna_core::{ClientConfig, Role};
+use ztna_userspace::agent::Agent;
+use ztna_userspace::connector::{self, ServiceSpec};
+use ztna_userspace::identity::{self, DevPki};
+use ztna_userspace::intermediate::{self, IntermediateConfig, IntermediateHandle};
+
+pub const SERVICE: &str = "echo";
+pub const VIP: &str = "10.100.0.1";
+
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ztna-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn pki(name: &str) -> DevPki {
+    identity::generate_dev_pki(&temp_dir(name), &[SERVICE.to_string()]).unwrap()
+}
+
+pub fn start_intermediate(pki: &DevPki, addr: SocketAddr) -> IntermediateHandle {
+    let cfg = IntermediateConfig::new(
+        addr,
+        pki.server_cert.clone(),
+        pki.server_key.clone(),
+        Some(pki.ca_cert.clone()),
+    );
+    intermediate::spawn(cfg).unwrap()
+}
+
+pub fn client_cfg(
+    pki: &DevPki,
+    server: SocketAddr,
+    role: Role,
+    cert: &Path,
+    key: &Path,
+) -> ClientConfig {
+    let mut c = ClientConfig::new(server, role, vec![SERVICE.to_string()]);
+    c.server_name = "intermediate.ztna".into();
+    c.ca_file = Some(pki.ca_cert.to_str().unwrap().into());
+    c.cert_file = Some(cert.to_str().unwrap().into());
+    c.key_file = Some(key.to_str().unwrap().into());
+    c.backoff_initial = Duration::from_millis(50);
+    c.backoff_max = Duration::from_millis(500);
+    // An idle connector learns of a crashed intermediate at its next keepalive.
+    c.keepalive = Duration::from_secs(1);
+    c
+}
+
+/// Starts a connector and waits until the intermediate has ACKed its registration.
+pub fn start_connector(
+    pki: &DevPki,
+    server: SocketAddr,
+    backend: SocketAddr,
+) -> connector::ConnectorHandle {
+    let cfg = client_cfg(
+        pki,
+        server,
+        Role::Connector,
+        &pki.connector_cert,
+        &pki.connector_key,
+    );
+    let spec = ServiceSpec {
+        id: SERVICE.into(),
+        backend: backend.into(),
+        prefixes: vec![VIP.parse::<IpAddr>().unwrap().into()],
+    };
+    let c = connector::spawn(cfg, vec![spec]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.stats.registrations.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "connector did not register");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    c
+}
+
+/// An agent on the datagram relay (the original protocol's path).
+pub fn agent(pki: &DevPki, server: SocketAddr) -> Agent {
+    Agent::connect_with(
+        client_cfg(pki, server, Role::Agent, &pki.agent_cert, &pki.agent_key),
+        false,
+    )
+    .unwrap()
+}
+
+/// An agent that sets up a relayed data connection, without hole punching.
+pub fn agent_relay(pki: &DevPki, server: SocketAddr) -> Agent {
+    let mut a = Agent::connect(client_cfg(
+        pki,
+        server,
+        Role::Agent,
+        &pki.agent_cert,
+        &pki.agent_key,
+    ))
+    .unwrap();
+    a.set_p2p(false);
+    a
+}
+
+/// An agent with everything on: relayed data connection, then the direct path.
+pub fn agent_p2p(pki: &DevPki, server: SocketAddr) -> Agent {
+    Agent::connect(client_cfg(
+        pki,
+        server,
+        Role::Agent,
+        &pki.agent_cert,
+        &pki.agent_key,
+    ))
+    .unwrap()
+}
+
+pub fn dst() -> SocketAddr {
+    SocketAddr::new(VIP.parse().unwrap(), 7)
+}
+
+pub fn src(port: u16) -> SocketAddr {
+    SocketAddr::new("100.64.0.2".parse().unwrap(), port)
+}
+
+/// Sends one echo and returns the payload that came back, if any.
+pub fn echo_once(
+    a: &mut Agent,
+    from: SocketAddr,
+    payload: &[u8],
+    wait: Duration,
+) -> Option<Vec<u8>> {
+    a.send_udp(SERVICE, from, dst(), payload).ok()?;
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        let left = deadline - Instant::now();
+        match a.recv_udp(left).unwrap() {
+            Some((s, d, p)) if s == dst() && d == from => return Some(p),
+            Some(_) => continue,
+            None => return None,
+        }
+    }
+    None
+}
+
+/// Retries echoes until one comes back byte-exact or `within` runs out.
+pub fn echo_until_ok(a: &mut Agent, from: SocketAddr, within: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut n = 0u32;
+    while start.elapsed() < within {
+        n += 1;
+        let payload = format!("probe {n}").into_bytes();
+        if !a.client().is_registered(SERVICE) {
+            let _ = a.recv_packet(Duration::from_millis(100));
+            continue;
+        }
+        if echo_once(a, from, &payload, Duration::from_millis(300)).as_deref() == Some(&payload[..])
+        {
+            return Some(start.elapsed());
+        }
+    }
+    None
+}
