@@ -435,7 +435,7 @@ unsafe fn build(cfg: &ZtnaAgentConfig) -> Result<Box<ZtnaAgent>, ZtnaError> {
     .map_err(|e| {
         logger.line(ZtnaLogLevel::Error, &format!("starting the agent: {e}"));
         match e {
-            ztna_core::ClientError::TlsFile { .. } => ZtnaError::Tls,
+            ztna_core::ClientError::TlsFile(_) => ZtnaError::Tls,
             _ => ZtnaError::Engine,
         }
     })?;

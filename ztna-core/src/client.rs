@@ -82,8 +82,8 @@ impl ClientConfig {
 pub enum ClientError {
     #[error("QUIC: {0}")]
     Quic(#[from] quiche::Error),
-    #[error("TLS file {path}: {source}")]
-    TlsFile { path: String, source: quiche::Error },
+    #[error(transparent)]
+    TlsFile(#[from] crate::tls_files::TlsFileError),
     #[error("service id {service:?}: {source}")]
     ServiceId { service: String, source: WireError },
     #[error("not connected to the intermediate")]
@@ -228,30 +228,20 @@ pub struct ControlClient {
     server_caps: Option<u32>,
 }
 
+use crate::tls_files::{self, PemKind};
+
 fn quic_config(cfg: &ClientConfig) -> Result<quiche::Config, ClientError> {
     let mut c = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
     c.set_application_protos(&[ALPN])?;
     if let Some(ca) = &cfg.ca_file {
-        c.load_verify_locations_from_file(ca)
-            .map_err(|source| ClientError::TlsFile {
-                path: ca.clone(),
-                source,
-            })?;
+        tls_files::load(&mut c, PemKind::CaBundle, ca)?;
         c.verify_peer(true);
     } else {
         c.verify_peer(false);
     }
     if let (Some(cert), Some(key)) = (&cfg.cert_file, &cfg.key_file) {
-        c.load_cert_chain_from_pem_file(cert)
-            .map_err(|source| ClientError::TlsFile {
-                path: cert.clone(),
-                source,
-            })?;
-        c.load_priv_key_from_pem_file(key)
-            .map_err(|source| ClientError::TlsFile {
-                path: key.clone(),
-                source,
-            })?;
+        tls_files::load(&mut c, PemKind::CertChain, cert)?;
+        tls_files::load(&mut c, PemKind::PrivateKey, key)?;
     }
     crate::apply_transport_defaults(&mut c, cfg.idle_timeout);
     c.set_disable_active_migration(true);

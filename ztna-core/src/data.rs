@@ -48,21 +48,10 @@ impl DataConfig {
 pub fn quic_config(cfg: &DataConfig) -> Result<quiche::Config, ClientError> {
     let mut c = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
     c.set_application_protos(&[DATA_ALPN])?;
-    let tls = |path: &String, r: quiche::Result<()>| {
-        r.map_err(|source| ClientError::TlsFile {
-            path: path.clone(),
-            source,
-        })
-    };
-    tls(
-        &cfg.ca_file,
-        c.load_verify_locations_from_file(&cfg.ca_file),
-    )?;
-    tls(
-        &cfg.cert_file,
-        c.load_cert_chain_from_pem_file(&cfg.cert_file),
-    )?;
-    tls(&cfg.key_file, c.load_priv_key_from_pem_file(&cfg.key_file))?;
+    use crate::tls_files::{PemKind, load};
+    load(&mut c, PemKind::CaBundle, &cfg.ca_file)?;
+    load(&mut c, PemKind::CertChain, &cfg.cert_file)?;
+    load(&mut c, PemKind::PrivateKey, &cfg.key_file)?;
     // Both sides present and verify certificates; SANs are checked after the handshake.
     c.verify_peer(true);
     crate::apply_transport_defaults(&mut c, cfg.idle_timeout);

@@ -422,14 +422,12 @@ pub fn spawn_with_kernel_table(
 fn quic_config(cfg: &IntermediateConfig) -> anyhow::Result<quiche::Config> {
     let mut c = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
     c.set_application_protos(&[ALPN])?;
-    c.load_cert_chain_from_pem_file(path_str(&cfg.cert_file)?)
-        .with_context(|| format!("loading certificate chain {}", cfg.cert_file.display()))?;
-    c.load_priv_key_from_pem_file(path_str(&cfg.key_file)?)
-        .with_context(|| format!("loading private key {}", cfg.key_file.display()))?;
+    use ztna_core::tls_files::{PemKind, load};
+    load(&mut c, PemKind::CertChain, path_str(&cfg.cert_file)?)?;
+    load(&mut c, PemKind::PrivateKey, path_str(&cfg.key_file)?)?;
     match (&cfg.ca_file, cfg.require_client_cert) {
         (Some(ca), _) => {
-            c.load_verify_locations_from_file(path_str(ca)?)
-                .with_context(|| format!("loading client CA {}", ca.display()))?;
+            load(&mut c, PemKind::CaBundle, path_str(ca)?)?;
             c.verify_peer(true);
         }
         (None, true) => anyhow::bail!(
