@@ -161,6 +161,35 @@ fn bpftool_dumps_entries_by_field_name_and_sessions_lists_them() {
             "bpftool output lacks {field}:\n{dump}"
         );
     }
+    // The loader wrote the relay's bound address, and only that, as its own.
+    let out = ztna_netlab::sh(
+        "bpftool",
+        &[
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            "/sys/fs/bpf/ztna/ZTNA_LOCAL_ADDRS",
+        ],
+    )
+    .unwrap();
+    let local: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let relay_ip: std::net::Ipv4Addr = ztna_netlab::RELAY_IP.parse().unwrap();
+    let keys: Vec<u64> = local
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            e["formatted"]["key"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{local}"))
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        [u64::from(u32::from_ne_bytes(relay_ip.octets()))],
+        "{local}"
+    );
     // List the sessions until the XDP counters show forwarded packets.
     let sessions = ztna_netlab::bin_dir().join("ztna");
     let list = || -> serde_json::Value {

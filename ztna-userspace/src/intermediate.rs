@@ -571,7 +571,7 @@ impl Intermediate {
             tracing::info!("XDP off: relayed packets are forwarded in userspace");
             return Ok(());
         }
-        match crate::xdp::load(choice, &self.cfg.xdp_interfaces, self.local.port()) {
+        match crate::xdp::load(choice, &self.cfg.xdp_interfaces, self.local) {
             Ok((relay, table)) => {
                 self.relay.set_kernel(Box::new(table));
                 self.xdp = Some(relay);

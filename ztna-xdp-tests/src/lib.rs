@@ -27,8 +27,9 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValue
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp};
 use etherparse::{IpHeaders, Ipv4Header, PacketBuilder};
 use ztna_common::relay::{
-    MAP_CONFIG, MAP_RELAY, MAP_SESSION_STATS, MAP_STATS, PROGRAM_NAME, RELAY_CID_MARKER,
-    RelayConfig, RelayEntry, RelayKey, SessionStats, VERDICT_COUNT, Verdict,
+    LOCAL_ADDR_PRESENT, MAP_CONFIG, MAP_LOCAL_ADDRS, MAP_RELAY, MAP_SESSION_STATS, MAP_STATS,
+    PROGRAM_NAME, RELAY_CID_MARKER, RelayConfig, RelayEntry, RelayKey, SessionStats, VERDICT_COUNT,
+    Verdict,
 };
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -260,7 +261,23 @@ impl Fixture {
             far_ifindex,
         };
         f.set_port(RELAY.port());
+        f.add_local_addr(*RELAY.ip());
         Ok(f)
+    }
+
+    /// Adds `addr` to ZTNA_LOCAL_ADDRS, the relay's own addresses (the fixture starts
+    /// with RELAY's, as the loader would for a relay bound to it).
+    pub fn add_local_addr(&mut self, addr: Ipv4Addr) {
+        let mut m: HashMap<&mut MapData, u32, u8> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_LOCAL_ADDRS).expect(MAP_LOCAL_ADDRS)).unwrap();
+        m.insert(ne(addr), LOCAL_ADDR_PRESENT, 0).unwrap();
+    }
+
+    /// Removes `addr` from ZTNA_LOCAL_ADDRS.
+    pub fn remove_local_addr(&mut self, addr: Ipv4Addr) {
+        let mut m: HashMap<&mut MapData, u32, u8> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_LOCAL_ADDRS).expect(MAP_LOCAL_ADDRS)).unwrap();
+        m.remove(&ne(addr)).unwrap();
     }
 
     /// Sets the relay port of ZTNA_CONFIG (host order here; stored in network order).

@@ -122,6 +122,34 @@ fn udp_checksum_zero_stays_zero() {
 
 #[test]
 #[ignore = "needs root: run by `cargo xtask test`"]
+fn destination_other_than_the_relays_own_address_passes() {
+    // A valid relayed packet (known CID, right sender, routable peer) that is on its
+    // way to another host's relay port: not the relay's to forward.
+    let mut f = fixture!("not-local");
+    let payload = quic_short(CID, 100);
+    let elsewhere = SocketAddrV4::new([10, 250, 0, 50].into(), RELAY.port());
+    let pkt = udp_frame(SENDER_MAC, RELAY_MAC, SENDER, elsewhere, IN_TTL, &payload);
+    f.expect(&pkt, XDP_PASS, Verdict::PassNotLocalAddress);
+    // The same packet to the relay's address is forwarded.
+    let out = f.expect(&to_relay(&payload), XDP_TX, Verdict::Tx);
+    assert_eq!(out, from_relay(RELAY_MAC, PEER_MAC, PEER, &payload));
+    // Once that address is one of the relay's, it forwards from it.
+    f.add_local_addr(*elsewhere.ip());
+    let out = f.expect(&pkt, XDP_TX, Verdict::Tx);
+    assert_eq!(
+        out,
+        udp_frame(RELAY_MAC, PEER_MAC, elsewhere, PEER, RELAY_TTL, &payload)
+    );
+    assert_checksums_valid(&out);
+    // No local address at all: nothing is forwarded, not everything.
+    f.remove_local_addr(*elsewhere.ip());
+    f.remove_local_addr(*RELAY.ip());
+    f.expect(&to_relay(&payload), XDP_PASS, Verdict::PassNotLocalAddress);
+    f.expect(&pkt, XDP_PASS, Verdict::PassNotLocalAddress);
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn unknown_cid_passes() {
     let f = fixture!("unknown");
     let pkt = to_relay(&quic_short(cid(9), 100));
