@@ -123,11 +123,12 @@ pub enum Verdict {
     PassNotUdp = 3,
     /// XDP_PASS: UDP to another port than the relay's.
     PassOtherPort = 4,
-    /// XDP_PASS: IPv4 header with options (IHL > 5).
+    /// XDP_PASS: IPv4 header with options (IHL > 5), or a malformed one (IHL < 5).
     PassIpOptions = 5,
     /// XDP_PASS: IPv4 fragment.
     PassFragment = 6,
-    /// XDP_PASS: packet ends inside the Ethernet, IPv4, UDP or QUIC header.
+    /// XDP_PASS: packet ends inside the Ethernet, IPv4, UDP or QUIC header: the frame
+    /// does, or the IPv4 total length does (or the frame ends before that length).
     PassTruncated = 7,
     /// XDP_PASS: DCID is not a relay CID (the intermediate's own traffic).
     PassNotRelayCid = 8,

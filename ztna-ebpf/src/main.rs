@@ -3,7 +3,8 @@
 //! Ethernet → IPv4 (no options, not a fragment) → UDP to the relay port → to one of
 //! the relay's own addresses (`ZTNA_LOCAL_ADDRS`) → QUIC DCID (short header: the 8
 //! bytes after the first byte; long header: version, a DCID length of 8, the DCID)
-//! → the frame holds the whole IP packet → `ZTNA_RELAY` lookup → sender check →
+//! → the frame holds the whole IP packet, and the IP packet the headers up to the
+//! DCID → `ZTNA_RELAY` lookup → sender check →
 //! `bpf_fib_lookup` for the new destination (cached per session and CPU for a
 //! second) → rewrite
 //! (source = the relay's own address and port, i.e. the packet's destination;
@@ -198,10 +199,14 @@ fn try_ztna_relay(ctx: &XdpContext) -> (u32, Verdict) {
     let Some(cid) = read::<[u8; RELAY_CID_LEN]>(ctx, dcid_off) else {
         return (PASS, Verdict::PassTruncated);
     };
-    // A frame that ends before its IP total length lost bytes on the way: the
-    // receiver's kernel would drop it, so relaying it only wastes the peer's link.
+    // A frame that ends before its IP total length lost bytes on the way, and an IP
+    // packet whose total length ends before the DCID does not hold the headers just
+    // read (they lie in the Ethernet padding): the receiver's kernel would drop
+    // either, so relaying them only wastes the peer's link.
     let ip_total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    if IP_OFF + ip_total > ctx.data_end() - ctx.data() {
+    if IP_OFF + ip_total > ctx.data_end() - ctx.data()
+        || IP_OFF + ip_total < dcid_off + RELAY_CID_LEN
+    {
         return (PASS, Verdict::PassTruncated);
     }
     if cid[0] != RELAY_CID_MARKER {

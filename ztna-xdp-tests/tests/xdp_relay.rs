@@ -372,6 +372,37 @@ fn truncation_at_every_length_passes_untouched() {
 
 #[test]
 #[ignore = "needs root: run by `cargo xtask test`"]
+fn ip_total_length_ending_before_the_dcid_passes() {
+    // The UDP header and DCID are in the frame but past the IP packet's end (in
+    // what would be Ethernet padding): the packet ends inside its headers.
+    let f = fixture!("short-total");
+    let payload = quic_short(CID, 40);
+    let with_total = |frame: &[u8], total: u16| {
+        let mut p = frame.to_vec();
+        p[16..18].copy_from_slice(&total.to_be_bytes());
+        if let Ok((ip, _)) = etherparse::Ipv4Header::from_slice(&p[14..]) {
+            p[24..26].copy_from_slice(&ip.calc_header_checksum().to_be_bytes());
+        }
+        p
+    };
+    // 20 IPv4 + 8 UDP + 1 + 8 DCID = 37: the shortest IP packet that holds them.
+    for total in [0u16, 11, 20, 28, 36] {
+        f.expect(
+            &with_total(&to_relay(&payload), total),
+            XDP_PASS,
+            Verdict::PassTruncated,
+        );
+    }
+    // Just long enough: forwarded, the rest of the frame travelling as padding.
+    let out = f.expect(&with_total(&to_relay(&payload), 37), XDP_TX, Verdict::Tx);
+    assert_eq!(
+        out,
+        with_total(&from_relay(RELAY_MAC, PEER_MAC, PEER, &payload), 37)
+    );
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn ethernet_padding_after_the_ip_packet_still_forwards() {
     // Frames under 60 bytes arrive padded: more bytes than the IP total length is
     // not truncation. The padding travels on unchanged.
