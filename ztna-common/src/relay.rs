@@ -19,7 +19,8 @@
 //! bridge carrying a relay CID to someone else's port 4433), nor give a forwarded
 //! packet a source address that is not the relay's. The loader fills it with the
 //! intermediate's bound address, or with every IPv4 address of the attached
-//! interfaces when it is bound to the wildcard address. An empty map means no
+//! interfaces when it is bound to the wildcard address (and keeps those in step as
+//! the interfaces' addresses change). An empty map means no
 //! address is local: nothing is forwarded (every packet passes to userspace with
 //! [`Verdict::PassNotLocalAddress`]), never "forward to anyone".
 //!

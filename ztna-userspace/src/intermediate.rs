@@ -737,6 +737,11 @@ impl Intermediate {
         if now.duration_since(self.last_expiry) > Duration::from_secs(1) {
             self.flows.expire(now);
             self.expire_sessions(now);
+            if let Some(xdp) = &mut self.xdp
+                && let Err(e) = xdp.refresh_local_addrs()
+            {
+                tracing::warn!("XDP: updating the local addresses: {e:#}");
+            }
             self.write_stats_file();
             self.last_expiry = now;
         }

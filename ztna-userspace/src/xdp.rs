@@ -46,11 +46,14 @@ pub enum XdpChoice {
 
 /// A loaded, attached program with its maps.
 pub struct XdpRelay {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     pub mode: &'static str,
     pub interfaces: Vec<String>,
+    /// The relay socket's address, and what `ZTNA_LOCAL_ADDRS` holds for it.
+    relay_addr: SocketAddr,
+    local_addrs: Vec<Ipv4Addr>,
     /// Forwarding sysctls we turned on; restored when this drops. Declared after
-    /// `_ebpf` so the program detaches first.
+    /// `ebpf` so the program detaches first.
     _forwarding: Vec<SysctlRestore>,
 }
 
@@ -157,6 +160,57 @@ pub fn remove_stale_pins() {
     }
 }
 
+impl XdpRelay {
+    /// For a relay bound to the wildcard address: brings `ZTNA_LOCAL_ADDRS` in step
+    /// with the interfaces' current IPv4 addresses (the intermediate calls it every
+    /// second), so that an added address is forwarded in XDP and a removed one no
+    /// longer is. Returns whether the map changed.
+    pub fn refresh_local_addrs(&mut self) -> anyhow::Result<bool> {
+        if !self.relay_addr.ip().is_unspecified() {
+            return Ok(false);
+        }
+        let (now, _) = relay_local_addrs(
+            self.relay_addr.ip(),
+            &self.interfaces,
+            crate::netif::interface_ipv4_addrs,
+        );
+        if now == self.local_addrs {
+            return Ok(false);
+        }
+        let mut map: HashMap<_, u32, u8> = HashMap::try_from(
+            self.ebpf
+                .map_mut(MAP_LOCAL_ADDRS)
+                .context("map ZTNA_LOCAL_ADDRS missing")?,
+        )?;
+        // Against what the map holds (a failed earlier attempt may have left it
+        // half-way); removed first: it holds at most MAX_LOCAL_ADDRS.
+        let held: Vec<u32> = map.keys().collect::<Result<_, _>>()?;
+        let wanted: Vec<u32> = now.iter().map(|a| u32::from_ne_bytes(a.octets())).collect();
+        for gone in held.iter().filter(|k| !wanted.contains(k)) {
+            map.remove(gone).with_context(|| {
+                format!(
+                    "removing {} from {MAP_LOCAL_ADDRS}",
+                    Ipv4Addr::from(gone.to_ne_bytes())
+                )
+            })?;
+        }
+        for new in wanted.iter().filter(|k| !held.contains(k)) {
+            map.insert(new, LOCAL_ADDR_PRESENT, 0).with_context(|| {
+                format!(
+                    "adding {} to {MAP_LOCAL_ADDRS}",
+                    Ipv4Addr::from(new.to_ne_bytes())
+                )
+            })?;
+        }
+        tracing::info!(
+            "XDP: local addresses changed from {:?} to {now:?}",
+            self.local_addrs
+        );
+        self.local_addrs = now;
+        Ok(true)
+    }
+}
+
 impl Drop for XdpRelay {
     fn drop(&mut self) {
         // The links detach when the Ebpf drops; the pins would outlive us.
@@ -199,9 +253,8 @@ pub fn relay_local_addrs(
 /// `relay_addr`. Returns the relay and the kernel table that mirrors the forwarding
 /// entries.
 ///
-/// The local addresses are read once, here: an address added to an interface later
-/// is not in `ZTNA_LOCAL_ADDRS`, so packets to it pass to the userspace forwarder
-/// (slower, still correct) until the intermediate restarts.
+/// For a wildcard bind the interfaces' addresses are read here and again by
+/// [`XdpRelay::refresh_local_addrs`].
 pub fn load(
     choice: XdpChoice,
     interfaces: &[String],
@@ -255,9 +308,11 @@ pub fn load(
                 );
                 return Ok((
                     XdpRelay {
-                        _ebpf: ebpf,
+                        ebpf,
                         mode: name,
                         interfaces: interfaces.to_vec(),
+                        relay_addr,
+                        local_addrs: local_addrs.clone(),
                         _forwarding: std::mem::take(&mut forwarding),
                     },
                     table,
