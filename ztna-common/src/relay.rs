@@ -10,6 +10,19 @@
 //! to `peer`. Map `ZTNA_SESSION_STATS` (per-CPU hash, same key →
 //! [`SessionStats`]): packets, bytes, last seen, cached route. Map `ZTNA_STATS` (per-CPU array,
 //! index [`Verdict`] → u64). Map `ZTNA_CONFIG` (array, index 0 → [`RelayConfig`]).
+//! Map `ZTNA_LOCAL_ADDRS` (hash, at most [`MAX_LOCAL_ADDRS`] entries): key a u32, an
+//! IPv4 address of the relay itself in network byte order (the 4 address bytes as
+//! they appear in the IPv4 header); value a u8, [`LOCAL_ADDR_PRESENT`] (only the key
+//! matters). A packet is forwarded only if its destination address is a key: the
+//! relay's socket would only ever receive packets to its own addresses, so the
+//! program must not forward what merely passes through the host (a router or a
+//! bridge carrying a relay CID to someone else's port 4433), nor give a forwarded
+//! packet a source address that is not the relay's. The loader fills it with the
+//! intermediate's bound address, or with every IPv4 address of the attached
+//! interfaces when it is bound to the wildcard address (and keeps those in step as
+//! the interfaces' addresses change). An empty map means no
+//! address is local: nothing is forwarded (every packet passes to userspace with
+//! [`Verdict::PassNotLocalAddress`]), never "forward to anyone".
 //!
 //! All addresses and ports in map values are in network byte order, exactly as they
 //! appear in packet headers, so the XDP program compares and copies them without
@@ -25,6 +38,11 @@ pub const MAP_RELAY: &str = "ZTNA_RELAY";
 pub const MAP_SESSION_STATS: &str = "ZTNA_SESSION_STATS";
 pub const MAP_STATS: &str = "ZTNA_STATS";
 pub const MAP_CONFIG: &str = "ZTNA_CONFIG";
+pub const MAP_LOCAL_ADDRS: &str = "ZTNA_LOCAL_ADDRS";
+/// Capacity of `ZTNA_LOCAL_ADDRS`: the relay's own IPv4 addresses.
+pub const MAX_LOCAL_ADDRS: u32 = 64;
+/// The value stored with each key of `ZTNA_LOCAL_ADDRS`.
+pub const LOCAL_ADDR_PRESENT: u8 = 1;
 /// How long the program reuses a route lookup's result for a peer.
 pub const NEXTHOP_CACHE_NS: u64 = 1_000_000_000;
 pub const PIN_DIR: &str = "/sys/fs/bpf/ztna";
@@ -106,11 +124,12 @@ pub enum Verdict {
     PassNotUdp = 3,
     /// XDP_PASS: UDP to another port than the relay's.
     PassOtherPort = 4,
-    /// XDP_PASS: IPv4 header with options (IHL > 5).
+    /// XDP_PASS: IPv4 header with options (IHL > 5), or a malformed one (IHL < 5).
     PassIpOptions = 5,
     /// XDP_PASS: IPv4 fragment.
     PassFragment = 6,
-    /// XDP_PASS: packet ends inside the Ethernet, IPv4, UDP or QUIC header.
+    /// XDP_PASS: packet ends inside the Ethernet, IPv4, UDP or QUIC header: the frame
+    /// does, or the IPv4 total length does (or the frame ends before that length).
     PassTruncated = 7,
     /// XDP_PASS: DCID is not a relay CID (the intermediate's own traffic).
     PassNotRelayCid = 8,
@@ -124,10 +143,13 @@ pub enum Verdict {
     PassNotConfigured = 12,
     /// XDP_ABORTED: a rewrite began and could not be completed.
     Aborted = 13,
+    /// XDP_PASS: UDP to the relay port, but not to one of the relay's own addresses
+    /// (`ZTNA_LOCAL_ADDRS`): traffic through this host, not to the relay.
+    PassNotLocalAddress = 14,
 }
 
 /// Number of [`Verdict`] values (size of `ZTNA_STATS`).
-pub const VERDICT_COUNT: u32 = 14;
+pub const VERDICT_COUNT: u32 = 15;
 
 impl Verdict {
     pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
@@ -145,6 +167,7 @@ impl Verdict {
         Verdict::PassFibMiss,
         Verdict::PassNotConfigured,
         Verdict::Aborted,
+        Verdict::PassNotLocalAddress,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -163,6 +186,7 @@ impl Verdict {
             Verdict::PassFibMiss => "pass_fib_miss",
             Verdict::PassNotConfigured => "pass_not_configured",
             Verdict::Aborted => "aborted",
+            Verdict::PassNotLocalAddress => "pass_not_local_address",
         }
     }
 }
@@ -188,3 +212,12 @@ const _: () = assert!(core::mem::size_of::<RelayEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<SessionStats>() == 56);
 const _: () = assert!(core::mem::size_of::<RelayConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
+
+// `Verdict::ALL[i]` is the verdict with index `i`: consumers read `ZTNA_STATS` by it.
+const _: () = {
+    let mut i = 0;
+    while i < Verdict::ALL.len() {
+        assert!(Verdict::ALL[i] as usize == i);
+        i += 1;
+    }
+};

@@ -1,10 +1,12 @@
 //! The ztna XDP relay: forwards relayed QUIC packets by destination connection ID.
 //!
-//! Ethernet → IPv4 (no options, not a fragment) → UDP to the relay port → QUIC DCID
-//! (short header: the 8 bytes after the first byte; long header: version, a DCID
-//! length of 8, the DCID) → the frame holds the whole IP packet → `ZTNA_RELAY`
-//! lookup → sender check → `bpf_fib_lookup` for the new destination (cached per
-//! session and CPU for a second) → rewrite
+//! Ethernet → IPv4 (no options, not a fragment) → UDP to the relay port → to one of
+//! the relay's own addresses (`ZTNA_LOCAL_ADDRS`) → QUIC DCID (short header: the 8
+//! bytes after the first byte; long header: version, a DCID length of 8, the DCID)
+//! → the frame holds the whole IP packet, and the IP packet the headers up to the
+//! DCID → `ZTNA_RELAY` lookup → sender check →
+//! `bpf_fib_lookup` for the new destination (cached per session and CPU for a
+//! second) → rewrite
 //! (source = the relay's own address and port, i.e. the packet's destination;
 //! destination = the peer; TTL 64, as the userspace forwarder's own sends) with
 //! incremental IP and UDP checksum updates → `XDP_TX` or `bpf_redirect`. Anything else is `XDP_PASS` to the
@@ -22,8 +24,8 @@ use aya_ebpf::helpers::generated::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_
 use aya_ebpf::macros::{btf_map, xdp};
 use aya_ebpf::programs::XdpContext;
 use ztna_common::relay::{
-    MAX_RELAY_ENTRIES, NEXTHOP_CACHE_NS, NextHop, RELAY_CID_LEN, RELAY_CID_MARKER, RelayConfig, RelayEntry,
-    RelayKey, SessionStats, VERDICT_COUNT, Verdict,
+    MAX_LOCAL_ADDRS, MAX_RELAY_ENTRIES, NEXTHOP_CACHE_NS, NextHop, RELAY_CID_LEN, RELAY_CID_MARKER,
+    RelayConfig, RelayEntry, RelayKey, SessionStats, VERDICT_COUNT, Verdict,
 };
 
 #[btf_map]
@@ -38,6 +40,10 @@ static ZTNA_STATS: PerCpuArray<u64, { VERDICT_COUNT as usize }> = PerCpuArray::n
 
 #[btf_map]
 static ZTNA_CONFIG: Array<RelayConfig, 1> = Array::new();
+
+/// The relay's own IPv4 addresses (network order) → `LOCAL_ADDR_PRESENT`.
+#[btf_map]
+static ZTNA_LOCAL_ADDRS: HashMap<u32, u8, { MAX_LOCAL_ADDRS as usize }> = HashMap::new();
 
 /// TTL of forwarded packets: the relay sends them as their new source, like the
 /// userspace forwarder's socket does, so they start over.
@@ -167,6 +173,14 @@ fn try_ztna_relay(ctx: &XdpContext) -> (u32, Verdict) {
     if dport != relay_port {
         return (PASS, Verdict::PassOtherPort);
     }
+    // To the relay itself: its socket only receives packets to its own addresses, so
+    // anything else (a relay CID on its way to another host's port) is not ours to
+    // forward, and the rewrite would give it a source address that is not ours. An
+    // empty map holds no local address, so nothing is forwarded.
+    let daddr = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
+    if ZTNA_LOCAL_ADDRS.get_ptr(daddr).is_none() {
+        return (PASS, Verdict::PassNotLocalAddress);
+    }
     // QUIC DCID.
     let Some(first) = read::<u8>(ctx, QUIC_OFF) else {
         return (PASS, Verdict::PassTruncated);
@@ -185,10 +199,14 @@ fn try_ztna_relay(ctx: &XdpContext) -> (u32, Verdict) {
     let Some(cid) = read::<[u8; RELAY_CID_LEN]>(ctx, dcid_off) else {
         return (PASS, Verdict::PassTruncated);
     };
-    // A frame that ends before its IP total length lost bytes on the way: the
-    // receiver's kernel would drop it, so relaying it only wastes the peer's link.
+    // A frame that ends before its IP total length lost bytes on the way, and an IP
+    // packet whose total length ends before the DCID does not hold the headers just
+    // read (they lie in the Ethernet padding): the receiver's kernel would drop
+    // either, so relaying them only wastes the peer's link.
     let ip_total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    if IP_OFF + ip_total > ctx.data_end() - ctx.data() {
+    if IP_OFF + ip_total > ctx.data_end() - ctx.data()
+        || IP_OFF + ip_total < dcid_off + RELAY_CID_LEN
+    {
         return (PASS, Verdict::PassTruncated);
     }
     if cid[0] != RELAY_CID_MARKER {
@@ -200,7 +218,6 @@ fn try_ztna_relay(ctx: &XdpContext) -> (u32, Verdict) {
         return (PASS, Verdict::PassUnknownCid);
     };
     let saddr = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
-    let daddr = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
     if saddr != entry.expected_src_addr || sport != entry.expected_src_port {
         return (PASS, Verdict::PassSenderMismatch);
     }
@@ -293,7 +310,14 @@ fn try_ztna_relay(ctx: &XdpContext) -> (u32, Verdict) {
 
 /// `bpf_fib_lookup` for the rewritten packet: egress interface and MACs.
 #[inline(always)]
-fn route(ctx: &XdpContext, ip: &[u8; IP_LEN], new_saddr: u32, new_sport: u16, entry: &RelayEntry, ingress: u32) -> Option<NextHop> {
+fn route(
+    ctx: &XdpContext,
+    ip: &[u8; IP_LEN],
+    new_saddr: u32,
+    new_sport: u16,
+    entry: &RelayEntry,
+    ingress: u32,
+) -> Option<NextHop> {
     let mut fib = FibParams {
         family: AF_INET,
         l4_protocol: IPPROTO_UDP,

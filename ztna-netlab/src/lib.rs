@@ -292,6 +292,12 @@ impl Lab {
 
     /// Starts echo service, intermediate (`xdp`: off|generic|native) and connector.
     pub fn start_relay_stack(&mut self, xdp: &str) -> anyhow::Result<PathBuf> {
+        self.start_relay_stack_on(xdp, RELAY_IP)
+    }
+
+    /// [`Lab::start_relay_stack`] with the intermediate bound to `listen_ip` (e.g.
+    /// the wildcard 0.0.0.0) and [`RELAY_PORT`]; clients still use [`RELAY_IP`].
+    pub fn start_relay_stack_on(&mut self, xdp: &str, listen_ip: &str) -> anyhow::Result<PathBuf> {
         let certs = self.certs()?;
         let c = |f: &str| certs.join(f).display().to_string();
         let (a, cn, x) = (self.ns("a"), self.ns("c"), self.ns("x"));
@@ -309,7 +315,7 @@ impl Lab {
         let stats = self.dir.join("intermediate-stats.json");
         let mut args: Vec<String> = vec![
             "--listen".into(),
-            format!("{RELAY_IP}:{RELAY_PORT}"),
+            format!("{listen_ip}:{RELAY_PORT}"),
             "--cert".into(),
             c("intermediate.pem"),
             "--key".into(),

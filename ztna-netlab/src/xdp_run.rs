@@ -103,6 +103,13 @@ impl XdpRun {
             ns,
         };
         run.set_port(RELAY.port())?;
+        // The relay's own address, as the loader writes it for a relay bound to it.
+        let mut local: HashMap<&mut MapData, u32, u8> = HashMap::try_from(
+            run.ebpf
+                .map_mut(ztna_common::relay::MAP_LOCAL_ADDRS)
+                .context("local addresses")?,
+        )?;
+        local.insert(ne(*RELAY.ip()), ztna_common::relay::LOCAL_ADDR_PRESENT, 0)?;
         Ok(run)
     }
 

@@ -77,6 +77,76 @@ fn echo_through_xdp_generic_relay() {
     relay_through_xdp("generic");
 }
 
+/// ZTNA_LOCAL_ADDRS of the running intermediate, as addresses.
+fn local_addrs() -> Vec<std::net::Ipv4Addr> {
+    let out = ztna_netlab::sh(
+        "bpftool",
+        &[
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            "/sys/fs/bpf/ztna/ZTNA_LOCAL_ADDRS",
+        ],
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut addrs: Vec<std::net::Ipv4Addr> = v
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .map(|e| {
+            let k = e["formatted"]["key"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{v}"));
+            std::net::Ipv4Addr::from((k as u32).to_ne_bytes())
+        })
+        .collect();
+    addrs.sort();
+    addrs
+}
+
+/// Polls `local_addrs()` until it equals `want` (5 s).
+fn wait_local_addrs(want: &[&str]) {
+    let want: Vec<std::net::Ipv4Addr> = want.iter().map(|a| a.parse().unwrap()).collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut now = local_addrs();
+    while now != want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        now = local_addrs();
+    }
+    assert_eq!(now, want, "ZTNA_LOCAL_ADDRS");
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn wildcard_bound_relay_forwards_to_its_interface_addresses_as_they_change() {
+    let mut lab = Lab::relay_topology("w").expect("topology");
+    let certs = lab
+        .start_relay_stack_on("generic", "0.0.0.0")
+        .expect("stack");
+    // Bound to 0.0.0.0: the program's own addresses are x0's.
+    wait_local_addrs(&[ztna_netlab::RELAY_IP]);
+    let r = lab
+        .agent_echo(
+            &certs,
+            &["--count", "20", "--burst", "10", "--size", "1000"],
+        )
+        .unwrap();
+    echo_ok(&r, 20);
+    let s = lab.fresh_relay_stats().unwrap();
+    assert!(xdp(&s, "tx") >= 40, "{s}");
+    assert_eq!(xdp(&s, "pass_not_local_address"), 0, "{s}");
+    // Addresses added to and removed from x0 follow within a second or two.
+    let x = lab.ns("x");
+    lab.exec(&x, "ip", &["addr", "add", "10.201.0.77/24", "dev", "x0"])
+        .unwrap();
+    wait_local_addrs(&[ztna_netlab::RELAY_IP, "10.201.0.77"]);
+    lab.exec(&x, "ip", &["addr", "del", "10.201.0.77/24", "dev", "x0"])
+        .unwrap();
+    wait_local_addrs(&[ztna_netlab::RELAY_IP]);
+}
+
 #[test]
 #[ignore = "needs root: run by `cargo xtask test`"]
 fn echo_through_userspace_forwarder_with_xdp_off() {
@@ -161,6 +231,11 @@ fn bpftool_dumps_entries_by_field_name_and_sessions_lists_them() {
             "bpftool output lacks {field}:\n{dump}"
         );
     }
+    // The loader wrote the relay's bound address, and only that, as its own.
+    assert_eq!(
+        local_addrs(),
+        [ztna_netlab::RELAY_IP.parse::<std::net::Ipv4Addr>().unwrap()]
+    );
     // List the sessions until the XDP counters show forwarded packets.
     let sessions = ztna_netlab::bin_dir().join("ztna");
     let list = || -> serde_json::Value {

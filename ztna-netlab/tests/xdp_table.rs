@@ -121,6 +121,16 @@ fn everything_that_is_not_ours_passes_untouched_with_its_counter() {
         &good,
     );
     expect(&mut x, &p, XDP_PASS, Verdict::PassOtherPort);
+    // the relay port of another host (not one of the relay's addresses)
+    let p = frame(
+        SENDER_MAC,
+        mac,
+        SENDER,
+        SocketAddrV4::new([10, 250, 0, 50].into(), RELAY.port()),
+        64,
+        &good,
+    );
+    expect(&mut x, &p, XDP_PASS, Verdict::PassNotLocalAddress);
     // IPv4 options: IHL 6 with a NOP option word
     let mut opt = to_relay(mac, &good);
     opt.splice(34..34, [1u8, 1, 1, 0]);

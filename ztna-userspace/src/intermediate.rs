@@ -573,7 +573,7 @@ impl Intermediate {
             tracing::info!("XDP off: relayed packets are forwarded in userspace");
             return Ok(());
         }
-        match crate::xdp::load(choice, &self.cfg.xdp_interfaces, self.local.port()) {
+        match crate::xdp::load(choice, &self.cfg.xdp_interfaces, self.local) {
             Ok((relay, table)) => {
                 self.relay.set_kernel(Box::new(table));
                 self.xdp = Some(relay);
@@ -743,6 +743,11 @@ impl Intermediate {
         if now.duration_since(self.last_expiry) > Duration::from_secs(1) {
             self.flows.expire(now);
             self.expire_sessions(now);
+            if let Some(xdp) = &mut self.xdp
+                && let Err(e) = xdp.refresh_local_addrs()
+            {
+                tracing::warn!("XDP: updating the local addresses: {e:#}");
+            }
             self.write_stats_file();
             self.last_expiry = now;
         }

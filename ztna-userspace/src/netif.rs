@@ -24,8 +24,15 @@ pub fn ip(args: &[&str]) -> anyhow::Result<()> {
 use ztna_core::p2p::CandidateKind;
 use ztna_core::p2p::{self, Candidate};
 
-/// Addresses of the interfaces that are up, without loopback and link-local ones.
-pub fn interface_addrs() -> Vec<IpAddr> {
+/// One address of a local interface, as getifaddrs(3) lists it.
+struct IfAddr {
+    name: String,
+    up: bool,
+    ip: IpAddr,
+}
+
+/// Every IPv4 and IPv6 address of every interface.
+fn if_addrs() -> Vec<IfAddr> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs allocates a list we walk read-only and free below.
@@ -37,7 +44,7 @@ pub fn interface_addrs() -> Vec<IpAddr> {
         // SAFETY: cur points into the list getifaddrs returned.
         let ifa = unsafe { &*cur };
         cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_flags & libc::IFF_UP as u32 == 0 {
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
             continue;
         }
         // SAFETY: sa_family tells the layout.
@@ -54,16 +61,46 @@ pub fn interface_addrs() -> Vec<IpAddr> {
                 _ => continue,
             }
         };
-        let skip = match ip {
-            IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
-            IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xffc0) == 0xfe80,
-        };
-        if !skip && !out.contains(&ip) {
-            out.push(ip);
-        }
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        out.push(IfAddr {
+            name: name.to_string_lossy().into_owned(),
+            up: ifa.ifa_flags & libc::IFF_UP as u32 != 0,
+            ip,
+        });
     }
     // SAFETY: frees the list from getifaddrs.
     unsafe { libc::freeifaddrs(ifap) };
+    out
+}
+
+/// Addresses of the interfaces that are up, without loopback and link-local ones.
+pub fn interface_addrs() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for a in if_addrs() {
+        let skip = match a.ip {
+            IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
+            IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xffc0) == 0xfe80,
+        };
+        if a.up && !skip && !out.contains(&a.ip) {
+            out.push(a.ip);
+        }
+    }
+    out
+}
+
+/// Every IPv4 address of interface `iface` (whether it is up or not: they are this
+/// host's addresses either way).
+pub fn interface_ipv4_addrs(iface: &str) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    for a in if_addrs() {
+        if let IpAddr::V4(v4) = a.ip
+            && a.name == iface
+            && !out.contains(&v4)
+        {
+            out.push(v4);
+        }
+    }
     out
 }
 
@@ -106,5 +143,11 @@ mod tests {
             any.iter()
                 .all(|c| c.addr.port() == 5000 && c.addr.is_ipv4() && !c.addr.ip().is_loopback())
         );
+    }
+
+    #[test]
+    fn ipv4_addresses_of_one_interface() {
+        assert!(interface_ipv4_addrs("lo").contains(&Ipv4Addr::LOCALHOST));
+        assert!(interface_ipv4_addrs("no-such-interface-ztna").is_empty());
     }
 }

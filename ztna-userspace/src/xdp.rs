@@ -4,10 +4,11 @@
 //! time. `load` removes pins left by an earlier run, so a restarted intermediate never
 //! forwards on stale entries, loads the program, pins its maps under
 //! `/sys/fs/bpf/ztna/` (BTF included, so `bpftool map dump pinned` prints field
-//! names), writes the relay port into `ZTNA_CONFIG` and attaches to each interface.
+//! names), writes the relay port into `ZTNA_CONFIG` and the relay's own IPv4
+//! addresses into `ZTNA_LOCAL_ADDRS`, and attaches to each interface.
 //! Links are bpf_links owned by this process: they go away with it, also on a crash.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -16,8 +17,9 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValue
 use aya::programs::{Xdp, XdpMode};
 use ztna_common::frames::Cid;
 use ztna_common::relay::{
-    MAP_CONFIG, MAP_RELAY, MAP_SESSION_STATS, MAP_STATS, PIN_DIR, PROGRAM_NAME, RelayConfig,
-    RelayEntry, RelayKey, SessionStats, VERDICT_COUNT, Verdict,
+    LOCAL_ADDR_PRESENT, MAP_CONFIG, MAP_LOCAL_ADDRS, MAP_RELAY, MAP_SESSION_STATS, MAP_STATS,
+    MAX_LOCAL_ADDRS, PIN_DIR, PROGRAM_NAME, RelayConfig, RelayEntry, RelayKey, SessionStats,
+    VERDICT_COUNT, Verdict,
 };
 
 use crate::relay::KernelTable;
@@ -44,11 +46,14 @@ pub enum XdpChoice {
 
 /// A loaded, attached program with its maps.
 pub struct XdpRelay {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     pub mode: &'static str,
     pub interfaces: Vec<String>,
+    /// The relay socket's address, and what `ZTNA_LOCAL_ADDRS` holds for it.
+    relay_addr: SocketAddr,
+    local_addrs: Vec<Ipv4Addr>,
     /// Forwarding sysctls we turned on; restored when this drops. Declared after
-    /// `_ebpf` so the program detaches first.
+    /// `ebpf` so the program detaches first.
     _forwarding: Vec<SysctlRestore>,
 }
 
@@ -139,10 +144,70 @@ fn pin_path(name: &str) -> PathBuf {
     Path::new(PIN_DIR).join(name)
 }
 
+/// Every map the loader pins under [`PIN_DIR`].
+const PINNED_MAPS: [&str; 5] = [
+    MAP_RELAY,
+    MAP_SESSION_STATS,
+    MAP_STATS,
+    MAP_CONFIG,
+    MAP_LOCAL_ADDRS,
+];
+
 /// Removes the pins of an earlier run.
 pub fn remove_stale_pins() {
-    for m in [MAP_RELAY, MAP_SESSION_STATS, MAP_STATS, MAP_CONFIG] {
+    for m in PINNED_MAPS {
         let _ = std::fs::remove_file(pin_path(m));
+    }
+}
+
+impl XdpRelay {
+    /// For a relay bound to the wildcard address: brings `ZTNA_LOCAL_ADDRS` in step
+    /// with the interfaces' current IPv4 addresses (the intermediate calls it every
+    /// second), so that an added address is forwarded in XDP and a removed one no
+    /// longer is. Returns whether the map changed.
+    pub fn refresh_local_addrs(&mut self) -> anyhow::Result<bool> {
+        if !self.relay_addr.ip().is_unspecified() {
+            return Ok(false);
+        }
+        let (now, _) = relay_local_addrs(
+            self.relay_addr.ip(),
+            &self.interfaces,
+            crate::netif::interface_ipv4_addrs,
+        );
+        if now == self.local_addrs {
+            return Ok(false);
+        }
+        let mut map: HashMap<_, u32, u8> = HashMap::try_from(
+            self.ebpf
+                .map_mut(MAP_LOCAL_ADDRS)
+                .context("map ZTNA_LOCAL_ADDRS missing")?,
+        )?;
+        // Against what the map holds (a failed earlier attempt may have left it
+        // half-way); removed first: it holds at most MAX_LOCAL_ADDRS.
+        let held: Vec<u32> = map.keys().collect::<Result<_, _>>()?;
+        let wanted: Vec<u32> = now.iter().map(|a| u32::from_ne_bytes(a.octets())).collect();
+        for gone in held.iter().filter(|k| !wanted.contains(k)) {
+            map.remove(gone).with_context(|| {
+                format!(
+                    "removing {} from {MAP_LOCAL_ADDRS}",
+                    Ipv4Addr::from(gone.to_ne_bytes())
+                )
+            })?;
+        }
+        for new in wanted.iter().filter(|k| !held.contains(k)) {
+            map.insert(new, LOCAL_ADDR_PRESENT, 0).with_context(|| {
+                format!(
+                    "adding {} to {MAP_LOCAL_ADDRS}",
+                    Ipv4Addr::from(new.to_ne_bytes())
+                )
+            })?;
+        }
+        tracing::info!(
+            "XDP: local addresses changed from {:?} to {now:?}",
+            self.local_addrs
+        );
+        self.local_addrs = now;
+        Ok(true)
     }
 }
 
@@ -153,18 +218,71 @@ impl Drop for XdpRelay {
     }
 }
 
-/// Loads and attaches with `choice` (not `Off`). Returns the relay and the kernel
-/// table that mirrors the forwarding entries.
+/// The IPv4 addresses the relay's socket, bound to `bound`, receives on: that
+/// address when it is a specific one, else every IPv4 address of the interfaces the
+/// program is attached to (`addrs_of` lists an interface's). A specific IPv6 address
+/// has none: the program then forwards nothing. At most [`MAX_LOCAL_ADDRS`], in
+/// order; the rest (packets to them go to userspace) are returned separately.
+pub fn relay_local_addrs(
+    bound: IpAddr,
+    interfaces: &[String],
+    addrs_of: impl Fn(&str) -> Vec<Ipv4Addr>,
+) -> (Vec<Ipv4Addr>, Vec<Ipv4Addr>) {
+    let specific = match bound {
+        IpAddr::V4(a) if !a.is_unspecified() => Some(vec![a]),
+        IpAddr::V6(a) if !a.is_unspecified() => Some(a.to_ipv4_mapped().into_iter().collect()),
+        // The wildcard: 0.0.0.0, or [::] (dual-stack, so it takes IPv4 too).
+        _ => None,
+    };
+    let mut all = specific.unwrap_or_else(|| {
+        let mut all = Vec::new();
+        for iface in interfaces {
+            for a in addrs_of(iface) {
+                if !all.contains(&a) {
+                    all.push(a);
+                }
+            }
+        }
+        all
+    });
+    let rest = all.split_off(all.len().min(MAX_LOCAL_ADDRS as usize));
+    (all, rest)
+}
+
+/// Loads and attaches with `choice` (not `Off`) for a relay socket bound to
+/// `relay_addr`. Returns the relay and the kernel table that mirrors the forwarding
+/// entries.
+///
+/// For a wildcard bind the interfaces' addresses are read here and again by
+/// [`XdpRelay::refresh_local_addrs`].
 pub fn load(
     choice: XdpChoice,
     interfaces: &[String],
-    relay_port: u16,
+    relay_addr: SocketAddr,
 ) -> anyhow::Result<(XdpRelay, XdpTable)> {
     let object = embedded_object().context(
         "this build has no eBPF object (run `cargo xtask build-ebpf` before building the intermediate)",
     )?;
     if interfaces.is_empty() {
         bail!("--xdp needs at least one --iface");
+    }
+    let (local_addrs, left_out) = relay_local_addrs(
+        relay_addr.ip(),
+        interfaces,
+        crate::netif::interface_ipv4_addrs,
+    );
+    if local_addrs.is_empty() {
+        tracing::warn!(
+            "XDP: the relay at {relay_addr} has no IPv4 address on {}: the program will \
+             forward nothing and the userspace forwarder serves every session",
+            interfaces.join(", ")
+        );
+    }
+    if !left_out.is_empty() {
+        tracing::warn!(
+            "XDP: more than {MAX_LOCAL_ADDRS} local IPv4 addresses; packets to {left_out:?} \
+             are forwarded in userspace"
+        );
     }
     mount_bpffs()?;
     // Dropped (restoring the sysctls) if loading fails below.
@@ -182,7 +300,7 @@ pub fn load(
     };
     let mut last_err = None;
     for (mode, name) in modes {
-        match try_load(object, *mode, interfaces, relay_port) {
+        match try_load(object, *mode, interfaces, relay_addr.port(), &local_addrs) {
             Ok((ebpf, table)) => {
                 tracing::info!(
                     "XDP relay attached in {name} mode to {}",
@@ -190,9 +308,11 @@ pub fn load(
                 );
                 return Ok((
                     XdpRelay {
-                        _ebpf: ebpf,
+                        ebpf,
                         mode: name,
                         interfaces: interfaces.to_vec(),
+                        relay_addr,
+                        local_addrs: local_addrs.clone(),
                         _forwarding: std::mem::take(&mut forwarding),
                     },
                     table,
@@ -213,12 +333,13 @@ fn try_load(
     mode: XdpMode,
     interfaces: &[String],
     relay_port: u16,
+    local_addrs: &[Ipv4Addr],
 ) -> anyhow::Result<(Ebpf, XdpTable)> {
     let mut ebpf = aya::EbpfLoader::new()
         .default_map_pin_directory(PIN_DIR)
         .load(object)
         .context("loading the eBPF object")?;
-    for m in [MAP_RELAY, MAP_SESSION_STATS, MAP_STATS, MAP_CONFIG] {
+    for m in PINNED_MAPS {
         // Maps declared without by-name pinning are pinned here.
         if let Some(map) = ebpf.map(m)
             && !pin_path(m).exists()
@@ -241,6 +362,18 @@ fn try_load(
             0,
         )?;
     }
+    {
+        let mut local: HashMap<_, u32, u8> = HashMap::try_from(
+            ebpf.map_mut(MAP_LOCAL_ADDRS)
+                .context("map ZTNA_LOCAL_ADDRS missing")?,
+        )?;
+        for a in local_addrs {
+            local
+                .insert(u32::from_ne_bytes(a.octets()), LOCAL_ADDR_PRESENT, 0)
+                .with_context(|| format!("adding {a} to {MAP_LOCAL_ADDRS}"))?;
+        }
+    }
+    tracing::info!("XDP: forwarding packets to {local_addrs:?} (the relay's own addresses)");
     let prog: &mut Xdp = ebpf
         .program_mut(PROGRAM_NAME)
         .context("program ztna_relay missing")?
@@ -389,6 +522,50 @@ mod tests {
         let p = dir.join(name);
         std::fs::write(&p, format!("{value}\n")).unwrap();
         p
+    }
+
+    fn addrs_of(iface: &str) -> Vec<Ipv4Addr> {
+        match iface {
+            "eth0" => vec![[192, 0, 2, 1].into(), [198, 51, 100, 1].into()],
+            "eth1" => vec![[203, 0, 113, 1].into(), [192, 0, 2, 1].into()],
+            _ => vec![],
+        }
+    }
+
+    #[test]
+    fn local_addresses_are_the_bound_one_or_every_one_of_the_interfaces() {
+        let ifaces = ["eth0".to_string(), "eth1".to_string()];
+        let bound: IpAddr = [10, 0, 0, 1].into();
+        assert_eq!(
+            relay_local_addrs(bound, &ifaces, addrs_of),
+            (vec![[10, 0, 0, 1].into()], vec![])
+        );
+        let mapped: IpAddr = "::ffff:10.0.0.2".parse().unwrap();
+        assert_eq!(
+            relay_local_addrs(mapped, &ifaces, addrs_of).0,
+            vec![Ipv4Addr::new(10, 0, 0, 2)]
+        );
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(relay_local_addrs(v6, &ifaces, addrs_of), (vec![], vec![]));
+        let all = vec![
+            Ipv4Addr::new(192, 0, 2, 1),
+            Ipv4Addr::new(198, 51, 100, 1),
+            Ipv4Addr::new(203, 0, 113, 1),
+        ];
+        for wildcard in ["0.0.0.0", "::"] {
+            let w: IpAddr = wildcard.parse().unwrap();
+            assert_eq!(
+                relay_local_addrs(w, &ifaces, addrs_of),
+                (all.clone(), vec![])
+            );
+        }
+        let many = |_: &str| (0..70u8).map(|i| Ipv4Addr::new(10, 1, 0, i)).collect();
+        let (kept, rest) = relay_local_addrs(Ipv4Addr::UNSPECIFIED.into(), &ifaces, many);
+        assert_eq!(
+            (kept.len(), rest.len()),
+            (MAX_LOCAL_ADDRS as usize, 70 - 64)
+        );
+        assert_eq!(rest[0], Ipv4Addr::new(10, 1, 0, 64));
     }
 
     #[test]

@@ -27,9 +27,12 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValue
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp};
 use etherparse::{IpHeaders, Ipv4Header, PacketBuilder};
 use ztna_common::relay::{
-    MAP_CONFIG, MAP_RELAY, MAP_SESSION_STATS, MAP_STATS, PROGRAM_NAME, RELAY_CID_MARKER,
-    RelayConfig, RelayEntry, RelayKey, SessionStats, VERDICT_COUNT, Verdict,
+    LOCAL_ADDR_PRESENT, MAP_CONFIG, MAP_LOCAL_ADDRS, MAP_RELAY, MAP_SESSION_STATS, MAP_STATS,
+    PROGRAM_NAME, RELAY_CID_MARKER, RelayConfig, RelayEntry, RelayKey, SessionStats, VERDICT_COUNT,
+    Verdict,
 };
+
+pub mod model;
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 pub type Result<T> = std::result::Result<T, Error>;
@@ -260,7 +263,42 @@ impl Fixture {
             far_ifindex,
         };
         f.set_port(RELAY.port());
+        f.add_local_addr(*RELAY.ip());
         Ok(f)
+    }
+
+    /// Adds `addr` to ZTNA_LOCAL_ADDRS, the relay's own addresses (the fixture starts
+    /// with RELAY's, as the loader would for a relay bound to it).
+    pub fn add_local_addr(&mut self, addr: Ipv4Addr) {
+        let mut m: HashMap<&mut MapData, u32, u8> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_LOCAL_ADDRS).expect(MAP_LOCAL_ADDRS)).unwrap();
+        m.insert(ne(addr), LOCAL_ADDR_PRESENT, 0).unwrap();
+    }
+
+    /// Removes forwarding entry `cid` and its stats entry, if they exist.
+    pub fn remove(&mut self, cid: [u8; 8]) {
+        let mut relay: HashMap<&mut MapData, RelayKey, RelayEntry> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_RELAY).expect(MAP_RELAY)).unwrap();
+        let _ = relay.remove(&RelayKey { cid });
+        self.remove_session(cid);
+    }
+
+    /// Removes session `cid`'s stats entry (and so its route cache), if it exists.
+    pub fn remove_session(&mut self, cid: [u8; 8]) {
+        let mut st: PerCpuHashMap<&mut MapData, RelayKey, SessionStats> = PerCpuHashMap::try_from(
+            self.ebpf
+                .map_mut(MAP_SESSION_STATS)
+                .expect(MAP_SESSION_STATS),
+        )
+        .unwrap();
+        let _ = st.remove(&RelayKey { cid });
+    }
+
+    /// Removes `addr` from ZTNA_LOCAL_ADDRS.
+    pub fn remove_local_addr(&mut self, addr: Ipv4Addr) {
+        let mut m: HashMap<&mut MapData, u32, u8> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_LOCAL_ADDRS).expect(MAP_LOCAL_ADDRS)).unwrap();
+        m.remove(&ne(addr)).unwrap();
     }
 
     /// Sets the relay port of ZTNA_CONFIG (host order here; stored in network order).
@@ -344,6 +382,19 @@ impl Fixture {
 
     /// One BPF_PROG_TEST_RUN of `pkt` arriving on t0: (XDP action, output frame).
     pub fn try_run(&self, pkt: &[u8]) -> std::result::Result<(u32, Vec<u8>), ProgramError> {
+        self.in_namespace(|| self.run_here(pkt))
+    }
+
+    /// Runs `f` on a thread inside the fixture's namespace, where [`Fixture::run_here`]
+    /// may be called (many runs for one thread switch).
+    pub fn in_namespace<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        self.ns.run_in(f).expect("entering the namespace")
+    }
+
+    /// [`Fixture::try_run`] on the calling thread, which must be in the fixture's
+    /// namespace ([`Fixture::in_namespace`]): the program's route lookups happen in
+    /// the caller's.
+    pub fn run_here(&self, pkt: &[u8]) -> std::result::Result<(u32, Vec<u8>), ProgramError> {
         let prog: &Xdp = self
             .ebpf
             .program(PROGRAM_NAME)
@@ -356,17 +407,12 @@ impl Fixture {
         ctx[4..8].copy_from_slice(&(pkt.len() as u32).to_ne_bytes());
         ctx[12..16].copy_from_slice(&self.ifindex.to_ne_bytes());
         let mut out = vec![0u8; pkt.len() + 256];
-        let res = self
-            .ns
-            .run_in(|| {
-                prog.test_run(TestRunOptions {
-                    data_in: Some(pkt),
-                    data_out: Some(&mut out),
-                    ctx_in: Some(&ctx),
-                    ..TestRunOptions::new()
-                })
-            })
-            .expect("entering the namespace")?;
+        let res = prog.test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::new()
+        })?;
         out.truncate(res.data_size_out as usize);
         Ok((res.return_value, out))
     }

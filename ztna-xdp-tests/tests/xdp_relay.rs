@@ -122,6 +122,34 @@ fn udp_checksum_zero_stays_zero() {
 
 #[test]
 #[ignore = "needs root: run by `cargo xtask test`"]
+fn destination_other_than_the_relays_own_address_passes() {
+    // A valid relayed packet (known CID, right sender, routable peer) that is on its
+    // way to another host's relay port: not the relay's to forward.
+    let mut f = fixture!("not-local");
+    let payload = quic_short(CID, 100);
+    let elsewhere = SocketAddrV4::new([10, 250, 0, 50].into(), RELAY.port());
+    let pkt = udp_frame(SENDER_MAC, RELAY_MAC, SENDER, elsewhere, IN_TTL, &payload);
+    f.expect(&pkt, XDP_PASS, Verdict::PassNotLocalAddress);
+    // The same packet to the relay's address is forwarded.
+    let out = f.expect(&to_relay(&payload), XDP_TX, Verdict::Tx);
+    assert_eq!(out, from_relay(RELAY_MAC, PEER_MAC, PEER, &payload));
+    // Once that address is one of the relay's, it forwards from it.
+    f.add_local_addr(*elsewhere.ip());
+    let out = f.expect(&pkt, XDP_TX, Verdict::Tx);
+    assert_eq!(
+        out,
+        udp_frame(RELAY_MAC, PEER_MAC, elsewhere, PEER, RELAY_TTL, &payload)
+    );
+    assert_checksums_valid(&out);
+    // No local address at all: nothing is forwarded, not everything.
+    f.remove_local_addr(*elsewhere.ip());
+    f.remove_local_addr(*RELAY.ip());
+    f.expect(&to_relay(&payload), XDP_PASS, Verdict::PassNotLocalAddress);
+    f.expect(&pkt, XDP_PASS, Verdict::PassNotLocalAddress);
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn unknown_cid_passes() {
     let f = fixture!("unknown");
     let pkt = to_relay(&quic_short(cid(9), 100));
@@ -340,6 +368,37 @@ fn truncation_at_every_length_passes_untouched() {
     assert_eq!(f.counters()[Verdict::PassTruncated as usize], 82 - 14);
     // The uncut frame still forwards: the cuts were the only reason.
     f.expect(&full, XDP_TX, Verdict::Tx);
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn ip_total_length_ending_before_the_dcid_passes() {
+    // The UDP header and DCID are in the frame but past the IP packet's end (in
+    // what would be Ethernet padding): the packet ends inside its headers.
+    let f = fixture!("short-total");
+    let payload = quic_short(CID, 40);
+    let with_total = |frame: &[u8], total: u16| {
+        let mut p = frame.to_vec();
+        p[16..18].copy_from_slice(&total.to_be_bytes());
+        if let Ok((ip, _)) = etherparse::Ipv4Header::from_slice(&p[14..]) {
+            p[24..26].copy_from_slice(&ip.calc_header_checksum().to_be_bytes());
+        }
+        p
+    };
+    // 20 IPv4 + 8 UDP + 1 + 8 DCID = 37: the shortest IP packet that holds them.
+    for total in [0u16, 11, 20, 28, 36] {
+        f.expect(
+            &with_total(&to_relay(&payload), total),
+            XDP_PASS,
+            Verdict::PassTruncated,
+        );
+    }
+    // Just long enough: forwarded, the rest of the frame travelling as padding.
+    let out = f.expect(&with_total(&to_relay(&payload), 37), XDP_TX, Verdict::Tx);
+    assert_eq!(
+        out,
+        with_total(&from_relay(RELAY_MAC, PEER_MAC, PEER, &payload), 37)
+    );
 }
 
 #[test]

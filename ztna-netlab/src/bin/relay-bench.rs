@@ -1007,8 +1007,15 @@ fn prog_cost(lab: &Lab, prog_id: u32, cids: &Cids) -> anyhow::Result<Value> {
     // Routed: P:4433 → P:4433 in on x0, out to the router: the rewrite (source :=
     // the packet's destination, destination := the peer P, MACs := the route to P)
     // reproduces the packet byte for byte, so every repeat runs the whole forward
-    // path, with a route from the program's own bpf_fib_lookup.
+    // path, with a route from the program's own bpf_fib_lookup. The program forwards
+    // only packets to the relay's own addresses, so P is declared one of them for
+    // the measurement (and removed after): no byte-for-byte fixed point exists
+    // otherwise, since a packet to a truly local address would need a local peer.
     let routed_pkt = frame(x0_mac, r1_mac, p, p, &quic_short(routed_cid, PAYLOAD));
+    let mut local_addrs: aya::maps::HashMap<_, u32, u8> =
+        aya::maps::HashMap::try_from(prog_map(prog_id, ztna_common::relay::MAP_LOCAL_ADDRS)?)?;
+    let p_key = u32::from_ne_bytes(p.ip().octets());
+    local_addrs.insert(p_key, ztna_common::relay::LOCAL_ADDR_PRESENT, 0)?;
     let mut sessions: aya::maps::PerCpuHashMap<_, RelayKey, SessionStats> =
         aya::maps::PerCpuHashMap::try_from(prog_map(
             prog_id,
@@ -1057,7 +1064,11 @@ fn prog_cost(lab: &Lab, prog_id: u32, cids: &Cids) -> anyhow::Result<Value> {
         out.insert("routed_self_mapping_packet".into(), routed);
         Ok(out)
     });
-    let mut out = join(runs)?;
+    let out = join(runs);
+    local_addrs
+        .remove(&p_key)
+        .context("removing the routed peer from the local addresses")?;
+    let mut out = out?;
     // Which counter the single runs moved (explains a pass).
     let after = verdicts(prog_id)?;
     let moved: Map<String, Value> = before

@@ -1,0 +1,711 @@
+//! Differential test: generated frames through the loaded XDP program
+//! (BPF_PROG_TEST_RUN in the harness namespace) and through the plain-Rust model
+//! (`ztna_xdp_tests::model`), comparing per frame the XDP action, the verdict counters
+//! (exactly the model's one moves, by one), the output bytes, and per map state the
+//! sessions' packet and byte counters.
+//!
+//! `ZTNA_XDP_DIFF_SEED` (u64, default fixed) picks the frames, `ZTNA_XDP_DIFF_CASES`
+//! how many (default 120 000). A mismatch panics with the seed, the state, the case
+//! index and hex dumps; rerun with that seed to reproduce it.
+//!
+//! The program caches each session's route per CPU for a second, without the
+//! lookup's MTU check. The states keep the cache from changing the outcome: where
+//! sessions have stats entries (so a cache), every frame's IP packet fits the 1500-byte
+//! MTU, so a cached route and a fresh lookup agree; frames up to 1600 bytes go only
+//! to the state without stats entries, where every packet is looked up. One state
+//! changes entries' peers under a warm cache: the program must notice the new peer.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Instant;
+
+use aya::programs::ProgramError;
+use etherparse::Ipv4Header;
+use fastrand::Rng;
+use ztna_common::relay::{RELAY_CID_MARKER, VERDICT_COUNT, Verdict};
+use ztna_xdp_tests::model::{self, Expected, HarnessRoutes, ModelEntry, ModelMaps};
+use ztna_xdp_tests::*;
+
+const DEFAULT_SEED: u64 = 0x7a74_6e61_7864_7031;
+const DEFAULT_CASES: usize = 120_000;
+
+const CID_TX: [u8; 8] = cid(1);
+const CID_REDIRECT: [u8; 8] = cid(2);
+const CID_NO_ROUTE: [u8; 8] = cid(3);
+const CID_NO_NEIGH: [u8; 8] = cid(4);
+/// Its peer is the relay's own address: a local route, which is not forwarded.
+const CID_TO_SELF: [u8; 8] = cid(5);
+/// A sender from off the subnet (the program does not route the sender).
+const SENDER_B: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 61000);
+/// Not one of the relay's addresses (until state "three local addresses").
+const OTHER_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 5);
+/// r0's own address.
+const FAR_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 250, 1, 1);
+const NOT_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 50);
+
+/// Longest frame in states whose sessions cache routes: its IP packet fits the MTU.
+const FRAME_FITS_MTU: usize = 14 + 1500;
+const FRAME_OVERSIZE: usize = 1600;
+
+fn entry(peer: SocketAddrV4, sender: SocketAddrV4) -> ModelEntry {
+    ModelEntry {
+        peer,
+        expected_sender: sender,
+    }
+}
+
+/// One map state and how frames for it are made.
+struct State {
+    name: &'static str,
+    maps: ModelMaps,
+    /// Whether the entries have stats entries (so the program caches routes).
+    session_stats: bool,
+    max_frame: usize,
+}
+
+fn states() -> Vec<State> {
+    let entries = vec![
+        (CID_TX, entry(PEER, SENDER)),
+        (CID_REDIRECT, entry(FAR_PEER, SENDER_B)),
+        (CID_NO_ROUTE, entry(NO_ROUTE_PEER, SENDER)),
+        (CID_NO_NEIGH, entry(NO_NEIGH_PEER, SENDER_B)),
+        (
+            CID_TO_SELF,
+            entry(SocketAddrV4::new(*RELAY.ip(), 9), SENDER),
+        ),
+    ];
+    let base = ModelMaps {
+        port: RELAY.port(),
+        local_addrs: vec![*RELAY.ip()],
+        entries: entries.clone(),
+    };
+    // The TX and REDIRECT sessions swap peers (new ports too), with their caches warm.
+    let mut swapped = base.clone();
+    swapped.entries[0].1.peer = SocketAddrV4::new(*FAR_PEER.ip(), 6001);
+    swapped.entries[1].1.peer = SocketAddrV4::new(*PEER.ip(), 5001);
+    swapped.local_addrs = vec![*RELAY.ip(), OTHER_LOCAL, FAR_LOCAL];
+    let state = |name, maps, session_stats, max_frame| State {
+        name,
+        maps,
+        session_stats,
+        max_frame,
+    };
+    vec![
+        state(
+            "tx, redirect, no route, no neighbour",
+            base.clone(),
+            true,
+            FRAME_FITS_MTU,
+        ),
+        state(
+            "peers swapped under a warm route cache; three local addresses",
+            swapped,
+            true,
+            FRAME_FITS_MTU,
+        ),
+        state(
+            "no session stats (no route cache); frames past the MTU",
+            base.clone(),
+            false,
+            FRAME_OVERSIZE,
+        ),
+        state(
+            "no local address",
+            ModelMaps {
+                local_addrs: vec![],
+                ..base.clone()
+            },
+            true,
+            FRAME_FITS_MTU,
+        ),
+        state(
+            "not configured (port 0)",
+            ModelMaps {
+                port: 0,
+                ..base.clone()
+            },
+            true,
+            FRAME_FITS_MTU,
+        ),
+        state(
+            "another relay port",
+            ModelMaps { port: 443, ..base },
+            true,
+            FRAME_FITS_MTU,
+        ),
+    ]
+}
+
+/// Puts `state` into the program's maps. Stats entries of sessions that stay are
+/// kept (and so their route caches).
+fn apply(f: &mut Fixture, previous: Option<&State>, state: &State) {
+    if let Some(p) = previous {
+        for (c, _) in &p.maps.entries {
+            if !state.maps.entries.iter().any(|(k, _)| k == c) {
+                f.remove(*c);
+            }
+        }
+        for a in &p.maps.local_addrs {
+            f.remove_local_addr(*a);
+        }
+    } else {
+        f.remove_local_addr(*RELAY.ip());
+    }
+    f.set_port(state.maps.port);
+    for a in &state.maps.local_addrs {
+        f.add_local_addr(*a);
+    }
+    for (c, e) in &state.maps.entries {
+        let had_stats = f.session(*c).is_some();
+        if state.session_stats && !had_stats {
+            f.insert(*c, e.peer, e.expected_sender);
+        } else {
+            f.insert_entry(*c, e.peer, e.expected_sender);
+            if !state.session_stats {
+                f.remove_session(*c);
+            }
+        }
+    }
+}
+
+/// What a generated frame is, for the report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Kind {
+    Relayed,
+    Mutated(Mutation),
+    Junk,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Mutation {
+    Truncate,
+    Padding,
+    IpOptions,
+    BadIhl,
+    MoreFragments,
+    FragmentOffset,
+    Marker,
+    SenderAddress,
+    SenderPort,
+    UnknownCid,
+    Destination,
+    Ethertype,
+    IpVersion,
+    Protocol,
+    DestinationPort,
+    UdpChecksumZero,
+    UdpChecksumRandom,
+    IpChecksumRandom,
+    TotalLengthShort,
+    TotalLengthLong,
+    LongHeaderDcidLength,
+    RandomByte,
+}
+
+const MUTATIONS: [Mutation; 22] = [
+    Mutation::Truncate,
+    Mutation::Padding,
+    Mutation::IpOptions,
+    Mutation::BadIhl,
+    Mutation::MoreFragments,
+    Mutation::FragmentOffset,
+    Mutation::Marker,
+    Mutation::SenderAddress,
+    Mutation::SenderPort,
+    Mutation::UnknownCid,
+    Mutation::Destination,
+    Mutation::Ethertype,
+    Mutation::IpVersion,
+    Mutation::Protocol,
+    Mutation::DestinationPort,
+    Mutation::UdpChecksumZero,
+    Mutation::UdpChecksumRandom,
+    Mutation::IpChecksumRandom,
+    Mutation::TotalLengthShort,
+    Mutation::TotalLengthLong,
+    Mutation::LongHeaderDcidLength,
+    Mutation::RandomByte,
+];
+
+fn random_mac(rng: &mut Rng) -> [u8; 6] {
+    let mut m = [0; 6];
+    rng.fill(&mut m);
+    m
+}
+
+/// A QUIC payload with `dcid`: a short header, or a long header whose DCID length
+/// byte says 8; the rest random, `len` bytes in all (at least the header).
+fn quic_payload(rng: &mut Rng, dcid: [u8; 8], long: bool, len: usize) -> Vec<u8> {
+    let mut p = Vec::with_capacity(len.max(24));
+    if long {
+        p.push(0x80 | rng.u8(..0x80));
+        p.extend_from_slice(&rng.u32(..).to_be_bytes());
+        p.push(8);
+        p.extend_from_slice(&dcid);
+        let scid_len = rng.u8(..=20);
+        p.push(scid_len);
+        p.extend((0..scid_len).map(|_| rng.u8(..)));
+    } else {
+        p.push(rng.u8(..0x80));
+        p.extend_from_slice(&dcid);
+    }
+    while p.len() < len {
+        p.push(rng.u8(..));
+    }
+    p
+}
+
+/// A relayed packet the state would forward (if its peer is reachable): a table
+/// CID from its expected sender to a local address and the relay port. Valid
+/// checksums, random TTL, TOS, ID and DF.
+fn relayed(rng: &mut Rng, state: &State) -> Vec<u8> {
+    let (cid, e) = state.maps.entries[rng.usize(..state.maps.entries.len())];
+    let dst_ip = if state.maps.local_addrs.is_empty() {
+        *RELAY.ip()
+    } else {
+        state.maps.local_addrs[rng.usize(..state.maps.local_addrs.len())]
+    };
+    let port = if state.maps.port == 0 {
+        RELAY.port()
+    } else {
+        state.maps.port
+    };
+    let long = rng.u8(..4) == 0;
+    // Short and odd lengths often, up to what the state's frames may hold.
+    let max_payload = state.max_frame - 42;
+    let len = match rng.u8(..4) {
+        0 => rng.usize(..=64),
+        1 => rng.usize(..=max_payload),
+        2 => rng.usize(max_payload.saturating_sub(64)..=max_payload),
+        _ => rng.usize(..=1300.min(max_payload)),
+    };
+    let payload = quic_payload(rng, cid, long, len);
+    let payload = &payload[..payload.len().min(max_payload)];
+    let (ttl, tos, id, df) = (rng.u8(..), rng.u8(..), rng.u16(..), rng.bool());
+    udp_frame_with(
+        random_mac(rng),
+        RELAY_MAC,
+        e.expected_sender,
+        SocketAddrV4::new(dst_ip, port),
+        ttl,
+        payload,
+        |ip| {
+            ip.dscp = etherparse::IpDscp::try_new(tos >> 2).unwrap();
+            ip.ecn = etherparse::IpEcn::try_new(tos & 3).unwrap();
+            ip.identification = id;
+            ip.dont_fragment = df;
+        },
+    )
+}
+
+fn pick<T: Copy>(rng: &mut Rng, options: &[T]) -> T {
+    options[rng.usize(..options.len())]
+}
+
+fn set16(f: &mut [u8], at: usize, v: u16) {
+    f[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+fn get16(f: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([f[at], f[at + 1]])
+}
+
+/// Recomputes the IPv4 header checksum (after a mutation of the header), so that
+/// the mutation is the only thing wrong.
+fn fix_ip_checksum(f: &mut [u8]) {
+    let ihl = usize::from(f[14] & 0x0f) * 4;
+    if ihl < 20 || f.len() < 14 + ihl {
+        return;
+    }
+    if let Ok((h, _)) = Ipv4Header::from_slice(&f[14..]) {
+        set16(f, 24, h.calc_header_checksum());
+    }
+}
+
+/// Offset of the DCID in a frame built by `relayed`.
+fn dcid_offset(f: &[u8]) -> usize {
+    if f[42] & 0x80 == 0 { 43 } else { 48 }
+}
+
+fn mutate(rng: &mut Rng, state: &State, f: &mut Vec<u8>, m: Mutation) {
+    use Mutation::*;
+    match m {
+        Truncate => {
+            // Every length from nothing to one short, the header boundaries often.
+            let cut = if rng.bool() {
+                rng.usize(..f.len())
+            } else {
+                rng.usize(..f.len().min(60))
+            };
+            f.truncate(cut);
+        }
+        Padding => {
+            let n = rng.usize(1..=46);
+            for _ in 0..n {
+                f.push(rng.u8(..));
+            }
+            f.truncate(state.max_frame);
+        }
+        IpOptions => {
+            // A real options header (NOPs and EOL), IHL 6..=15.
+            let words = rng.usize(1..=10);
+            let mut hdr = Ipv4Header::from_slice(&f[14..]).unwrap().0;
+            let opts: Vec<u8> = (0..words * 4)
+                .map(|i| if i + 1 == words * 4 { 0 } else { 1 })
+                .collect();
+            hdr.options = opts.as_slice().try_into().unwrap();
+            hdr.total_len += (words * 4) as u16;
+            hdr.header_checksum = hdr.calc_header_checksum();
+            let mut out = f[..14].to_vec();
+            hdr.write(&mut out).unwrap();
+            out.extend_from_slice(&f[34..]);
+            out.truncate(state.max_frame);
+            *f = out;
+        }
+        BadIhl => {
+            let ihl = rng.u8(..16);
+            f[14] = 0x40 | ihl;
+            fix_ip_checksum(f);
+        }
+        MoreFragments => {
+            f[20] |= 0x20;
+            fix_ip_checksum(f);
+        }
+        FragmentOffset => {
+            let off = rng.u16(1..0x2000);
+            let flags = get16(f, 20) & 0xe000;
+            set16(f, 20, flags | off);
+            fix_ip_checksum(f);
+        }
+        Marker => {
+            let at = dcid_offset(f);
+            f[at] = loop {
+                let b = rng.u8(..);
+                if b != RELAY_CID_MARKER {
+                    break b;
+                }
+            };
+        }
+        SenderAddress => {
+            let a = if rng.bool() {
+                [10, 250, 0, rng.u8(..)]
+            } else {
+                rng.u32(..).to_be_bytes()
+            };
+            f[26..30].copy_from_slice(&a);
+            fix_ip_checksum(f);
+        }
+        SenderPort => set16(f, 34, rng.u16(..)),
+        UnknownCid => {
+            let at = dcid_offset(f);
+            f[at] = RELAY_CID_MARKER;
+            rng.fill(&mut f[at + 1..at + 8]);
+        }
+        Destination => {
+            let a = match rng.u8(..4) {
+                0 => NOT_LOCAL,
+                1 => OTHER_LOCAL,
+                2 => FAR_LOCAL,
+                _ => rng.u32(..).into(),
+            };
+            f[30..34].copy_from_slice(&a.octets());
+            fix_ip_checksum(f);
+        }
+        Ethertype => {
+            let any = rng.u16(..);
+            let t = pick(rng, &[0x86dd, 0x0806, 0x8100, 0x88a8, 0x0801, 0x0008, any]);
+            set16(f, 12, t);
+        }
+        IpVersion => {
+            f[14] = (rng.u8(..16) << 4) | 5;
+            fix_ip_checksum(f);
+        }
+        Protocol => {
+            let any = rng.u8(..);
+            f[23] = pick(rng, &[6, 1, 0, 41, 136, any]);
+            fix_ip_checksum(f);
+        }
+        DestinationPort => {
+            let any = rng.u16(..);
+            let p = pick(rng, &[RELAY.port(), 443, 0, any]);
+            set16(f, 36, p);
+        }
+        UdpChecksumZero => set16(f, 40, 0),
+        UdpChecksumRandom => {
+            let c = if rng.bool() { 0xffff } else { rng.u16(..) };
+            set16(f, 40, c);
+        }
+        IpChecksumRandom => set16(f, 24, rng.u16(..)),
+        TotalLengthShort => {
+            let t = rng.u16(..=get16(f, 16));
+            set16(f, 16, t);
+            fix_ip_checksum(f);
+        }
+        TotalLengthLong => {
+            let t = get16(f, 16);
+            set16(f, 16, t.saturating_add(rng.u16(1..=64)));
+            fix_ip_checksum(f);
+        }
+        LongHeaderDcidLength => {
+            // Make it a long header with another DCID length (8 sometimes, too).
+            f[42] |= 0x80;
+            if f.len() > 47 {
+                let any = rng.u8(..);
+                f[47] = pick(rng, &[0, 1, 4, 7, 9, 16, 20, 8, any]);
+            }
+        }
+        RandomByte => {
+            let at = rng.usize(..f.len().min(64));
+            f[at] = rng.u8(..);
+        }
+    }
+}
+
+/// Anything at all: random bytes behind a plausible or random Ethernet header.
+fn junk(rng: &mut Rng, state: &State) -> Vec<u8> {
+    let len = rng.usize(14..=state.max_frame.min(300));
+    let mut f: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+    if rng.bool() {
+        set16(&mut f, 12, 0x0800);
+        if len > 14 && rng.bool() {
+            f[14] = 0x45;
+        }
+    }
+    f
+}
+
+fn generate(rng: &mut Rng, state: &State) -> (Kind, Vec<u8>) {
+    match rng.u8(..10) {
+        0..=2 => (Kind::Relayed, relayed(rng, state)),
+        3..=8 => {
+            let mut f = relayed(rng, state);
+            let first = MUTATIONS[rng.usize(..MUTATIONS.len())];
+            mutate(rng, state, &mut f, first);
+            // Sometimes a second one, unless the first cut the frame.
+            if rng.u8(..4) == 0 && f.len() >= 60 && first != Mutation::Truncate {
+                let m = MUTATIONS[rng.usize(..MUTATIONS.len())];
+                if m != Mutation::IpOptions || f[14] == 0x45 {
+                    mutate(rng, state, &mut f, m);
+                }
+            }
+            (Kind::Mutated(first), f)
+        }
+        _ => (Kind::Junk, junk(rng, state)),
+    }
+}
+
+/// A short-header and a long-header relayed frame cut at every length, from
+/// nothing to one byte short.
+fn truncation_sweep(rng: &mut Rng, state: &State) -> Vec<(Kind, Vec<u8>)> {
+    let mut out = Vec::new();
+    for long in [false, true] {
+        let (cid, e) = state.maps.entries[0];
+        let payload = quic_payload(rng, cid, long, 40);
+        let full = udp_frame(
+            SENDER_MAC,
+            RELAY_MAC,
+            e.expected_sender,
+            SocketAddrV4::new(state.maps.local_addrs[0], state.maps.port),
+            IN_TTL,
+            &payload,
+        );
+        for cut in 0..full.len() {
+            out.push((Kind::Mutated(Mutation::Truncate), full[..cut].to_vec()));
+        }
+        out.push((Kind::Relayed, full));
+    }
+    out
+}
+
+fn hex_dump(bytes: &[u8]) -> String {
+    let mut s = String::new();
+    for (i, chunk) in bytes.chunks(16).enumerate() {
+        s.push_str(&format!("  {:04x}:", i * 16));
+        for b in chunk {
+            s.push_str(&format!(" {b:02x}"));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => {
+            let v = v.trim();
+            let parsed = v
+                .strip_prefix("0x")
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+                .and_then(|n| n.to_string().parse().ok())
+                .or_else(|| v.parse().ok());
+            parsed.unwrap_or_else(|| panic!("{name}={v}: not a number"))
+        }
+        Err(_) => default,
+    }
+}
+
+struct Mismatch<'a> {
+    seed: u64,
+    state: &'a str,
+    index: usize,
+    kind: Kind,
+    frame: &'a [u8],
+}
+
+impl Mismatch<'_> {
+    fn fail(&self, what: &str) -> ! {
+        panic!(
+            "model and program disagree: {what}\nseed {:#x} (ZTNA_XDP_DIFF_SEED), state \"{}\", case {} ({:?}), frame of {} bytes:\n{}",
+            self.seed,
+            self.state,
+            self.index,
+            self.kind,
+            self.frame.len(),
+            hex_dump(self.frame)
+        )
+    }
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn program_matches_the_model_on_generated_frames() {
+    let Some(mut f) = Fixture::setup("diff") else {
+        return;
+    };
+    let seed: u64 = env_or("ZTNA_XDP_DIFF_SEED", DEFAULT_SEED);
+    let cases: usize = env_or("ZTNA_XDP_DIFF_CASES", DEFAULT_CASES);
+    let mut rng = Rng::with_seed(seed);
+    let started = Instant::now();
+    let states = states();
+    let per_state = cases.div_ceil(states.len());
+    let mut verdicts = [0usize; VERDICT_COUNT as usize];
+    let mut kinds: HashMap<Kind, usize> = HashMap::new();
+    // Frames the model forwarded, by kind.
+    let mut forwarded_kinds: HashMap<Kind, usize> = HashMap::new();
+    let mut index = 0;
+    for (i, state) in states.iter().enumerate() {
+        apply(&mut f, i.checked_sub(1).map(|p| &states[p]), state);
+        let sessions_before: Vec<_> = state
+            .maps
+            .entries
+            .iter()
+            .map(|(c, _)| f.session(*c))
+            .collect();
+        let mut forwarded: HashMap<[u8; 8], (u64, u64)> = HashMap::new();
+        let mut frames: Vec<(Kind, Vec<u8>)> = Vec::with_capacity(per_state);
+        if i == 0 {
+            frames.extend(truncation_sweep(&mut rng, state));
+        }
+        while frames.len() < per_state {
+            frames.push(generate(&mut rng, state));
+        }
+        f.in_namespace(|| {
+            let mut counters = f.counters();
+            for (kind, frame) in &frames {
+                let mismatch = Mismatch {
+                    seed,
+                    state: state.name,
+                    index,
+                    kind: *kind,
+                    frame,
+                };
+                let expected = model::decide(frame, &state.maps, &HarnessRoutes);
+                let got = f.run_here(frame);
+                let after = f.counters();
+                match (&expected, got) {
+                    (Expected::Refused, Err(ProgramError::SyscallError(e)))
+                        if e.io_error.raw_os_error() == Some(libc::EINVAL) => {}
+                    (Expected::Refused, other) => {
+                        mismatch.fail(&format!("expected EINVAL, got {other:?}"))
+                    }
+                    (Expected::Ran(_), Err(e)) => mismatch.fail(&format!("test run failed: {e}")),
+                    (Expected::Ran(want), Ok((action, out))) => {
+                        if action != want.action || out != want.output {
+                            mismatch.fail(&format!(
+                                "action {action} (model {} for {:?}); output {} bytes:\n{}model's output:\n{}",
+                                want.action,
+                                want.verdict,
+                                out.len(),
+                                hex_dump(&out),
+                                hex_dump(&want.output)
+                            ));
+                        }
+                        verdicts[want.verdict as usize] += 1;
+                        if let Some(c) = want.forwarded {
+                            *forwarded_kinds.entry(*kind).or_default() += 1;
+                            let s = forwarded.entry(c).or_default();
+                            s.0 += 1;
+                            s.1 += frame.len() as u64;
+                        }
+                    }
+                }
+                let want_verdict = match &expected {
+                    Expected::Ran(o) => Some(o.verdict),
+                    Expected::Refused => None,
+                };
+                for v in Verdict::ALL {
+                    let delta = after[v as usize] - counters[v as usize];
+                    if delta != u64::from(Some(v) == want_verdict) {
+                        mismatch.fail(&format!(
+                            "counter {v:?} moved by {delta}; the model's verdict is {want_verdict:?}"
+                        ));
+                    }
+                }
+                counters = after;
+                *kinds.entry(*kind).or_default() += 1;
+                index += 1;
+            }
+        });
+        // The sessions' counters moved by what the model forwarded for them.
+        for ((c, _), before) in state.maps.entries.iter().zip(sessions_before) {
+            let want = forwarded.get(c).copied().unwrap_or_default();
+            match (state.session_stats, f.session(*c)) {
+                (true, Some(now)) => {
+                    let before = before.unwrap_or_default();
+                    assert_eq!(
+                        (now.packets - before.packets, now.bytes - before.bytes),
+                        want,
+                        "state \"{}\": session {c:02x?} packets and bytes (seed {seed:#x})",
+                        state.name
+                    );
+                }
+                (false, None) => {}
+                (stats, now) => panic!(
+                    "state \"{}\": session {c:02x?} stats entry {now:?}, expected one: {stats}",
+                    state.name
+                ),
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    // Every verdict but Aborted (no frame can make a rewrite fail) was reached.
+    for v in Verdict::ALL {
+        if v != Verdict::Aborted {
+            assert!(
+                verdicts[v as usize] > 0 || cases < 10_000,
+                "no generated frame reached {v:?}: {verdicts:?}"
+            );
+        }
+    }
+    // The checksum and padding variants reached the rewrite, not only the verdicts.
+    for m in [
+        Mutation::UdpChecksumZero,
+        Mutation::UdpChecksumRandom,
+        Mutation::IpChecksumRandom,
+        Mutation::Padding,
+    ] {
+        assert!(
+            forwarded_kinds.contains_key(&Kind::Mutated(m)) || cases < 10_000,
+            "no {m:?} frame was forwarded: {forwarded_kinds:?}"
+        );
+    }
+    let tally: Vec<_> = Verdict::ALL
+        .iter()
+        .map(|v| (v.name(), verdicts[*v as usize]))
+        .collect();
+    eprintln!(
+        "xdp differential: {index} frames (seed {seed:#x}) in {:.1} s; verdicts {tally:?}; {} kinds of frame",
+        elapsed.as_secs_f64(),
+        kinds.len()
+    );
+}
