@@ -31,11 +31,12 @@ impl std::fmt::Display for PemKind {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsFileError {
     /// The OS's reason: no such file, permission denied, is a directory, ...
-    #[error("{kind} {path}: {source}")]
+    #[error("{kind} {path}: {reason}")]
     Read {
         kind: PemKind,
         path: String,
-        source: std::io::Error,
+        /// Not a `source`: it is the message, and printing it twice helps nobody.
+        reason: std::io::Error,
     },
     #[error("{kind} {path}: not PEM (no \"-----BEGIN\" line)")]
     NotPem { kind: PemKind, path: String },
@@ -64,10 +65,10 @@ pub fn load(c: &mut quiche::Config, kind: PemKind, path: &str) -> Result<(), Tls
 
 /// Reads `path` and checks that it holds a PEM block.
 pub fn check_pem(kind: PemKind, path: &Path) -> Result<(), TlsFileError> {
-    let bytes = std::fs::read(path).map_err(|source| TlsFileError::Read {
+    let bytes = std::fs::read(path).map_err(|reason| TlsFileError::Read {
         kind,
         path: path.display().to_string(),
-        source,
+        reason,
     })?;
     if !bytes.windows(10).any(|w| w == b"-----BEGIN") {
         return Err(TlsFileError::NotPem {

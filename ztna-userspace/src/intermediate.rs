@@ -104,6 +104,8 @@ pub struct IntermediateConfig {
     /// instances that share a server key and stay the same across restarts. Default:
     /// host name and bound UDP address.
     pub instance_id: Option<String>,
+    /// Where the XDP program's maps are pinned; `None`: `/sys/fs/bpf/ztna/<port>`.
+    pub bpf_pin_dir: Option<PathBuf>,
 }
 
 impl IntermediateConfig {
@@ -125,6 +127,7 @@ impl IntermediateConfig {
                 .expect("valid default pool"),
             tunnel_ipv6: None,
             instance_id: None,
+            bpf_pin_dir: None,
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod addressing;
 pub mod agent;
 pub mod batch;
+pub mod config;
 pub mod connector;
 pub mod connector_set;
 pub mod echo;
@@ -15,6 +16,7 @@ pub mod logging;
 pub mod netif;
 pub mod relay;
 pub mod service;
+pub mod settings;
 pub mod tun_agent;
 pub mod user_tcp;
 pub mod xdp;

@@ -119,6 +119,28 @@ impl std::str::FromStr for ServiceSpec {
     }
 }
 
+/// In a config file, a service is a table: `id`, `backend` and `prefixes` (a list),
+/// checked as the flag's `ID=BACKEND@PREFIX,...` form is.
+impl<'de> serde::Deserialize<'de> for ServiceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            id: String,
+            backend: String,
+            #[serde(default)]
+            prefixes: Vec<String>,
+        }
+        let t = Table::deserialize(d)?;
+        let spec = if t.prefixes.is_empty() {
+            format!("{}={}", t.id, t.backend)
+        } else {
+            format!("{}={}@{}", t.id, t.backend, t.prefixes.join(","))
+        };
+        spec.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// An address (a host prefix) or a CIDR block whose host bits are zero.
 pub fn parse_prefix(p: &str) -> Result<IpNet, String> {
     if p.contains('/') {

@@ -32,7 +32,8 @@ pub fn embedded_object() -> Option<&'static [u8]> {
 }
 
 /// `--xdp` choices.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum XdpChoice {
     /// No XDP: the userspace forwarder serves the table.
     Off,

@@ -7,48 +7,31 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use ztna_core::Role;
 use ztna_core::agent::AgentConfig;
-use ztna_core::{ClientConfig, Role};
 use ztna_userspace::agent::{Agent, EchoOptions, Pattern, run_echo};
+use ztna_userspace::config::{self, ConfigError, Layered};
+use ztna_userspace::settings::AgentSettings;
 use ztna_userspace::tun_agent::{Up, UpConfig, serve_status};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "ztna agent")]
 struct Args {
+    /// TOML configuration file (example: deploy/config/agent.toml). Flags and
+    /// ZTNA_* variables override its keys.
+    #[arg(long, env = "ZTNA_CONFIG", global = true)]
+    config: Option<PathBuf>,
     #[command(flatten)]
-    conn: ConnArgs,
+    settings: AgentSettings,
+    #[command(flatten)]
+    waits: EchoWaits,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
+/// How long `echo` waits for better paths before sending (flags only).
 #[derive(clap::Args, Debug)]
-struct ConnArgs {
-    /// Intermediate address.
-    #[arg(long, global = true, default_value = "127.0.0.1:4433")]
-    server: SocketAddr,
-    /// Name expected in the intermediate's certificate.
-    #[arg(long, global = true, default_value = "intermediate.ztna")]
-    server_name: String,
-    /// CA that signed the intermediate's certificate.
-    #[arg(long, global = true)]
-    ca: Option<String>,
-    /// Skip verifying the intermediate's certificate (dev only).
-    #[arg(long, global = true)]
-    insecure_skip_server_verify: bool,
-    /// Client certificate (SAN agent.<service>.ztna).
-    #[arg(long, global = true)]
-    cert: Option<String>,
-    #[arg(long, global = true)]
-    key: Option<String>,
-    /// Service to register for (repeatable; the first is used by `echo`).
-    #[arg(long = "service", global = true)]
-    services: Vec<String>,
-    /// Keep to the datagram relay (no end-to-end data connection).
-    #[arg(long, global = true)]
-    datagram_only: bool,
-    /// No hole punching: keep the data connection on the forwarded relay.
-    #[arg(long, global = true)]
-    no_p2p: bool,
+struct EchoWaits {
     /// Wait this long for a direct path before sending, in milliseconds (0: don't).
     #[arg(long, global = true, default_value_t = 0)]
     direct_wait_ms: u64,
@@ -56,26 +39,15 @@ struct ConnArgs {
     /// relay, in milliseconds.
     #[arg(long, global = true, default_value_t = 3000)]
     data_wait_ms: u64,
-    #[arg(long, global = true, default_value = "warn")]
-    log: String,
 }
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the agent on a TUN device until SIGINT/SIGTERM: routes for the services'
     /// prefixes, traffic on each service's best path.
-    Up {
-        /// TUN device name.
-        #[arg(long, default_value = "ztna0")]
-        tun: String,
-        /// Unix socket for `ztna-agent status`.
-        #[arg(long, default_value_os_t = ztna_userspace::tun_agent::default_status_socket())]
-        status_socket: PathBuf,
-    },
+    Up,
     /// Show a running agent's services, paths, RTT and traffic.
     Status {
-        #[arg(long, default_value_os_t = ztna_userspace::tun_agent::default_status_socket())]
-        status_socket: PathBuf,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -119,13 +91,14 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let c = &args.conn;
-    if let Cmd::Status {
-        status_socket,
-        json,
-    } = &args.cmd
-    {
-        let v = ztna_userspace::tun_agent::read_status(status_socket)?;
+    let file = config::file_layer(args.config.as_deref())?;
+    let s = args.settings.over(file);
+    let status_socket = s
+        .status_socket
+        .clone()
+        .unwrap_or_else(ztna_userspace::tun_agent::default_status_socket);
+    if let Cmd::Status { json } = &args.cmd {
+        let v = ztna_userspace::tun_agent::read_status(&status_socket)?;
         if *json {
             println!("{v}");
         } else {
@@ -133,34 +106,33 @@ fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let default_log = if matches!(args.cmd, Cmd::Up { .. }) {
+    let default_log = if matches!(args.cmd, Cmd::Up) {
         "info"
     } else {
-        c.log.as_str()
+        "warn"
     };
-    ztna_userspace::logging::init(if c.log != "warn" { &c.log } else { default_log });
-    if c.services.is_empty() {
-        anyhow::bail!("--service is required");
+    ztna_userspace::logging::init(s.log.as_deref().unwrap_or(default_log));
+    if s.service.is_empty() {
+        return Err(ConfigError::Missing {
+            what: "at least one service",
+            flag: "service",
+            env: "ZTNA_SERVICE",
+            key: "service",
+        }
+        .into());
     }
-    if c.ca.is_none() && !c.insecure_skip_server_verify {
-        anyhow::bail!(
-            "--ca is required to verify the intermediate (or --insecure-skip-server-verify)"
-        );
-    }
-    let mut cfg = ClientConfig::new(c.server, Role::Agent, c.services.clone());
-    cfg.server_name = c.server_name.clone();
-    cfg.ca_file = c.ca.clone();
-    cfg.cert_file = c.cert.clone();
-    cfg.key_file = c.key.clone();
+    let mut cfg = s.client().client_config(Role::Agent, s.service.clone())?;
+    let datagram_only = s.datagram_only.unwrap_or(false);
+    let no_p2p = s.no_p2p.unwrap_or(false);
     match args.cmd {
         Cmd::Status { .. } => unreachable!("handled above"),
-        Cmd::Up { tun, status_socket } => {
+        Cmd::Up => {
             let mut agent = AgentConfig::new(cfg);
-            agent.data_path = !c.datagram_only;
-            agent.p2p = !c.no_p2p;
+            agent.data_path = !datagram_only;
+            agent.p2p = !no_p2p;
             let (up, status) = Up::new(UpConfig {
                 agent,
-                tun_name: tun,
+                tun_name: s.tun.clone().unwrap_or_else(|| "ztna0".into()),
                 status_socket: status_socket.clone(),
             })?;
             serve_status(status_socket, status)?;
@@ -185,21 +157,21 @@ fn main() -> anyhow::Result<()> {
         } => {
             cfg.reconnect = false;
             let start = Instant::now();
-            let mut agent = Agent::connect_with(cfg, !c.datagram_only)?;
-            agent.set_p2p(!c.no_p2p);
+            let mut agent = Agent::connect_with(cfg, !datagram_only)?;
+            agent.set_p2p(!no_p2p);
             agent.wait_registered(Duration::from_secs(10))?;
-            let service = c.services[0].clone();
-            if !c.datagram_only
+            let service = s.service[0].clone();
+            if !datagram_only
                 && let Err(e) =
-                    agent.wait_relay_path(&service, Duration::from_millis(c.data_wait_ms))
+                    agent.wait_relay_path(&service, Duration::from_millis(args.waits.data_wait_ms))
             {
                 eprintln!("warning: {e}; using the datagram relay");
             }
-            if c.direct_wait_ms > 0
+            if args.waits.direct_wait_ms > 0
                 && let Err(e) = agent.wait_path(
                     &service,
                     ztna_userspace::agent::PathKind::Direct,
-                    Duration::from_millis(c.direct_wait_ms),
+                    Duration::from_millis(args.waits.direct_wait_ms),
                 )
             {
                 eprintln!("warning: {e}");
