@@ -40,21 +40,7 @@ const KERNEL_BURST: usize = 256;
 const USER_TCP_TOKENS: usize = 1 << 48;
 const FLOW_IDLE: Duration = Duration::from_secs(120);
 
-macro_rules! counters {
-    ($name:ident { $($(#[$m:meta])* $field:ident),* $(,)? }) => {
-        #[derive(Debug, Default)]
-        pub struct $name { $($(#[$m])* pub $field: AtomicU64,)* }
-        impl $name {
-            pub fn snapshot(&self) -> serde_json::Value {
-                let mut m = serde_json::Map::new();
-                $(m.insert(stringify!($field).into(), self.$field.load(Ordering::Relaxed).into());)*
-                serde_json::Value::Object(m)
-            }
-        }
-    };
-}
-
-counters!(ConnectorStats {
+crate::counters!(ConnectorStats {
     connects,
     registrations,
     refusals,

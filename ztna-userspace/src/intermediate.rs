@@ -132,22 +132,7 @@ impl IntermediateConfig {
     }
 }
 
-macro_rules! stats {
-    ($name:ident { $($(#[$m:meta])* $field:ident),* $(,)? }) => {
-        /// Counters, readable while the server runs.
-        #[derive(Debug, Default)]
-        pub struct $name { $($(#[$m])* pub $field: AtomicU64,)* }
-        impl $name {
-            pub fn snapshot(&self) -> serde_json::Value {
-                let mut m = serde_json::Map::new();
-                $(m.insert(stringify!($field).into(), self.$field.load(Ordering::Relaxed).into());)*
-                serde_json::Value::Object(m)
-            }
-        }
-    };
-}
-
-stats!(IntermediateStats {
+crate::counters!(IntermediateStats {
     /// UDP payloads that are not QUIC packets.
     garbage_packets,
     /// Short-header packets for connections we don't know.

@@ -7,6 +7,7 @@ pub mod batch;
 pub mod config;
 pub mod connector;
 pub mod connector_set;
+pub mod counters;
 pub mod echo;
 pub mod flows;
 pub mod identity;
