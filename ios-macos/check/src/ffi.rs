@@ -24,6 +24,7 @@ impl Header {
     /// Parses a C header; its syntax errors are problems too (a header the grammar
     /// cannot read would make every later answer unreliable).
     pub fn parse(path: &Path, text: &str) -> Result<(Header, Vec<Problem>), CheckError> {
+        let text = &as_c(text);
         let language: tree_sitter::Language = tree_sitter_c::LANGUAGE.into();
         let tree = crate::parse(language, "C", path, text)?;
         let problems = crate::syntax_problems_in(&tree, path, text);
@@ -31,7 +32,12 @@ impl Header {
         for node in crate::nodes(&tree) {
             match node.kind() {
                 "function_declarator" => {
-                    let Some(name) = node.child_by_field_name("declarator") else {
+                    // A prototype names an identifier; a function-pointer typedef
+                    // (`(*ztna_log_fn)(...)`) is a type, collected below.
+                    let Some(name) = node
+                        .child_by_field_name("declarator")
+                        .filter(|n| n.kind() == "identifier")
+                    else {
                         continue;
                     };
                     let Some(params) = node.child_by_field_name("parameters") else {
@@ -56,6 +62,34 @@ impl Header {
     pub fn load(path: &Path) -> Result<(Header, Vec<Problem>), CheckError> {
         Header::parse(path, &crate::read(path)?)
     }
+}
+
+/// The header as a C (not C++) compiler reads it: `#ifdef __cplusplus` blocks
+/// blanked (lines kept, so positions stay right). cbindgen wraps the prototypes in
+/// `extern "C" {` and `}` inside two such blocks; a brace opened in one conditional
+/// and closed in another is beyond a grammar that does not preprocess.
+fn as_c(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut depth = 0usize; // nesting of #if* inside a __cplusplus block
+    for line in text.split_inclusive('\n') {
+        let directive = line.trim_start();
+        if depth == 0 {
+            if directive.starts_with("#ifdef __cplusplus") {
+                depth = 1;
+                out.push('\n');
+            } else {
+                out.push_str(line);
+            }
+            continue;
+        }
+        if directive.starts_with("#if") {
+            depth += 1;
+        } else if directive.starts_with("#endif") {
+            depth -= 1;
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Parameters of a `parameter_list`: `(void)` and `()` are none.
@@ -173,6 +207,10 @@ mod tests {
 #define ZTNA_MAX 1350
 typedef enum ztna_error { ZTNA_ERROR_OK = 0, ZTNA_ERROR_NOTHING = 1 } ztna_error;
 typedef struct ztna_agent ztna_agent;
+typedef void (*ztna_log_fn)(void *ctx, const char *message);
+#ifdef __cplusplus
+extern "C" {
+#endif // __cplusplus
 typedef struct ztna_sockaddr { uint8_t family; uint16_t port; uint8_t addr[16]; } ztna_sockaddr;
 /* a comment mentioning ztna_not_a_function(a, b) */
 enum ztna_error ztna_agent_poll_udp(struct ztna_agent *agent,
@@ -182,6 +220,9 @@ enum ztna_error ztna_agent_poll_udp(struct ztna_agent *agent,
                                     struct ztna_sockaddr *to);
 void ztna_agent_free(struct ztna_agent *agent);
 const char *ztna_error_message(int32_t code);
+#ifdef __cplusplus
+}  // extern "C"
+#endif
 int ztna_version(void);
 "#;
 
