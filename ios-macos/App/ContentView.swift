@@ -6,8 +6,10 @@ import UniformTypeIdentifiers
 /// the services' paths and RTTs, and the recent log lines.
 struct ContentView: View {
     @EnvironmentObject private var tunnel: TunnelController
-    /// Which PEM the file picker is importing, nil when it is closed.
-    @State private var importing: PEMItem?
+    @State private var pickerShown = false
+    /// Which PEM the file picker imports (kept past the picker's dismissal, which
+    /// may come before its completion).
+    @State private var importTarget: PEMItem = .ca
 
     var body: some View {
         VStack(alignment: .leading, spacing: 16) {
@@ -19,22 +21,10 @@ struct ContentView: View {
                 .frame(minHeight: 140)
         }
         .padding(20)
-        .fileImporter(
-            isPresented: Binding(
-                get: { importing != nil },
-                set: { presented in
-                    if !presented {
-                        importing = nil
-                    }
-                }
-            ),
-            allowedContentTypes: [.item]
-        ) { result in
-            guard let item = importing else { return }
-            importing = nil
+        .fileImporter(isPresented: $pickerShown, allowedContentTypes: [.item]) { result in
             switch result {
             case .success(let url):
-                tunnel.importPEM(from: url, as: item)
+                tunnel.importPEM(from: url, as: importTarget)
             case .failure(let error):
                 tunnel.lastError = error.localizedDescription
             }
@@ -59,7 +49,8 @@ struct ContentView: View {
                         Text(item.title)
                         Spacer()
                         Button("Import…") {
-                            importing = item
+                            importTarget = item
+                            pickerShown = true
                         }
                     }
                 }

@@ -57,7 +57,8 @@ public struct TunnelConfiguration: Codable, Equatable {
 
     /// The value for `NETunnelProviderProtocol.providerConfiguration`.
     public func providerConfiguration() throws -> [String: Any] {
-        [Self.providerConfigurationKey: try JSONEncoder().encode(self)]
+        let encoded = try JSONEncoder().encode(self)
+        return [Self.providerConfigurationKey: encoded]
     }
 
     /// Reads a configuration written by `providerConfiguration()`.

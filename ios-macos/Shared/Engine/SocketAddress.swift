@@ -109,7 +109,7 @@ extension SocketAddress {
             let raw = withUnsafeBytes(of: sin6.sin6_addr) { Data($0) }
             guard let a = IPv6Address(raw) else { return nil }
             let port = UInt16(bigEndian: sin6.sin6_port)
-            if let v4 = a.asIPv4 {
+            if a.isIPv4Mapped, let v4 = a.asIPv4 {
                 self.init(host: .ipv4(v4), port: port)
             } else {
                 self.init(host: .ipv6(a), port: port)

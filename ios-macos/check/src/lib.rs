@@ -14,6 +14,7 @@
 //! Each check returns [`Problem`]s (`file:line:col: message`) rather than stopping at
 //! the first; the tests in `tests/apple_sources.rs` run them on the real tree.
 
+pub mod codable;
 pub mod ffi;
 pub mod project;
 pub mod swift;
