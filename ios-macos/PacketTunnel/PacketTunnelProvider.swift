@@ -105,10 +105,12 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
         self.agent = agent
         self.udp = udp
         self.intermediate = intermediate
-        startCompletion = completion
-
         lastInterfaceAddresses = InterfaceAddresses.current()
         try agent.networkChanged(interfaceAddresses: lastInterfaceAddresses)
+
+        // From here on nothing throws: the first tunnel settings (or a failure)
+        // complete the start.
+        startCompletion = completion
         startTimer()
         startPathMonitor()
         queue.asyncAfter(deadline: .now() + .seconds(Self.startTimeoutSeconds)) { [weak self] in
