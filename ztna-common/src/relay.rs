@@ -33,10 +33,14 @@ pub const RELAY_CID_LEN: usize = 8;
 /// First byte of every relay CID.
 pub const RELAY_CID_MARKER: u8 = 0xA5;
 
-/// Names of the maps, also their pin names under [`PIN_DIR`].
+/// Names of the maps, also their pin names in an instance's pin directory (under
+/// [`PIN_ROOT`]).
 pub const MAP_RELAY: &str = "ZTNA_RELAY";
 pub const MAP_SESSION_STATS: &str = "ZTNA_SESSION_STATS";
 pub const MAP_STATS: &str = "ZTNA_STATS";
+/// Per-CPU array like `ZTNA_STATS`, indexed by [`Verdict`]: bytes (whole frames, as
+/// they arrived) of the packets given each verdict.
+pub const MAP_STATS_BYTES: &str = "ZTNA_STATS_BYTES";
 pub const MAP_CONFIG: &str = "ZTNA_CONFIG";
 pub const MAP_LOCAL_ADDRS: &str = "ZTNA_LOCAL_ADDRS";
 /// Capacity of `ZTNA_LOCAL_ADDRS`: the relay's own IPv4 addresses.
@@ -45,7 +49,9 @@ pub const MAX_LOCAL_ADDRS: u32 = 64;
 pub const LOCAL_ADDR_PRESENT: u8 = 1;
 /// How long the program reuses a route lookup's result for a peer.
 pub const NEXTHOP_CACHE_NS: u64 = 1_000_000_000;
-pub const PIN_DIR: &str = "/sys/fs/bpf/ztna";
+/// Pins of each intermediate go to `PIN_ROOT/<its UDP port>` unless configured
+/// otherwise (`--bpf-pin-dir`), so two instances on one host never share maps.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/ztna";
 pub const PROGRAM_NAME: &str = "ztna_relay";
 /// Capacity of the forwarding table (two entries per session).
 pub const MAX_RELAY_ENTRIES: u32 = 65536;

@@ -12,7 +12,8 @@
 //! incremental IP and UDP checksum updates → `XDP_TX` or `bpf_redirect`. Anything else is `XDP_PASS` to the
 //! kernel and the intermediate's userspace forwarder, which also handles sender
 //! changes (NAT rebinding) and peers without a route or neighbour entry yet.
-//! Each decision increments one per-CPU counter of `ZTNA_STATS` (`Verdict`).
+//! Each decision increments one per-CPU counter of `ZTNA_STATS` (`Verdict`) and adds
+//! the frame's length to the same slot of `ZTNA_STATS_BYTES`.
 #![no_std]
 #![no_main]
 
@@ -37,6 +38,9 @@ static ZTNA_SESSION_STATS: PerCpuHashMap<RelayKey, SessionStats, { MAX_RELAY_ENT
 
 #[btf_map]
 static ZTNA_STATS: PerCpuArray<u64, { VERDICT_COUNT as usize }> = PerCpuArray::new();
+
+#[btf_map]
+static ZTNA_STATS_BYTES: PerCpuArray<u64, { VERDICT_COUNT as usize }> = PerCpuArray::new();
 
 #[btf_map]
 static ZTNA_CONFIG: Array<RelayConfig, 1> = Array::new();
@@ -79,7 +83,7 @@ struct FibParams {
 #[xdp]
 pub fn ztna_relay(ctx: XdpContext) -> u32 {
     let (action, verdict) = try_ztna_relay(&ctx);
-    count(verdict);
+    count(verdict, ctx.data_end() - ctx.data());
     action
 }
 
@@ -91,10 +95,14 @@ pub fn ztna_pass(_ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn count(v: Verdict) {
+fn count(v: Verdict, len: usize) {
     if let Some(c) = ZTNA_STATS.get_ptr_mut(v as u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while we run.
         unsafe { *c += 1 };
+    }
+    if let Some(b) = ZTNA_STATS_BYTES.get_ptr_mut(v as u32) {
+        // SAFETY: as above.
+        unsafe { *b += len as u64 };
     }
 }
 

@@ -238,8 +238,20 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The cause is often in another process's log: show the tails of all.
+        let others: String = self
+            .children
+            .iter()
+            .filter(|(n, _)| n != name)
+            .map(|(n, _)| {
+                let log = self.log(n);
+                let tail: Vec<&str> = log.lines().rev().take(8).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!("--- {n} (last lines):\n{}\n", tail.join("\n"))
+            })
+            .collect();
         bail!(
-            "{name} did not log {needle:?} within {timeout:?}:\n{}",
+            "{name} did not log {needle:?} within {timeout:?}:\n{}\n{others}",
             self.log(name)
         )
     }

@@ -86,7 +86,10 @@ fn local_addrs() -> Vec<std::net::Ipv4Addr> {
             "map",
             "dump",
             "pinned",
-            "/sys/fs/bpf/ztna/ZTNA_LOCAL_ADDRS",
+            &format!(
+                "/sys/fs/bpf/ztna/{}/ZTNA_LOCAL_ADDRS",
+                ztna_netlab::RELAY_PORT
+            ),
         ],
     )
     .unwrap();
@@ -208,7 +211,12 @@ fn bpftool_dumps_entries_by_field_name_and_sessions_lists_them() {
     while Instant::now() < deadline {
         let out = ztna_netlab::sh(
             "bpftool",
-            &["map", "dump", "pinned", "/sys/fs/bpf/ztna/ZTNA_RELAY"],
+            &[
+                "map",
+                "dump",
+                "pinned",
+                &format!("/sys/fs/bpf/ztna/{}/ZTNA_RELAY", ztna_netlab::RELAY_PORT),
+            ],
         );
         if let Ok(o) = out {
             dump = String::from_utf8_lossy(&o.stdout).to_string();

@@ -556,12 +556,17 @@ impl Intermediate {
     fn setup_xdp(&mut self) -> anyhow::Result<()> {
         use crate::xdp::XdpChoice;
         let choice = self.cfg.xdp;
+        let pin_dir = self
+            .cfg
+            .bpf_pin_dir
+            .clone()
+            .unwrap_or_else(|| crate::xdp::default_pin_dir(self.local.port()));
         if choice == XdpChoice::Off {
-            crate::xdp::remove_stale_pins();
+            crate::xdp::remove_stale_pins(&pin_dir);
             tracing::info!("XDP off: relayed packets are forwarded in userspace");
             return Ok(());
         }
-        match crate::xdp::load(choice, &self.cfg.xdp_interfaces, self.local) {
+        match crate::xdp::load(choice, &self.cfg.xdp_interfaces, self.local, &pin_dir) {
             Ok((relay, table)) => {
                 self.relay.set_kernel(Box::new(table));
                 self.xdp = Some(relay);
@@ -598,12 +603,10 @@ impl Intermediate {
             })
             .collect::<Vec<_>>()
             .into();
-        if self.xdp.is_some()
-            && let Ok(counters) = crate::xdp::verdict_counters()
-        {
-            v["xdp_verdicts"] = counters
+        if let Some(totals) = self.xdp.as_ref().and_then(|x| x.verdict_totals().ok()) {
+            v["xdp_verdicts"] = totals
                 .into_iter()
-                .map(|(k, n)| (k.to_string(), serde_json::Value::from(n)))
+                .map(|(k, n, _)| (k.name().to_string(), serde_json::Value::from(n)))
                 .collect::<serde_json::Map<_, _>>()
                 .into();
         }

@@ -14,6 +14,7 @@ pub mod identity;
 pub mod intermediate;
 pub mod kernel_nat;
 pub mod logging;
+pub mod metrics;
 pub mod netif;
 pub mod relay;
 pub mod service;

@@ -2,9 +2,9 @@
 //!
 //! The program (`ztna-ebpf/`, built by `cargo xtask build-ebpf`) is embedded at build
 //! time. `load` removes pins left by an earlier run, so a restarted intermediate never
-//! forwards on stale entries, loads the program, pins its maps under
-//! `/sys/fs/bpf/ztna/` (BTF included, so `bpftool map dump pinned` prints field
-//! names), writes the relay port into `ZTNA_CONFIG` and the relay's own IPv4
+//! forwards on stale entries, loads the program, pins its maps in the instance's pin
+//! directory (`/sys/fs/bpf/ztna/<port>` by default; BTF included, so `bpftool map
+//! dump pinned` prints field names), writes the relay port into `ZTNA_CONFIG` and the relay's own IPv4
 //! addresses into `ZTNA_LOCAL_ADDRS`, and attaches to each interface.
 //! Links are bpf_links owned by this process: they go away with it, also on a crash.
 
@@ -18,8 +18,8 @@ use aya::programs::{Xdp, XdpMode};
 use ztna_common::frames::Cid;
 use ztna_common::relay::{
     LOCAL_ADDR_PRESENT, MAP_CONFIG, MAP_LOCAL_ADDRS, MAP_RELAY, MAP_SESSION_STATS, MAP_STATS,
-    MAX_LOCAL_ADDRS, PIN_DIR, PROGRAM_NAME, RelayConfig, RelayEntry, RelayKey, SessionStats,
-    VERDICT_COUNT, Verdict,
+    MAP_STATS_BYTES, MAX_LOCAL_ADDRS, PIN_ROOT, PROGRAM_NAME, RelayConfig, RelayEntry, RelayKey,
+    SessionStats, VERDICT_COUNT, Verdict,
 };
 
 use crate::relay::KernelTable;
@@ -53,6 +53,8 @@ pub struct XdpRelay {
     /// The relay socket's address, and what `ZTNA_LOCAL_ADDRS` holds for it.
     relay_addr: SocketAddr,
     local_addrs: Vec<Ipv4Addr>,
+    /// Where its maps are pinned (removed when this drops).
+    pub pin_dir: PathBuf,
     /// Forwarding sysctls we turned on; restored when this drops. Declared after
     /// `ebpf` so the program detaches first.
     _forwarding: Vec<SysctlRestore>,
@@ -141,24 +143,44 @@ fn enable_forwarding(iface: &str) -> anyhow::Result<Option<SysctlRestore>> {
     Ok(restore)
 }
 
-fn pin_path(name: &str) -> PathBuf {
-    Path::new(PIN_DIR).join(name)
+/// The pin directory of an intermediate listening on `port`, unless configured.
+pub fn default_pin_dir(port: u16) -> PathBuf {
+    Path::new(PIN_ROOT).join(port.to_string())
 }
 
-/// Every map the loader pins under [`PIN_DIR`].
-const PINNED_MAPS: [&str; 5] = [
+fn pin_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+/// Every map the loader pins in the instance's directory.
+const PINNED_MAPS: [&str; 6] = [
     MAP_RELAY,
     MAP_SESSION_STATS,
     MAP_STATS,
+    MAP_STATS_BYTES,
     MAP_CONFIG,
     MAP_LOCAL_ADDRS,
 ];
 
-/// Removes the pins of an earlier run.
-pub fn remove_stale_pins() {
+/// Removes the pins of an earlier run in `dir`, and `dir` if that leaves it empty.
+pub fn remove_stale_pins(dir: &Path) {
     for m in PINNED_MAPS {
-        let _ = std::fs::remove_file(pin_path(m));
+        let _ = std::fs::remove_file(pin_path(dir, m));
     }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// The pin directories of running (or crashed) intermediates under [`PIN_ROOT`].
+pub fn instance_pin_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(PIN_ROOT)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join(MAP_RELAY).exists())
+        .collect();
+    dirs.sort();
+    dirs
 }
 
 impl XdpRelay {
@@ -212,10 +234,30 @@ impl XdpRelay {
     }
 }
 
+impl XdpRelay {
+    /// Packets and bytes per verdict, summed over CPUs, from this instance's maps.
+    pub fn verdict_totals(&self) -> anyhow::Result<Vec<(Verdict, u64, u64)>> {
+        let packets: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map(MAP_STATS).context("map ZTNA_STATS missing")?)?;
+        let bytes: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(MAP_STATS_BYTES)
+                .context("map ZTNA_STATS_BYTES missing")?,
+        )?;
+        let mut out = Vec::with_capacity(VERDICT_COUNT as usize);
+        for v in Verdict::ALL {
+            let p: u64 = packets.get(&(v as u32), 0)?.iter().sum();
+            let b: u64 = bytes.get(&(v as u32), 0)?.iter().sum();
+            out.push((v, p, b));
+        }
+        Ok(out)
+    }
+}
+
 impl Drop for XdpRelay {
     fn drop(&mut self) {
         // The links detach when the Ebpf drops; the pins would outlive us.
-        remove_stale_pins();
+        remove_stale_pins(&self.pin_dir);
     }
 }
 
@@ -260,6 +302,7 @@ pub fn load(
     choice: XdpChoice,
     interfaces: &[String],
     relay_addr: SocketAddr,
+    pin_dir: &Path,
 ) -> anyhow::Result<(XdpRelay, XdpTable)> {
     let object = embedded_object().context(
         "this build has no eBPF object (run `cargo xtask build-ebpf` before building the intermediate)",
@@ -291,8 +334,9 @@ pub fn load(
     for iface in interfaces {
         forwarding.extend(enable_forwarding(iface)?);
     }
-    std::fs::create_dir_all(PIN_DIR).with_context(|| format!("creating {PIN_DIR}"))?;
-    remove_stale_pins();
+    remove_stale_pins(pin_dir);
+    std::fs::create_dir_all(pin_dir)
+        .with_context(|| format!("creating the pin directory {}", pin_dir.display()))?;
     let modes: &[(XdpMode, &'static str)] = match choice {
         XdpChoice::Native => &[(XdpMode::Driver, "native")],
         XdpChoice::Generic => &[(XdpMode::Skb, "generic")],
@@ -301,7 +345,14 @@ pub fn load(
     };
     let mut last_err = None;
     for (mode, name) in modes {
-        match try_load(object, *mode, interfaces, relay_addr.port(), &local_addrs) {
+        match try_load(
+            object,
+            *mode,
+            interfaces,
+            relay_addr.port(),
+            &local_addrs,
+            pin_dir,
+        ) {
             Ok((ebpf, table)) => {
                 tracing::info!(
                     "XDP relay attached in {name} mode to {}",
@@ -314,6 +365,7 @@ pub fn load(
                         interfaces: interfaces.to_vec(),
                         relay_addr,
                         local_addrs: local_addrs.clone(),
+                        pin_dir: pin_dir.to_path_buf(),
                         _forwarding: std::mem::take(&mut forwarding),
                     },
                     table,
@@ -321,7 +373,9 @@ pub fn load(
             }
             Err(e) => {
                 tracing::warn!("XDP {name} mode on {}: {e:#}", interfaces.join(", "));
-                remove_stale_pins();
+                remove_stale_pins(pin_dir);
+                std::fs::create_dir_all(pin_dir)
+                    .with_context(|| format!("creating the pin directory {}", pin_dir.display()))?;
                 last_err = Some(e);
             }
         }
@@ -335,17 +389,18 @@ fn try_load(
     interfaces: &[String],
     relay_port: u16,
     local_addrs: &[Ipv4Addr],
+    pin_dir: &Path,
 ) -> anyhow::Result<(Ebpf, XdpTable)> {
     let mut ebpf = aya::EbpfLoader::new()
-        .default_map_pin_directory(PIN_DIR)
+        .default_map_pin_directory(pin_dir)
         .load(object)
         .context("loading the eBPF object")?;
     for m in PINNED_MAPS {
         // Maps declared without by-name pinning are pinned here.
         if let Some(map) = ebpf.map(m)
-            && !pin_path(m).exists()
+            && !pin_path(pin_dir, m).exists()
         {
-            map.pin(pin_path(m))
+            map.pin(pin_path(pin_dir, m))
                 .with_context(|| format!("pinning {m}"))?;
         }
     }
@@ -384,7 +439,7 @@ fn try_load(
         prog.attach(iface, mode)
             .with_context(|| format!("attaching to {iface}"))?;
     }
-    let table = XdpTable::open()?;
+    let table = XdpTable::open(pin_dir)?;
     Ok((ebpf, table))
 }
 
@@ -411,17 +466,19 @@ pub struct XdpTable {
     ncpu: usize,
 }
 
-fn open_pinned(name: &str) -> anyhow::Result<aya::maps::Map> {
-    let data = MapData::from_pin(pin_path(name))
-        .with_context(|| format!("opening pinned {}", pin_path(name).display()))?;
+fn open_pinned(dir: &Path, name: &str) -> anyhow::Result<aya::maps::Map> {
+    let path = pin_path(dir, name);
+    let data =
+        MapData::from_pin(&path).with_context(|| format!("opening pinned {}", path.display()))?;
     Ok(aya::maps::Map::from_map_data(data)?)
 }
 
 impl XdpTable {
-    pub fn open() -> anyhow::Result<Self> {
+    /// Opens the maps pinned in `dir`.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
         Ok(XdpTable {
-            relay: HashMap::try_from(open_pinned(MAP_RELAY)?)?,
-            sessions: PerCpuHashMap::try_from(open_pinned(MAP_SESSION_STATS)?)?,
+            relay: HashMap::try_from(open_pinned(dir, MAP_RELAY)?)?,
+            sessions: PerCpuHashMap::try_from(open_pinned(dir, MAP_SESSION_STATS)?)?,
             ncpu: aya::util::nr_cpus().map_err(|(_, e)| e)?,
         })
     }
@@ -500,9 +557,9 @@ impl KernelTable for XdpTable {
     }
 }
 
-/// Per-verdict counters summed over CPUs, from the pinned map.
-pub fn verdict_counters() -> anyhow::Result<Vec<(&'static str, u64)>> {
-    let stats: PerCpuArray<MapData, u64> = PerCpuArray::try_from(open_pinned(MAP_STATS)?)?;
+/// Per-verdict counters summed over CPUs, from the map pinned in `dir`.
+pub fn verdict_counters(dir: &Path) -> anyhow::Result<Vec<(&'static str, u64)>> {
+    let stats: PerCpuArray<MapData, u64> = PerCpuArray::try_from(open_pinned(dir, MAP_STATS)?)?;
     let mut out = Vec::new();
     for v in Verdict::ALL {
         let per_cpu = stats.get(&(v as u32), 0)?;

@@ -26,11 +26,15 @@ enum Cmd {
         #[arg(long = "service", default_value = "echo")]
         services: Vec<String>,
     },
-    /// List relay sessions from the XDP program's pinned maps (/sys/fs/bpf/ztna):
-    /// CIDs, peers, packets, bytes, last seen; and the per-verdict counters.
+    /// List relay sessions from an intermediate's pinned XDP maps: CIDs, peers,
+    /// packets, bytes, last seen; and the per-verdict counters.
     Sessions {
         #[arg(long)]
         json: bool,
+        /// The intermediate's pin directory (its --bpf-pin-dir) [default: the one
+        /// instance under /sys/fs/bpf/ztna/].
+        #[arg(long, env = "ZTNA_BPF_PIN_DIR")]
+        bpf_pin_dir: Option<PathBuf>,
     },
     /// Run a UDP echo service.
     EchoServer {
@@ -64,7 +68,7 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Sessions { json } => sessions(json),
+        Cmd::Sessions { json, bpf_pin_dir } => sessions(json, bpf_pin_dir),
         Cmd::EchoServer { listen } => {
             let socket =
                 std::net::UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
@@ -84,10 +88,38 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn sessions(json: bool) -> anyhow::Result<()> {
+/// The pin directory to read: the one given, or the only instance's.
+fn pin_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(d) = given {
+        return Ok(d);
+    }
+    let mut found = ztna_userspace::xdp::instance_pin_dirs();
+    match found.len() {
+        0 => anyhow::bail!(
+            "no pinned relay maps under {} (is an intermediate running with --xdp?)",
+            ztna_common::relay::PIN_ROOT
+        ),
+        1 => Ok(found.remove(0)),
+        _ => anyhow::bail!(
+            "several intermediates have pinned maps; choose one with --bpf-pin-dir: {}",
+            found
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn sessions(json: bool, bpf_pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
     use std::net::{Ipv4Addr, SocketAddrV4};
-    let table = ztna_userspace::xdp::XdpTable::open()
-        .context("no pinned relay maps (is the intermediate running with --xdp?)")?;
+    let dir = pin_dir(bpf_pin_dir)?;
+    let table = ztna_userspace::xdp::XdpTable::open(&dir).with_context(|| {
+        format!(
+            "no pinned relay maps in {} (is the intermediate running with --xdp?)",
+            dir.display()
+        )
+    })?;
     let now = monotonic_ns();
     let mut rows = Vec::new();
     for (k, e, s) in table.entries() {
@@ -106,7 +138,7 @@ fn sessions(json: bool) -> anyhow::Result<()> {
         }));
     }
     rows.sort_by_key(|r| (r["session"].as_u64(), r["cid"].as_str().map(String::from)));
-    let verdicts = ztna_userspace::xdp::verdict_counters()?;
+    let verdicts = ztna_userspace::xdp::verdict_counters(&dir)?;
     if json {
         let v: serde_json::Map<_, _> = verdicts
             .iter()
