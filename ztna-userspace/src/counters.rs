@@ -10,6 +10,7 @@ macro_rules! counters {
         /// Counters, readable while the daemon runs.
         #[derive(Debug, Default)]
         pub struct $name { $($(#[doc = $doc])* pub $field: std::sync::atomic::AtomicU64,)* }
+        #[allow(dead_code)]
         impl $name {
             pub fn snapshot(&self) -> serde_json::Value {
                 let mut m = serde_json::Map::new();

@@ -51,8 +51,11 @@ use crate::batch::{RecvBatch, SendBatch};
 use crate::connector_set::{self, ConnectorSet, Liveness, LivenessChange};
 use crate::flows::{ClientId, FlowRefused, FlowTable};
 use crate::identity::{PeerIdentity, Role};
+use crate::intermediate_metrics::IntermediateGauges;
+use crate::metrics::{Health, MetricsServer};
 use crate::relay::{ForwardResult, KernelTable, RelayTable, relay_cid_of};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use prometheus_client::metrics::histogram::Histogram;
 
 /// Length of the intermediate's own connection IDs.
 pub const LOCAL_CID_LEN: usize = 16;
@@ -106,6 +109,8 @@ pub struct IntermediateConfig {
     pub instance_id: Option<String>,
     /// Where the XDP program's maps are pinned; `None`: `/sys/fs/bpf/ztna/<port>`.
     pub bpf_pin_dir: Option<PathBuf>,
+    /// Serve /metrics, /healthz and /readyz over HTTP here.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl IntermediateConfig {
@@ -128,6 +133,7 @@ impl IntermediateConfig {
             tunnel_ipv6: None,
             instance_id: None,
             bpf_pin_dir: None,
+            metrics_listen: None,
         }
     }
 }
@@ -175,6 +181,17 @@ crate::counters!(IntermediateStats {
     qad_sent,
     registrations_accepted,
     registrations_refused,
+    /// Registrations accepted, by role.
+    registrations_agent,
+    registrations_connector,
+    /// NACKs sent, by status: 0x01 (invalid or malformed service id) and 0x02 (the
+    /// certificate does not cover the role and service).
+    nacks_invalid_id,
+    nacks_not_authorized,
+    /// Configuration reloads (SIGHUP) applied, and refused (the running
+    /// configuration stays).
+    reloads,
+    reloads_failed,
     /// Connector registrations for a service that already had a connector: both
     /// serve it (high availability).
     connectors_joined,
@@ -191,6 +208,8 @@ crate::counters!(IntermediateStats {
     datagrams_unexpected,
     relayed_to_connector,
     relayed_to_agent,
+    /// Bytes of the inner IP packets relayed on the datagram relay.
+    relayed_bytes,
     /// Relayed as raw IP to a client that reads `0x2F`, because wrapped it would not
     /// have fit that client's DATAGRAM limit.
     relayed_raw_to_fit,
@@ -219,6 +238,9 @@ crate::counters!(IntermediateStats {
     relay_sessions_refused,
     /// Of those, refused because the agent holds the most sessions one client may.
     relay_sessions_refused_client_limit,
+    /// Of those, refused because the agent is not registered (authorized) for the
+    /// service.
+    relay_sessions_refused_not_authorized,
     relay_sessions_closed,
     /// Relayed data-connection packets forwarded by the userspace forwarder.
     userspace_forwarded_packets,
@@ -277,6 +299,8 @@ struct Client {
     initial_dcid: Option<quiche::ConnectionId<'static>>,
     /// Set at its first connector registration.
     liveness: Option<Liveness>,
+    /// When its first Initial arrived (for the handshake-duration histogram).
+    created: Instant,
 }
 
 pub struct Intermediate {
@@ -312,6 +336,11 @@ pub struct Intermediate {
     /// Relayed packets waiting for one sendmmsg.
     forwarded: SendBatch,
     addresses: AddressPool,
+    gauges: Arc<IntermediateGauges>,
+    handshake: Histogram,
+    health: Arc<Health>,
+    /// The HTTP endpoints; stop with the intermediate.
+    _metrics: Option<MetricsServer>,
 }
 
 /// What the loop keeps between turns.
@@ -530,9 +559,26 @@ impl Intermediate {
             xdp: None,
             forwarded: SendBatch::default(),
             addresses,
+            gauges: Arc::new(IntermediateGauges::default()),
+            handshake: crate::intermediate_metrics::handshake_histogram(),
+            health: Arc::new(Health::default()),
+            _metrics: None,
         })
         .and_then(|mut server| {
             server.setup_xdp()?;
+            server.update_gauges();
+            if let Some(addr) = server.cfg.metrics_listen {
+                let registry = crate::intermediate_metrics::registry(
+                    server.stats.clone(),
+                    server.gauges.clone(),
+                    server.handshake.clone(),
+                );
+                server._metrics = Some(crate::metrics::serve(
+                    addr,
+                    registry,
+                    server.health.clone(),
+                )?);
+            }
             for (a, b) in server.cfg.static_sessions.clone() {
                 let s = server
                     .relay
@@ -631,7 +677,11 @@ impl Intermediate {
     /// Runs until `shutdown` (graceful) or `crash` (immediate, silent) is set.
     pub fn run(mut self, shutdown: &AtomicBool, crash: &AtomicBool) -> anyhow::Result<()> {
         let mut st = LoopState::default();
+        // Bound, and with XDP requested the program attached (bind fails otherwise,
+        // but for `auto`, which may fall back to userspace).
+        self.health.set_ready();
         loop {
+            self.health.tick();
             if crash.load(Ordering::SeqCst) {
                 return Ok(());
             }
@@ -645,6 +695,7 @@ impl Intermediate {
                     );
                 }
                 st.draining_since = Some(Instant::now());
+                self.health.set_not_ready("shutting down");
             }
             if let Some(since) = st.draining_since
                 && (self.clients.is_empty() || since.elapsed() > DRAIN_TIMEOUT)
@@ -739,10 +790,39 @@ impl Intermediate {
             {
                 tracing::warn!("XDP: updating the local addresses: {e:#}");
             }
+            self.update_gauges();
             self.write_stats_file();
             self.last_expiry = now;
         }
         Ok(())
+    }
+
+    /// Brings the gauges the metrics endpoint reads up to date (every second).
+    fn update_gauges(&mut self) {
+        let g = &self.gauges;
+        let set = |a: &AtomicU64, v: usize| a.store(v as u64, Ordering::Relaxed);
+        let (mut agents, mut connectors, mut other) = (0, 0, 0);
+        for c in self.clients.values() {
+            if !c.connector_of.is_empty() {
+                connectors += 1;
+            } else if !c.agent_of.is_empty() {
+                agents += 1;
+            } else {
+                other += 1;
+            }
+        }
+        set(&g.agents, agents);
+        set(&g.connectors, connectors);
+        set(&g.unregistered, other);
+        set(&g.relay_sessions, self.relay.len());
+        set(&g.datagram_flows, self.flows.len());
+        set(&g.xdp_attached, usize::from(self.xdp.is_some()));
+        if let Some(totals) = self.xdp.as_ref().and_then(|x| x.verdict_totals().ok()) {
+            for (v, packets, bytes) in totals {
+                g.xdp_packets[v as usize].store(packets, Ordering::Relaxed);
+                g.xdp_bytes[v as usize].store(bytes, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Probes silent connectors and takes those silent for too long out of rotation
@@ -1121,6 +1201,7 @@ impl Intermediate {
                 reads_service_packets: false,
                 initial_dcid,
                 liveness: None,
+                created: Instant::now(),
             },
         );
         Some(id)
@@ -1195,6 +1276,8 @@ impl Intermediate {
         }
         if !client.checked {
             client.checked = true;
+            self.handshake
+                .observe(now.saturating_duration_since(client.created).as_secs_f64());
             match client.conn.peer_cert() {
                 Some(der) => match PeerIdentity::from_der(der) {
                     Ok(identity) => {
@@ -1305,6 +1388,9 @@ impl Intermediate {
                     inc(&this.stats.relay_sessions_refused);
                     if status == RefusedStatus::TooManySessions {
                         inc(&this.stats.relay_sessions_refused_client_limit);
+                    }
+                    if status == RefusedStatus::NotAuthorized {
+                        inc(&this.stats.relay_sessions_refused_not_authorized);
                     }
                     tracing::info!(
                         "client {id}: relay session for {service:?} refused: {status:?}"
@@ -1555,6 +1641,12 @@ impl Intermediate {
     }
 
     fn reply(&mut self, id: ClientId, msg: &ControlMessage<'_>) {
+        if let ControlMessage::RegisterNack { status, .. } = msg {
+            inc(match status {
+                NackStatus::NotAuthorized => &self.stats.nacks_not_authorized,
+                _ => &self.stats.nacks_invalid_id,
+            });
+        }
         if let Some(bytes) = encode(msg) {
             self.send_datagram(id, &bytes);
         }
@@ -1655,6 +1747,10 @@ impl Intermediate {
             );
             return;
         }
+        inc(match role {
+            Role::Agent => &self.stats.registrations_agent,
+            Role::Connector => &self.stats.registrations_connector,
+        });
         match role {
             Role::Agent => {
                 client.agent_of.insert(service.to_string());
@@ -1876,7 +1972,12 @@ impl Intermediate {
             return;
         }
         match encode(&msg).map(|b| c.conn.dgram_send(&b)) {
-            Some(Ok(())) => inc(counter),
+            Some(Ok(())) => {
+                inc(counter);
+                self.stats
+                    .relayed_bytes
+                    .fetch_add(ip.len() as u64, Ordering::Relaxed);
+            }
             _ => inc(&self.stats.dropped_send_failed),
         }
     }

@@ -12,6 +12,7 @@ pub mod echo;
 pub mod flows;
 pub mod identity;
 pub mod intermediate;
+pub mod intermediate_metrics;
 pub mod kernel_nat;
 pub mod logging;
 pub mod metrics;

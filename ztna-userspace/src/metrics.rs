@@ -211,13 +211,29 @@ fn respond(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Res
     match req.uri().path() {
         "/metrics" => {
             let mut body = String::new();
-            match prometheus_client::encoding::text::encode(&mut body, registry) {
-                Ok(()) => text(
+            if let Err(e) = prometheus_client::encoding::text::encode(&mut body, registry) {
+                return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"), PLAIN);
+            }
+            // Content negotiation as Prometheus's own clients do it: OpenMetrics for
+            // scrapers that ask for it, the classic text format for everyone else
+            // (older scrapers, promtool, curl).
+            let wants_openmetrics = req
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|a| a.contains("application/openmetrics-text"));
+            if wants_openmetrics {
+                text(
                     StatusCode::OK,
                     body,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"), PLAIN),
+                )
+            } else {
+                text(
+                    StatusCode::OK,
+                    openmetrics_to_classic(&body),
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
             }
         }
         "/healthz" => {
@@ -234,6 +250,43 @@ fn respond(req: &Request<Incoming>, registry: &Registry, health: &Health) -> Res
             PLAIN,
         ),
     }
+}
+
+/// Rewrites prometheus-client's OpenMetrics text into the classic Prometheus text
+/// format (0.0.4): a counter family `x` becomes `x_total` in its HELP and TYPE lines
+/// (OpenMetrics names the family without the suffix its samples carry), `# UNIT` and
+/// `# EOF` go, and empty label sets `{}` are dropped.
+pub fn openmetrics_to_classic(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    let mut help: Option<(&str, &str)> = None;
+    for line in om.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            help = Some((name, text));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let family = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
+            if let Some((h, text)) = help.take()
+                && h == name
+            {
+                out.push_str(&format!("# HELP {family} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {family} {kind}\n"));
+            continue;
+        }
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        out.push_str(&line.replacen("{}", "", 1));
+        out.push('\n');
+    }
+    out
 }
 
 /// Exports a counter struct: field `f` as `ztna_<prefix>_<f>_total`.
@@ -329,13 +382,27 @@ mod tests {
         let (status, body) = get(server.addr, "/metrics");
         assert_eq!(status, 200);
         assert!(
-            body.contains("# HELP ztna_test_happened Things that happened."),
+            body.contains("# HELP ztna_test_happened_total Things that happened.\n"),
             "{body}"
         );
-        assert!(body.contains("# TYPE ztna_test_happened counter"), "{body}");
+        assert!(
+            body.contains("# TYPE ztna_test_happened_total counter\n"),
+            "{body}"
+        );
         assert!(body.contains("ztna_test_happened_total 7\n"), "{body}");
-        assert!(body.contains("ztna_test_plain_total 0\n"), "{body}");
-        assert!(body.ends_with("# EOF\n"), "{body}");
+        assert!(
+            body.contains("# HELP ztna_test_plain_total ztna test plain\n"),
+            "{body}"
+        );
+        assert!(!body.contains("# EOF"), "{body}");
+        // OpenMetrics for those who ask for it.
+        let mut r = ureq::get(&format!("http://{}/metrics", server.addr))
+            .header("accept", "application/openmetrics-text; version=1.0.0")
+            .call()
+            .unwrap();
+        let om = r.body_mut().read_to_string().unwrap();
+        assert!(om.contains("# TYPE ztna_test_happened counter\n"), "{om}");
+        assert!(om.ends_with("# EOF\n"), "{om}");
         // Counters are read at scrape time.
         counters.happened.store(8, Ordering::Relaxed);
         assert!(

@@ -141,7 +141,6 @@ layered!(IntermediateSettings {
 #[derive(Debug, Clone)]
 pub struct IntermediateResolved {
     pub cfg: crate::intermediate::IntermediateConfig,
-    pub metrics_listen: Listen,
     pub log: String,
 }
 
@@ -179,11 +178,12 @@ impl IntermediateSettings {
             })?;
         cfg.instance_id = self.instance_id;
         cfg.stats_file = self.stats_file;
+        cfg.metrics_listen = self
+            .metrics_listen
+            .unwrap_or(Listen::At(([127, 0, 0, 1], 9090).into()))
+            .addr();
         Ok(IntermediateResolved {
             cfg,
-            metrics_listen: self
-                .metrics_listen
-                .unwrap_or(Listen::At(([127, 0, 0, 1], 9090).into())),
             log: self.log.unwrap_or_else(|| "info".into()),
         })
     }
@@ -386,10 +386,7 @@ mod tests {
         let i = i.resolve().unwrap();
         assert_eq!(i.cfg.listen.port(), 4433);
         assert_eq!(i.cfg.xdp, XdpChoice::Auto);
-        assert_eq!(
-            i.metrics_listen,
-            Listen::At("0.0.0.0:9090".parse().unwrap())
-        );
+        assert_eq!(i.cfg.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
         let c: ConnectorSettings = crate::config::load_file(&dir.join("connector.toml")).unwrap();
         assert_eq!(c.service.len(), 2, "{c:?}");
         assert_eq!(c.service[0].id, "db");
