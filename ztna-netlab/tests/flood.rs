@@ -95,6 +95,8 @@ fn check(o: &Outcome) {
         "{record}"
     );
     assert_eq!(o.delta("relay_sender_updated"), 0, "{record}");
+    // The session lived through the flood, so none of them met an unknown CID.
+    assert_eq!(o.delta("relay_unknown_cid"), 0, "{record}");
     if o.xdp != "off" {
         assert!(o.xdp_delta("pass_sender_mismatch") > 0, "{record}");
         assert_eq!(o.xdp_delta("aborted"), 0, "{record}");
@@ -120,6 +122,7 @@ fn check(o: &Outcome) {
         + o.delta("unknown_cid_packets")
         + o.delta("dropped_short_initials")
         + o.delta("relay_sender_mismatch")
+        + o.delta("relay_unknown_cid")
         + o.delta("retries_sent");
     assert!(
         refused + o.rcvbuf_errors >= junk * 99 / 100,
