@@ -199,7 +199,8 @@ impl Lab {
     /// the router's f1 10.201.3.1/24, reaching the relay as any client does.
     pub fn add_attacker(&mut self) -> anyhow::Result<String> {
         let (f, r) = (self.add_ns("f")?, self.ns("r"));
-        self.veth(&f, "f0", "10.201.3.2/24", &r, "f1", "10.201.3.1/24")?;
+        let ip = format!("{ATTACKER_IP}/24");
+        self.veth(&f, "f0", &ip, &r, "f1", "10.201.3.1/24")?;
         self.exec(&f, "ip", &["route", "add", "default", "via", "10.201.3.1"])?;
         for (ns, dev) in [(&f, "f0"), (&r, "f1")] {
             self.exec(ns, "ethtool", &["-K", dev, "tx", "off"])?;
