@@ -1,6 +1,6 @@
-//! `cargo xtask bench relay|tunnel --out FILE` (root). Builds the release binaries
-//! and runs `relay-bench` or `tunnel-bench` (ztna-netlab) with them: JSON to FILE
-//! (relay: an SVG next to it), a table on stdout.
+//! `cargo xtask bench relay|tunnel|flood --out FILE` (root). Builds the release
+//! binaries and runs `relay-bench`, `tunnel-bench` or `flood-bench` (ztna-netlab)
+//! with them: JSON to FILE (relay: an SVG next to it), a table on stdout.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,7 +26,8 @@ pub fn bench(what: &str, out: &Path) -> anyhow::Result<()> {
     let program = match what {
         "relay" => "relay-bench",
         "tunnel" => "tunnel-bench",
-        _ => bail!("unknown benchmark {what:?} (known: relay, tunnel)"),
+        "flood" => "flood-bench",
+        _ => bail!("unknown benchmark {what:?} (known: relay, tunnel, flood)"),
     };
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {

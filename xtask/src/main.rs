@@ -54,9 +54,11 @@ enum Cmd {
     /// Benchmarks (root): `relay` drives the same load through XDP native, XDP
     /// generic, the userspace forwarder and the datagram relay (JSON to --out, an
     /// SVG next to it, a table on stdout); `tunnel` measures TCP/UDP through the
-    /// tunnel on each path against no tunnel and boringtun.
+    /// tunnel on each path against no tunnel and boringtun; `flood` floods the relay
+    /// port with junk for 30 s while an agent echoes through it (RSS, RTT with and
+    /// without the flood, counters per attack kind).
     Bench {
-        /// What to benchmark: `relay` or `tunnel`.
+        /// What to benchmark: `relay`, `tunnel` or `flood`.
         what: String,
         #[arg(long)]
         out: PathBuf,

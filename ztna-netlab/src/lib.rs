@@ -10,6 +10,8 @@
 //!                      r1 10.201.0.254 ────────────── x0 10.201.0.1  (XDP here)
 //!  conn ns             c1 10.201.2.1
 //!  c0 10.201.2.2 ──────┘
+//!  attacker ns         f1 10.201.3.1                   (optional: `add_attacker`)
+//!  f0 10.201.3.2 ──────┘
 //! ```
 //!
 //! Relayed packets arrive on x0 and leave on x0 again (XDP_TX), so source = the
@@ -22,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub mod flood;
 pub mod p2p;
 pub mod tunnel;
 pub mod xdp_run;
@@ -30,6 +33,8 @@ pub const RELAY_IP: &str = "10.201.0.1";
 pub const AGENT_IP: &str = "10.201.1.2";
 pub const CONN_IP: &str = "10.201.2.2";
 pub const RELAY_PORT: u16 = 4433;
+/// The attacker host of `Lab::add_attacker` (behind the router, like the agent).
+pub const ATTACKER_IP: &str = "10.201.3.2";
 
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -188,6 +193,20 @@ impl Lab {
         lab.exec(&a, "ping", &["-c1", "-W1", RELAY_IP])?;
         lab.exec(&c, "ping", &["-c1", "-W1", RELAY_IP])?;
         Ok(lab)
+    }
+
+    /// An attacker host on the relay topology: namespace `f`, f0 10.201.3.2/24 to
+    /// the router's f1 10.201.3.1/24, reaching the relay as any client does.
+    pub fn add_attacker(&mut self) -> anyhow::Result<String> {
+        let (f, r) = (self.add_ns("f")?, self.ns("r"));
+        let ip = format!("{ATTACKER_IP}/24");
+        self.veth(&f, "f0", &ip, &r, "f1", "10.201.3.1/24")?;
+        self.exec(&f, "ip", &["route", "add", "default", "via", "10.201.3.1"])?;
+        for (ns, dev) in [(&f, "f0"), (&r, "f1")] {
+            self.exec(ns, "ethtool", &["-K", dev, "tx", "off"])?;
+        }
+        self.exec(&f, "ping", &["-c1", "-W1", RELAY_IP])?;
+        Ok(f)
     }
 
     /// Starts a binary from `bin_dir()` inside `ns`; stderr goes to `<dir>/<name>.log`.
@@ -369,8 +388,9 @@ impl Lab {
         Ok(certs)
     }
 
-    /// Runs the agent's echo inside the agent namespace; returns its JSON report.
-    pub fn agent_echo(&self, certs: &Path, extra: &[&str]) -> anyhow::Result<serde_json::Value> {
+    /// The agent's echo inside the agent namespace, not yet started: its JSON
+    /// report comes on stdout.
+    pub fn agent_echo_command(&self, certs: &Path, extra: &[&str]) -> Command {
         let c = |f: &str| certs.join(f).display().to_string();
         let bin = bin_dir().join("ztna-agent");
         let relay = format!("{RELAY_IP}:{RELAY_PORT}");
@@ -392,16 +412,14 @@ impl Lab {
             "--json".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let out = self
-            .command(&self.ns("a"), &bin)
-            .args(&args)
-            .env("NO_COLOR", "1")
-            .output()?;
-        if !out.status.success() {
-            bail!("agent: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("agent output {}", String::from_utf8_lossy(&out.stdout)))
+        let mut cmd = self.command(&self.ns("a"), &bin);
+        cmd.args(&args).env("NO_COLOR", "1");
+        cmd
+    }
+
+    /// Runs the agent's echo inside the agent namespace; returns its JSON report.
+    pub fn agent_echo(&self, certs: &Path, extra: &[&str]) -> anyhow::Result<serde_json::Value> {
+        echo_report(self.agent_echo_command(certs, extra).output()?)
     }
 
     /// The intermediate's latest counters.
@@ -425,6 +443,26 @@ impl Lab {
         }
         bail!("stats file {} not refreshed", p.display())
     }
+}
+
+/// The JSON report of a finished `ztna-agent echo --json`.
+pub fn echo_report(out: Output) -> anyhow::Result<serde_json::Value> {
+    if !out.status.success() {
+        bail!("agent: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("agent output {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// A field of /proc/<pid>/status in KiB (`VmRSS`, `VmHWM`, ...).
+pub fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
 fn terminate(child: &mut Child) {

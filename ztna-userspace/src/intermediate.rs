@@ -70,8 +70,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_BATCHES_PER_TURN: usize = 8;
 /// Stateless resets per second (token bucket; each costs an HMAC and a send, and a
 /// flood of short-header packets to unknown CIDs must not buy them without limit).
-const RESET_RATE: f64 = 500.0;
-const RESET_BURST: f64 = 100.0;
+pub const RESET_RATE: f64 = 500.0;
+pub const RESET_BURST: f64 = 100.0;
 
 /// CANDIDATES one endpoint may send per session (token bucket: a burst of 2, then
 /// one per 2 s). Each frame makes the other endpoint restart its checks towards the
