@@ -161,6 +161,9 @@ pub struct Connector {
     user_tcp: UserTcp,
     /// Most concurrent flows (TCP connections, UDP flows) per agent.
     flows_per_agent: usize,
+    gauges: Arc<crate::client_metrics::ConnectorGauges>,
+    health: Arc<crate::metrics::Health>,
+    last_gauges: Instant,
 }
 
 pub struct ConnectorHandle {
@@ -267,6 +270,9 @@ impl Connector {
             rx_arena: Vec::new(),
             rx_items: Vec::new(),
             rx_services: HashMap::new(),
+            gauges: Arc::default(),
+            health: Arc::default(),
+            last_gauges: Instant::now(),
             user_tcp: UserTcp::new(USER_TCP_TOKENS, crate::user_tcp::DEFAULT_PER_AGENT),
             flows_per_agent: crate::user_tcp::DEFAULT_PER_AGENT,
             services: services.into_iter().map(|s| (s.id.clone(), s)).collect(),
@@ -303,6 +309,44 @@ impl Connector {
 
     pub fn stats(&self) -> Arc<ConnectorStats> {
         self.stats.clone()
+    }
+
+    pub fn gauges(&self) -> Arc<crate::client_metrics::ConnectorGauges> {
+        self.gauges.clone()
+    }
+
+    /// Ready once every service is registered on the current control connection.
+    pub fn health(&self) -> Arc<crate::metrics::Health> {
+        self.health.clone()
+    }
+
+    /// Readiness and gauges, a few times a second.
+    fn update_health(&mut self, now: Instant) {
+        self.health.tick();
+        if now.duration_since(self.last_gauges) < Duration::from_millis(200) {
+            return;
+        }
+        self.last_gauges = now;
+        let total = self.services.len();
+        let registered = self
+            .services
+            .keys()
+            .filter(|s| self.client.is_registered(s))
+            .count();
+        let set = |a: &std::sync::atomic::AtomicU64, v: usize| a.store(v as u64, Ordering::Relaxed);
+        set(&self.gauges.services, total);
+        set(&self.gauges.services_registered, registered);
+        set(
+            &self.gauges.data_connections,
+            self.data.len() + self.direct.len(),
+        );
+        if registered == total && total > 0 {
+            self.health.set_ready();
+        } else {
+            self.health.set_not_ready(&format!(
+                "{registered} of {total} services registered with the intermediate"
+            ));
+        }
     }
 
     pub fn run(self, stop: &AtomicBool) -> anyhow::Result<()> {
@@ -391,6 +435,7 @@ impl Connector {
                 self.expire(now);
                 last_sweep = now;
             }
+            self.update_health(now);
         }
     }
 

@@ -62,6 +62,8 @@ pub const LOCAL_CID_LEN: usize = 16;
 /// First byte reserved for relay CIDs; the intermediate's own CIDs never start with it.
 pub const RELAY_CID_MARKER: u8 = 0xA5;
 const TOKEN_LIFETIME: Duration = Duration::from_secs(10);
+/// How stale the metrics' gauges (connections by role, sessions, XDP totals) may be.
+const GAUGES_EVERY: Duration = Duration::from_millis(250);
 /// RFC 9000 §14.1: smallest UDP payload that may carry a client Initial.
 pub const MIN_INITIAL_DATAGRAM: usize = 1200;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -325,6 +327,7 @@ pub struct Intermediate {
     stats: Arc<IntermediateStats>,
     last_expiry: Instant,
     last_connector_check: Instant,
+    last_gauges: Instant,
     /// Token bucket of stateless resets: tokens and when it was last refilled.
     reset_budget: (f64, Instant),
     /// CANDIDATES buckets per (session, sending client); entries of gone sessions
@@ -553,6 +556,7 @@ impl Intermediate {
             stats: Arc::new(IntermediateStats::default()),
             last_expiry: Instant::now(),
             last_connector_check: Instant::now(),
+            last_gauges: Instant::now(),
             reset_budget: (RESET_BURST, Instant::now()),
             candidates_budget: HashMap::new(),
             batches_per_turn: MAX_BATCHES_PER_TURN,
@@ -790,14 +794,18 @@ impl Intermediate {
             {
                 tracing::warn!("XDP: updating the local addresses: {e:#}");
             }
-            self.update_gauges();
             self.write_stats_file();
             self.last_expiry = now;
+        }
+        if now.duration_since(self.last_gauges) >= GAUGES_EVERY {
+            self.update_gauges();
+            self.last_gauges = now;
         }
         Ok(())
     }
 
-    /// Brings the gauges the metrics endpoint reads up to date (every second).
+    /// Brings the gauges the metrics endpoint reads up to date (every
+    /// [`GAUGES_EVERY`]).
     fn update_gauges(&mut self) {
         let g = &self.gauges;
         let set = |a: &AtomicU64, v: usize| a.store(v as u64, Ordering::Relaxed);

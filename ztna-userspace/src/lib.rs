@@ -4,6 +4,7 @@
 pub mod addressing;
 pub mod agent;
 pub mod batch;
+pub mod client_metrics;
 pub mod config;
 pub mod connector;
 pub mod connector_set;

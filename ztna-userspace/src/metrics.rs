@@ -304,10 +304,12 @@ impl<C: Counters> Collector for CountersCollector<C> {
                 return;
             }
             let name = format!("ztna_{}_{name}", self.prefix);
-            let help = if help.trim().is_empty() {
+            // Doc lines arrive joined with their leading spaces.
+            let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+            let help = if help.is_empty() {
                 name.replace('_', " ")
             } else {
-                help.trim().to_string()
+                help
             };
             result = encoder
                 .encode_descriptor(
@@ -337,6 +339,15 @@ pub fn encode_family<const N: usize>(
         MetricType::Counter
     };
     let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    if N == 0 {
+        // One unlabeled sample (no `{}`).
+        let value = rows.first().map_or(0, |r| r.1);
+        return if gauge {
+            ConstGauge::new(value as i64).encode(family)
+        } else {
+            ConstCounter::new(value).encode(family)
+        };
+    }
     for (labels, value) in rows {
         let m = family.encode_family(labels)?;
         if gauge {

@@ -141,6 +141,7 @@ pub struct Up {
     status: Arc<Mutex<String>>,
     last_status: Instant,
     tun_write_dropped: u64,
+    health: Arc<crate::metrics::Health>,
 }
 
 impl Up {
@@ -176,6 +177,7 @@ impl Up {
                 status: status.clone(),
                 last_status: Instant::now(),
                 tun_write_dropped: 0,
+                health: Arc::default(),
             },
             status,
         ))
@@ -183,6 +185,11 @@ impl Up {
 
     pub fn engine(&self) -> &AgentEngine {
         &self.engine
+    }
+
+    /// Ready while connected with every service registered.
+    pub fn health(&self) -> Arc<crate::metrics::Health> {
+        self.health.clone()
     }
 
     /// Runs until `stop` is set, then tears down.
@@ -196,6 +203,7 @@ impl Up {
         // must not wait for a new edge.
         let mut more = false;
         while !stop.load(Ordering::Relaxed) {
+            self.health.tick();
             let now = Instant::now();
             let timeout = if more {
                 Duration::ZERO
@@ -345,7 +353,20 @@ impl Up {
     }
 
     fn publish_status(&mut self) {
-        let mut v = serde_json::to_value(self.engine.status()).unwrap_or_default();
+        let status = self.engine.status();
+        let registered = status.services.iter().filter(|s| s.registered).count();
+        if status.connected && registered == status.services.len() {
+            self.health.set_ready();
+        } else if !status.connected {
+            self.health
+                .set_not_ready("not connected to the intermediate");
+        } else {
+            self.health.set_not_ready(&format!(
+                "{registered} of {} services registered",
+                status.services.len()
+            ));
+        }
+        let mut v = serde_json::to_value(status).unwrap_or_default();
         if let Some(obj) = v.as_object_mut() {
             obj.insert(
                 "tun".into(),

@@ -135,6 +135,14 @@ fn main() -> anyhow::Result<()> {
                 tun_name: s.tun.clone().unwrap_or_else(|| "ztna0".into()),
                 status_socket: status_socket.clone(),
             })?;
+            let _metrics = match s.metrics_listen.as_ref().and_then(|l| l.addr()) {
+                Some(addr) => Some(ztna_userspace::metrics::serve(
+                    addr,
+                    ztna_userspace::client_metrics::agent_registry(status.clone()),
+                    up.health(),
+                )?),
+                None => None,
+            };
             serve_status(status_socket, status)?;
             let stop = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

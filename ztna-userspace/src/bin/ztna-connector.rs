@@ -9,7 +9,7 @@ use clap::Parser;
 use ztna_core::Role;
 use ztna_userspace::config::{self, ConfigError, Layered};
 use ztna_userspace::connector::Connector;
-use ztna_userspace::settings::{ConnectorMode, ConnectorSettings};
+use ztna_userspace::settings::{ConnectorMode, ConnectorSettings, Listen};
 use ztna_userspace::tun_agent::check_net_admin;
 
 #[derive(Parser, Debug)]
@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
     let flows_per_agent = s
         .flows_per_agent
         .unwrap_or(ztna_userspace::kernel_nat::DEFAULT_FLOWS_PER_AGENT);
-    let mut connector = Connector::new(cfg, s.service, bind)?;
+    let mut connector = Connector::new(cfg, s.service.clone(), bind)?;
     let kernel = match s.mode.unwrap_or(ConnectorMode::Auto) {
         ConnectorMode::Kernel => {
             check_net_admin("ztna-connector --mode kernel")?;
@@ -71,6 +71,18 @@ fn main() -> anyhow::Result<()> {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handler")?;
     }
     let stats = connector.stats();
+    let metrics_listen = s
+        .metrics_listen
+        .clone()
+        .unwrap_or(Listen::At(([127, 0, 0, 1], 9091).into()));
+    let _metrics = match metrics_listen.addr() {
+        Some(addr) => Some(ztna_userspace::metrics::serve(
+            addr,
+            ztna_userspace::client_metrics::connector_registry(stats.clone(), connector.gauges()),
+            connector.health(),
+        )?),
+        None => None,
+    };
     let r = connector.run(&stop);
     tracing::info!("stopped; stats {}", stats.snapshot());
     r
