@@ -13,7 +13,8 @@ const BUILD: &[&str] = &["cmake", "libclang-dev", "clang", "gcc"];
 
 /// The privileged tests, the demo's tunnel and the benchmarks: namespaces, NAT,
 /// BPF map inspection, the connector's nftables table, real clients and servers;
-/// and valgrind for the C harness (it runs without it, unchecked, when absent).
+/// valgrind for the C harness (it runs without it, unchecked, when absent); promtool
+/// for the metrics.
 const PRIVILEGED: &[&str] = &[
     "valgrind",
     "iproute2",
@@ -25,6 +26,8 @@ const PRIVILEGED: &[&str] = &[
     "util-linux",
     "curl",
     "iperf3",
+    // promtool, which checks the daemons' /metrics expositions.
+    "prometheus",
 ];
 
 fn installed(pkg: &str) -> bool {

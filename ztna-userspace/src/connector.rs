@@ -163,7 +163,6 @@ pub struct Connector {
     flows_per_agent: usize,
     gauges: Arc<crate::client_metrics::ConnectorGauges>,
     health: Arc<crate::metrics::Health>,
-    last_gauges: Instant,
 }
 
 pub struct ConnectorHandle {
@@ -272,7 +271,6 @@ impl Connector {
             rx_services: HashMap::new(),
             gauges: Arc::default(),
             health: Arc::default(),
-            last_gauges: Instant::now(),
             user_tcp: UserTcp::new(USER_TCP_TOKENS, crate::user_tcp::DEFAULT_PER_AGENT),
             flows_per_agent: crate::user_tcp::DEFAULT_PER_AGENT,
             services: services.into_iter().map(|s| (s.id.clone(), s)).collect(),
@@ -320,13 +318,9 @@ impl Connector {
         self.health.clone()
     }
 
-    /// Readiness and gauges, a few times a second.
-    fn update_health(&mut self, now: Instant) {
+    /// Readiness and gauges, every turn (a few lookups per service).
+    fn update_health(&mut self) {
         self.health.tick();
-        if now.duration_since(self.last_gauges) < Duration::from_millis(200) {
-            return;
-        }
-        self.last_gauges = now;
         let total = self.services.len();
         let registered = self
             .services
@@ -435,7 +429,7 @@ impl Connector {
                 self.expire(now);
                 last_sweep = now;
             }
-            self.update_health(now);
+            self.update_health();
         }
     }
 
