@@ -140,15 +140,12 @@ fn a_running_relay_serves_metrics_promtool_accepts_health_and_readiness() {
         assert!(Instant::now() < deadline, "connector gauge stayed up");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let out = lab
-        .exec(
-            &c,
-            "curl",
-            &["-s", "-o", "/dev/null", &format!("{conn}/readyz")],
-        )
-        .err()
-        .expect("connector endpoint gone");
-    assert!(out.to_string().contains("curl"), "{out}");
+    let gone = lab.exec(
+        &c,
+        "curl",
+        &["-s", "-o", "/dev/null", &format!("{conn}/readyz")],
+    );
+    assert!(gone.is_err(), "the connector's endpoint is gone with it");
 }
 
 #[test]
