@@ -346,6 +346,14 @@ pub struct Intermediate {
     _metrics: Option<MetricsServer>,
 }
 
+/// Where a reload (SIGHUP) takes the new configuration from.
+pub struct Reloader<'a> {
+    /// Set by the signal handler; the loop clears it when it reloads.
+    pub requested: &'a AtomicBool,
+    /// Builds the new configuration (re-reading the config file).
+    pub source: Box<dyn FnMut() -> anyhow::Result<IntermediateConfig> + 'a>,
+}
+
 /// What the loop keeps between turns.
 struct LoopState {
     events: Events,
@@ -679,7 +687,18 @@ impl Intermediate {
     }
 
     /// Runs until `shutdown` (graceful) or `crash` (immediate, silent) is set.
-    pub fn run(mut self, shutdown: &AtomicBool, crash: &AtomicBool) -> anyhow::Result<()> {
+    pub fn run(self, shutdown: &AtomicBool, crash: &AtomicBool) -> anyhow::Result<()> {
+        self.run_with(shutdown, crash, None)
+    }
+
+    /// Runs until `shutdown` (graceful) or `crash`; applies a new configuration from
+    /// `reload` whenever its flag is set (SIGHUP).
+    pub fn run_with(
+        mut self,
+        shutdown: &AtomicBool,
+        crash: &AtomicBool,
+        mut reload: Option<Reloader<'_>>,
+    ) -> anyhow::Result<()> {
         let mut st = LoopState::default();
         // Bound, and with XDP requested the program attached (bind fails otherwise,
         // but for `auto`, which may fall back to userspace).
@@ -688,6 +707,17 @@ impl Intermediate {
             self.health.tick();
             if crash.load(Ordering::SeqCst) {
                 return Ok(());
+            }
+            if let Some(r) = reload.as_mut()
+                && r.requested.swap(false, Ordering::SeqCst)
+            {
+                match (r.source)().and_then(|cfg| self.reload(cfg)) {
+                    Ok(()) => inc(&self.stats.reloads),
+                    Err(e) => {
+                        inc(&self.stats.reloads_failed);
+                        tracing::error!("reload refused, the running configuration stays: {e:#}");
+                    }
+                }
             }
             if shutdown.load(Ordering::SeqCst) && st.draining_since.is_none() {
                 tracing::info!("shutting down: closing {} connections", self.clients.len());
@@ -801,6 +831,51 @@ impl Intermediate {
             self.update_gauges();
             self.last_gauges = now;
         }
+        Ok(())
+    }
+
+    /// Applies what can change while connections run: the certificate, key and CA
+    /// (for connections from now on: established ones keep their session), whether
+    /// clients need certificates, the idle timeout of new connections, Retry. The new
+    /// TLS context is built before anything changes, so a configuration that does not
+    /// load changes nothing. Settings that need a restart are named in the log.
+    pub fn reload(&mut self, new: IntermediateConfig) -> anyhow::Result<()> {
+        let quic = quic_config(&new)?;
+        let old = &self.cfg;
+        let needs_restart = [
+            ("listen", old.listen != new.listen),
+            ("xdp", old.xdp != new.xdp),
+            ("iface", old.xdp_interfaces != new.xdp_interfaces),
+            ("bpf_pin_dir", old.bpf_pin_dir != new.bpf_pin_dir),
+            ("metrics_listen", old.metrics_listen != new.metrics_listen),
+            ("static_session", old.static_sessions != new.static_sessions),
+            ("instance_id", old.instance_id != new.instance_id),
+            (
+                "tunnel addresses",
+                old.tunnel_ipv4 != new.tunnel_ipv4 || old.tunnel_ipv6 != new.tunnel_ipv6,
+            ),
+        ];
+        for (what, changed) in needs_restart {
+            if changed {
+                tracing::warn!("reload: {what} changed; it takes effect at the next restart");
+            }
+        }
+        let cert_pem = std::fs::read(&new.cert_file).unwrap_or_default();
+        let fingerprint = ring::digest::digest(&ring::digest::SHA256, &cert_pem);
+        self.quic = quic;
+        self.cfg.cert_file = new.cert_file;
+        self.cfg.key_file = new.key_file;
+        self.cfg.ca_file = new.ca_file;
+        self.cfg.require_client_cert = new.require_client_cert;
+        self.cfg.idle_timeout = new.idle_timeout;
+        self.cfg.retry = new.retry;
+        self.cfg.stats_file = new.stats_file;
+        tracing::info!(
+            "configuration reloaded: new connections get certificate {} (PEM SHA-256 {}), {} established connections keep theirs",
+            self.cfg.cert_file.display(),
+            hex(&fingerprint.as_ref()[..8]),
+            self.clients.len()
+        );
         Ok(())
     }
 

@@ -54,7 +54,7 @@ impl Listen {
 }
 
 /// `ztna-intermediate` settings.
-#[derive(clap::Args, Deserialize, Default, Debug)]
+#[derive(clap::Args, Deserialize, Default, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct IntermediateSettings {
     /// UDP address to listen on [default: 0.0.0.0:4433].

@@ -4,9 +4,7 @@
 //! QUIC; a "crash" stops a connector without a word, as a power loss would.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ztna_userspace::agent::Agent;
@@ -120,58 +118,6 @@ fn connectors_of_one_service_share_new_flows_and_sessions_and_keep_existing_ones
         "the two agents' sessions are on different connectors"
     );
     assert_eq!(ha.stat(|s| &s.relay_sessions_created), 2);
-}
-
-/// An agent echoing once per `EVERY` on its own thread until told to stop, logging
-/// when each echo was sent and whether it came back byte-exact.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<(Agent, Vec<(Instant, bool)>)>,
-}
-
-const EVERY: Duration = Duration::from_millis(50);
-
-impl Traffic {
-    fn start(mut a: Agent, from: SocketAddr) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut log = Vec::new();
-            let mut n = 0u64;
-            while !s.load(Ordering::SeqCst) {
-                n += 1;
-                let payload = format!("ha {from} {n}").into_bytes();
-                let sent = Instant::now();
-                let back = echo_once(&mut a, from, &payload, Duration::from_millis(250));
-                log.push((sent, back.as_deref() == Some(&payload[..])));
-                if let Some(rest) = EVERY.checked_sub(sent.elapsed()) {
-                    // Keep the agent's timers running between echoes.
-                    let _ = a.recv_packet(rest);
-                }
-            }
-            (a, log)
-        });
-        Traffic { stop, thread }
-    }
-
-    fn finish(self) -> Vec<(Instant, bool)> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.join().unwrap().1
-    }
-}
-
-/// The longest stretch after `from` without a returned echo: from the last success
-/// before it (or `from`) to the next success.
-fn longest_outage(log: &[(Instant, bool)], from: Instant) -> Duration {
-    let mut last_ok = from;
-    let mut worst = Duration::ZERO;
-    for &(t, ok) in log.iter().filter(|(t, _)| *t >= from) {
-        if ok {
-            worst = worst.max(t.saturating_duration_since(last_ok));
-            last_ok = t;
-        }
-    }
-    worst
 }
 
 #[test]

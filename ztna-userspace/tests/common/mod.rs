@@ -4,7 +4,9 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ztna_core::{ClientConfig, Role};
@@ -163,4 +165,61 @@ pub fn echo_until_ok(a: &mut Agent, from: SocketAddr, within: Duration) -> Optio
         }
     }
     None
+}
+
+/// An agent echoing once per `EVERY` on its own thread until told to stop, logging
+/// when each echo was sent and whether it came back byte-exact.
+pub struct Traffic {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<(Agent, Vec<(Instant, bool)>)>,
+}
+
+pub const EVERY: Duration = Duration::from_millis(50);
+
+impl Traffic {
+    pub fn start(mut a: Agent, from: SocketAddr) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut log = Vec::new();
+            let mut n = 0u64;
+            while !s.load(Ordering::SeqCst) {
+                n += 1;
+                let payload = format!("ha {from} {n}").into_bytes();
+                let sent = Instant::now();
+                let back = echo_once(&mut a, from, &payload, Duration::from_millis(250));
+                log.push((sent, back.as_deref() == Some(&payload[..])));
+                if let Some(rest) = EVERY.checked_sub(sent.elapsed()) {
+                    // Keep the agent's timers running between echoes.
+                    let _ = a.recv_packet(rest);
+                }
+            }
+            (a, log)
+        });
+        Traffic { stop, thread }
+    }
+
+    pub fn finish(self) -> Vec<(Instant, bool)> {
+        self.finish_with_agent().1
+    }
+
+    /// Stops and returns the agent too (its counters: did it reconnect?).
+    pub fn finish_with_agent(self) -> (Agent, Vec<(Instant, bool)>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
+
+/// The longest stretch after `from` without a returned echo: from the last success
+/// before it (or `from`) to the next success.
+pub fn longest_outage(log: &[(Instant, bool)], from: Instant) -> Duration {
+    let mut last_ok = from;
+    let mut worst = Duration::ZERO;
+    for &(t, ok) in log.iter().filter(|(t, _)| *t >= from) {
+        if ok {
+            worst = worst.max(t.saturating_duration_since(last_ok));
+            last_ok = t;
+        }
+    }
+    worst
 }

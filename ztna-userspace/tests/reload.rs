@@ -1,0 +1,256 @@
+//! SIGHUP on the real `ztna-intermediate` binary: the certificate is renewed under
+//! load (agents echoing on the datagram relay and through the forwarded relay, a
+//! connector in between); no connection drops, new connections get the new
+//! certificate; a broken configuration is refused and changes nothing.
+
+use std::io::Write;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ztna_userspace::identity::{self, DevPki};
+
+mod common;
+use common::*;
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_log(&self, needle: &str, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.log().matches(needle).count() < count {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} (x{count}) in the log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Completes a QUIC handshake with the intermediate as a fresh agent and returns
+/// the certificate it presented (DER).
+fn presented_certificate(server: SocketAddr, pki: &DevPki) -> Vec<u8> {
+    let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION).unwrap();
+    cfg.set_application_protos(&[ztna_core::ALPN]).unwrap();
+    cfg.load_verify_locations_from_file(pki.ca_cert.to_str().unwrap())
+        .unwrap();
+    cfg.verify_peer(true);
+    cfg.load_cert_chain_from_pem_file(pki.agent_cert.to_str().unwrap())
+        .unwrap();
+    cfg.load_priv_key_from_pem_file(pki.agent_key.to_str().unwrap())
+        .unwrap();
+    ztna_core::apply_transport_defaults(&mut cfg, Duration::from_secs(5));
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let local = sock.local_addr().unwrap();
+    let scid = quiche::ConnectionId::from_ref(&[7u8; 16]);
+    let mut conn =
+        quiche::connect(Some("intermediate.ztna"), &scid, local, server, &mut cfg).unwrap();
+    let (mut out, mut buf) = ([0u8; 1500], [0u8; 65535]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !conn.is_established() {
+        assert!(Instant::now() < deadline, "handshake did not complete");
+        while let Ok((n, info)) = conn.send(&mut out) {
+            sock.send_to(&out[..n], info.to).unwrap();
+        }
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let _ = conn.recv(&mut buf[..n], quiche::RecvInfo { from, to: local });
+        }
+        conn.on_timeout();
+    }
+    // The client's Finished, so the server completes too.
+    while let Ok((n, info)) = conn.send(&mut out) {
+        sock.send_to(&out[..n], info.to).unwrap();
+    }
+    conn.peer_cert().expect("server certificate").to_vec()
+}
+
+fn der_of(pem_file: &Path) -> Vec<u8> {
+    identity::pem_to_der(&std::fs::read(pem_file).unwrap()).unwrap()
+}
+
+fn scrape(port: u16) -> String {
+    ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}
+
+#[test]
+fn sighup_renews_the_certificate_under_load_without_dropping_a_connection() {
+    let pki = pki("reload");
+    let (port, metrics_port) = (free_port(), free_tcp_port());
+    let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let config = pki.dir.join("intermediate.toml");
+    let write_config = |extra: &str| {
+        let mut f = std::fs::File::create(&config).unwrap();
+        write!(
+            f,
+            "listen = \"{server}\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n{extra}",
+            pki.server_cert.display(),
+            pki.server_key.display(),
+            pki.ca_cert.display()
+        )
+        .unwrap();
+    };
+    write_config("");
+    let log = pki.dir.join("intermediate.log");
+    let daemon = Daemon {
+        child: Command::new(env!("CARGO_BIN_EXE_ztna-intermediate"))
+            .arg("--config")
+            .arg(&config)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+        log,
+    };
+    daemon.wait_log("listening", 1);
+    let old_cert = der_of(&pki.server_cert);
+    assert_eq!(presented_certificate(server, &pki), old_cert);
+
+    let echo = ztna_userspace::echo::EchoServer::spawn("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = start_connector(&pki, server, echo.addr);
+    let mut dgram = agent(&pki, server);
+    dgram.wait_registered(Duration::from_secs(10)).unwrap();
+    let mut relayed = agent_relay(&pki, server);
+    relayed.wait_registered(Duration::from_secs(10)).unwrap();
+    relayed
+        .wait_relay_path(SERVICE, Duration::from_secs(10))
+        .unwrap();
+    let traffic = [
+        Traffic::start(dgram, src(49000)),
+        Traffic::start(relayed, src(49001)),
+    ];
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Renew: a new key and certificate from the same CA, written over the old files.
+    identity::issue_leaf(
+        &pki.ca_cert,
+        &pki.ca_key,
+        &pki.dir,
+        "intermediate",
+        &["intermediate.ztna".into(), "localhost".into()],
+    )
+    .unwrap();
+    let new_cert = der_of(&pki.server_cert);
+    assert_ne!(new_cert, old_cert);
+    let reloaded_at = Instant::now();
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_log("configuration reloaded", 1);
+    assert_eq!(presented_certificate(server, &pki), new_cert);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // A broken key: refused with the reason, the renewed certificate stays in use.
+    std::fs::write(&pki.server_key, b"not a key").unwrap();
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_log("reload refused", 1);
+    let log = daemon.log();
+    assert!(
+        log.contains(&format!(
+            "private key {}: not PEM",
+            pki.server_key.display()
+        )),
+        "{log}"
+    );
+    assert_eq!(presented_certificate(server, &pki), new_cert);
+    // So is a config file with an unknown key.
+    write_config("certificate = \"typo\"\n");
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_log("reload refused", 2);
+    assert!(
+        daemon.log().contains("unknown field `certificate`"),
+        "{}",
+        daemon.log()
+    );
+
+    for t in traffic {
+        let (agent, log) = t.finish_with_agent();
+        let outage = longest_outage(&log, reloaded_at - Duration::from_millis(300));
+        assert!(
+            outage < Duration::from_secs(1),
+            "traffic stalled for {outage:?}"
+        );
+        assert!(
+            log.iter().rev().take(10).all(|(_, ok)| *ok),
+            "traffic ends working"
+        );
+        assert_eq!(agent.client().stats().connects, 1, "the agent reconnected");
+    }
+    assert_eq!(
+        conn.stats.connects.load(Ordering::Relaxed),
+        1,
+        "the connector reconnected"
+    );
+    // The last probe's handshake completes on the server a moment after the probe's.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut metrics = scrape(metrics_port);
+    while !metrics.contains("ztna_handshake_duration_seconds_count 6\n")
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+        metrics = scrape(metrics_port);
+    }
+    assert!(
+        metrics.contains("ztna_reloads_total{result=\"applied\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ztna_reloads_total{result=\"refused\"} 2\n"),
+        "{metrics}"
+    );
+    // Nothing was closed: the agents, the connector and the three probes (which
+    // simply went quiet) are all still there; six handshakes completed.
+    assert!(
+        metrics.contains("ztna_intermediate_connections_closed_total 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ztna_handshake_duration_seconds_count 6\n"),
+        "{metrics}"
+    );
+}
