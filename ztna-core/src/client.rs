@@ -230,6 +230,40 @@ pub struct ControlClient {
 
 use crate::tls_files::{self, PemKind};
 
+/// Sends one registration DATAGRAM for `service` in `role`.
+fn send_registration(conn: &mut quiche::Connection, role: Role, service: &str) {
+    let msg = match role {
+        Role::Agent => ControlMessage::RegisterAgent { service },
+        Role::Connector => ControlMessage::RegisterConnector { service },
+    };
+    let mut buf = [0u8; 2 + wire::MAX_SERVICE_ID_LEN];
+    if let Ok(n) = msg.encode(&mut buf)
+        && let Err(e) = conn.dgram_send(&buf[..n])
+    {
+        tracing::warn!("registering {service}: {e}");
+    }
+}
+
+/// Queues SERVICE_PREFIXES for `service` if the configuration gives it prefixes.
+fn queue_prefixes(frames: &mut FrameIo, cfg: &ClientConfig, service: &str) {
+    let Some(prefixes) = cfg.service_prefixes.get(service) else {
+        return;
+    };
+    let mut raw = [0u8; frames::MAX_PREFIXES * 18];
+    let (count, n) = frames::encode_prefixes(
+        prefixes.iter().map(|p| (p.network(), p.prefix_len())),
+        &mut raw,
+    );
+    let frame = Frame::ServicePrefixes {
+        service,
+        count,
+        prefixes: &raw[..n],
+    };
+    if let Err(e) = frames.queue(&frame) {
+        tracing::warn!("publishing prefixes of {service:?}: {e}");
+    }
+}
+
 fn quic_config(cfg: &ClientConfig) -> Result<quiche::Config, ClientError> {
     let mut c = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
     c.set_application_protos(&[ALPN])?;
@@ -313,6 +347,39 @@ impl ControlClient {
         self.server_caps = None;
         for v in self.registered.values_mut() {
             *v = false;
+        }
+        Ok(())
+    }
+
+    /// Takes a reloaded configuration. TLS files and the intermediate's address
+    /// apply from the next connect (the established connection keeps its session);
+    /// services apply now: new ones are registered on the current connection, changed
+    /// prefixes are published again, removed ones are no longer registered after the
+    /// next connect (the protocol has no unregistration). Nothing changes if the new
+    /// configuration does not load.
+    pub fn reconfigure(&mut self, new: ClientConfig) -> Result<(), ClientError> {
+        for s in &new.services {
+            wire::check_service_id(s).map_err(|source| ClientError::ServiceId {
+                service: s.clone(),
+                source,
+            })?;
+        }
+        let quic = quic_config(&new)?;
+        let old = std::mem::replace(&mut self.cfg, new);
+        self.quic = quic;
+        self.registered.retain(|s, _| self.cfg.services.contains(s));
+        let established = matches!(self.state, State::Established);
+        for service in self.cfg.services.clone() {
+            if !self.registered.contains_key(&service) {
+                self.registered.insert(service.clone(), false);
+                if established && let Some(conn) = self.conn.as_mut() {
+                    send_registration(conn, self.cfg.role, &service);
+                }
+            } else if self.registered.get(&service) == Some(&true)
+                && old.service_prefixes.get(&service) != self.cfg.service_prefixes.get(&service)
+            {
+                queue_prefixes(&mut self.frames, &self.cfg, &service);
+            }
         }
         Ok(())
     }
@@ -644,16 +711,7 @@ impl ControlClient {
             });
             let services: Vec<String> = self.registered.keys().cloned().collect();
             for service in services {
-                let msg = match self.cfg.role {
-                    Role::Agent => ControlMessage::RegisterAgent { service: &service },
-                    Role::Connector => ControlMessage::RegisterConnector { service: &service },
-                };
-                let mut buf = [0u8; 2 + wire::MAX_SERVICE_ID_LEN];
-                if let Ok(n) = msg.encode(&mut buf)
-                    && let Err(e) = conn.dgram_send(&buf[..n])
-                {
-                    tracing::warn!("registering {service}: {e}");
-                }
+                send_registration(conn, self.cfg.role, &service);
             }
         }
         let mut buf = [0u8; 2048];
@@ -681,21 +739,7 @@ impl ControlClient {
                 Ok(ControlMessage::RegisterAck { service }) => {
                     if let Some(v) = self.registered.get_mut(service) {
                         *v = true;
-                        if let Some(prefixes) = self.cfg.service_prefixes.get(service) {
-                            let mut raw = [0u8; frames::MAX_PREFIXES * 18];
-                            let (count, n) = frames::encode_prefixes(
-                                prefixes.iter().map(|p| (p.network(), p.prefix_len())),
-                                &mut raw,
-                            );
-                            let frame = Frame::ServicePrefixes {
-                                service,
-                                count,
-                                prefixes: &raw[..n],
-                            };
-                            if let Err(e) = self.frames.queue(&frame) {
-                                tracing::warn!("publishing prefixes of {service:?}: {e}");
-                            }
-                        }
+                        queue_prefixes(&mut self.frames, &self.cfg, service);
                         // A working registration ends the backoff escalation.
                         self.backoff = self.cfg.backoff_initial;
                         self.events

@@ -42,6 +42,10 @@ const FLOW_IDLE: Duration = Duration::from_secs(120);
 
 crate::counters!(ConnectorStats {
     connects,
+    /// Configuration reloads (SIGHUP) applied, and refused (the running
+    /// configuration stays).
+    reloads,
+    reloads_failed,
     registrations,
     refusals,
     packets_from_tunnel,
@@ -205,6 +209,17 @@ impl Drop for ConnectorHandle {
     }
 }
 
+/// The control client's view of `services`: their ids and published prefixes.
+fn with_services(cfg: &mut ClientConfig, services: &[ServiceSpec]) {
+    cfg.role = ztna_core::Role::Connector;
+    cfg.services = services.iter().map(|s| s.id.clone()).collect();
+    cfg.service_prefixes = services
+        .iter()
+        .filter(|s| !s.prefixes.is_empty())
+        .map(|s| (s.id.clone(), s.prefixes.clone()))
+        .collect();
+}
+
 pub fn spawn(client: ClientConfig, services: Vec<ServiceSpec>) -> anyhow::Result<ConnectorHandle> {
     let connector = Connector::new(client, services, "0.0.0.0:0".parse()?)?;
     let stats = connector.stats.clone();
@@ -228,13 +243,7 @@ impl Connector {
         services: Vec<ServiceSpec>,
         bind: SocketAddr,
     ) -> anyhow::Result<Self> {
-        cfg.role = ztna_core::Role::Connector;
-        cfg.services = services.iter().map(|s| s.id.clone()).collect();
-        cfg.service_prefixes = services
-            .iter()
-            .filter(|s| !s.prefixes.is_empty())
-            .map(|s| (s.id.clone(), s.prefixes.clone()))
-            .collect();
+        with_services(&mut cfg, &services);
         let bind = if bind.ip().is_unspecified() && cfg.server.ip().is_loopback() {
             SocketAddr::new(cfg.server.ip(), 0)
         } else {
@@ -309,6 +318,53 @@ impl Connector {
         self.stats.clone()
     }
 
+    /// Applies a reloaded configuration (SIGHUP) without dropping anything: the
+    /// services (new ones registered, changed prefixes published, changed backends
+    /// used by new flows; in kernel mode the NAT table is replaced in one
+    /// transaction, established flows keep their bindings) and the TLS files (new
+    /// data connections at once, the control connection at its next connect).
+    /// Everything is checked before anything changes.
+    pub fn reload(
+        &mut self,
+        mut cfg: ClientConfig,
+        services: Vec<ServiceSpec>,
+    ) -> anyhow::Result<()> {
+        if services.is_empty() {
+            anyhow::bail!("no services in the new configuration");
+        }
+        with_services(&mut cfg, &services);
+        let data_quic = match DataConfig::from_client(&cfg) {
+            Some(d) => Some(data::quic_config(&d)?),
+            None => None,
+        };
+        let script = match &self.kernel {
+            Some(k) => Some(k.script_for(&services)?),
+            None => None,
+        };
+        let removed: Vec<String> = self
+            .services
+            .keys()
+            .filter(|id| !services.iter().any(|s| &s.id == *id))
+            .cloned()
+            .collect();
+        self.client.reconfigure(cfg)?;
+        if let (Some(k), Some(script)) = (self.kernel.as_mut(), script) {
+            k.replace_table(&script, &services)?;
+        }
+        self.data_quic = data_quic;
+        self.services = services.into_iter().map(|s| (s.id.clone(), s)).collect();
+        if !removed.is_empty() {
+            tracing::warn!(
+                "reload: {removed:?} no longer served; the intermediate forgets them at the next reconnect"
+            );
+        }
+        tracing::info!(
+            "configuration reloaded: services {:?}",
+            self.services.keys().collect::<Vec<_>>()
+        );
+        Ok(())
+    }
+
     pub fn gauges(&self) -> Arc<crate::client_metrics::ConnectorGauges> {
         self.gauges.clone()
     }
@@ -347,9 +403,41 @@ impl Connector {
         self.run_until(stop, &AtomicBool::new(false))
     }
 
+    /// [`Connector::run`], applying a new configuration from `reload` whenever its
+    /// flag is set (SIGHUP); a configuration that does not load is refused and logged.
+    pub fn run_reloading(
+        self,
+        stop: &AtomicBool,
+        reload: &AtomicBool,
+        mut source: impl FnMut() -> anyhow::Result<(ClientConfig, Vec<ServiceSpec>)>,
+    ) -> anyhow::Result<()> {
+        let mut hook = |c: &mut Connector| {
+            if reload.swap(false, Ordering::SeqCst) {
+                match source().and_then(|(cfg, services)| c.reload(cfg, services)) {
+                    Ok(()) => inc(&c.stats.reloads),
+                    Err(e) => {
+                        inc(&c.stats.reloads_failed);
+                        tracing::error!("reload refused, the running configuration stays: {e:#}");
+                    }
+                }
+            }
+        };
+        self.run_inner(stop, &AtomicBool::new(false), &mut hook)
+    }
+
     /// Runs until `stop` (closing the control connection first) or `crash` (leaving
     /// without a word; for tests).
-    pub fn run_until(mut self, stop: &AtomicBool, crash: &AtomicBool) -> anyhow::Result<()> {
+    pub fn run_until(self, stop: &AtomicBool, crash: &AtomicBool) -> anyhow::Result<()> {
+        self.run_inner(stop, crash, &mut |_| {})
+    }
+
+    /// The loop; `each_turn` runs at the start of every turn (reloads).
+    fn run_inner(
+        mut self,
+        stop: &AtomicBool,
+        crash: &AtomicBool,
+        each_turn: &mut dyn FnMut(&mut Connector),
+    ) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(256);
         let mut buf = vec![0u8; 65535];
         let mut out = vec![0u8; MAX_UDP_PAYLOAD];
@@ -358,6 +446,7 @@ impl Connector {
             if crash.load(Ordering::SeqCst) {
                 return Ok(());
             }
+            each_turn(&mut self);
             if stop.load(Ordering::SeqCst) {
                 self.client.close("connector stopping");
                 self.flush(&mut out);

@@ -44,6 +44,7 @@ pub struct KernelNat {
     routes: HashSet<IpAddr>,
     /// Sysctls we changed: (path, previous value).
     restore: Vec<(String, String)>,
+    flows_per_agent: u32,
 }
 
 fn sysctl_path(key: &str) -> String {
@@ -74,6 +75,7 @@ impl KernelNat {
             table,
             routes: HashSet::new(),
             restore: Vec::new(),
+            flows_per_agent,
         };
         let v6 = services
             .iter()
@@ -100,6 +102,29 @@ impl KernelNat {
             nat.table
         );
         Ok(nat)
+    }
+
+    /// The table for `services` (checked, not installed): for a reload, which
+    /// validates everything before it changes anything.
+    pub fn script_for(&self, services: &[ServiceSpec]) -> anyhow::Result<String> {
+        nft_script(&self.table, &self.name, services, self.flows_per_agent)
+    }
+
+    /// Replaces the table with `script` in one nftables transaction. Established
+    /// flows keep their NAT bindings (they live in conntrack, not in the rules).
+    pub fn replace_table(&mut self, script: &str, services: &[ServiceSpec]) -> anyhow::Result<()> {
+        if services
+            .iter()
+            .flat_map(|s| &s.prefixes)
+            .any(|p| matches!(p, IpNet::V6(_)))
+        {
+            self.set_sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
+        nft(&format!(
+            "table inet {t} {{}}\ndelete table inet {t}\n{script}",
+            t = self.table
+        ))
+        .context("replacing the connector's nftables table")
     }
 
     fn set_sysctl(&mut self, key: &str, value: &str) -> anyhow::Result<()> {

@@ -314,7 +314,7 @@ impl ClientSettings {
 
 client_settings! {
 /// `ztna-connector` settings.
-#[derive(clap::Args, Deserialize, Default, Debug)]
+#[derive(clap::Args, Deserialize, Default, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectorSettings {
     /// Service to provide, repeatable: ID=BACKEND[@PREFIX[,PREFIX...]], where

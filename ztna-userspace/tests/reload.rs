@@ -254,3 +254,134 @@ fn sighup_renews_the_certificate_under_load_without_dropping_a_connection() {
         "{metrics}"
     );
 }
+
+#[test]
+fn sighup_reloads_the_connectors_services_without_dropping_flows() {
+    let dir = std::env::temp_dir().join(format!("ztna-reload-conn-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let pki =
+        identity::generate_dev_pki(&dir, &[SERVICE.to_string(), "echo2".to_string()]).unwrap();
+    let inter = start_intermediate(&pki, "127.0.0.1:0".parse().unwrap());
+    let spawn_echo =
+        || ztna_userspace::echo::EchoServer::spawn("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (first, second, other) = (spawn_echo(), spawn_echo(), spawn_echo());
+    let metrics_port = free_tcp_port();
+    let config = dir.join("connector.toml");
+    let write_config = |services: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "server = \"{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nmode = \"userspace\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n{services}",
+                inter.addr,
+                pki.ca_cert.display(),
+                pki.connector_cert.display(),
+                pki.connector_key.display()
+            ),
+        )
+        .unwrap();
+    };
+    let echo_service = |backend: SocketAddr| {
+        format!(
+            "[[service]]\nid = \"echo\"\nbackend = \"{backend}\"\nprefixes = [\"10.100.0.1\"]\n"
+        )
+    };
+    write_config(&echo_service(first.addr));
+    let log = dir.join("connector.log");
+    let daemon = Daemon {
+        child: Command::new(env!("CARGO_BIN_EXE_ztna-connector"))
+            .arg("--config")
+            .arg(&config)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+        log,
+    };
+    daemon.wait_log("registered as connector", 1);
+    let mut a = agent(&pki, inter.addr);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    assert!(echo_until_ok(&mut a, src(49100), Duration::from_secs(5)).is_some());
+    let traffic = Traffic::start(a, src(49100));
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The echo service moves to a second backend; a second service appears.
+    write_config(&format!(
+        "{}[[service]]\nid = \"echo2\"\nbackend = \"{}\"\nprefixes = [\"10.100.0.2\"]\n",
+        echo_service(second.addr),
+        other.addr
+    ));
+    let reloaded_at = Instant::now();
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_log("configuration reloaded", 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !scrape(metrics_port).contains("ztna_connector_services_registered 2\n") {
+        assert!(
+            Instant::now() < deadline,
+            "echo2 not registered: {}",
+            scrape(metrics_port)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The running flow stays on its backend; a new flow goes to the new one.
+    let before = [&first, &second].map(|e| e.echoed.load(Ordering::SeqCst));
+    let (a, log) = traffic.finish_with_agent();
+    let outage = longest_outage(&log, reloaded_at - Duration::from_millis(300));
+    assert!(
+        outage < Duration::from_secs(1),
+        "the running flow stalled for {outage:?}"
+    );
+    assert!(log.iter().rev().take(10).all(|(_, ok)| *ok));
+    assert!(first.echoed.load(Ordering::SeqCst) >= before[0]);
+    let mut a = a;
+    assert!(echo_until_ok(&mut a, src(49101), Duration::from_secs(5)).is_some());
+    assert!(
+        second.echoed.load(Ordering::SeqCst) > before[1],
+        "a new flow reaches the new backend"
+    );
+    // An agent of the new service is answered by its backend.
+    let mut cfg = client_cfg(
+        &pki,
+        inter.addr,
+        ztna_core::Role::Agent,
+        &pki.agent_cert,
+        &pki.agent_key,
+    );
+    cfg.services = vec!["echo2".into()];
+    let mut b = ztna_userspace::agent::Agent::connect_with(cfg, false).unwrap();
+    b.wait_registered(Duration::from_secs(10)).unwrap();
+    let to: SocketAddr = "10.100.0.2:7".parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let reply = loop {
+        assert!(Instant::now() < deadline, "no reply from echo2");
+        b.send_udp("echo2", src(49200), to, b"second service")
+            .unwrap();
+        if let Some((from, _, payload)) = b.recv_udp(Duration::from_millis(300)).unwrap() {
+            break (from, payload);
+        }
+    };
+    assert_eq!(reply, (to, b"second service".to_vec()));
+    assert!(other.echoed.load(Ordering::SeqCst) > 0);
+
+    // A broken configuration is refused and changes nothing.
+    write_config("[[service]]\nid = \"echo\"\nbackend = \"nowhere\"\n");
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_log("reload refused", 1);
+    assert!(
+        daemon.log().contains("is not HOST:PORT, HOST or routed"),
+        "{}",
+        daemon.log()
+    );
+    assert!(echo_until_ok(&mut a, src(49102), Duration::from_secs(5)).is_some());
+    let metrics = scrape(metrics_port);
+    for line in [
+        "ztna_connector_connects_total 1\n",
+        "ztna_connector_reloads_total 1\n",
+        "ztna_connector_reloads_failed_total 1\n",
+        "ztna_connector_services_registered 2\n",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    assert_eq!(a.client().stats().connects, 1);
+}

@@ -28,8 +28,12 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let file = config::file_layer(args.config.as_deref())?;
-    let s = args.settings.over(file);
+    // Flags and the environment as given; the file is read again at each reload.
+    let load = || -> anyhow::Result<ConnectorSettings> {
+        let file = config::file_layer(args.config.as_deref())?;
+        Ok(args.settings.clone().over(file))
+    };
+    let s = load()?;
     ztna_userspace::logging::init(s.log.as_deref().unwrap_or("info"));
     if s.service.is_empty() {
         return Err(ConfigError::Missing {
@@ -83,7 +87,15 @@ fn main() -> anyhow::Result<()> {
         )?),
         None => None,
     };
-    let r = connector.run(&stop);
+    let reload = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())
+        .context("installing the SIGHUP handler")?;
+    let r = connector.run_reloading(&stop, &reload, || {
+        tracing::info!("SIGHUP: reloading the configuration");
+        let s = load()?;
+        let cfg = s.client().client_config(Role::Connector, vec![])?;
+        Ok((cfg, s.service))
+    });
     tracing::info!("stopped; stats {}", stats.snapshot());
     r
 }
