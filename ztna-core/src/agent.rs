@@ -364,6 +364,53 @@ impl AgentEngine {
         })
     }
 
+    /// Takes a reloaded configuration (SIGHUP, or the app's settings changed)
+    /// without dropping what runs: TLS files apply to new connections (data
+    /// connections at once, the control connection at its next connect); new
+    /// services are registered now; removed ones have their data connections closed
+    /// and their routes withdrawn (`RoutesChanged`). Nothing changes if the new
+    /// configuration does not load.
+    pub fn reconfigure(&mut self, mut cfg: ClientConfig) -> Result<(), ClientError> {
+        cfg.role = Role::Agent;
+        let data_quic = match DataConfig::from_client(&cfg) {
+            Some(d) if self.data_quic.is_some() => Some(data::quic_config(&d)?),
+            _ => None,
+        };
+        let services = cfg.services.clone();
+        self.client.reconfigure(cfg)?;
+        if self.data_quic.is_some() {
+            self.data_quic = data_quic;
+        }
+        let removed: Vec<String> = self
+            .services
+            .keys()
+            .filter(|s| !services.contains(s))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(mut s) = self.services.remove(&name) {
+                if let Some(d) = s.data.as_mut() {
+                    d.close("service removed from the configuration");
+                    // The relay session goes too (the data connection's own close
+                    // may not get out before it is dropped).
+                    let _ = self
+                        .client
+                        .close_session(d.session_id, ztna_common::frames::close_reason::NORMAL);
+                }
+                if let Some(c) = s.direct.as_mut().and_then(|d| d.conn.as_mut()) {
+                    c.close("service removed from the configuration");
+                }
+            }
+            self.learned_routes.remove(&name);
+            self.static_routes.retain(|(_, s)| *s != name);
+        }
+        for name in services {
+            self.services.entry(name).or_default();
+        }
+        self.rebuild_routes();
+        Ok(())
+    }
+
     // ---- inputs -------------------------------------------------------------
 
     /// One UDP datagram that arrived on the socket from `from`. `buf` may be

@@ -70,6 +70,16 @@ impl Agent {
         &self.engine
     }
 
+    /// See [`AgentEngine::reconfigure`].
+    pub fn reconfigure(
+        &mut self,
+        cfg: ztna_core::ClientConfig,
+    ) -> Result<(), ztna_core::ClientError> {
+        self.engine.reconfigure(cfg)?;
+        self.flush();
+        Ok(())
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.engine.local_addr()
     }

@@ -348,7 +348,7 @@ pub struct ConnectorSettings {
 client_settings! {
 /// `ztna-agent` settings (the `up` subcommand uses them all; `echo` the client part
 /// and the services).
-#[derive(clap::Args, Deserialize, Default, Debug)]
+#[derive(clap::Args, Deserialize, Default, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct AgentSettings {
     /// Service to register for (repeatable; `echo` uses the first; the environment

@@ -193,7 +193,21 @@ impl Up {
     }
 
     /// Runs until `stop` is set, then tears down.
-    pub fn run(mut self, stop: &AtomicBool) -> anyhow::Result<()> {
+    pub fn run(self, stop: &AtomicBool) -> anyhow::Result<()> {
+        self.run_reloading(stop, &AtomicBool::new(false), || {
+            anyhow::bail!("no configuration to reload from")
+        })
+    }
+
+    /// [`Up::run`], applying a new client configuration from `source` whenever
+    /// `reload` is set (SIGHUP): see [`AgentEngine::reconfigure`]. A configuration
+    /// that does not load is refused and logged; the running one stays.
+    pub fn run_reloading(
+        mut self,
+        stop: &AtomicBool,
+        reload: &AtomicBool,
+        mut source: impl FnMut() -> anyhow::Result<ztna_core::ClientConfig>,
+    ) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(64);
         let mut buf = vec![0u8; 65535];
         let mut out = vec![0u8; 65535];
@@ -204,6 +218,17 @@ impl Up {
         let mut more = false;
         while !stop.load(Ordering::Relaxed) {
             self.health.tick();
+            if reload.swap(false, Ordering::SeqCst) {
+                match source().and_then(|cfg| Ok(self.engine.reconfigure(cfg)?)) {
+                    Ok(()) => tracing::info!(
+                        "configuration reloaded: services {:?}",
+                        self.engine.services().collect::<Vec<_>>()
+                    ),
+                    Err(e) => {
+                        tracing::error!("reload refused, the running configuration stays: {e:#}")
+                    }
+                }
+            }
             let now = Instant::now();
             let timeout = if more {
                 Duration::ZERO

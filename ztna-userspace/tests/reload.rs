@@ -385,3 +385,83 @@ fn sighup_reloads_the_connectors_services_without_dropping_flows() {
     }
     assert_eq!(a.client().stats().connects, 1);
 }
+
+#[test]
+fn an_agent_takes_new_services_and_drops_removed_ones_without_reconnecting() {
+    let dir = std::env::temp_dir().join(format!("ztna-reload-agent-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let pki =
+        identity::generate_dev_pki(&dir, &[SERVICE.to_string(), "echo2".to_string()]).unwrap();
+    let inter = start_intermediate(&pki, "127.0.0.1:0".parse().unwrap());
+    let echo = ztna_userspace::echo::EchoServer::spawn("127.0.0.1:0".parse().unwrap()).unwrap();
+    let spec = |id: &str, vip: &str| ztna_userspace::connector::ServiceSpec {
+        id: id.into(),
+        backend: echo.addr.into(),
+        prefixes: vec![vip.parse::<std::net::IpAddr>().unwrap().into()],
+    };
+    let ccfg = client_cfg(
+        &pki,
+        inter.addr,
+        ztna_core::Role::Connector,
+        &pki.connector_cert,
+        &pki.connector_key,
+    );
+    let _conn = ztna_userspace::connector::spawn(
+        ccfg,
+        vec![spec(SERVICE, VIP), spec("echo2", "10.100.0.2")],
+    )
+    .unwrap();
+    let mut a = agent_relay(&pki, inter.addr);
+    a.wait_registered(Duration::from_secs(10)).unwrap();
+    a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
+    let routes = |a: &ztna_userspace::agent::Agent| -> Vec<String> {
+        let mut r: Vec<String> = a
+            .engine()
+            .routes()
+            .iter()
+            .map(|(p, s)| format!("{p}={s}"))
+            .collect();
+        r.sort();
+        r
+    };
+    assert_eq!(routes(&a), vec!["10.100.0.1/32=echo"]);
+
+    // Add echo2.
+    let mut cfg = client_cfg(
+        &pki,
+        inter.addr,
+        ztna_core::Role::Agent,
+        &pki.agent_cert,
+        &pki.agent_key,
+    );
+    cfg.services = vec![SERVICE.into(), "echo2".into()];
+    a.reconfigure(cfg.clone()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while routes(&a).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "echo2's route never came: {:?}",
+            routes(&a)
+        );
+        let _ = a.recv_packet(Duration::from_millis(20));
+    }
+    assert_eq!(
+        routes(&a),
+        vec!["10.100.0.1/32=echo", "10.100.0.2/32=echo2"]
+    );
+    assert!(a.client().is_registered("echo2"));
+    // Remove echo: its route and its relayed data connection go, echo2 stays.
+    cfg.services = vec!["echo2".into()];
+    a.reconfigure(cfg.clone()).unwrap();
+    assert_eq!(routes(&a), vec!["10.100.0.2/32=echo2"]);
+    assert!(a.data_connection(SERVICE).is_none());
+    // A configuration that does not load changes nothing.
+    cfg.key_file = Some("/nonexistent/agent.key".into());
+    let e = a.reconfigure(cfg).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "private key /nonexistent/agent.key: No such file or directory (os error 2)"
+    );
+    assert_eq!(routes(&a), vec!["10.100.0.2/32=echo2"]);
+    assert_eq!(a.client().stats().connects, 1, "never reconnected");
+}

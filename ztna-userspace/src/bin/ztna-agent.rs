@@ -92,7 +92,7 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let file = config::file_layer(args.config.as_deref())?;
-    let s = args.settings.over(file);
+    let s = args.settings.clone().over(file);
     let status_socket = s
         .status_socket
         .clone()
@@ -148,7 +148,14 @@ fn main() -> anyhow::Result<()> {
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 signal_hook::flag::register(sig, stop.clone())?;
             }
-            up.run(&stop)
+            let reload = Arc::new(AtomicBool::new(false));
+            signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
+            up.run_reloading(&stop, &reload, || {
+                tracing::info!("SIGHUP: reloading the configuration");
+                let file = config::file_layer(args.config.as_deref())?;
+                let s = args.settings.clone().over(file);
+                Ok(s.client().client_config(Role::Agent, s.service.clone())?)
+            })
         }
         Cmd::Echo {
             dst,
