@@ -1,6 +1,15 @@
-//! `cargo xtask build-ebpf`: the XDP object, built with the verified recipe of
-//! shared/EBPF-TOOLCHAIN.md: rust-src for build-std, bpf-linker 0.13 built against
-//! rustc's own libLLVM (Debian has no LLVM 22), BTF on.
+//! `cargo xtask build-ebpf`: the XDP object, built with this recipe (verified on the
+//! stable toolchain):
+//!
+//! - `rust-src` (rustup component) for `build-std = ["core"]` on `bpfel-unknown-none`
+//!   (see `ztna-ebpf/.cargo/config.toml`), with `RUSTC_BOOTSTRAP=1` because build-std
+//!   is unstable;
+//! - `bpf-linker` 0.13.0, installed without its bundled LLVM and linked against
+//!   rustc's own `libLLVM-*.so` from the sysroot (features `llvm-<major>` and
+//!   `no-llvm-linking`, plus an rpath): Debian packages no LLVM 22, the version
+//!   rustc's LLVM has, and the linker must read the bitcode rustc emits;
+//! - BTF on (`-C debuginfo=2 -C link-arg=--btf` in that config), so the loader gets
+//!   BTF maps and `bpftool map dump` prints fields by name.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
