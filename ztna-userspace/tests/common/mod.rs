@@ -224,10 +224,11 @@ pub fn longest_outage(log: &[(Instant, bool)], from: Instant) -> Duration {
     worst
 }
 
-/// Whether the traffic works at the end of `log`: at least 18 of its last 20 echoes
-/// came back (on a loaded 2-core machine one echo may come back after its 250 ms
-/// wait and be counted against the next).
+/// Whether the traffic works at the end of `log`: of its last 20 echoes (at least 5),
+/// at most one in ten (and at least one allowed) did not come back. On a loaded 2-core
+/// machine one echo may come back after its 250 ms wait and count against the next.
 pub fn works_at_the_end(log: &[(Instant, bool)]) -> bool {
     let last = &log[log.len().saturating_sub(20)..];
-    last.len() == 20 && last.iter().filter(|(_, ok)| *ok).count() >= 18
+    let failed = last.iter().filter(|(_, ok)| !*ok).count();
+    last.len() >= 5 && failed <= (last.len() / 10).max(1)
 }
