@@ -59,6 +59,9 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// The deploy checks of `test` alone (root): manifests, images, and the images
+    /// run with podman kube play (ztna-netlab/tests/kube_play.rs).
+    Deploy,
     /// Run every fuzz target (cargo-fuzz, nightly) for --secs seconds each.
     Fuzz {
         #[arg(long, default_value_t = 60)]
@@ -103,6 +106,7 @@ fn main() -> anyhow::Result<()> {
             prereqs::ensure()?;
             deploy::images(&root(), out.as_deref())
         }
+        Cmd::Deploy => deploy_checks(),
         Cmd::BuildEbpf => ebpf::build_ebpf(&root()).map(|_| ()),
         Cmd::Fuzz { secs } => fuzz::run(&root(), secs).map(|_| ()),
         Cmd::NatMatrix { out } => nat_matrix(&out),
@@ -199,6 +203,49 @@ fn nat_matrix(out: &Path) -> anyhow::Result<()> {
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+fn deploy_checks() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("deploy needs root (podman with its own storage, mmdebstrap, namespaces)");
+    }
+    prereqs::ensure()?;
+    prereqs::ensure_deploy_tools()?;
+    ebpf::build_ebpf(&root())?;
+    let mut checks = deploy::Checks::default();
+    let rendered = deploy::check_manifests(&root(), &mut checks);
+    let podman = deploy::check_images(&root(), &mut checks);
+    let mut tally = Tally::default();
+    let mut ok = checks.failed == 0;
+    if let (Some(podman), Some(rendered)) = (podman, rendered) {
+        let started = Instant::now();
+        ok &= cargo_test(
+            &[
+                "-p",
+                "ztna-netlab",
+                "--test",
+                "kube_play",
+                "--",
+                "--ignored",
+            ],
+            &deploy::kube_play_env(&podman, &rendered),
+            &mut tally,
+        )?;
+        println!(
+            "deploy: kube play test {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let passed = checks.passed + tally.passed;
+    let failed = checks.failed + tally.failed;
+    println!(
+        "\nxtask: {passed} passed, {failed} failed, {} skipped",
+        checks.skipped
+    );
+    if !ok || failed > 0 {
+        bail!("deploy checks failed");
+    }
+    Ok(())
 }
 
 fn test() -> anyhow::Result<()> {
