@@ -32,8 +32,8 @@ fn the_intermediate_configs_load_and_resolve() {
         assert_eq!(r.cfg.listen.port(), 4433, "{}", f.display());
         // The kubelet probes the node's address: a loopback listener is unreachable.
         assert_eq!(
-            r.metrics_listen,
-            ztna_userspace::settings::Listen::At("0.0.0.0:9090".parse().unwrap()),
+            r.cfg.metrics_listen,
+            Some("0.0.0.0:9090".parse().unwrap()),
             "{}",
             f.display()
         );
