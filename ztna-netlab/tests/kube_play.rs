@@ -497,9 +497,7 @@ fn images_run_as_the_manifests_say() {
             wait_http_ok(&lab, &c, port, &path, &connector, "connector");
         }
 
-        // First run: sets up the neighbour entries the fib lookups need; the second
-        // is a new session, forwarded in XDP.
-        for count in [20u64, 200] {
+        let echo = |count: u64| {
             let report = lab
                 .agent_echo(
                     &certs,
@@ -522,7 +520,11 @@ fn images_run_as_the_manifests_say() {
                     .is_some_and(|p| p.starts_with("relay-")),
                 "{report}"
             );
-        }
+        };
+        // First run: sets up the neighbour entries the fib lookups need; the second
+        // is a new session, forwarded in XDP.
+        echo(20);
+        echo(200);
         // The README's `ztna sessions`, inside the pod: the second run's packets
         // went out through XDP.
         let out = podman(&[
@@ -542,6 +544,51 @@ fn images_run_as_the_manifests_say() {
         let sessions: Value = serde_json::from_slice(&out.stdout).unwrap();
         let tx = sessions["verdicts"]["tx"].as_u64().unwrap_or(0);
         assert!(tx >= 400, "XDP forwarded {tx} packets: {sessions}");
+
+        // The README's certificate rotation: a new key and certificate from the same
+        // CA in the Secret's files, then SIGHUP to the daemon (PID 1 of its
+        // container) through exec. It takes the new one; agents still connect.
+        let renewed = lab.dir.join("renewed");
+        ztna_userspace::identity::issue_leaf(
+            &certs.join("ca.pem"),
+            &certs.join("ca.key"),
+            &renewed,
+            "intermediate",
+            &["intermediate.ztna".into(), "localhost".into()],
+        )
+        .unwrap();
+        let tls = &intermediate_dirs
+            .iter()
+            .find(|(n, _)| *n == "tls")
+            .unwrap()
+            .1;
+        std::fs::copy(renewed.join("intermediate.pem"), tls.join("tls.crt")).unwrap();
+        std::fs::copy(renewed.join("intermediate.key"), tls.join("tls.key")).unwrap();
+        let out = podman(&[
+            "exec",
+            &relay.ctr("intermediate"),
+            "sh",
+            "-c",
+            "kill -HUP 1",
+        ]);
+        assert!(
+            out.status.success(),
+            "kill -HUP 1 in the pod: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        relay.wait_log("intermediate", "configuration reloaded");
+        let pem = std::fs::read(renewed.join("intermediate.pem")).unwrap();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &pem);
+        let fingerprint: String = digest.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert!(
+            relay.logs("intermediate").contains(&fingerprint),
+            "not reloaded with the new certificate {fingerprint}:\n{}",
+            relay.logs("intermediate")
+        );
+        echo(20);
 
         // Stopped as the kubelet stops a pod (SIGTERM, then the grace period): the
         // intermediate exits cleanly and takes its pins with it.
