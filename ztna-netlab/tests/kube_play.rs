@@ -270,16 +270,20 @@ impl Played {
     }
 
     /// Waits until `container` has exited; returns its exit code.
-    fn wait_exit(&self, container: &str) -> i64 {
+    /// Waits until the intermediate has stopped; returns its exit code. Fails at
+    /// once if it attached XDP after all: `why` says what that means.
+    fn wait_failed_start(&self, why: &str) -> i64 {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            let (status, code) = self.state(container);
+            let (status, code) = self.state("intermediate");
             if status == "exited" {
                 return code;
             }
+            let log = self.logs("intermediate");
+            assert!(!log.contains("XDP relay attached"), "{why}:\n{log}");
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("{} still running after 30 s", self.ctr(container));
+        panic!("{} still running after 30 s", self.ctr("intermediate"));
     }
 }
 
@@ -293,6 +297,18 @@ impl Played {
             self.name,
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+/// A pin directory of this test, removed with whatever a failed run left in it.
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        for e in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+        let _ = std::fs::remove_dir(&self.0);
     }
 }
 
@@ -404,8 +420,10 @@ fn images_run_as_the_manifests_say() {
     // it on, /proc/sys is read-only there.
     lab.exec(&x, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])
         .unwrap();
-    // Pins of this run only: other tests pin under the default directory.
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", lab.prefix));
+    // Pins of this run only: other tests pin under the default directory. Removed
+    // at the end whatever happens (declared before the pods, so dropped after them).
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", lab.prefix)));
+    let pin_dir = pins.0.clone();
     let intermediate_toml = config(
         &docs,
         "ztna-intermediate",
@@ -620,7 +638,10 @@ fn images_run_as_the_manifests_say() {
                 .collect::<Vec<_>>()
         );
         let relay = Played::play(&lab, &x, &lacking);
-        let code = relay.wait_exit("intermediate");
+        let code = relay.wait_failed_start(&format!(
+            "XDP attached without {missing}: the intermediate does not need it, so the \
+             DaemonSet must not add it"
+        ));
         let log = relay.logs("intermediate");
         assert_ne!(code, 0, "ran without {missing}:\n{log}");
         assert!(
@@ -643,7 +664,9 @@ fn images_run_as_the_manifests_say() {
         &mut confined["metadata"]["annotations"],
     );
     let relay = Played::play(&lab, &x, &confined);
-    let code = relay.wait_exit("intermediate");
+    let code = relay.wait_failed_start(
+        "XDP attached under the default seccomp profile: stating Unconfined is not needed",
+    );
     let log = relay.logs("intermediate");
     assert_ne!(
         code, 0,
@@ -654,5 +677,5 @@ fn images_run_as_the_manifests_say() {
         "{log}"
     );
     drop(relay);
-    let _ = std::fs::remove_dir(&pin_dir);
+    drop(pins);
 }
