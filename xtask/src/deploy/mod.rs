@@ -57,11 +57,29 @@ impl Checks {
     }
 }
 
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
+/// Why `kubectl kustomize` cannot render the kustomizations, if it cannot: they use
+/// `labels`, `components` and `patches`, kustomize 4 and later (kubectl 1.21 and
+/// later; Debian bookworm's kubernetes-client is 1.20).
+fn kustomize_missing() -> Option<String> {
+    let out = Command::new("kubectl")
+        .args(["version", "--client", "-o", "json"])
+        .output();
+    let Ok(out) = out else {
+        return Some("no kubectl (as root, xtask installs Debian's kubernetes-client)".into());
+    };
+    let version: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let kustomize = version["kustomizeVersion"]
+        .as_str()
+        .unwrap_or("older than v4");
+    let major: u32 = kustomize
+        .trim_start_matches('v')
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    (major < 4).then(|| {
+        format!("kubectl's kustomize is {kustomize}; the kustomizations need v4 or later (kubectl 1.21+)")
+    })
 }
 
 /// Renders, validates and checks every kustomization; writes the renderings to
@@ -74,12 +92,9 @@ pub fn check_manifests(root: &Path, checks: &mut Checks) -> Option<PathBuf> {
             return None;
         }
     };
-    if !have("kubectl") {
+    if let Some(why) = kustomize_missing() {
         for (name, _) in &dirs {
-            checks.skip(
-                &format!("k8s {name}"),
-                "no kubectl (as root, xtask installs Debian's kubernetes-client)",
-            );
+            checks.skip(&format!("k8s {name}"), &why);
         }
         return None;
     }
