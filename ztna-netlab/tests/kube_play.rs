@@ -562,6 +562,37 @@ fn images_run_as_the_manifests_say() {
         let sessions: Value = serde_json::from_slice(&out.stdout).unwrap();
         let tx = sessions["verdicts"]["tx"].as_u64().unwrap_or(0);
         assert!(tx >= 400, "XDP forwarded {tx} packets: {sessions}");
+        // Where the pod template's scrape annotations point, Prometheus finds the
+        // same packets.
+        let annotations = &daemonset["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/scrape"], "true");
+        let url = format!(
+            "http://127.0.0.1:{}{}",
+            annotations["prometheus.io/port"].as_str().unwrap(),
+            annotations["prometheus.io/path"].as_str().unwrap()
+        );
+        // The intermediate brings these counters up to date periodically: poll.
+        let scrape_xdp_packets = || {
+            let out = lab.exec(&x, "curl", &["-sf", &url]).expect("scraping");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let packets = text
+                .lines()
+                .find_map(|l| l.strip_prefix("ztna_forwarded_packets_total{path=\"xdp\"} "))
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            (packets, text)
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (packets, text) = scrape_xdp_packets();
+            if packets.is_some_and(|p| p >= 400) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{url}: XDP packets {packets:?} after 10 s:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
 
         // The README's certificate rotation: a new key and certificate from the same
         // CA in the Secret's files, then SIGHUP to the daemon (PID 1 of its
