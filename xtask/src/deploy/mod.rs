@@ -1,4 +1,5 @@
-//! The deployment's checks in `cargo xtask test`, and `cargo xtask images`:
+//! The deployment's checks in `cargo xtask test` (alone: `cargo xtask deploy`), and
+//! `cargo xtask images`:
 //!
 //! - manifests: the base and every overlay of `deploy/k8s` rendered with `kubectl
 //!   kustomize`, validated with `kubernetes-validate --strict` against Kubernetes
@@ -9,7 +10,10 @@
 //!   the rendered dev overlay, XDP attached, an agent's traffic relayed to the
 //!   connector, each capability removed in turn) is the privileged test
 //!   `ztna-netlab/tests/kube_play.rs`, given the images and the rendering through the
-//!   environment `kube_play_env` returns.
+//!   environment `kube_play_env` returns. It is a netlab test, not a step here,
+//!   because it needs the lab's namespaces, the real agent and the XDP topology the
+//!   relay tests use, and xtask cannot depend on those crates (they need cmake and
+//!   libclang, which xtask installs first).
 
 pub mod manifests;
 pub mod podman;
