@@ -228,7 +228,12 @@ fn deploy_checks() -> anyhow::Result<()> {
                 "--",
                 "--ignored",
             ],
-            &deploy::kube_play_env(&podman, &rendered),
+            &[
+                deploy::kube_play_env(&podman, &rendered),
+                // The lab's agent and cert tool: the release builds the images took.
+                vec![("ZTNA_BIN_DIR".into(), root().join("target/release"))],
+            ]
+            .concat(),
             &mut tally,
         )?;
         println!(
