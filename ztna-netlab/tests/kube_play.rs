@@ -4,7 +4,7 @@
 //! the intermediate on the relay namespace's network (hostNetwork), with exactly
 //! the DaemonSet's capabilities, seccomp profile and /sys/fs/bpf, attaches XDP, pins
 //! its maps, serves /readyz and relays an agent's echoes to the connector, which
-//! runs from its own image. Then the intermediate again with each of its
+//! runs from its own image (the agent too, once, from its image). Then the intermediate again with each of its
 //! capabilities removed in turn: it must stop, naming the one missing; and once
 //! under the runtime's default seccomp profile, which refuses bpf(2).
 //!
@@ -638,6 +638,29 @@ fn images_run_as_the_manifests_say() {
             relay.logs("intermediate")
         );
         echo(20);
+
+        // The agent's image too, on the agent namespace's network: `echo` needs no
+        // capability, and the image runs as root only for `up`.
+        let agents_certs = format!("{}:/certs:ro", certs.display());
+        let out = Command::new("podman")
+            .args(["run", "--rm", "--pull=never", "--cap-drop=all"])
+            .arg(format!("--network=ns:/run/netns/{}", lab.ns("a")))
+            .args(["-v", &agents_certs, "localhost/ztna-agent:latest"])
+            .args(["--server", &format!("{RELAY_IP}:{RELAY_PORT}")])
+            .args(["--ca", "/certs/ca.pem", "--cert", "/certs/agent.pem"])
+            .args(["--key", "/certs/agent.key", "--service", "echo", "--no-p2p"])
+            .args(["echo", "--dst", "10.100.0.1:7", "--count", "20", "--json"])
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("podman run ztna-agent");
+        assert!(
+            out.status.success(),
+            "the agent's image: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+        assert_eq!(n(&report, "echoed_exact"), 20, "{report}");
 
         // Stopped as the kubelet stops a pod (SIGTERM, then the grace period): the
         // intermediate exits cleanly and takes its pins with it.
