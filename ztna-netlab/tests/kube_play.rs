@@ -511,6 +511,12 @@ fn images_run_as_the_manifests_say() {
         let connector_pod = pod(deployment, &format!("{}-conn", lab.prefix), &connector_dirs);
         let connector = Played::play(&lab, &c, &connector_pod);
         connector.wait_log("connector", "registered as connector");
+        let out = podman(&["exec", &connector.ctr("connector"), "id", "-u"]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            connector_uid.to_string(),
+            "the connector is not running as its non-root user"
+        );
         for (port, path) in http_probes(deployment, "connector") {
             wait_http_ok(&lab, &c, port, &path, &connector, "connector");
         }
