@@ -4,7 +4,10 @@
 //!   loopback (release build); real traffic; as root also an HTTP download through
 //!   `ztna-agent up` and a kernel-mode connector in network namespaces; prints a
 //!   report; exits 0 only if every echo came back and the file arrived intact.
-//! - `test`: the README's test command: every workspace test, then the demo.
+//! - `test`: the README's test command: every workspace test, the deployment's
+//!   checks (`deploy`: manifests, images, their run under `podman kube play`), then
+//!   the demo.
+//! - `images`: the container images of `deploy/docker` (`deploy::images`).
 //!
 //! Both first install what a fresh machine lacks (`prereqs`, `ebpf`).
 
@@ -18,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 mod bench;
+mod deploy;
 mod ebpf;
 mod fuzz;
 mod prereqs;
@@ -49,6 +53,15 @@ enum Cmd {
     BuildEbpf,
     /// Run every test (the README's test command; CI runs this).
     Test,
+    /// Build the container images of deploy/docker with podman (root), in storage
+    /// private to target/deploy/podman; --out writes each as a docker-archive.
+    Images {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The deploy checks of `test` alone (root): manifests, images, and the images
+    /// run with podman kube play (ztna-netlab/tests/kube_play.rs).
+    Deploy,
     /// Run every fuzz target (cargo-fuzz, nightly) for --secs seconds each.
     Fuzz {
         #[arg(long, default_value_t = 60)]
@@ -86,6 +99,14 @@ fn main() -> anyhow::Result<()> {
             demo(count, &size, profile)
         }
         Cmd::Test => test(),
+        Cmd::Images { out } => {
+            if !is_root() {
+                bail!("images needs root (podman with its own storage, mmdebstrap)");
+            }
+            prereqs::ensure()?;
+            deploy::images(&root(), out.as_deref())
+        }
+        Cmd::Deploy => deploy_checks(),
         Cmd::BuildEbpf => ebpf::build_ebpf(&root()).map(|_| ()),
         Cmd::Fuzz { secs } => fuzz::run(&root(), secs).map(|_| ()),
         Cmd::NatMatrix { out } => nat_matrix(&out),
@@ -125,11 +146,13 @@ struct Tally {
     ignored: u64,
 }
 
-/// Runs `cargo test ARGS`, streaming its output, and adds up its result lines.
-fn cargo_test(args: &[&str], tally: &mut Tally) -> anyhow::Result<bool> {
+/// Runs `cargo test ARGS` with `env` added, streaming its output, and adds up its
+/// result lines.
+fn cargo_test(args: &[&str], env: &[(String, PathBuf)], tally: &mut Tally) -> anyhow::Result<bool> {
     let mut child = cargo()
         .arg("test")
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .spawn()
         .context("running cargo test")?;
@@ -182,6 +205,54 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+fn deploy_checks() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("deploy needs root (podman with its own storage, mmdebstrap, namespaces)");
+    }
+    prereqs::ensure()?;
+    prereqs::ensure_deploy_tools()?;
+    ebpf::build_ebpf(&root())?;
+    let mut checks = deploy::Checks::default();
+    let rendered = deploy::check_manifests(&root(), &mut checks);
+    let podman = deploy::check_images(&root(), &mut checks);
+    let mut tally = Tally::default();
+    let mut ok = checks.failed == 0;
+    if let (Some(podman), Some(rendered)) = (podman, rendered) {
+        let started = Instant::now();
+        ok &= cargo_test(
+            &[
+                "-p",
+                "ztna-netlab",
+                "--test",
+                "kube_play",
+                "--",
+                "--ignored",
+            ],
+            &[
+                deploy::kube_play_env(&podman, &rendered),
+                // The lab's agent and cert tool: the release builds the images took.
+                vec![("ZTNA_BIN_DIR".into(), root().join("target/release"))],
+            ]
+            .concat(),
+            &mut tally,
+        )?;
+        println!(
+            "deploy: kube play test {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let passed = checks.passed + tally.passed;
+    let failed = checks.failed + tally.failed;
+    println!(
+        "\nxtask: {passed} passed, {failed} failed, {} skipped",
+        checks.skipped
+    );
+    if !ok || failed > 0 {
+        bail!("deploy checks failed");
+    }
+    Ok(())
+}
+
 fn test() -> anyhow::Result<()> {
     prereqs::ensure()?;
     ebpf::build_ebpf(&root())?;
@@ -195,8 +266,27 @@ fn test() -> anyhow::Result<()> {
             "--bins",
             "--tests",
         ],
+        &[],
         &mut plain,
     )?;
+    println!("\n== deploy: Kubernetes manifests, container images ==");
+    let mut deploy = deploy::Checks::default();
+    let mut kube_play_env = Vec::new();
+    if is_root() {
+        if let Err(e) = prereqs::ensure_deploy_tools() {
+            eprintln!("xtask: deploy tools: {e:#}");
+        }
+        let rendered = deploy::check_manifests(&root(), &mut deploy);
+        if let (Some(podman), Some(rendered)) =
+            (deploy::check_images(&root(), &mut deploy), rendered)
+        {
+            kube_play_env = deploy::kube_play_env(&podman, &rendered);
+        }
+    } else {
+        deploy::check_manifests(&root(), &mut deploy);
+        println!("deploy: images ... SKIPPED: podman and mmdebstrap need root");
+        deploy.skipped += 1;
+    }
     let mut privileged = Tally::default();
     let skipped;
     if is_root() {
@@ -206,11 +296,14 @@ fn test() -> anyhow::Result<()> {
             args.extend(["-p", c]);
         }
         args.extend(["--", "--ignored", "--test-threads=1"]);
-        ok &= cargo_test(&args, &mut privileged)?;
-        skipped = 0;
+        ok &= cargo_test(&args, &kube_play_env, &mut privileged)?;
+        skipped = deploy.skipped;
     } else {
-        skipped = plain.ignored;
-        println!("\nSKIPPED: {skipped} privileged tests (not root; CI runs them as root)");
+        skipped = plain.ignored + deploy.skipped;
+        println!(
+            "\nSKIPPED: {} privileged tests (not root; CI runs them as root)",
+            plain.ignored
+        );
     }
     println!("\n== fuzz targets, briefly (cargo xtask fuzz runs them longer) ==");
     let fuzz_ok = match fuzz::run(&root(), 5) {
@@ -228,8 +321,13 @@ fn test() -> anyhow::Result<()> {
             false
         }
     };
-    let passed = plain.passed + privileged.passed + u64::from(demo_ok) + u64::from(fuzz_ok);
-    let failed = plain.failed + privileged.failed + u64::from(!demo_ok) + u64::from(!fuzz_ok);
+    let passed =
+        plain.passed + privileged.passed + deploy.passed + u64::from(demo_ok) + u64::from(fuzz_ok);
+    let failed = plain.failed
+        + privileged.failed
+        + deploy.failed
+        + u64::from(!demo_ok)
+        + u64::from(!fuzz_ok);
     println!("\nxtask: {passed} passed, {failed} failed, {skipped} skipped");
     if !ok || !demo_ok || !fuzz_ok || failed > 0 {
         bail!("tests failed");

@@ -54,6 +54,33 @@ pub fn ensure() -> anyhow::Result<()> {
     if !root {
         bail!("missing Debian packages: {list}; install them with: sudo apt-get install -y {list}");
     }
+    install(&missing)
+}
+
+/// The deploy checks: podman (with runc and catatonit for its pods' infra
+/// container; crun refuses this machine's hybrid cgroups), mmdebstrap for the base
+/// image, and kubectl for kustomize: the machine's own if it has one, else Debian's
+/// kubernetes-client. Root only (they build and run containers).
+pub fn ensure_deploy_tools() -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = DEPLOY.iter().copied().filter(|p| !installed(p)).collect();
+    let has_kubectl = Command::new("sh")
+        .args(["-c", "command -v kubectl"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_kubectl {
+        missing.push("kubernetes-client");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    install(&missing)
+}
+
+/// See `ensure_deploy_tools`.
+const DEPLOY: &[&str] = &["podman", "runc", "catatonit", "mmdebstrap", "binutils"];
+
+fn install(missing: &[&str]) -> anyhow::Result<()> {
+    let list = missing.join(" ");
     println!("xtask: installing missing packages: {list}");
     let quiet = |c: &mut Command| -> anyhow::Result<()> {
         let out = c
@@ -72,7 +99,7 @@ pub fn ensure() -> anyhow::Result<()> {
     quiet(
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing),
+            .args(missing),
     )
 }
 

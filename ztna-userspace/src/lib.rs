@@ -4,6 +4,7 @@
 pub mod addressing;
 pub mod agent;
 pub mod batch;
+pub mod caps;
 pub mod client_metrics;
 pub mod config;
 pub mod connector;

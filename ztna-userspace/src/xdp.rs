@@ -310,6 +310,7 @@ pub fn load(
     if interfaces.is_empty() {
         bail!("--xdp needs at least one --iface");
     }
+    crate::caps::require("the XDP fast path", crate::caps::XDP)?;
     let (local_addrs, left_out) = relay_local_addrs(
         relay_addr.ip(),
         interfaces,
