@@ -214,7 +214,7 @@ fn deploy_checks() -> anyhow::Result<()> {
     ebpf::build_ebpf(&root())?;
     let mut checks = deploy::Checks::default();
     let rendered = deploy::check_manifests(&root(), &mut checks);
-    let podman = deploy::check_images(&root(), &mut checks);
+    let podman = deploy::check_images(&root(), &mut checks, false);
     let mut tally = Tally::default();
     let mut ok = checks.failed == 0;
     if let (Some(podman), Some(rendered)) = (podman, rendered) {
@@ -278,7 +278,7 @@ fn test() -> anyhow::Result<()> {
         }
         let rendered = deploy::check_manifests(&root(), &mut deploy);
         if let (Some(podman), Some(rendered)) =
-            (deploy::check_images(&root(), &mut deploy), rendered)
+            (deploy::check_images(&root(), &mut deploy, false), rendered)
         {
             kube_play_env = deploy::kube_play_env(&podman, &rendered);
         }

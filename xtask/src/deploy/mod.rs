@@ -139,24 +139,32 @@ pub fn check_manifests(root: &Path, checks: &mut Checks) -> Option<PathBuf> {
     all_ok.then_some(out)
 }
 
-/// Builds the release binaries and the images (base image first, cached). Returns
-/// the podman configuration on success.
-pub fn check_images(root: &Path, checks: &mut Checks) -> Option<podman::Podman> {
+/// Builds the binaries and the images (base image first, cached). Returns the podman
+/// configuration on success. `release`: from the release build (`cargo xtask images`);
+/// the tests use the debug build they have already made, which runs the same code and
+/// spares CI a second full build.
+pub fn check_images(root: &Path, checks: &mut Checks, release: bool) -> Option<podman::Podman> {
     let mut podman_ready = None;
     let ok = checks.record("images", (|| {
         let started = Instant::now();
-        crate::run(crate::cargo().args(["build", "--quiet", "--release", "-p", "ztna-userspace", "--bins"]))?;
+        let mut build = crate::cargo();
+        build.args(["build", "--quiet", "-p", "ztna-userspace", "--bins"]);
+        if release {
+            build.arg("--release");
+        }
+        crate::run(&mut build)?;
         let built = started.elapsed().as_secs_f64();
         let podman = podman::Podman::setup(root)?;
         let started = Instant::now();
         let base = podman::ensure_base(&podman, root)?;
         let base_secs = started.elapsed().as_secs_f64();
         let started = Instant::now();
-        podman::build_images(&podman, root)?;
+        podman::build_images(&podman, root, if release { "release" } else { "debug" })?;
         let images_secs = started.elapsed().as_secs_f64();
         podman_ready = Some(podman);
         Ok(format!(
-            "release binaries {built:.0} s; base {base} ({base_secs:.0} s); {} images {images_secs:.0} s",
+            "{} binaries {built:.0} s; base {base} ({base_secs:.0} s); {} images {images_secs:.0} s",
+            if release { "release" } else { "debug" },
             podman::IMAGES.len()
         ))
     })());
@@ -181,7 +189,7 @@ pub fn images(root: &Path, out: Option<&Path>) -> anyhow::Result<()> {
     crate::prereqs::ensure_deploy_tools()?;
     crate::ebpf::build_ebpf(root)?;
     let mut checks = Checks::default();
-    let podman = check_images(root, &mut checks).context("building the images")?;
+    let podman = check_images(root, &mut checks, true).context("building the images")?;
     println!(
         "images in {} (CONTAINERS_STORAGE_CONF={})",
         podman.dir.display(),

@@ -23,7 +23,7 @@ pub const IMAGES: &[(&str, &str)] = &[
     ("ztna-agent", "Containerfile.agent"),
 ];
 
-/// The binaries the images take from `target/release`.
+/// The binaries the images take from `target/<profile>`.
 const BINARIES: &[&str] = &["ztna-intermediate", "ztna-connector", "ztna-agent", "ztna"];
 
 /// Bump when the mmdebstrap options below change: the cached base is keyed by the
@@ -225,13 +225,13 @@ pub fn ensure_base(podman: &Podman, root: &Path) -> anyhow::Result<String> {
     Ok(format!("{image}: {}", did.join(", ")))
 }
 
-/// The build context: the release binaries (debug info stripped: the images carry
-/// no source to read it against) and the XDP object.
-fn stage_context(root: &Path) -> anyhow::Result<PathBuf> {
+/// The build context: the binaries of `profile` (debug info stripped: the images
+/// carry no source to read it against) and the XDP object.
+fn stage_context(root: &Path, profile: &str) -> anyhow::Result<PathBuf> {
     let ctx = root.join("target/deploy/context");
     std::fs::create_dir_all(ctx.join("bin"))?;
     for b in BINARIES {
-        let from = root.join("target/release").join(b);
+        let from = root.join("target").join(profile).join(b);
         let to = ctx.join("bin").join(b);
         let out = Command::new("objcopy")
             .arg("--strip-debug")
@@ -254,9 +254,9 @@ fn stage_context(root: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Builds every image of `deploy/docker` as `localhost/NAME:latest` from the
-/// release binaries (which the caller built) without pulling anything.
-pub fn build_images(podman: &Podman, root: &Path) -> anyhow::Result<()> {
-    let ctx = stage_context(root)?;
+/// binaries of `profile` (which the caller built) without pulling anything.
+pub fn build_images(podman: &Podman, root: &Path, profile: &str) -> anyhow::Result<()> {
+    let ctx = stage_context(root, profile)?;
     for (name, file) in IMAGES {
         let containerfile = root.join("deploy/docker").join(file);
         let out = podman
