@@ -491,6 +491,10 @@ impl Drop for Lab {
         for ns in self.namespaces.iter().rev() {
             let _ = sh("ip", &["netns", "del", ns]);
         }
+        // The logs and certificates stay for a failed test to be read.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
