@@ -21,6 +21,20 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// Runs `bin --config config`, its log (stderr) going to `log`.
+    fn start(bin: &str, config: &Path, log: PathBuf) -> Daemon {
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(config)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon { child, log }
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -136,19 +150,11 @@ fn sighup_renews_the_certificate_under_load_without_dropping_a_connection() {
         .unwrap();
     };
     write_config("");
-    let log = pki.dir.join("intermediate.log");
-    let daemon = Daemon {
-        child: Command::new(env!("CARGO_BIN_EXE_ztna-intermediate"))
-            .arg("--config")
-            .arg(&config)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-        log,
-    };
+    let daemon = Daemon::start(
+        env!("CARGO_BIN_EXE_ztna-intermediate"),
+        &config,
+        pki.dir.join("intermediate.log"),
+    );
     daemon.wait_log("listening", 1);
     let old_cert = der_of(&pki.server_cert);
     assert_eq!(presented_certificate(server, &pki), old_cert);
@@ -283,19 +289,11 @@ fn sighup_reloads_the_connectors_services_without_dropping_flows() {
         )
     };
     write_config(&echo_service(first.addr));
-    let log = dir.join("connector.log");
-    let daemon = Daemon {
-        child: Command::new(env!("CARGO_BIN_EXE_ztna-connector"))
-            .arg("--config")
-            .arg(&config)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-        log,
-    };
+    let daemon = Daemon::start(
+        env!("CARGO_BIN_EXE_ztna-connector"),
+        &config,
+        dir.join("connector.log"),
+    );
     daemon.wait_log("registered as connector", 1);
     let mut a = agent(&pki, inter.addr);
     a.wait_registered(Duration::from_secs(10)).unwrap();
