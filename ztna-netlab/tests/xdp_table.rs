@@ -153,12 +153,12 @@ fn everything_that_is_not_ours_passes_untouched_with_its_counter() {
         b.write(&mut v, &good).unwrap();
         v
     };
-    expect(&mut x, &v6, XDP_PASS, Verdict::PassNotIpv4);
+    expect(&mut x, &v6, XDP_PASS, Verdict::PassNotIp);
     let mut arp = vec![0xffu8; 6];
     arp.extend_from_slice(&SENDER_MAC);
     arp.extend_from_slice(&[0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 28]);
-    expect(&mut x, &arp, XDP_PASS, Verdict::PassNotIpv4);
+    expect(&mut x, &arp, XDP_PASS, Verdict::PassNotIp);
     // DCID without the marker; long header whose DCID is not 8 bytes
     let mut plain = CID;
     plain[0] = 0x11;

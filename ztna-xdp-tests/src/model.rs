@@ -7,8 +7,8 @@
 //! The documented pipeline, stage by stage; each stage needs its bytes in the frame,
 //! and a frame that ends before them is `pass_truncated`:
 //!
-//! 1. Ethernet: ethertype 0x0800, else `pass_not_ipv4`.
-//! 2. IPv4: version 4 (else `pass_not_ipv4`), IHL 5 (else `pass_ip_options`), the
+//! 1. Ethernet: ethertype 0x0800, else `pass_not_ip`.
+//! 2. IPv4: version 4 (else `pass_not_ip`), IHL 5 (else `pass_ip_options`), the
 //!    20-byte header, not a fragment (MF or an offset: `pass_fragment`), protocol UDP
 //!    (else `pass_not_udp`).
 //! 3. UDP header; the relay port configured (`ZTNA_CONFIG` port 0:
@@ -173,7 +173,7 @@ pub fn decide(frame: &[u8], maps: &ModelMaps, routes: &impl RoutingFacts) -> Exp
 
     // 1. Ethernet.
     if be16(12) != 0x0800 {
-        return pass(frame, PassNotIpv4);
+        return pass(frame, PassNotIp);
     }
     // 2. IPv4.
     if !has(IP_OFF + 1) {
@@ -181,7 +181,7 @@ pub fn decide(frame: &[u8], maps: &ModelMaps, routes: &impl RoutingFacts) -> Exp
     }
     let (version, ihl) = (frame[IP_OFF] >> 4, frame[IP_OFF] & 0x0f);
     if version != 4 {
-        return pass(frame, PassNotIpv4);
+        return pass(frame, PassNotIp);
     }
     if ihl != 5 {
         return pass(frame, PassIpOptions);
