@@ -107,6 +107,13 @@ pub struct IntermediateSettings {
     /// UDP address). Give instances that share a server key different ones.
     #[arg(long, env = "ZTNA_INSTANCE_ID")]
     pub instance_id: Option<String>,
+    /// This relay's ID in its relay CIDs (0-65535; bytes 1-2 of every relay CID).
+    /// Packets to relay CIDs of another ID are dropped (userspace) or passed (XDP),
+    /// never forwarded. Default: derived from the instance identity (SHA-256 of
+    /// `instance_id`, else host name and UDP address), so it survives restarts;
+    /// set distinct ones for relays that share an address.
+    #[arg(long, env = "ZTNA_RELAY_ID")]
+    pub relay_id: Option<u16>,
     /// Write counters as JSON to this file every second.
     #[arg(long, env = "ZTNA_STATS_FILE")]
     pub stats_file: Option<PathBuf>,
@@ -132,6 +139,7 @@ layered!(IntermediateSettings {
     bpf_pin_dir,
     static_session,
     instance_id,
+    relay_id,
     stats_file,
     metrics_listen,
     log,
@@ -177,6 +185,7 @@ impl IntermediateSettings {
                 why,
             })?;
         cfg.instance_id = self.instance_id;
+        cfg.relay_id = self.relay_id;
         cfg.stats_file = self.stats_file;
         cfg.metrics_listen = self
             .metrics_listen
