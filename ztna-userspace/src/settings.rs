@@ -348,7 +348,8 @@ pub struct ConnectorSettings {
     /// through this connector; more are refused and counted [default: 1024].
     #[arg(long, env = "ZTNA_FLOWS_PER_AGENT")]
     pub flows_per_agent: Option<u32>,
-    /// Local UDP address for the connection to the intermediate [default: 0.0.0.0:0].
+    /// Local UDP address for the connection to the intermediate [default: 0.0.0.0:0,
+    /// or [::]:0 for an IPv6 `--server`].
     #[arg(long, env = "ZTNA_BIND")]
     pub bind: Option<SocketAddr>,
 }
