@@ -426,12 +426,12 @@ fn relay_ipv6(ctx: &XdpContext, config: &RelayConfig) -> (u32, Verdict) {
         Err(v) => return (PASS, v),
     };
     let key = RelayKey { cid };
-    // SAFETY: a pointer into the map's element: userspace replaces whole entries,
-    // which the kernel does by publishing a new element (the old one stays intact
-    // for readers under RCU), so the fields read below belong to one entry.
-    let Some(entry) = (unsafe { ZTNA_RELAY6.get(key) }) else {
+    // SAFETY: the value is copied out at once, as on the IPv4 path; userspace
+    // replaces whole entries.
+    let Some(entry) = (unsafe { ZTNA_RELAY6.get(key) }).copied() else {
         return (PASS, Verdict::PassUnknownCid);
     };
+    let entry = &entry;
     if ip[8..24] != entry.expected_src_addr || sport != entry.expected_src_port {
         return (PASS, Verdict::PassSenderMismatch);
     }
@@ -583,14 +583,6 @@ fn route6(
     entry: &RelayEntry6,
     hop: &mut NextHop6,
 ) -> bool {
-    let words = |a: &[u8; 16]| {
-        [
-            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-        ]
-    };
     let mut fib = FibParams {
         family: AF_INET6,
         l4_protocol: IPPROTO_UDP,
@@ -599,12 +591,21 @@ fn route6(
         tot_len: q.tot_len,
         ifindex: q.ingress,
         tos: 0,
-        src: words(new_saddr),
-        dst: words(&entry.peer_addr),
+        src: [0; 4],
+        dst: [0; 4],
         vlan: 0,
         smac: [0; 6],
         dmac: [0; 6],
     };
+    // SAFETY: 16 bytes each way between arrays we own (byte copies: no alignment).
+    unsafe {
+        core::ptr::copy_nonoverlapping(new_saddr.as_ptr(), fib.src.as_mut_ptr().cast::<u8>(), 16);
+        core::ptr::copy_nonoverlapping(
+            entry.peer_addr.as_ptr(),
+            fib.dst.as_mut_ptr().cast::<u8>(),
+            16,
+        );
+    }
     if !fib_lookup(ctx, &mut fib) {
         return false;
     }

@@ -2225,6 +2225,22 @@ mod tests {
     }
 
     #[test]
+    fn the_default_relay_id_is_a_function_of_the_instance_identity() {
+        let a = default_relay_id("relay-a/192.0.2.1:4433");
+        assert_eq!(a, default_relay_id("relay-a/192.0.2.1:4433"));
+        // SHA-256("relay-a/192.0.2.1:4433")'s first two bytes: fixed across
+        // releases, or a restart would change the instance's CIDs' ID.
+        let d = ring::digest::digest(&ring::digest::SHA256, b"relay-a/192.0.2.1:4433");
+        assert_eq!(a.to_be_bytes(), d.as_ref()[..2]);
+        assert_ne!(a, default_relay_id("relay-b/192.0.2.1:4433"));
+        let i = server("relayid");
+        assert_eq!(
+            i.relay.relay_id(),
+            default_relay_id(&format!("{}/{}", hostname(), i.local))
+        );
+    }
+
+    #[test]
     fn a_turn_reads_a_bounded_number_of_batches_and_the_next_turn_does_not_wait() {
         let mut s = server("bound");
         s.batches_per_turn = 2;

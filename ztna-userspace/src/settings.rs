@@ -397,6 +397,7 @@ mod tests {
         assert_eq!(i.cfg.listen.port(), 4433);
         assert_eq!(i.cfg.xdp, XdpChoice::Auto);
         assert_eq!(i.cfg.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
+        assert_eq!(i.cfg.relay_id, Some(1));
         let c: ConnectorSettings = crate::config::load_file(&dir.join("connector.toml")).unwrap();
         assert_eq!(c.service.len(), 2, "{c:?}");
         assert_eq!(c.service[0].id, "db");
@@ -423,6 +424,8 @@ mod tests {
         };
         let r = flags.over(file).resolve().unwrap();
         assert_eq!(r.cfg.idle_timeout, Duration::from_secs(9));
+        // Not set anywhere: the intermediate derives it from its identity.
+        assert_eq!(r.cfg.relay_id, None);
         assert_eq!(r.cfg.xdp, XdpChoice::Generic);
         assert_eq!(r.cfg.listen, "0.0.0.0:4433".parse().unwrap());
         let missing = IntermediateSettings::default().resolve().unwrap_err();
