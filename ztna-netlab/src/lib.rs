@@ -14,6 +14,10 @@
 //!  f0 10.201.3.2 ──────┘
 //! ```
 //!
+//! [`Lab::add_ipv6`] gives every link an IPv6 subnet as well (`fd01:201:<n>::/64`
+//! beside `10.201.<n>.0/24`, the router `::fe`/`::1` as in IPv4, hosts `::2`, the
+//! relay `fd01:201::1`) with default routes through the router.
+//!
 //! Relayed packets arrive on x0 and leave on x0 again (XDP_TX), so source = the
 //! relay's one address, as the endpoints' NAT mappings expect. XDP_TX into a veth is
 //! only delivered if the peer end has GRO on or an XDP program, so r1 gets GRO.
@@ -30,6 +34,10 @@ pub mod tunnel;
 pub mod xdp_run;
 
 pub const RELAY_IP: &str = "10.201.0.1";
+/// The relay's IPv6 address (after [`Lab::add_ipv6`]).
+pub const RELAY_IP6: &str = "fd01:201::1";
+pub const AGENT_IP6: &str = "fd01:201:1::2";
+pub const CONN_IP6: &str = "fd01:201:2::2";
 pub const AGENT_IP: &str = "10.201.1.2";
 pub const CONN_IP: &str = "10.201.2.2";
 pub const RELAY_PORT: u16 = 4433;
@@ -195,6 +203,35 @@ impl Lab {
         Ok(lab)
     }
 
+    /// IPv6 on the relay topology's links, beside IPv4 (see the module docs):
+    /// addresses without duplicate address detection (usable at once), the router
+    /// forwarding, default routes through it, neighbours resolved up front.
+    pub fn add_ipv6(&mut self) -> anyhow::Result<()> {
+        let (a, c, r, x) = (self.ns("a"), self.ns("c"), self.ns("r"), self.ns("x"));
+        for (ns, dev, addr) in [
+            (&a, "a0", "fd01:201:1::2/64"),
+            (&r, "a1", "fd01:201:1::1/64"),
+            (&c, "c0", "fd01:201:2::2/64"),
+            (&r, "c1", "fd01:201:2::1/64"),
+            (&x, "x0", "fd01:201::1/64"),
+            (&r, "r1", "fd01:201::fe/64"),
+        ] {
+            self.exec(ns, "ip", &["-6", "addr", "add", addr, "dev", dev, "nodad"])?;
+        }
+        self.exec(&r, "sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        for (ns, via) in [
+            (&a, "fd01:201:1::1"),
+            (&c, "fd01:201:2::1"),
+            (&x, "fd01:201::fe"),
+        ] {
+            self.exec(ns, "ip", &["-6", "route", "add", "default", "via", via])?;
+        }
+        self.exec(&x, "ping", &["-6", "-c1", "-W2", "fd01:201::fe"])?;
+        self.exec(&a, "ping", &["-6", "-c1", "-W2", RELAY_IP6])?;
+        self.exec(&c, "ping", &["-6", "-c1", "-W2", RELAY_IP6])?;
+        Ok(())
+    }
+
     /// An attacker host on the relay topology: namespace `f`, f0 10.201.3.2/24 to
     /// the router's f1 10.201.3.1/24, reaching the relay as any client does.
     pub fn add_attacker(&mut self) -> anyhow::Result<String> {
@@ -329,6 +366,22 @@ impl Lab {
     /// [`Lab::start_relay_stack`] with the intermediate bound to `listen_ip` (e.g.
     /// the wildcard 0.0.0.0) and [`RELAY_PORT`]; clients still use [`RELAY_IP`].
     pub fn start_relay_stack_on(&mut self, xdp: &str, listen_ip: &str) -> anyhow::Result<PathBuf> {
+        self.start_relay_stack_at(
+            xdp,
+            &format!("{listen_ip}:{RELAY_PORT}"),
+            &format!("{RELAY_IP}:{RELAY_PORT}"),
+        )
+    }
+
+    /// [`Lab::start_relay_stack`] with the intermediate listening on `listen` and
+    /// the connector reaching it at `server` (socket addresses, IPv6 ones in
+    /// brackets).
+    pub fn start_relay_stack_at(
+        &mut self,
+        xdp: &str,
+        listen: &str,
+        server: &str,
+    ) -> anyhow::Result<PathBuf> {
         let certs = self.certs()?;
         let c = |f: &str| certs.join(f).display().to_string();
         let (a, cn, x) = (self.ns("a"), self.ns("c"), self.ns("x"));
@@ -346,7 +399,7 @@ impl Lab {
         let stats = self.dir.join("intermediate-stats.json");
         let mut args: Vec<String> = vec![
             "--listen".into(),
-            format!("{listen_ip}:{RELAY_PORT}"),
+            listen.into(),
             "--cert".into(),
             c("intermediate.pem"),
             "--key".into(),
@@ -369,7 +422,7 @@ impl Lab {
             "ztna-connector",
             &[
                 "--server".into(),
-                format!("{RELAY_IP}:{RELAY_PORT}"),
+                server.into(),
                 "--ca".into(),
                 c("ca.pem"),
                 "--cert".into(),
@@ -391,9 +444,14 @@ impl Lab {
     /// The agent's echo inside the agent namespace, not yet started: its JSON
     /// report comes on stdout.
     pub fn agent_echo_command(&self, certs: &Path, extra: &[&str]) -> Command {
+        self.agent_echo_command_to(certs, &format!("{RELAY_IP}:{RELAY_PORT}"), extra)
+    }
+
+    /// [`Lab::agent_echo_command`] reaching the intermediate at `server`.
+    pub fn agent_echo_command_to(&self, certs: &Path, server: &str, extra: &[&str]) -> Command {
         let c = |f: &str| certs.join(f).display().to_string();
         let bin = bin_dir().join("ztna-agent");
-        let relay = format!("{RELAY_IP}:{RELAY_PORT}");
+        let relay = server.to_string();
         let mut args: Vec<String> = vec![
             "--server".into(),
             relay,

@@ -23,6 +23,8 @@ pub const PEER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 250, 0, 2), 5
 pub const SENDER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 250, 0, 9), 7777);
 pub const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 pub const SENDER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x09];
+/// The relay ID configured in `ZTNA_CONFIG` (the CIDs of [`quic_cid`] carry it).
+pub const RELAY_ID: u16 = 0x0042;
 
 pub struct XdpRun {
     pub lab: Lab,
@@ -113,6 +115,7 @@ impl XdpRun {
         Ok(run)
     }
 
+    /// Sets the relay port (host order) with relay ID [`RELAY_ID`].
     pub fn set_port(&mut self, port: u16) -> anyhow::Result<()> {
         let mut c: Array<&mut MapData, RelayConfig> =
             Array::try_from(self.ebpf.map_mut("ZTNA_CONFIG").context("config")?)?;
@@ -120,6 +123,7 @@ impl XdpRun {
             0,
             RelayConfig {
                 port: port.to_be(),
+                relay_id: RELAY_ID.to_be(),
                 ..Default::default()
             },
             0,
@@ -284,7 +288,7 @@ pub fn frame(
     out
 }
 
-/// A relay CID for tests and benchmarks, distinguished by `n`.
+/// A relay CID of relay [`RELAY_ID`] for tests and benchmarks, distinguished by `n`.
 pub fn quic_cid(n: u8) -> [u8; 8] {
-    [ztna_common::relay::RELAY_CID_MARKER, 0x42, n, 0, 0, 0, 0, n]
+    ztna_common::relay::relay_cid(RELAY_ID, [n, 0, 0, 0, n])
 }

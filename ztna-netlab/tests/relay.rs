@@ -295,3 +295,57 @@ fn bpftool_dumps_entries_by_field_name_and_sessions_lists_them() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn echo_over_ipv6_through_xdp_native_relay() {
+    use ztna_netlab::{RELAY_IP6, RELAY_PORT};
+    let mut lab = Lab::relay_topology("6").expect("topology");
+    lab.add_ipv6().expect("IPv6 addresses");
+    // Bound to the IPv6 wildcard (dual-stack): its IPv6 address comes from x0's.
+    let server = format!("[{RELAY_IP6}]:{RELAY_PORT}");
+    let certs = lab
+        .start_relay_stack_at("native", &format!("[::]:{RELAY_PORT}"), &server)
+        .expect("stack");
+    assert!(
+        lab.log("intermediate")
+            .contains("XDP relay attached in native mode"),
+        "{}",
+        lab.log("intermediate")
+    );
+    let echo = |count: &str| {
+        ztna_netlab::echo_report(
+            lab.agent_echo_command_to(
+                &certs,
+                &server,
+                &["--count", count, "--burst", "10", "--size", "1000"],
+            )
+            .output()
+            .unwrap(),
+        )
+        .unwrap()
+    };
+    // First run: neighbour entries for the route lookups.
+    echo_ok(&echo("20"), 20);
+    let s1 = lab.fresh_relay_stats().unwrap();
+    assert_eq!(s1["xdp_mode"], "native");
+    // Both endpoints reached the relay over IPv6 (the agent from its IPv6 address),
+    // so the session's entries went to the kernel's IPv6 table.
+    let log = lab.log("intermediate");
+    assert!(log.contains(ztna_netlab::AGENT_IP6), "{log}");
+    assert_eq!(n(&s1, "kernel_mixed_family_entries"), 0, "{s1}");
+    // Second run: a new session, every packet of it forwarded in XDP.
+    echo_ok(&echo("300"), 300);
+    let s2 = lab.fresh_relay_stats().unwrap();
+    let tx = xdp(&s2, "tx") - xdp(&s1, "tx");
+    assert!(tx >= 600, "XDP forwarded only {tx} IPv6 packets: {s2}");
+    assert_eq!(
+        n(&s2, "userspace_forwarded_packets"),
+        n(&s1, "userspace_forwarded_packets"),
+        "the userspace forwarder saw packets after setup: {s2}"
+    );
+    assert_eq!(n(&s2, "relay_sessions_created"), 2);
+    assert_eq!(n(&s2, "relayed_to_connector"), 0, "{s2}");
+    assert_eq!(xdp(&s2, "aborted"), 0);
+    assert_eq!(xdp(&s2, "pass_zero_udp_checksum"), 0);
+}

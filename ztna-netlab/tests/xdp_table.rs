@@ -3,13 +3,15 @@
 
 use std::net::SocketAddrV4;
 
-use ztna_common::relay::{RELAY_CID_MARKER, Verdict};
-use ztna_netlab::xdp_run::{PEER, PEER_MAC, RELAY, SENDER, SENDER_MAC, XdpRun, frame, quic_short};
+use ztna_common::relay::Verdict;
+use ztna_netlab::xdp_run::{
+    PEER, PEER_MAC, RELAY, RELAY_ID, SENDER, SENDER_MAC, XdpRun, frame, quic_short,
+};
 
 const XDP_ABORTED: u32 = 0;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
-const CID: [u8; 8] = [RELAY_CID_MARKER, 1, 2, 3, 4, 5, 6, 7];
+const CID: [u8; 8] = ztna_common::relay::relay_cid(RELAY_ID, [3, 4, 5, 6, 7]);
 
 fn fixture(tag: &str) -> XdpRun {
     let mut x = XdpRun::new(tag).expect("fixture");
@@ -153,12 +155,13 @@ fn everything_that_is_not_ours_passes_untouched_with_its_counter() {
         b.write(&mut v, &good).unwrap();
         v
     };
-    expect(&mut x, &v6, XDP_PASS, Verdict::PassNotIpv4);
+    // IPv6 to an address that is not the relay's (the fixture has no IPv6 one)
+    expect(&mut x, &v6, XDP_PASS, Verdict::PassNotLocalAddress);
     let mut arp = vec![0xffu8; 6];
     arp.extend_from_slice(&SENDER_MAC);
     arp.extend_from_slice(&[0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 28]);
-    expect(&mut x, &arp, XDP_PASS, Verdict::PassNotIpv4);
+    expect(&mut x, &arp, XDP_PASS, Verdict::PassNotIp);
     // DCID without the marker; long header whose DCID is not 8 bytes
     let mut plain = CID;
     plain[0] = 0x11;
@@ -177,10 +180,20 @@ fn everything_that_is_not_ours_passes_untouched_with_its_counter() {
         XDP_PASS,
         Verdict::PassNotRelayCid,
     );
+    // a relay CID of another relay, even with an entry: passed, never forwarded
+    let mut other = CID;
+    other[2] ^= 0x01;
+    x.insert(other, PEER, SENDER).unwrap();
+    expect(
+        &mut x,
+        &to_relay(mac, &quic_short(other, 100)),
+        XDP_PASS,
+        Verdict::PassOtherRelay,
+    );
     // peer with no route or neighbour: userspace forwards it
     let unroutable = SocketAddrV4::new([10, 250, 0, 77].into(), 9);
     let mut cid2 = CID;
-    cid2[1] = 0x99;
+    cid2[5] = 0x99;
     x.insert(cid2, unroutable, SENDER).unwrap();
     expect(
         &mut x,

@@ -246,6 +246,10 @@ impl Connector {
         with_services(&mut cfg, &services);
         let bind = if bind.ip().is_unspecified() && cfg.server.ip().is_loopback() {
             SocketAddr::new(cfg.server.ip(), 0)
+        } else if bind.ip().is_unspecified() && bind.is_ipv4() && cfg.server.is_ipv6() {
+            // The IPv4 wildcard (the default) cannot reach an IPv6 server; the IPv6
+            // one can (and, dual-stack, IPv4 backends' relays too).
+            SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), bind.port())
         } else {
             bind
         };

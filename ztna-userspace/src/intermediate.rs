@@ -111,6 +111,12 @@ pub struct IntermediateConfig {
     pub instance_id: Option<String>,
     /// Where the XDP program's maps are pinned; `None`: `/sys/fs/bpf/ztna/<port>`.
     pub bpf_pin_dir: Option<PathBuf>,
+    /// This relay's ID in its relay CIDs (bytes 1..=2, see `ztna_common::relay`).
+    /// `None`: derived from the instance identity ([`default_relay_id`]), so it
+    /// stays the same across restarts and differs between instances (up to the
+    /// 1-in-65536 chance of two identities hashing alike: give relays that share
+    /// an address explicit, distinct IDs).
+    pub relay_id: Option<u16>,
     /// Serve /metrics, /healthz and /readyz over HTTP here.
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -135,9 +141,17 @@ impl IntermediateConfig {
             tunnel_ipv6: None,
             instance_id: None,
             bpf_pin_dir: None,
+            relay_id: None,
             metrics_listen: None,
         }
     }
+}
+
+/// The relay ID of an instance without a configured one: the first two bytes of
+/// SHA-256 of its identity (`instance_id`, or host name and bound address).
+pub fn default_relay_id(instance: &str) -> u16 {
+    let d = ring::digest::digest(&ring::digest::SHA256, instance.as_bytes());
+    u16::from_be_bytes([d.as_ref()[0], d.as_ref()[1]])
 }
 
 crate::counters!(IntermediateStats {
@@ -163,6 +177,13 @@ crate::counters!(IntermediateStats {
     kernel_update_failures,
     /// Unknown short-header packets to relay CIDs: never answered with a reset.
     relay_cid_resets_refused,
+    /// Relay-session entries kept out of the kernel (XDP) table because their two
+    /// endpoints use different address families: the userspace forwarder serves
+    /// them.
+    kernel_mixed_family_entries,
+    /// Packets to a relay CID of another relay (its relay ID is not ours): dropped,
+    /// never forwarded and never answered with a reset.
+    relay_other_relay_cid,
     retries_sent,
     /// Tokens that fail the MAC (forged, for another address or another Retry's
     /// CID) or expired.
@@ -541,10 +562,11 @@ impl Intermediate {
             .clone()
             .unwrap_or_else(|| format!("{}/{local}", hostname()));
         let reset_key = reset_key(&key_pem, instance.as_bytes());
+        let relay_id = cfg.relay_id.unwrap_or_else(|| default_relay_id(&instance));
         let poll = Poll::new()?;
         poll.registry()
             .register(&mut socket, Token(0), Interest::READABLE)?;
-        tracing::info!("intermediate listening on udp {local}");
+        tracing::info!("intermediate listening on udp {local}, relay ID {relay_id:#06x}");
         Ok(Intermediate {
             cfg,
             socket,
@@ -556,7 +578,7 @@ impl Intermediate {
             initial_dcids: HashMap::new(),
             services: HashMap::new(),
             flows: FlowTable::default(),
-            relay: RelayTable::new(ztna_common::relay::MAX_RELAY_ENTRIES as usize),
+            relay: RelayTable::new(ztna_common::relay::MAX_RELAY_ENTRIES as usize, relay_id),
             next_id: 1,
             token_key,
             reset_key,
@@ -624,7 +646,13 @@ impl Intermediate {
             tracing::info!("XDP off: relayed packets are forwarded in userspace");
             return Ok(());
         }
-        match crate::xdp::load(choice, &self.cfg.xdp_interfaces, self.local, &pin_dir) {
+        match crate::xdp::load(
+            choice,
+            &self.cfg.xdp_interfaces,
+            self.local,
+            self.relay.relay_id(),
+            &pin_dir,
+        ) {
             Ok((relay, table)) => {
                 self.relay.set_kernel(Box::new(table));
                 self.xdp = Some(relay);
@@ -850,6 +878,7 @@ impl Intermediate {
             ("metrics_listen", old.metrics_listen != new.metrics_listen),
             ("static_session", old.static_sessions != new.static_sessions),
             ("instance_id", old.instance_id != new.instance_id),
+            ("relay_id", old.relay_id != new.relay_id),
             (
                 "tunnel addresses",
                 old.tunnel_ipv4 != new.tunnel_ipv4 || old.tunnel_ipv6 != new.tunnel_ipv6,
@@ -882,6 +911,9 @@ impl Intermediate {
     /// Brings the gauges the metrics endpoint reads up to date (every
     /// [`GAUGES_EVERY`]).
     fn update_gauges(&mut self) {
+        self.stats
+            .kernel_mixed_family_entries
+            .store(self.relay.kernel_mixed_family, Ordering::Relaxed);
         let g = &self.gauges;
         let set = |a: &AtomicU64, v: usize| a.store(v as u64, Ordering::Relaxed);
         let (mut agents, mut connectors, mut other) = (0, 0, 0);
@@ -1054,6 +1086,13 @@ impl Intermediate {
 
     fn handle_packet(&mut self, pkt: &mut [u8], from: SocketAddr, out: &mut [u8], draining: bool) {
         if let Some(cid) = relay_cid_of(pkt) {
+            // Another relay's session (an address shared by several relays, or a
+            // client that moved between them): not ours to forward, and a reset
+            // would be forged from the endpoints' point of view.
+            if ztna_common::relay::relay_id_of(&cid) != self.relay.relay_id() {
+                inc(&self.stats.relay_other_relay_cid);
+                return;
+            }
             self.forward_relayed(&cid, pkt, from);
             return;
         }
@@ -2183,6 +2222,22 @@ mod tests {
             Some(pki.ca_cert),
         );
         Intermediate::bind(cfg).unwrap()
+    }
+
+    #[test]
+    fn the_default_relay_id_is_a_function_of_the_instance_identity() {
+        let a = default_relay_id("relay-a/192.0.2.1:4433");
+        assert_eq!(a, default_relay_id("relay-a/192.0.2.1:4433"));
+        // SHA-256("relay-a/192.0.2.1:4433")'s first two bytes: fixed across
+        // releases, or a restart would change the instance's CIDs' ID.
+        let d = ring::digest::digest(&ring::digest::SHA256, b"relay-a/192.0.2.1:4433");
+        assert_eq!(a.to_be_bytes(), d.as_ref()[..2]);
+        assert_ne!(a, default_relay_id("relay-b/192.0.2.1:4433"));
+        let i = server("relayid");
+        assert_eq!(
+            i.relay.relay_id(),
+            default_relay_id(&format!("{}/{}", hostname(), i.local))
+        );
     }
 
     #[test]

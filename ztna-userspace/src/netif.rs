@@ -104,6 +104,21 @@ pub fn interface_ipv4_addrs(iface: &str) -> Vec<Ipv4Addr> {
     out
 }
 
+/// Every IPv6 address of interface `iface`, link-local ones included (callers
+/// filter what they cannot use).
+pub fn interface_ipv6_addrs(iface: &str) -> Vec<std::net::Ipv6Addr> {
+    let mut out = Vec::new();
+    for a in if_addrs() {
+        if let IpAddr::V6(v6) = a.ip
+            && a.name == iface
+            && !out.contains(&v6)
+        {
+            out.push(v6);
+        }
+    }
+    out
+}
+
 /// Host candidates for a socket bound to `local` (this machine's interface
 /// addresses when it is bound to the unspecified address), plus the
 /// server-reflexive one.
@@ -149,5 +164,6 @@ mod tests {
     fn ipv4_addresses_of_one_interface() {
         assert!(interface_ipv4_addrs("lo").contains(&Ipv4Addr::LOCALHOST));
         assert!(interface_ipv4_addrs("no-such-interface-ztna").is_empty());
+        assert!(interface_ipv6_addrs("no-such-interface-ztna").is_empty());
     }
 }

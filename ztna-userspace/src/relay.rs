@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use ring::rand::{SecureRandom, SystemRandom};
 use ztna_common::frames::{Cid, RefusedStatus};
-use ztna_common::relay::{RELAY_CID_LEN, RELAY_CID_MARKER};
+use ztna_common::relay::{RELAY_CID_LEN, RELAY_CID_MARKER, RELAY_NONCE_OFFSET, relay_cid};
 
 use crate::flows::ClientId;
 
@@ -31,7 +31,9 @@ pub const MAX_SESSIONS_PER_AGENT: usize = 64;
 
 /// The kernel side of the forwarding table (the XDP program's map).
 pub trait KernelTable: Send {
-    /// Installs or replaces the entry for `cid`. IPv4 only: others stay in userspace.
+    /// Installs or replaces the entry for `cid`. `peer` and `expected` are of one
+    /// address family (IPv4-mapped IPv6 addresses count as IPv4): the relay table
+    /// keeps entries that mix families in userspace and never offers them.
     fn insert(
         &mut self,
         cid: &Cid,
@@ -96,29 +98,46 @@ pub struct RelayTable {
     kernel: Option<Box<dyn KernelTable>>,
     /// Kernel entries removed because updating them after a move failed.
     pub kernel_update_failures: u64,
+    /// Entries kept from the kernel table because their peer and expected sender
+    /// are of different address families (an IPv4 and an IPv6 client).
+    pub kernel_mixed_family: u64,
+    /// This relay's ID, bytes 1..=2 of every relay CID it makes.
+    relay_id: u16,
     next_session: u32,
     max_entries: usize,
     rng: SystemRandom,
 }
 
 impl RelayTable {
-    pub fn new(max_entries: usize) -> Self {
+    /// A table whose relay CIDs carry `relay_id`.
+    pub fn new(max_entries: usize, relay_id: u16) -> Self {
         RelayTable {
             sessions: HashMap::new(),
             fwd: HashMap::new(),
             by_client: HashMap::new(),
             kernel: None,
             kernel_update_failures: 0,
+            kernel_mixed_family: 0,
+            relay_id,
             next_session: 1,
             max_entries,
             rng: SystemRandom::new(),
         }
     }
 
+    /// This relay's ID (in its CIDs' bytes 1..=2).
+    pub fn relay_id(&self) -> u16 {
+        self.relay_id
+    }
+
     pub fn set_kernel(&mut self, kernel: Box<dyn KernelTable>) {
         // Entries made before attaching must reach the kernel too.
         let mut k = kernel;
         for (cid, f) in &self.fwd {
+            if !same_family(f.peer, f.expected) {
+                self.kernel_mixed_family += 1;
+                continue;
+            }
             if let Err(e) = k.insert(cid, f.peer, f.expected, f.session) {
                 tracing::debug!("kernel table: {e}");
             }
@@ -150,11 +169,13 @@ impl RelayTable {
         self.sessions.is_empty()
     }
 
+    /// A new relay CID: marker, this relay's ID, 40 bits from the CSPRNG (see
+    /// `ztna_common::relay` for the layout).
     fn new_cid(&self) -> Cid {
         loop {
-            let mut c = [0u8; RELAY_CID_LEN];
-            let _ = self.rng.fill(&mut c);
-            c[0] = RELAY_CID_MARKER;
+            let mut nonce = [0u8; RELAY_CID_LEN - RELAY_NONCE_OFFSET];
+            let _ = self.rng.fill(&mut nonce);
+            let c = relay_cid(self.relay_id, nonce);
             if !self.fwd.contains_key(&c) {
                 return c;
             }
@@ -162,10 +183,12 @@ impl RelayTable {
     }
 
     fn install(&mut self, cid: Cid, f: Forward) {
-        if let Some(k) = self.kernel.as_mut()
-            && let Err(e) = k.insert(&cid, f.peer, f.expected, f.session)
-        {
-            tracing::debug!("kernel table: {e}");
+        if let Some(k) = self.kernel.as_mut() {
+            if !same_family(f.peer, f.expected) {
+                self.kernel_mixed_family += 1;
+            } else if let Err(e) = k.insert(&cid, f.peer, f.expected, f.session) {
+                tracing::debug!("kernel table: {e}");
+            }
         }
         self.fwd.insert(cid, f);
     }
@@ -338,14 +361,21 @@ impl RelayTable {
             }
         }
         for cid in changed {
-            if let (Some(k), Some(f)) = (self.kernel.as_mut(), self.fwd.get(&cid))
-                && let Err(e) = k.insert(&cid, f.peer, f.expected, f.session)
-            {
+            let (Some(k), Some(f)) = (self.kernel.as_mut(), self.fwd.get(&cid)) else {
+                continue;
+            };
+            if !same_family(f.peer, f.expected) {
+                // One side moved to the other family: userspace forwards from now
+                // on, and the kernel entry (naming the old addresses) must go.
+                k.remove(&cid);
+                self.kernel_mixed_family += 1;
+                continue;
+            }
+            if let Err(e) = k.insert(&cid, f.peer, f.expected, f.session) {
                 // The kernel entry still names the old addresses: left there, the
                 // XDP program would go on sending this session's packets to where
                 // the client was, and accept them from there. Without it the packets
-                // reach userspace, which has the new addresses (IPv6 ones always
-                // end up here: they stay in userspace).
+                // reach userspace, which has the new addresses.
                 k.remove(&cid);
                 self.kernel_update_failures += 1;
                 tracing::warn!(
@@ -437,7 +467,18 @@ impl RelayTable {
     }
 }
 
-/// The relay CID of a received packet, if its DCID is one.
+/// Whether `a` and `b` are of one address family, IPv4-mapped IPv6 addresses
+/// counting as IPv4 (a dual-stack socket reports IPv4 peers that way).
+pub fn same_family(a: SocketAddr, b: SocketAddr) -> bool {
+    let is_v4 = |s: SocketAddr| match s.ip() {
+        std::net::IpAddr::V4(_) => true,
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some(),
+    };
+    is_v4(a) == is_v4(b)
+}
+
+/// The relay CID of a received packet, if its DCID is one (of any relay: the
+/// caller compares its relay ID).
 pub fn relay_cid_of(pkt: &[u8]) -> Option<Cid> {
     let d = ztna_core::data::dcid_of(pkt)?;
     if d[0] != RELAY_CID_MARKER {
@@ -459,7 +500,7 @@ mod tests {
     #[test]
     fn create_forward_mismatch_move_close() {
         let now = Instant::now();
-        let mut t = RelayTable::new(100);
+        let mut t = RelayTable::new(100, 0x0102);
         let s = t
             .create(
                 1,
@@ -472,6 +513,10 @@ mod tests {
             )
             .unwrap();
         assert_eq!(s.agent_cid[0], RELAY_CID_MARKER);
+        // Both CIDs carry the table's relay ID in bytes 1..=2.
+        for c in [s.agent_cid, s.connector_cid] {
+            assert_eq!(ztna_common::relay::relay_id_of(&c), 0x0102);
+        }
         assert_ne!(s.agent_cid, s.connector_cid);
         // agent → connector
         assert_eq!(
@@ -512,7 +557,7 @@ mod tests {
     #[test]
     fn unaccepted_offers_and_idle_sessions_expire() {
         let now = Instant::now();
-        let mut t = RelayTable::new(100);
+        let mut t = RelayTable::new(100, 0x0102);
         let s1 = t
             .create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 1, now)
             .unwrap();
@@ -532,7 +577,7 @@ mod tests {
     fn removing_clients_costs_their_own_sessions_not_a_table_scan() {
         let now = Instant::now();
         let n = 30_000u64;
-        let mut t = RelayTable::new(2 * n as usize);
+        let mut t = RelayTable::new(2 * n as usize, 0x0102);
         for i in 0..n {
             let (agent, connector) = (2 * i + 1, 2 * i + 2);
             t.create(
@@ -565,7 +610,7 @@ mod tests {
     #[test]
     fn session_ids_wrap_around_live_sessions() {
         let now = Instant::now();
-        let mut t = RelayTable::new(100);
+        let mut t = RelayTable::new(100, 0x0102);
         let s1 = t
             .create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 1, now)
             .unwrap();
@@ -592,7 +637,7 @@ mod tests {
     #[test]
     fn one_agent_cannot_fill_the_table() {
         let now = Instant::now();
-        let mut t = RelayTable::new(10_000);
+        let mut t = RelayTable::new(10_000, 0x0102);
         let mut ids = Vec::new();
         for i in 0..MAX_SESSIONS_PER_AGENT as u32 {
             ids.push(
@@ -618,7 +663,7 @@ mod tests {
     #[test]
     fn table_full() {
         let now = Instant::now();
-        let mut t = RelayTable::new(2);
+        let mut t = RelayTable::new(2, 0x0102);
         t.create(1, a("192.0.2.1:1"), 2, a("192.0.2.2:2"), "x", 1, now)
             .unwrap();
         assert_eq!(
@@ -674,5 +719,88 @@ mod tests {
         ];
         assert_eq!(relay_cid_of(&long16), None);
         assert_eq!(relay_cid_of(&[0x40, RELAY_CID_MARKER]), None);
+    }
+
+    /// Records what reaches the kernel table.
+    #[derive(Default)]
+    struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<Cid>>>);
+
+    impl KernelTable for Recorder {
+        fn insert(
+            &mut self,
+            cid: &Cid,
+            _: SocketAddr,
+            _: SocketAddr,
+            _: u32,
+        ) -> Result<(), String> {
+            self.0.lock().unwrap().push(*cid);
+            Ok(())
+        }
+        fn remove(&mut self, cid: &Cid) {
+            self.0.lock().unwrap().retain(|c| c != cid);
+        }
+        fn stats(&self, _: &Cid) -> Option<(u64, u64, u64)> {
+            None
+        }
+    }
+
+    #[test]
+    fn entries_mixing_address_families_stay_in_userspace() {
+        let now = Instant::now();
+        let mut t = RelayTable::new(100, 7);
+        let live = Recorder::default();
+        let seen = live.0.clone();
+        t.set_kernel(Box::new(live));
+        let v6 = t
+            .create(
+                1,
+                a("[2001:db8::1]:1000"),
+                2,
+                a("[2001:db8::2]:2000"),
+                "echo",
+                1,
+                now,
+            )
+            .unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 2, "IPv6 pairs go to the kernel");
+        // A mapped IPv4 address and a plain one are one family.
+        t.create(
+            3,
+            a("[::ffff:192.0.2.1]:1000"),
+            4,
+            a("192.0.2.2:2000"),
+            "echo",
+            2,
+            now,
+        )
+        .unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 4);
+        assert_eq!(t.kernel_mixed_family, 0);
+        let mixed = t
+            .create(
+                5,
+                a("192.0.2.5:1000"),
+                6,
+                a("[2001:db8::6]:2000"),
+                "echo",
+                3,
+                now,
+            )
+            .unwrap();
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            4,
+            "mixed entries stay in userspace"
+        );
+        assert_eq!(t.kernel_mixed_family, 2);
+        assert_eq!(
+            t.forward(&mixed.connector_cid, a("192.0.2.5:1000"), 10, now),
+            ForwardResult::Send(a("[2001:db8::6]:2000"))
+        );
+        // The IPv6 agent moves to IPv4: its entries leave the kernel.
+        t.client_moved(1, a("192.0.2.1:1000"));
+        assert!(!seen.lock().unwrap().contains(&v6.agent_cid));
+        assert!(!seen.lock().unwrap().contains(&v6.connector_cid));
+        assert_eq!(t.kernel_mixed_family, 4);
     }
 }

@@ -107,6 +107,13 @@ pub struct IntermediateSettings {
     /// UDP address). Give instances that share a server key different ones.
     #[arg(long, env = "ZTNA_INSTANCE_ID")]
     pub instance_id: Option<String>,
+    /// This relay's ID in its relay CIDs (0-65535; bytes 1-2 of every relay CID).
+    /// Packets to relay CIDs of another ID are dropped (userspace) or passed (XDP),
+    /// never forwarded. Default: derived from the instance identity (SHA-256 of
+    /// `instance_id`, else host name and UDP address), so it survives restarts;
+    /// set distinct ones for relays that share an address.
+    #[arg(long, env = "ZTNA_RELAY_ID")]
+    pub relay_id: Option<u16>,
     /// Write counters as JSON to this file every second.
     #[arg(long, env = "ZTNA_STATS_FILE")]
     pub stats_file: Option<PathBuf>,
@@ -132,6 +139,7 @@ layered!(IntermediateSettings {
     bpf_pin_dir,
     static_session,
     instance_id,
+    relay_id,
     stats_file,
     metrics_listen,
     log,
@@ -177,6 +185,7 @@ impl IntermediateSettings {
                 why,
             })?;
         cfg.instance_id = self.instance_id;
+        cfg.relay_id = self.relay_id;
         cfg.stats_file = self.stats_file;
         cfg.metrics_listen = self
             .metrics_listen
@@ -339,7 +348,8 @@ pub struct ConnectorSettings {
     /// through this connector; more are refused and counted [default: 1024].
     #[arg(long, env = "ZTNA_FLOWS_PER_AGENT")]
     pub flows_per_agent: Option<u32>,
-    /// Local UDP address for the connection to the intermediate [default: 0.0.0.0:0].
+    /// Local UDP address for the connection to the intermediate [default: 0.0.0.0:0,
+    /// or [::]:0 for an IPv6 `--server`].
     #[arg(long, env = "ZTNA_BIND")]
     pub bind: Option<SocketAddr>,
 }
@@ -387,6 +397,7 @@ mod tests {
         assert_eq!(i.cfg.listen.port(), 4433);
         assert_eq!(i.cfg.xdp, XdpChoice::Auto);
         assert_eq!(i.cfg.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
+        assert_eq!(i.cfg.relay_id, Some(1));
         let c: ConnectorSettings = crate::config::load_file(&dir.join("connector.toml")).unwrap();
         assert_eq!(c.service.len(), 2, "{c:?}");
         assert_eq!(c.service[0].id, "db");
@@ -413,6 +424,8 @@ mod tests {
         };
         let r = flags.over(file).resolve().unwrap();
         assert_eq!(r.cfg.idle_timeout, Duration::from_secs(9));
+        // Not set anywhere: the intermediate derives it from its identity.
+        assert_eq!(r.cfg.relay_id, None);
         assert_eq!(r.cfg.xdp, XdpChoice::Generic);
         assert_eq!(r.cfg.listen, "0.0.0.0:4433".parse().unwrap());
         let missing = IntermediateSettings::default().resolve().unwrap_err();

@@ -4,25 +4,27 @@
 //! time. `load` removes pins left by an earlier run, so a restarted intermediate never
 //! forwards on stale entries, loads the program, pins its maps in the instance's pin
 //! directory (`/sys/fs/bpf/ztna/<port>` by default; BTF included, so `bpftool map
-//! dump pinned` prints field names), writes the relay port into `ZTNA_CONFIG` and the relay's own IPv4
-//! addresses into `ZTNA_LOCAL_ADDRS`, and attaches to each interface.
+//! dump pinned` prints field names), writes the relay port and relay ID into
+//! `ZTNA_CONFIG` and the relay's own addresses into `ZTNA_LOCAL_ADDRS` (IPv4) and
+//! `ZTNA_LOCAL_ADDRS6` (IPv6), and attaches to each interface.
 //! Links are bpf_links owned by this process: they go away with it, also on a crash.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use aya::Ebpf;
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::{Xdp, XdpMode};
-use ztna_common::frames::Cid;
 use ztna_common::relay::{
-    LOCAL_ADDR_PRESENT, MAP_CONFIG, MAP_LOCAL_ADDRS, MAP_RELAY, MAP_SESSION_STATS, MAP_STATS,
-    MAP_STATS_BYTES, MAX_LOCAL_ADDRS, PIN_ROOT, PROGRAM_NAME, RelayConfig, RelayEntry, RelayKey,
-    SessionStats, VERDICT_COUNT, Verdict,
+    LOCAL_ADDR_PRESENT, MAP_CONFIG, MAP_LOCAL_ADDRS, MAP_LOCAL_ADDRS6, MAP_RELAY, MAP_RELAY6,
+    MAP_SESSION_STATS, MAP_SESSION_STATS6, MAP_STATS, MAP_STATS_BYTES, MAX_LOCAL_ADDRS, PIN_ROOT,
+    PROGRAM_NAME, RelayConfig, VERDICT_COUNT, Verdict,
 };
 
-use crate::relay::KernelTable;
+mod table;
+use table::open_pinned;
+pub use table::{KernelEntry, XdpTable};
 
 /// The eBPF object built by `cargo xtask build-ebpf`; empty if it was not built.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztna-ebpf.o"));
@@ -53,6 +55,8 @@ pub struct XdpRelay {
     /// The relay socket's address, and what `ZTNA_LOCAL_ADDRS` holds for it.
     relay_addr: SocketAddr,
     local_addrs: Vec<Ipv4Addr>,
+    /// What `ZTNA_LOCAL_ADDRS6` holds.
+    local_addrs6: Vec<Ipv6Addr>,
     /// Where its maps are pinned (removed when this drops).
     pub pin_dir: PathBuf,
     /// Forwarding sysctls we turned on; restored when this drops. Declared after
@@ -143,6 +147,25 @@ fn enable_forwarding(iface: &str) -> anyhow::Result<Option<SysctlRestore>> {
     Ok(restore)
 }
 
+/// The same for IPv6 (`bpf_ipv6_fib_lookup` checks the ingress interface's
+/// `net.ipv6.conf.<iface>.forwarding`). Only for a relay that receives IPv6. An
+/// interface with IPv6 forwarding on stops accepting router advertisements unless
+/// its `accept_ra` is 2: a host that takes its IPv6 default route from RAs keeps
+/// the route it has until it expires.
+fn enable_forwarding6(iface: &str) -> anyhow::Result<Option<SysctlRestore>> {
+    let path = format!("/proc/sys/net/ipv6/conf/{iface}/forwarding");
+    let restore = SysctlRestore::set(Path::new(&path), "1")
+        .with_context(|| format!("enabling IPv6 forwarding on {iface} (does it exist?)"))?;
+    if restore.is_some() {
+        tracing::warn!(
+            "enabled IPv6 forwarding on {iface} ({path}): XDP forwarding needs it for IPv6 \
+             route lookups (the interface now ignores router advertisements unless its \
+             accept_ra is 2); it is turned off again when the intermediate stops"
+        );
+    }
+    Ok(restore)
+}
+
 /// The pin directory of an intermediate listening on `port`, unless configured.
 pub fn default_pin_dir(port: u16) -> PathBuf {
     Path::new(PIN_ROOT).join(port.to_string())
@@ -153,13 +176,16 @@ fn pin_path(dir: &Path, name: &str) -> PathBuf {
 }
 
 /// Every map the loader pins in the instance's directory.
-const PINNED_MAPS: [&str; 6] = [
+const PINNED_MAPS: [&str; 9] = [
     MAP_RELAY,
     MAP_SESSION_STATS,
     MAP_STATS,
     MAP_STATS_BYTES,
     MAP_CONFIG,
     MAP_LOCAL_ADDRS,
+    MAP_RELAY6,
+    MAP_SESSION_STATS6,
+    MAP_LOCAL_ADDRS6,
 ];
 
 /// Removes the pins of an earlier run in `dir`, and `dir` if that leaves it empty.
@@ -184,10 +210,10 @@ pub fn instance_pin_dirs() -> Vec<PathBuf> {
 }
 
 impl XdpRelay {
-    /// For a relay bound to the wildcard address: brings `ZTNA_LOCAL_ADDRS` in step
-    /// with the interfaces' current IPv4 addresses (the intermediate calls it every
-    /// second), so that an added address is forwarded in XDP and a removed one no
-    /// longer is. Returns whether the map changed.
+    /// For a relay bound to the wildcard address: brings `ZTNA_LOCAL_ADDRS` and
+    /// `ZTNA_LOCAL_ADDRS6` in step with the interfaces' current addresses (the
+    /// intermediate calls it every second), so that an added address is forwarded in
+    /// XDP and a removed one no longer is. Returns whether a map changed.
     pub fn refresh_local_addrs(&mut self) -> anyhow::Result<bool> {
         if !self.relay_addr.ip().is_unspecified() {
             return Ok(false);
@@ -197,41 +223,58 @@ impl XdpRelay {
             &self.interfaces,
             crate::netif::interface_ipv4_addrs,
         );
-        if now == self.local_addrs {
-            return Ok(false);
-        }
-        let mut map: HashMap<_, u32, u8> = HashMap::try_from(
-            self.ebpf
-                .map_mut(MAP_LOCAL_ADDRS)
-                .context("map ZTNA_LOCAL_ADDRS missing")?,
-        )?;
-        // Against what the map holds (a failed earlier attempt may have left it
-        // half-way); removed first: it holds at most MAX_LOCAL_ADDRS.
-        let held: Vec<u32> = map.keys().collect::<Result<_, _>>()?;
-        let wanted: Vec<u32> = now.iter().map(|a| u32::from_ne_bytes(a.octets())).collect();
-        for gone in held.iter().filter(|k| !wanted.contains(k)) {
-            map.remove(gone).with_context(|| {
-                format!(
-                    "removing {} from {MAP_LOCAL_ADDRS}",
-                    Ipv4Addr::from(gone.to_ne_bytes())
-                )
-            })?;
-        }
-        for new in wanted.iter().filter(|k| !held.contains(k)) {
-            map.insert(new, LOCAL_ADDR_PRESENT, 0).with_context(|| {
-                format!(
-                    "adding {} to {MAP_LOCAL_ADDRS}",
-                    Ipv4Addr::from(new.to_ne_bytes())
-                )
-            })?;
-        }
-        tracing::info!(
-            "XDP: local addresses changed from {:?} to {now:?}",
-            self.local_addrs
+        let (now6, _) = relay_local_addrs6(
+            self.relay_addr.ip(),
+            &self.interfaces,
+            crate::netif::interface_ipv6_addrs,
         );
-        self.local_addrs = now;
-        Ok(true)
+        let mut changed = false;
+        if now != self.local_addrs {
+            let wanted: Vec<u32> = now.iter().map(|a| u32::from_ne_bytes(a.octets())).collect();
+            sync_set(&mut self.ebpf, MAP_LOCAL_ADDRS, &wanted)?;
+            tracing::info!(
+                "XDP: local addresses changed from {:?} to {now:?}",
+                self.local_addrs
+            );
+            self.local_addrs = now;
+            changed = true;
+        }
+        if now6 != self.local_addrs6 {
+            let wanted: Vec<[u8; 16]> = now6.iter().map(|a| a.octets()).collect();
+            sync_set(&mut self.ebpf, MAP_LOCAL_ADDRS6, &wanted)?;
+            tracing::info!(
+                "XDP: local IPv6 addresses changed from {:?} to {now6:?}",
+                self.local_addrs6
+            );
+            self.local_addrs6 = now6;
+            changed = true;
+        }
+        Ok(changed)
     }
+}
+
+/// Makes the keys of set map `name` (value [`LOCAL_ADDR_PRESENT`]) `wanted`,
+/// against what the map holds (a failed earlier attempt may have left it half-way);
+/// removals first: it holds at most [`MAX_LOCAL_ADDRS`].
+fn sync_set<K: aya::Pod + PartialEq + std::fmt::Debug>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    wanted: &[K],
+) -> anyhow::Result<()> {
+    let mut map: HashMap<_, K, u8> = HashMap::try_from(
+        ebpf.map_mut(name)
+            .with_context(|| format!("map {name} missing"))?,
+    )?;
+    let held: Vec<K> = map.keys().collect::<Result<_, _>>()?;
+    for gone in held.iter().filter(|k| !wanted.contains(k)) {
+        map.remove(gone)
+            .with_context(|| format!("removing {gone:?} from {name}"))?;
+    }
+    for new in wanted.iter().filter(|k| !held.contains(k)) {
+        map.insert(new, LOCAL_ADDR_PRESENT, 0)
+            .with_context(|| format!("adding {new:?} to {name}"))?;
+    }
+    Ok(())
 }
 
 impl XdpRelay {
@@ -292,6 +335,36 @@ pub fn relay_local_addrs(
     (all, rest)
 }
 
+/// The IPv6 addresses the relay's socket, bound to `bound`, receives on, as
+/// [`relay_local_addrs`] for IPv4: a specific IPv6 address (not IPv4-mapped), or
+/// for `[::]` every IPv6 address of the interfaces (`addrs_of`). Link-local
+/// addresses are left out: the kernel's route lookup never forwards from or to
+/// them. An IPv4 bind (`0.0.0.0` included) receives no IPv6.
+pub fn relay_local_addrs6(
+    bound: IpAddr,
+    interfaces: &[String],
+    addrs_of: impl Fn(&str) -> Vec<Ipv6Addr>,
+) -> (Vec<Ipv6Addr>, Vec<Ipv6Addr>) {
+    let usable = |a: &Ipv6Addr| !a.is_unicast_link_local() && a.to_ipv4_mapped().is_none();
+    let mut all = match bound {
+        IpAddr::V4(_) => Vec::new(),
+        IpAddr::V6(a) if !a.is_unspecified() => [a].into_iter().filter(usable).collect(),
+        IpAddr::V6(_) => {
+            let mut all = Vec::new();
+            for iface in interfaces {
+                for a in addrs_of(iface) {
+                    if usable(&a) && !all.contains(&a) {
+                        all.push(a);
+                    }
+                }
+            }
+            all
+        }
+    };
+    let rest = all.split_off(all.len().min(MAX_LOCAL_ADDRS as usize));
+    (all, rest)
+}
+
 /// Loads and attaches with `choice` (not `Off`) for a relay socket bound to
 /// `relay_addr`. Returns the relay and the kernel table that mirrors the forwarding
 /// entries.
@@ -302,6 +375,7 @@ pub fn load(
     choice: XdpChoice,
     interfaces: &[String],
     relay_addr: SocketAddr,
+    relay_id: u16,
     pin_dir: &Path,
 ) -> anyhow::Result<(XdpRelay, XdpTable)> {
     let object = embedded_object().context(
@@ -316,11 +390,22 @@ pub fn load(
         interfaces,
         crate::netif::interface_ipv4_addrs,
     );
-    if local_addrs.is_empty() {
+    let (local_addrs6, left_out6) = relay_local_addrs6(
+        relay_addr.ip(),
+        interfaces,
+        crate::netif::interface_ipv6_addrs,
+    );
+    if local_addrs.is_empty() && local_addrs6.is_empty() {
         tracing::warn!(
-            "XDP: the relay at {relay_addr} has no IPv4 address on {}: the program will \
+            "XDP: the relay at {relay_addr} has no address on {}: the program will \
              forward nothing and the userspace forwarder serves every session",
             interfaces.join(", ")
+        );
+    }
+    if !left_out6.is_empty() {
+        tracing::warn!(
+            "XDP: more than {MAX_LOCAL_ADDRS} local IPv6 addresses; packets to {left_out6:?} \
+             are forwarded in userspace"
         );
     }
     if !left_out.is_empty() {
@@ -334,6 +419,9 @@ pub fn load(
     let mut forwarding = Vec::new();
     for iface in interfaces {
         forwarding.extend(enable_forwarding(iface)?);
+        if relay_addr.is_ipv6() {
+            forwarding.extend(enable_forwarding6(iface)?);
+        }
     }
     remove_stale_pins(pin_dir);
     std::fs::create_dir_all(pin_dir)
@@ -346,12 +434,17 @@ pub fn load(
     };
     let mut last_err = None;
     for (mode, name) in modes {
+        let config = RelayConfig {
+            port: relay_addr.port().to_be(),
+            relay_id: relay_id.to_be(),
+            ..Default::default()
+        };
         match try_load(
             object,
             *mode,
             interfaces,
-            relay_addr.port(),
-            &local_addrs,
+            config,
+            (&local_addrs, &local_addrs6),
             pin_dir,
         ) {
             Ok((ebpf, table)) => {
@@ -366,6 +459,7 @@ pub fn load(
                         interfaces: interfaces.to_vec(),
                         relay_addr,
                         local_addrs: local_addrs.clone(),
+                        local_addrs6: local_addrs6.clone(),
                         pin_dir: pin_dir.to_path_buf(),
                         _forwarding: std::mem::take(&mut forwarding),
                     },
@@ -388,8 +482,8 @@ fn try_load(
     object: &[u8],
     mode: XdpMode,
     interfaces: &[String],
-    relay_port: u16,
-    local_addrs: &[Ipv4Addr],
+    config: RelayConfig,
+    (local_addrs, local_addrs6): (&[Ipv4Addr], &[Ipv6Addr]),
     pin_dir: &Path,
 ) -> anyhow::Result<(Ebpf, XdpTable)> {
     let mut ebpf = aya::EbpfLoader::new()
@@ -405,32 +499,26 @@ fn try_load(
                 .with_context(|| format!("pinning {m}"))?;
         }
     }
+    let config_value = config;
     {
         let mut config: Array<_, RelayConfig> = Array::try_from(
             ebpf.map_mut(MAP_CONFIG)
                 .context("map ZTNA_CONFIG missing")?,
         )?;
-        config.set(
-            0,
-            RelayConfig {
-                port: relay_port.to_be(),
-                ..Default::default()
-            },
-            0,
-        )?;
+        config.set(0, config_value, 0)?;
     }
-    {
-        let mut local: HashMap<_, u32, u8> = HashMap::try_from(
-            ebpf.map_mut(MAP_LOCAL_ADDRS)
-                .context("map ZTNA_LOCAL_ADDRS missing")?,
-        )?;
-        for a in local_addrs {
-            local
-                .insert(u32::from_ne_bytes(a.octets()), LOCAL_ADDR_PRESENT, 0)
-                .with_context(|| format!("adding {a} to {MAP_LOCAL_ADDRS}"))?;
-        }
-    }
-    tracing::info!("XDP: forwarding packets to {local_addrs:?} (the relay's own addresses)");
+    let v4: Vec<u32> = local_addrs
+        .iter()
+        .map(|a| u32::from_ne_bytes(a.octets()))
+        .collect();
+    sync_set(&mut ebpf, MAP_LOCAL_ADDRS, &v4)?;
+    let v6: Vec<[u8; 16]> = local_addrs6.iter().map(|a| a.octets()).collect();
+    sync_set(&mut ebpf, MAP_LOCAL_ADDRS6, &v6)?;
+    tracing::info!(
+        "XDP: forwarding packets to {local_addrs:?} and {local_addrs6:?} (the relay's own \
+         addresses), relay ID {:#06x}",
+        u16::from_be(config_value.relay_id)
+    );
     let prog: &mut Xdp = ebpf
         .program_mut(PROGRAM_NAME)
         .context("program ztna_relay missing")?
@@ -458,104 +546,6 @@ pub fn attach_pass(iface: &str) -> anyhow::Result<Ebpf> {
     prog.attach(iface, XdpMode::Driver)
         .with_context(|| format!("attaching ztna_pass to {iface}"))?;
     Ok(ebpf)
-}
-
-/// The forwarding and session-stats maps, opened from their pins.
-pub struct XdpTable {
-    relay: HashMap<MapData, RelayKey, RelayEntry>,
-    sessions: PerCpuHashMap<MapData, RelayKey, SessionStats>,
-    ncpu: usize,
-}
-
-fn open_pinned(dir: &Path, name: &str) -> anyhow::Result<aya::maps::Map> {
-    let path = pin_path(dir, name);
-    let data =
-        MapData::from_pin(&path).with_context(|| format!("opening pinned {}", path.display()))?;
-    Ok(aya::maps::Map::from_map_data(data)?)
-}
-
-impl XdpTable {
-    /// Opens the maps pinned in `dir`.
-    pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        Ok(XdpTable {
-            relay: HashMap::try_from(open_pinned(dir, MAP_RELAY)?)?,
-            sessions: PerCpuHashMap::try_from(open_pinned(dir, MAP_SESSION_STATS)?)?,
-            ncpu: aya::util::nr_cpus().map_err(|(_, e)| e)?,
-        })
-    }
-
-    /// Every entry with its summed counters (for `ztna sessions`).
-    pub fn entries(&self) -> Vec<(RelayKey, RelayEntry, SessionStats)> {
-        let mut out = Vec::new();
-        for item in self.relay.iter().flatten() {
-            let (k, v) = item;
-            let s = self.session_stats(&k).unwrap_or_default();
-            out.push((k, v, s));
-        }
-        out
-    }
-
-    fn session_stats(&self, k: &RelayKey) -> Option<SessionStats> {
-        let per_cpu = self.sessions.get(k, 0).ok()?;
-        let mut sum = SessionStats::default();
-        for s in per_cpu.iter() {
-            sum.packets += s.packets;
-            sum.bytes += s.bytes;
-            sum.last_seen_ns = sum.last_seen_ns.max(s.last_seen_ns);
-        }
-        Some(sum)
-    }
-}
-
-fn v4(a: SocketAddr) -> Option<(u32, u16)> {
-    match a {
-        SocketAddr::V4(a) => Some((u32::from_ne_bytes(a.ip().octets()), a.port().to_be())),
-        SocketAddr::V6(a) => a
-            .ip()
-            .to_ipv4_mapped()
-            .map(|ip| (u32::from_ne_bytes(ip.octets()), a.port().to_be())),
-    }
-}
-
-impl KernelTable for XdpTable {
-    fn insert(
-        &mut self,
-        cid: &Cid,
-        peer: SocketAddr,
-        expected: SocketAddr,
-        session: u32,
-    ) -> Result<(), String> {
-        let (Some((pa, pp)), Some((ea, ep))) = (v4(peer), v4(expected)) else {
-            return Err("IPv6 relay entries stay in userspace".into());
-        };
-        let key = RelayKey { cid: *cid };
-        if self.sessions.get(&key, 0).is_err() {
-            let zero = PerCpuValues::try_from(vec![SessionStats::default(); self.ncpu])
-                .map_err(|e| e.to_string())?;
-            self.sessions
-                .insert(key, zero, 0)
-                .map_err(|e| e.to_string())?;
-        }
-        let entry = RelayEntry {
-            peer_addr: pa,
-            expected_src_addr: ea,
-            peer_port: pp,
-            expected_src_port: ep,
-            session_id: session,
-        };
-        self.relay.insert(key, entry, 0).map_err(|e| e.to_string())
-    }
-
-    fn remove(&mut self, cid: &Cid) {
-        let key = RelayKey { cid: *cid };
-        let _ = self.relay.remove(&key);
-        let _ = self.sessions.remove(&key);
-    }
-
-    fn stats(&self, cid: &Cid) -> Option<(u64, u64, u64)> {
-        self.session_stats(&RelayKey { cid: *cid })
-            .map(|s| (s.packets, s.bytes, s.last_seen_ns))
-    }
 }
 
 /// Per-verdict counters summed over CPUs, from the map pinned in `dir`.
@@ -625,6 +615,42 @@ mod tests {
             (MAX_LOCAL_ADDRS as usize, 70 - 64)
         );
         assert_eq!(rest[0], Ipv4Addr::new(10, 1, 0, 64));
+    }
+
+    #[test]
+    fn local_ipv6_addresses_need_an_ipv6_socket_and_leave_link_local_out() {
+        let ifaces = ["eth0".to_string(), "eth1".to_string()];
+        let addrs_of = |iface: &str| -> Vec<Ipv6Addr> {
+            match iface {
+                "eth0" => vec!["2001:db8::1".parse().unwrap(), "fe80::1".parse().unwrap()],
+                "eth1" => vec![
+                    "2001:db8:1::1".parse().unwrap(),
+                    "2001:db8::1".parse().unwrap(),
+                ],
+                _ => vec![],
+            }
+        };
+        let wildcard6: IpAddr = "::".parse().unwrap();
+        assert_eq!(
+            relay_local_addrs6(wildcard6, &ifaces, addrs_of).0,
+            vec![
+                "2001:db8::1".parse::<Ipv6Addr>().unwrap(),
+                "2001:db8:1::1".parse().unwrap()
+            ]
+        );
+        let specific: IpAddr = "2001:db8::7".parse().unwrap();
+        assert_eq!(
+            relay_local_addrs6(specific, &ifaces, addrs_of).0,
+            vec!["2001:db8::7".parse::<Ipv6Addr>().unwrap()]
+        );
+        for v4ish in ["0.0.0.0", "10.0.0.1", "::ffff:10.0.0.1", "fe80::9"] {
+            let b: IpAddr = v4ish.parse().unwrap();
+            assert_eq!(
+                relay_local_addrs6(b, &ifaces, addrs_of),
+                (vec![], vec![]),
+                "{v4ish}"
+            );
+        }
     }
 
     #[test]

@@ -87,12 +87,13 @@ fn world_with(name: &str, kernel: Option<RecordingKernel>) -> World {
     }
     let pki = pki(name);
     let echo = EchoServer::spawn("127.0.0.1:0".parse().unwrap()).unwrap();
-    let cfg = IntermediateConfig::new(
+    let mut cfg = IntermediateConfig::new(
         "127.0.0.1:0".parse().unwrap(),
         pki.server_cert.clone(),
         pki.server_key.clone(),
         Some(pki.ca_cert.clone()),
     );
+    cfg.relay_id = Some(WORLD_RELAY_ID);
     let inter = intermediate::spawn_with_kernel_table(
         cfg,
         kernel.map(|k| Box::new(k) as Box<dyn KernelTable>),
@@ -108,6 +109,9 @@ fn world_with(name: &str, kernel: Option<RecordingKernel>) -> World {
         server,
     }
 }
+
+/// The relay ID of a world's intermediate (its relay CIDs' bytes 1..=2).
+const WORLD_RELAY_ID: u16 = 0x4444;
 
 fn stat(
     w: &World,
@@ -566,6 +570,11 @@ fn relayed_data_connection_carries_echo_end_to_end_through_the_userspace_forward
     let d = a.data_connection(SERVICE).unwrap();
     assert!(d.handshake_time().is_some());
     assert_eq!(d.local_cid[0], ztna_common::relay::RELAY_CID_MARKER);
+    // The intermediate's relay ID, as configured.
+    assert_eq!(
+        u16::from_be_bytes([d.local_cid[1], d.local_cid[2]]),
+        WORLD_RELAY_ID
+    );
     let max = a.max_udp_payload(SERVICE, false).unwrap();
     assert!(max > 1200, "data path max UDP payload {max}");
     let relayed_before = stat(&w, |s| &s.relayed_to_connector);
@@ -1355,14 +1364,21 @@ fn instances_sharing_a_key_do_not_share_reset_tokens_and_relay_cids_get_no_reset
     let other = start_intermediate(&w.pki, "127.0.0.1:0".parse().unwrap());
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let dcid = [0x17u8; 16];
-    // A short-header packet to an unknown relay CID is not answered: the reset that
-    // follows for an ordinary CID is the first thing to arrive.
-    let mut relay = vec![0x41, ztna_common::relay::RELAY_CID_MARKER];
-    relay.resize(60, 0x44);
-    sock.send_to(&relay, w.server).unwrap();
+    // Short-header packets to an unknown relay CID of this relay, and to one of
+    // another relay, are not answered: the reset that follows for an ordinary CID is
+    // the first thing to arrive.
+    let own = ztna_common::relay::relay_cid(WORLD_RELAY_ID, [0x44; 5]);
+    let foreign = ztna_common::relay::relay_cid(WORLD_RELAY_ID ^ 1, [0x44; 5]);
+    for cid in [own, foreign] {
+        let mut relay = vec![0x41];
+        relay.extend_from_slice(&cid);
+        relay.resize(60, 0x44);
+        sock.send_to(&relay, w.server).unwrap();
+    }
     let a = reset_token_of(&sock, w.server, &dcid);
     assert_eq!(stat(&w, |s| &s.stateless_resets_sent), 1);
     assert_eq!(stat(&w, |s| &s.relay_unknown_cid), 1);
+    assert_eq!(stat(&w, |s| &s.relay_other_relay_cid), 1);
     let b = reset_token_of(&sock, other.addr, &dcid);
     assert_ne!(a, b, "two instances with one key share reset tokens");
     // The same instance restarted on its address keeps its tokens (its predecessor's

@@ -9,6 +9,10 @@
 //!   r0 02:00:00:00:01:01 10.250.1.1/24  (a second interface, for XDP_REDIRECT)
 //!      neighbour 10.250.1.2 = 02:00:00:00:01:02 (permanent): FAR_PEER
 //!   forwarding on (bpf_fib_lookup answers FWD_DISABLED otherwise)
+//!   and the same over IPv6 (addresses without duplicate address detection, so
+//!   they are usable at once; IPv6 forwarding on both):
+//!   t0 fd00:250::1/64, neighbour fd00:250::2 = PEER_MAC: PEER6
+//!   r0 fd00:251::1/64, neighbour fd00:251::2 = FAR_PEER_MAC: FAR_PEER6
 //! ```
 //!
 //! Every test loads its own copy of the object, so its maps (and counters) are its
@@ -32,7 +36,10 @@ use ztna_common::relay::{
     Verdict,
 };
 
+pub mod ipv6;
 pub mod model;
+
+pub use ipv6::*;
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 pub type Result<T> = std::result::Result<T, Error>;
@@ -62,9 +69,22 @@ pub const IN_TTL: u8 = 17;
 /// like the userspace forwarder's socket (see ztna-ebpf/src/main.rs, `RELAY_TTL`).
 pub const RELAY_TTL: u8 = 64;
 
-/// A relay CID distinguished by `n`.
+/// The relay ID the fixture configures (`RelayConfig::relay_id`).
+pub const RELAY_ID: u16 = 0x5e1d;
+
+/// A relay CID of this relay (bytes 1..=2: [`RELAY_ID`]) distinguished by `n`.
 pub const fn cid(n: u8) -> [u8; 8] {
-    [RELAY_CID_MARKER, 0x5e, n, 1, 2, 3, 4, n]
+    let id = RELAY_ID.to_be_bytes();
+    [RELAY_CID_MARKER, id[0], id[1], n, 2, 3, 4, n]
+}
+
+/// `cid(n)` of another relay: the same nonce, relay ID `relay_id`.
+pub const fn other_relay_cid(relay_id: u16, n: u8) -> [u8; 8] {
+    let mut c = cid(n);
+    let id = relay_id.to_be_bytes();
+    c[1] = id[0];
+    c[2] = id[1];
+    c
 }
 
 /// The object under test: `$ZTNA_EBPF_OBJ`, else `<workspace>/target/ztna-ebpf.o`.
@@ -246,6 +266,25 @@ impl Fixture {
             ])?;
             ns.sysctl(&format!("net.ipv4.conf.{dev}.forwarding=1"))?;
         }
+        for (dev, addr, neigh, neigh_mac) in [
+            ("t0", "fd00:250::1/64", *PEER6.ip(), PEER_MAC),
+            ("r0", "fd00:251::1/64", *FAR_PEER6.ip(), FAR_PEER_MAC),
+        ] {
+            ns.sysctl(&format!("net.ipv6.conf.{dev}.forwarding=1"))?;
+            ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"])?;
+            ns.ip(&[
+                "-6",
+                "neigh",
+                "replace",
+                &neigh.to_string(),
+                "lladdr",
+                &mac_str(neigh_mac),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ])?;
+        }
         let ifindex = ns.ifindex("t0")?;
         let far_ifindex = ns.ifindex("r0")?;
         let path = object_path();
@@ -264,6 +303,7 @@ impl Fixture {
         };
         f.set_port(RELAY.port());
         f.add_local_addr(*RELAY.ip());
+        f.add_local_addr6(*RELAY6.ip());
         Ok(f)
     }
 
@@ -301,14 +341,22 @@ impl Fixture {
         m.remove(&ne(addr)).unwrap();
     }
 
-    /// Sets the relay port of ZTNA_CONFIG (host order here; stored in network order).
+    /// Sets the relay port of ZTNA_CONFIG (host order here; stored in network
+    /// order), with relay ID [`RELAY_ID`].
     pub fn set_port(&mut self, port: u16) {
+        self.set_config(port, RELAY_ID);
+    }
+
+    /// Sets ZTNA_CONFIG: relay port and relay ID (host order here; stored in
+    /// network order).
+    pub fn set_config(&mut self, port: u16, relay_id: u16) {
         let mut c: Array<&mut MapData, RelayConfig> =
             Array::try_from(self.ebpf.map_mut(MAP_CONFIG).expect(MAP_CONFIG)).unwrap();
         c.set(
             0,
             RelayConfig {
                 port: port.to_be(),
+                relay_id: relay_id.to_be(),
                 ..Default::default()
             },
             0,

@@ -7,8 +7,9 @@
 //! The documented pipeline, stage by stage; each stage needs its bytes in the frame,
 //! and a frame that ends before them is `pass_truncated`:
 //!
-//! 1. Ethernet: ethertype 0x0800, else `pass_not_ipv4`.
-//! 2. IPv4: version 4 (else `pass_not_ipv4`), IHL 5 (else `pass_ip_options`), the
+//! 1. Ethernet: ethertype 0x0800 (IPv4, below) or 0x86DD (IPv6, the list after
+//!    this one), else `pass_not_ip`.
+//! 2. IPv4: version 4 (else `pass_not_ip`), IHL 5 (else `pass_ip_options`), the
 //!    20-byte header, not a fragment (MF or an offset: `pass_fragment`), protocol UDP
 //!    (else `pass_not_udp`).
 //! 3. UDP header; the relay port configured (`ZTNA_CONFIG` port 0:
@@ -21,9 +22,11 @@
 //! 6. The IP packet is whole: the frame holds its total length, and that length holds
 //!    the headers parsed so far (UDP and the DCID), else `pass_truncated`
 //!    ("the packet ends inside the ... UDP or QUIC header").
-//! 7. The DCID starts with the relay-CID marker (else `pass_not_relay_cid`), is a key
-//!    of `ZTNA_RELAY` (else `pass_unknown_cid`), and the packet's source address and
-//!    port are the entry's expected sender (else `pass_sender_mismatch`).
+//! 7. The DCID starts with the relay-CID marker (else `pass_not_relay_cid`), its
+//!    relay ID (bytes 1..=2) is the configured one (else `pass_other_relay`, even if
+//!    the CID is in the table), it is a key of `ZTNA_RELAY` (else
+//!    `pass_unknown_cid`), and the packet's source address and port are the entry's
+//!    expected sender (else `pass_sender_mismatch`).
 //! 8. A route and neighbour to the peer (`pass_fib_miss` if none), then the rewrite:
 //!    MACs of the egress interface and the neighbour; source = the packet's
 //!    destination address and port (the relay's); destination = the peer; TTL 64;
@@ -33,14 +36,28 @@
 //!    included. Out of the ingress interface: `XDP_TX` (`tx`); out of another:
 //!    `XDP_REDIRECT` (`redirect`).
 //!
+//! IPv6 (ethertype 0x86DD):
+//!
+//! 2. The fixed 40-byte header; version 6 (else `pass_not_ip`); next header UDP,
+//!    else 44 `pass_fragment`, an extension header (0, 43, 60, 51, 135, 139, 140,
+//!    253, 254) `pass_ip_options`, anything else `pass_not_udp`.
+//! 3. and 4. as for IPv4, with `ZTNA_LOCAL_ADDRS6`.
+//! 5. A UDP checksum of 0 (forbidden in IPv6): `pass_zero_udp_checksum`.
+//! 6. and 7. as for IPv4 (the DCID after the UDP header at 54; the packet ends at
+//!    54 + payload length), with `ZTNA_RELAY6`.
+//! 8. Route for a packet of 40 + payload length bytes; the rewrite sets the hop
+//!    limit to 64, the addresses and ports as for IPv4, and updates the UDP
+//!    checksum incrementally, a computed 0 going out as 0xffff.
+//!
 //! Every packet that is not forwarded is passed unchanged.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
-use ztna_common::relay::{RELAY_CID_LEN, RELAY_CID_MARKER, Verdict};
+use ztna_common::relay::{RELAY_CID_LEN, RELAY_CID_MARKER, Verdict, relay_id_of};
 
 use crate::{
-    FAR_MAC, FAR_PEER, FAR_PEER_MAC, PEER, PEER_MAC, RELAY_MAC, XDP_PASS, XDP_REDIRECT, XDP_TX,
+    FAR_MAC, FAR_PEER, FAR_PEER_MAC, FAR_PEER6, PEER, PEER_MAC, PEER6, RELAY_MAC, XDP_PASS,
+    XDP_REDIRECT, XDP_TX,
 };
 
 /// TTL of forwarded packets (a new packet from the relay, as its userspace
@@ -57,20 +74,40 @@ pub struct ModelEntry {
     pub expected_sender: SocketAddrV4,
 }
 
+/// One `ZTNA_RELAY6` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelEntry6 {
+    pub peer: SocketAddrV6,
+    pub expected_sender: SocketAddrV6,
+}
+
 /// What the maps hold.
 #[derive(Clone, Debug, Default)]
 pub struct ModelMaps {
     /// `ZTNA_CONFIG`'s relay port (host order); 0 is "not configured".
     pub port: u16,
+    /// `ZTNA_CONFIG`'s relay ID (host order).
+    pub relay_id: u16,
     /// `ZTNA_LOCAL_ADDRS`.
     pub local_addrs: Vec<Ipv4Addr>,
+    /// `ZTNA_LOCAL_ADDRS6`.
+    pub local_addrs6: Vec<Ipv6Addr>,
     /// `ZTNA_RELAY`: relay CID → entry.
     pub entries: Vec<([u8; RELAY_CID_LEN], ModelEntry)>,
+    /// `ZTNA_RELAY6`.
+    pub entries6: Vec<([u8; RELAY_CID_LEN], ModelEntry6)>,
 }
 
 impl ModelMaps {
     fn entry(&self, cid: &[u8]) -> Option<ModelEntry> {
         self.entries
+            .iter()
+            .find(|(k, _)| k.as_slice() == cid)
+            .map(|(_, e)| *e)
+    }
+
+    fn entry6(&self, cid: &[u8]) -> Option<ModelEntry6> {
+        self.entries6
             .iter()
             .find(|(k, _)| k.as_slice() == cid)
             .map(|(_, e)| *e)
@@ -91,6 +128,8 @@ pub trait RoutingFacts {
     /// The next hop towards `dst` for a packet of `ip_total_len` bytes, if the route
     /// exists, has a neighbour entry, and the packet fits the egress MTU.
     fn next_hop(&self, dst: Ipv4Addr, ip_total_len: u16) -> Option<ModelHop>;
+    /// The same for IPv6 (`ip_len`: header and payload).
+    fn next_hop6(&self, dst: Ipv6Addr, ip_len: u16) -> Option<ModelHop>;
 }
 
 /// The harness namespace of `lib.rs`: t0 (ingress) 10.250.0.0/24 with neighbour PEER,
@@ -114,6 +153,28 @@ impl RoutingFacts for HarnessRoutes {
                 dst_mac: PEER_MAC,
             })
         } else if dst == *FAR_PEER.ip() {
+            Some(ModelHop {
+                out_ingress: false,
+                src_mac: FAR_MAC,
+                dst_mac: FAR_PEER_MAC,
+            })
+        } else {
+            None
+        }
+    }
+
+    /// t0 fd00:250::/64 with neighbour PEER6, r0 fd00:251::/64 with FAR_PEER6.
+    fn next_hop6(&self, dst: Ipv6Addr, ip_len: u16) -> Option<ModelHop> {
+        if ip_len > HARNESS_MTU {
+            return None;
+        }
+        if dst == *PEER6.ip() {
+            Some(ModelHop {
+                out_ingress: true,
+                src_mac: RELAY_MAC,
+                dst_mac: PEER_MAC,
+            })
+        } else if dst == *FAR_PEER6.ip() {
             Some(ModelHop {
                 out_ingress: false,
                 src_mac: FAR_MAC,
@@ -160,6 +221,11 @@ const IP_LEN: usize = 20;
 const UDP_OFF: usize = IP_OFF + IP_LEN;
 const UDP_LEN: usize = 8;
 const QUIC_OFF: usize = UDP_OFF + UDP_LEN;
+const IP6_LEN: usize = 40;
+const UDP6_OFF: usize = IP_OFF + IP6_LEN;
+const QUIC6_OFF: usize = UDP6_OFF + UDP_LEN;
+/// IPv6 extension headers other than the fragment header (44).
+const IPV6_EXTENSION_HEADERS: [u8; 9] = [0, 43, 60, 51, 135, 139, 140, 253, 254];
 
 /// The model: what the program does with `frame` arriving on the ingress interface.
 pub fn decide(frame: &[u8], maps: &ModelMaps, routes: &impl RoutingFacts) -> Expected {
@@ -172,8 +238,11 @@ pub fn decide(frame: &[u8], maps: &ModelMaps, routes: &impl RoutingFacts) -> Exp
     let ipv4_at = |at: usize| Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3]);
 
     // 1. Ethernet.
+    if be16(12) == 0x86dd {
+        return decide6(frame, maps, routes);
+    }
     if be16(12) != 0x0800 {
-        return pass(frame, PassNotIpv4);
+        return pass(frame, PassNotIp);
     }
     // 2. IPv4.
     if !has(IP_OFF + 1) {
@@ -181,7 +250,7 @@ pub fn decide(frame: &[u8], maps: &ModelMaps, routes: &impl RoutingFacts) -> Exp
     }
     let (version, ihl) = (frame[IP_OFF] >> 4, frame[IP_OFF] & 0x0f);
     if version != 4 {
-        return pass(frame, PassNotIpv4);
+        return pass(frame, PassNotIp);
     }
     if ihl != 5 {
         return pass(frame, PassIpOptions);
@@ -215,34 +284,12 @@ pub fn decide(frame: &[u8], maps: &ModelMaps, routes: &impl RoutingFacts) -> Exp
     if !maps.local_addrs.contains(&dst_addr) {
         return pass(frame, PassNotLocalAddress);
     }
-    // 5. The DCID.
-    if !has(QUIC_OFF + 1) {
-        return pass(frame, PassTruncated);
-    }
-    let dcid_off = if frame[QUIC_OFF] & 0x80 == 0 {
-        QUIC_OFF + 1
-    } else {
-        if !has(QUIC_OFF + 6) {
-            return pass(frame, PassTruncated);
-        }
-        if usize::from(frame[QUIC_OFF + 5]) != RELAY_CID_LEN {
-            return pass(frame, PassNotRelayCid);
-        }
-        QUIC_OFF + 6
+    // 5.-7. The DCID, the whole IP packet, a relay CID of this relay.
+    let dcid = match relay_dcid(frame, QUIC_OFF, IP_OFF + total_len, maps) {
+        Ok(d) => d,
+        Err(v) => return pass(frame, v),
     };
-    let dcid_end = dcid_off + RELAY_CID_LEN;
-    if !has(dcid_end) {
-        return pass(frame, PassTruncated);
-    }
-    // 6. The whole IP packet, holding what was parsed.
-    if IP_OFF + total_len > frame.len() || IP_OFF + total_len < dcid_end {
-        return pass(frame, PassTruncated);
-    }
-    // 7. A relay CID in the table, from its expected sender.
-    let dcid = &frame[dcid_off..dcid_end];
-    if dcid[0] != RELAY_CID_MARKER {
-        return pass(frame, PassNotRelayCid);
-    }
+    let dcid = &dcid[..];
     let Some(entry) = maps.entry(dcid) else {
         return pass(frame, PassUnknownCid);
     };
@@ -267,6 +314,148 @@ pub fn decide(frame: &[u8], maps: &ModelMaps, routes: &impl RoutingFacts) -> Exp
         output,
         forwarded: Some(dcid.try_into().expect("8 bytes")),
     })
+}
+
+/// Stages 5 to 7 up to the table: the DCID of the QUIC header at `quic_off`, in
+/// an IP packet ending at `ip_end`, if it is a relay CID with the configured
+/// relay ID.
+fn relay_dcid(
+    frame: &[u8],
+    quic_off: usize,
+    ip_end: usize,
+    maps: &ModelMaps,
+) -> Result<[u8; RELAY_CID_LEN], Verdict> {
+    use Verdict::*;
+    let has = |end: usize| frame.len() >= end;
+    if !has(quic_off + 1) {
+        return Err(PassTruncated);
+    }
+    let dcid_off = if frame[quic_off] & 0x80 == 0 {
+        quic_off + 1
+    } else {
+        if !has(quic_off + 6) {
+            return Err(PassTruncated);
+        }
+        if usize::from(frame[quic_off + 5]) != RELAY_CID_LEN {
+            return Err(PassNotRelayCid);
+        }
+        quic_off + 6
+    };
+    let dcid_end = dcid_off + RELAY_CID_LEN;
+    if !has(dcid_end) {
+        return Err(PassTruncated);
+    }
+    // The whole IP packet, holding what was parsed.
+    if ip_end > frame.len() || ip_end < dcid_end {
+        return Err(PassTruncated);
+    }
+    let dcid: [u8; RELAY_CID_LEN] = frame[dcid_off..dcid_end].try_into().expect("8 bytes");
+    if dcid[0] != RELAY_CID_MARKER {
+        return Err(PassNotRelayCid);
+    }
+    if relay_id_of(&dcid) != maps.relay_id {
+        return Err(PassOtherRelay);
+    }
+    Ok(dcid)
+}
+
+/// The IPv6 half of [`decide`], from stage 2 on.
+fn decide6(frame: &[u8], maps: &ModelMaps, routes: &impl RoutingFacts) -> Expected {
+    use Verdict::*;
+    let has = |end: usize| frame.len() >= end;
+    let be16 = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
+    let ipv6_at = |at: usize| {
+        let b: [u8; 16] = frame[at..at + 16].try_into().expect("16 bytes");
+        Ipv6Addr::from(b)
+    };
+    // 2. IPv6, fixed header.
+    if !has(IP_OFF + IP6_LEN) {
+        return pass(frame, PassTruncated);
+    }
+    if frame[IP_OFF] >> 4 != 6 {
+        return pass(frame, PassNotIp);
+    }
+    match frame[IP_OFF + 6] {
+        17 => {}
+        44 => return pass(frame, PassFragment),
+        n if IPV6_EXTENSION_HEADERS.contains(&n) => return pass(frame, PassIpOptions),
+        _ => return pass(frame, PassNotUdp),
+    }
+    let payload_len = usize::from(be16(IP_OFF + 4));
+    let src = ipv6_at(IP_OFF + 8);
+    let dst_addr = ipv6_at(IP_OFF + 24);
+    // 3. UDP to the relay port.
+    if !has(UDP6_OFF + UDP_LEN) {
+        return pass(frame, PassTruncated);
+    }
+    if maps.port == 0 {
+        return pass(frame, PassNotConfigured);
+    }
+    let (src_port, dst_port) = (be16(UDP6_OFF), be16(UDP6_OFF + 2));
+    if dst_port != maps.port {
+        return pass(frame, PassOtherPort);
+    }
+    // 4. To the relay itself.
+    if !maps.local_addrs6.contains(&dst_addr) {
+        return pass(frame, PassNotLocalAddress);
+    }
+    // 5. A checksum to update.
+    if be16(UDP6_OFF + 6) == 0 {
+        return pass(frame, PassZeroUdpChecksum);
+    }
+    // 6. and 7.
+    let dcid = match relay_dcid(frame, QUIC6_OFF, UDP6_OFF + payload_len, maps) {
+        Ok(d) => d,
+        Err(v) => return pass(frame, v),
+    };
+    let Some(entry) = maps.entry6(&dcid) else {
+        return pass(frame, PassUnknownCid);
+    };
+    if SocketAddrV6::new(src, src_port, 0, 0) != entry.expected_sender {
+        return pass(frame, PassSenderMismatch);
+    }
+    // 8. Route, rewrite, out.
+    let Some(hop) = routes.next_hop6(*entry.peer.ip(), (IP6_LEN + payload_len) as u16) else {
+        return pass(frame, PassFibMiss);
+    };
+    let relay = SocketAddrV6::new(dst_addr, dst_port, 0, 0);
+    let output = rewrite6(frame, hop, relay, entry.peer);
+    let (action, verdict) = if hop.out_ingress {
+        (XDP_TX, Tx)
+    } else {
+        (XDP_REDIRECT, Redirect)
+    };
+    Expected::Ran(Outcome {
+        action,
+        verdict,
+        output,
+        forwarded: Some(dcid),
+    })
+}
+
+/// The rewritten IPv6 frame: MACs, hop limit, addresses, ports and the UDP checksum
+/// change; the rest is copied.
+fn rewrite6(frame: &[u8], hop: ModelHop, relay: SocketAddrV6, peer: SocketAddrV6) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    out[0..6].copy_from_slice(&hop.dst_mac);
+    out[6..12].copy_from_slice(&hop.src_mac);
+    out[IP_OFF + 7] = MODEL_RELAY_TTL;
+    out[IP_OFF + 8..IP_OFF + 24].copy_from_slice(&relay.ip().octets());
+    out[IP_OFF + 24..IP_OFF + 40].copy_from_slice(&peer.ip().octets());
+    out[UDP6_OFF..UDP6_OFF + 2].copy_from_slice(&relay.port().to_be_bytes());
+    out[UDP6_OFF + 2..UDP6_OFF + 4].copy_from_slice(&peer.port().to_be_bytes());
+    // The pseudo-header's addresses and the ports are what changed under the sum.
+    let covered = |f: &[u8]| {
+        let mut words = Vec::with_capacity(36);
+        words.extend_from_slice(&f[IP_OFF + 8..IP_OFF + 40]);
+        words.extend_from_slice(&f[UDP6_OFF..UDP6_OFF + 4]);
+        ones_sum(&words)
+    };
+    let old_check = u16::from_be_bytes([frame[UDP6_OFF + 6], frame[UDP6_OFF + 7]]);
+    let c = carried_checksum(old_check, covered(frame), covered(&out));
+    let c = if c == 0 { 0xffff } else { c };
+    out[UDP6_OFF + 6..UDP6_OFF + 8].copy_from_slice(&c.to_be_bytes());
+    out
 }
 
 /// The rewritten frame: everything but the MACs, TTL, addresses, ports and the two
@@ -344,7 +533,9 @@ mod tests {
     fn maps() -> ModelMaps {
         ModelMaps {
             port: RELAY.port(),
+            relay_id: crate::RELAY_ID,
             local_addrs: vec![*RELAY.ip()],
+            local_addrs6: vec![*crate::RELAY6.ip()],
             entries: vec![(
                 cid(1),
                 ModelEntry {
@@ -352,7 +543,46 @@ mod tests {
                     expected_sender: SENDER,
                 },
             )],
+            entries6: vec![(
+                cid(2),
+                ModelEntry6 {
+                    peer: PEER6,
+                    expected_sender: crate::SENDER6,
+                },
+            )],
         }
+    }
+
+    #[test]
+    fn an_ipv6_packet_is_rewritten_as_built_from_scratch() {
+        for len in [9, 100, 1001] {
+            let payload = quic_short(cid(2), len);
+            let o = ran(decide(&crate::to_relay6(&payload), &maps(), &HarnessRoutes));
+            assert_eq!((o.action, o.verdict), (XDP_TX, Verdict::Tx));
+            assert_eq!(
+                o.output,
+                crate::from_relay6(RELAY_MAC, PEER_MAC, PEER6, &payload)
+            );
+        }
+        // The IPv4 entry is not an IPv6 one, nor the other way round.
+        let v = |f: &[u8]| ran(decide(f, &maps(), &HarnessRoutes)).verdict;
+        assert_eq!(
+            v(&crate::to_relay6(&quic_short(cid(1), 50))),
+            Verdict::PassUnknownCid
+        );
+        assert_eq!(
+            v(&to_relay(&quic_short(cid(2), 50))),
+            Verdict::PassUnknownCid
+        );
+        let other = crate::other_relay_cid(crate::RELAY_ID ^ 1, 1);
+        assert_eq!(
+            v(&to_relay(&quic_short(other, 50))),
+            Verdict::PassOtherRelay
+        );
+        assert_eq!(
+            v(&crate::to_relay6(&quic_short(other, 50))),
+            Verdict::PassOtherRelay
+        );
     }
 
     fn ran(e: Expected) -> Outcome {

@@ -14,17 +14,27 @@
 //! MTU, so a cached route and a fresh lookup agree; frames up to 1600 bytes go only
 //! to the state without stats entries, where every packet is looked up. One state
 //! changes entries' peers under a warm cache: the program must notice the new peer.
+//!
+//! IPv4 and IPv6 frames are generated for every state (the IPv6 ones and their
+//! mutations in `differential/ipv6.rs`); the tables hold a CID of another relay
+//! (forwarded only in the state configured with that relay's ID).
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4, SocketAddrV6};
 use std::time::Instant;
 
 use aya::programs::ProgramError;
-use etherparse::Ipv4Header;
 use fastrand::Rng;
-use ztna_common::relay::{RELAY_CID_MARKER, VERDICT_COUNT, Verdict};
-use ztna_xdp_tests::model::{self, Expected, HarnessRoutes, ModelEntry, ModelMaps};
+use ztna_common::relay::{VERDICT_COUNT, Verdict};
+use ztna_xdp_tests::model::{self, Expected, HarnessRoutes, ModelEntry, ModelEntry6, ModelMaps};
 use ztna_xdp_tests::*;
+
+#[path = "differential/ipv4.rs"]
+mod ipv4;
+#[path = "differential/ipv6.rs"]
+mod ipv6;
+use ipv4::{MUTATIONS, Mutation, mutate, relayed};
+use ipv6::{MUTATIONS6, Mutation6, mutate6, relayed6};
 
 const DEFAULT_SEED: u64 = 0x7a74_6e61_7864_7031;
 const DEFAULT_CASES: usize = 120_000;
@@ -35,6 +45,15 @@ const CID_NO_ROUTE: [u8; 8] = cid(3);
 const CID_NO_NEIGH: [u8; 8] = cid(4);
 /// Its peer is the relay's own address: a local route, which is not forwarded.
 const CID_TO_SELF: [u8; 8] = cid(5);
+/// In the table, but made by another relay: forwarded only in the state that is
+/// configured with that relay's ID.
+const OTHER_RELAY_ID: u16 = RELAY_ID ^ 0x8001;
+const CID_OTHER_RELAY: [u8; 8] = other_relay_cid(OTHER_RELAY_ID, 6);
+const CID6_TX: [u8; 8] = cid(11);
+const CID6_REDIRECT: [u8; 8] = cid(12);
+const CID6_NO_ROUTE: [u8; 8] = cid(13);
+const CID6_NO_NEIGH: [u8; 8] = cid(14);
+const CID6_OTHER_RELAY: [u8; 8] = other_relay_cid(OTHER_RELAY_ID, 15);
 /// A sender from off the subnet (the program does not route the sender).
 const SENDER_B: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 61000);
 /// Not one of the relay's addresses (until state "three local addresses").
@@ -42,6 +61,8 @@ const OTHER_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 5);
 /// r0's own address.
 const FAR_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 250, 1, 1);
 const NOT_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 50);
+/// r0's own IPv6 address.
+const FAR_LOCAL6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x251, 0, 0, 0, 0, 0, 1);
 
 /// Longest frame in states whose sessions cache routes: its IP packet fits the MTU.
 const FRAME_FITS_MTU: usize = 14 + 1500;
@@ -54,13 +75,28 @@ fn entry(peer: SocketAddrV4, sender: SocketAddrV4) -> ModelEntry {
     }
 }
 
+fn entry6(peer: SocketAddrV6, sender: SocketAddrV6) -> ModelEntry6 {
+    ModelEntry6 {
+        peer,
+        expected_sender: sender,
+    }
+}
+
+/// A sender from off the IPv6 subnet.
+const SENDER6_B: SocketAddrV6 = SocketAddrV6::new(
+    std::net::Ipv6Addr::new(0x2001, 0xdb8, 7, 0, 0, 0, 0, 7),
+    61000,
+    0,
+    0,
+);
+
 /// One map state and how frames for it are made.
-struct State {
+pub(crate) struct State {
     name: &'static str,
-    maps: ModelMaps,
+    pub(crate) maps: ModelMaps,
     /// Whether the entries have stats entries (so the program caches routes).
     session_stats: bool,
-    max_frame: usize,
+    pub(crate) max_frame: usize,
 }
 
 fn states() -> Vec<State> {
@@ -73,17 +109,31 @@ fn states() -> Vec<State> {
             CID_TO_SELF,
             entry(SocketAddrV4::new(*RELAY.ip(), 9), SENDER),
         ),
+        (CID_OTHER_RELAY, entry(PEER, SENDER)),
+    ];
+    let entries6 = vec![
+        (CID6_TX, entry6(PEER6, SENDER6)),
+        (CID6_REDIRECT, entry6(FAR_PEER6, SENDER6_B)),
+        (CID6_NO_ROUTE, entry6(NO_ROUTE_PEER6, SENDER6)),
+        (CID6_NO_NEIGH, entry6(NO_NEIGH_PEER6, SENDER6_B)),
+        (CID6_OTHER_RELAY, entry6(FAR_PEER6, SENDER6)),
     ];
     let base = ModelMaps {
         port: RELAY.port(),
+        relay_id: RELAY_ID,
         local_addrs: vec![*RELAY.ip()],
+        local_addrs6: vec![*RELAY6.ip()],
         entries: entries.clone(),
+        entries6,
     };
     // The TX and REDIRECT sessions swap peers (new ports too), with their caches warm.
     let mut swapped = base.clone();
     swapped.entries[0].1.peer = SocketAddrV4::new(*FAR_PEER.ip(), 6001);
     swapped.entries[1].1.peer = SocketAddrV4::new(*PEER.ip(), 5001);
     swapped.local_addrs = vec![*RELAY.ip(), OTHER_LOCAL, FAR_LOCAL];
+    swapped.entries6[0].1.peer = SocketAddrV6::new(*FAR_PEER6.ip(), 6001, 0, 0);
+    swapped.entries6[1].1.peer = SocketAddrV6::new(*PEER6.ip(), 5001, 0, 0);
+    swapped.local_addrs6 = vec![*RELAY6.ip(), FAR_LOCAL6];
     let state = |name, maps, session_stats, max_frame| State {
         name,
         maps,
@@ -110,9 +160,19 @@ fn states() -> Vec<State> {
             FRAME_OVERSIZE,
         ),
         state(
+            "configured with the other relay's ID",
+            ModelMaps {
+                relay_id: OTHER_RELAY_ID,
+                ..base.clone()
+            },
+            true,
+            FRAME_FITS_MTU,
+        ),
+        state(
             "no local address",
             ModelMaps {
                 local_addrs: vec![],
+                local_addrs6: vec![],
                 ..base.clone()
             },
             true,
@@ -145,15 +205,38 @@ fn apply(f: &mut Fixture, previous: Option<&State>, state: &State) {
                 f.remove(*c);
             }
         }
+        for (c, _) in &p.maps.entries6 {
+            if !state.maps.entries6.iter().any(|(k, _)| k == c) {
+                f.remove6(*c);
+            }
+        }
         for a in &p.maps.local_addrs {
             f.remove_local_addr(*a);
         }
+        for a in &p.maps.local_addrs6 {
+            f.remove_local_addr6(*a);
+        }
     } else {
         f.remove_local_addr(*RELAY.ip());
+        f.remove_local_addr6(*RELAY6.ip());
     }
-    f.set_port(state.maps.port);
+    f.set_config(state.maps.port, state.maps.relay_id);
     for a in &state.maps.local_addrs {
         f.add_local_addr(*a);
+    }
+    for a in &state.maps.local_addrs6 {
+        f.add_local_addr6(*a);
+    }
+    for (c, e) in &state.maps.entries6 {
+        let had_stats = f.session6(*c).is_some();
+        if state.session_stats && !had_stats {
+            f.insert6(*c, e.peer, e.expected_sender);
+        } else {
+            f.insert_entry6(*c, e.peer, e.expected_sender);
+            if !state.session_stats {
+                f.remove_session6(*c);
+            }
+        }
     }
     for (c, e) in &state.maps.entries {
         let had_stats = f.session(*c).is_some();
@@ -173,61 +256,12 @@ fn apply(f: &mut Fixture, previous: Option<&State>, state: &State) {
 enum Kind {
     Relayed,
     Mutated(Mutation),
+    Relayed6,
+    Mutated6(Mutation6),
     Junk,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Mutation {
-    Truncate,
-    Padding,
-    IpOptions,
-    BadIhl,
-    MoreFragments,
-    FragmentOffset,
-    Marker,
-    SenderAddress,
-    SenderPort,
-    UnknownCid,
-    Destination,
-    Ethertype,
-    IpVersion,
-    Protocol,
-    DestinationPort,
-    UdpChecksumZero,
-    UdpChecksumRandom,
-    IpChecksumRandom,
-    TotalLengthShort,
-    TotalLengthLong,
-    LongHeaderDcidLength,
-    RandomByte,
-}
-
-const MUTATIONS: [Mutation; 22] = [
-    Mutation::Truncate,
-    Mutation::Padding,
-    Mutation::IpOptions,
-    Mutation::BadIhl,
-    Mutation::MoreFragments,
-    Mutation::FragmentOffset,
-    Mutation::Marker,
-    Mutation::SenderAddress,
-    Mutation::SenderPort,
-    Mutation::UnknownCid,
-    Mutation::Destination,
-    Mutation::Ethertype,
-    Mutation::IpVersion,
-    Mutation::Protocol,
-    Mutation::DestinationPort,
-    Mutation::UdpChecksumZero,
-    Mutation::UdpChecksumRandom,
-    Mutation::IpChecksumRandom,
-    Mutation::TotalLengthShort,
-    Mutation::TotalLengthLong,
-    Mutation::LongHeaderDcidLength,
-    Mutation::RandomByte,
-];
-
-fn random_mac(rng: &mut Rng) -> [u8; 6] {
+pub(crate) fn random_mac(rng: &mut Rng) -> [u8; 6] {
     let mut m = [0; 6];
     rng.fill(&mut m);
     m
@@ -235,7 +269,7 @@ fn random_mac(rng: &mut Rng) -> [u8; 6] {
 
 /// A QUIC payload with `dcid`: a short header, or a long header whose DCID length
 /// byte says 8; the rest random, `len` bytes in all (at least the header).
-fn quic_payload(rng: &mut Rng, dcid: [u8; 8], long: bool, len: usize) -> Vec<u8> {
+pub(crate) fn quic_payload(rng: &mut Rng, dcid: [u8; 8], long: bool, len: usize) -> Vec<u8> {
     let mut p = Vec::with_capacity(len.max(24));
     if long {
         p.push(0x80 | rng.u8(..0x80));
@@ -255,210 +289,16 @@ fn quic_payload(rng: &mut Rng, dcid: [u8; 8], long: bool, len: usize) -> Vec<u8>
     p
 }
 
-/// A relayed packet the state would forward (if its peer is reachable): a table
-/// CID from its expected sender to a local address and the relay port. Valid
-/// checksums, random TTL, TOS, ID and DF.
-fn relayed(rng: &mut Rng, state: &State) -> Vec<u8> {
-    let (cid, e) = state.maps.entries[rng.usize(..state.maps.entries.len())];
-    let dst_ip = if state.maps.local_addrs.is_empty() {
-        *RELAY.ip()
-    } else {
-        state.maps.local_addrs[rng.usize(..state.maps.local_addrs.len())]
-    };
-    let port = if state.maps.port == 0 {
-        RELAY.port()
-    } else {
-        state.maps.port
-    };
-    let long = rng.u8(..4) == 0;
-    // Short and odd lengths often, up to what the state's frames may hold.
-    let max_payload = state.max_frame - 42;
-    let len = match rng.u8(..4) {
-        0 => rng.usize(..=64),
-        1 => rng.usize(..=max_payload),
-        2 => rng.usize(max_payload.saturating_sub(64)..=max_payload),
-        _ => rng.usize(..=1300.min(max_payload)),
-    };
-    let payload = quic_payload(rng, cid, long, len);
-    let payload = &payload[..payload.len().min(max_payload)];
-    let (ttl, tos, id, df) = (rng.u8(..), rng.u8(..), rng.u16(..), rng.bool());
-    udp_frame_with(
-        random_mac(rng),
-        RELAY_MAC,
-        e.expected_sender,
-        SocketAddrV4::new(dst_ip, port),
-        ttl,
-        payload,
-        |ip| {
-            ip.dscp = etherparse::IpDscp::try_new(tos >> 2).unwrap();
-            ip.ecn = etherparse::IpEcn::try_new(tos & 3).unwrap();
-            ip.identification = id;
-            ip.dont_fragment = df;
-        },
-    )
-}
-
-fn pick<T: Copy>(rng: &mut Rng, options: &[T]) -> T {
+pub(crate) fn pick<T: Copy>(rng: &mut Rng, options: &[T]) -> T {
     options[rng.usize(..options.len())]
 }
 
-fn set16(f: &mut [u8], at: usize, v: u16) {
+pub(crate) fn set16(f: &mut [u8], at: usize, v: u16) {
     f[at..at + 2].copy_from_slice(&v.to_be_bytes());
 }
 
-fn get16(f: &[u8], at: usize) -> u16 {
+pub(crate) fn get16(f: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([f[at], f[at + 1]])
-}
-
-/// Recomputes the IPv4 header checksum (after a mutation of the header), so that
-/// the mutation is the only thing wrong.
-fn fix_ip_checksum(f: &mut [u8]) {
-    let ihl = usize::from(f[14] & 0x0f) * 4;
-    if ihl < 20 || f.len() < 14 + ihl {
-        return;
-    }
-    if let Ok((h, _)) = Ipv4Header::from_slice(&f[14..]) {
-        set16(f, 24, h.calc_header_checksum());
-    }
-}
-
-/// Offset of the DCID in a frame built by `relayed`.
-fn dcid_offset(f: &[u8]) -> usize {
-    if f[42] & 0x80 == 0 { 43 } else { 48 }
-}
-
-fn mutate(rng: &mut Rng, state: &State, f: &mut Vec<u8>, m: Mutation) {
-    use Mutation::*;
-    match m {
-        Truncate => {
-            // Every length from nothing to one short, the header boundaries often.
-            let cut = if rng.bool() {
-                rng.usize(..f.len())
-            } else {
-                rng.usize(..f.len().min(60))
-            };
-            f.truncate(cut);
-        }
-        Padding => {
-            let n = rng.usize(1..=46);
-            for _ in 0..n {
-                f.push(rng.u8(..));
-            }
-            f.truncate(state.max_frame);
-        }
-        IpOptions => {
-            // A real options header (NOPs and EOL), IHL 6..=15.
-            let words = rng.usize(1..=10);
-            let mut hdr = Ipv4Header::from_slice(&f[14..]).unwrap().0;
-            let opts: Vec<u8> = (0..words * 4)
-                .map(|i| if i + 1 == words * 4 { 0 } else { 1 })
-                .collect();
-            hdr.options = opts.as_slice().try_into().unwrap();
-            hdr.total_len += (words * 4) as u16;
-            hdr.header_checksum = hdr.calc_header_checksum();
-            let mut out = f[..14].to_vec();
-            hdr.write(&mut out).unwrap();
-            out.extend_from_slice(&f[34..]);
-            out.truncate(state.max_frame);
-            *f = out;
-        }
-        BadIhl => {
-            let ihl = rng.u8(..16);
-            f[14] = 0x40 | ihl;
-            fix_ip_checksum(f);
-        }
-        MoreFragments => {
-            f[20] |= 0x20;
-            fix_ip_checksum(f);
-        }
-        FragmentOffset => {
-            let off = rng.u16(1..0x2000);
-            let flags = get16(f, 20) & 0xe000;
-            set16(f, 20, flags | off);
-            fix_ip_checksum(f);
-        }
-        Marker => {
-            let at = dcid_offset(f);
-            f[at] = loop {
-                let b = rng.u8(..);
-                if b != RELAY_CID_MARKER {
-                    break b;
-                }
-            };
-        }
-        SenderAddress => {
-            let a = if rng.bool() {
-                [10, 250, 0, rng.u8(..)]
-            } else {
-                rng.u32(..).to_be_bytes()
-            };
-            f[26..30].copy_from_slice(&a);
-            fix_ip_checksum(f);
-        }
-        SenderPort => set16(f, 34, rng.u16(..)),
-        UnknownCid => {
-            let at = dcid_offset(f);
-            f[at] = RELAY_CID_MARKER;
-            rng.fill(&mut f[at + 1..at + 8]);
-        }
-        Destination => {
-            let a = match rng.u8(..4) {
-                0 => NOT_LOCAL,
-                1 => OTHER_LOCAL,
-                2 => FAR_LOCAL,
-                _ => rng.u32(..).into(),
-            };
-            f[30..34].copy_from_slice(&a.octets());
-            fix_ip_checksum(f);
-        }
-        Ethertype => {
-            let any = rng.u16(..);
-            let t = pick(rng, &[0x86dd, 0x0806, 0x8100, 0x88a8, 0x0801, 0x0008, any]);
-            set16(f, 12, t);
-        }
-        IpVersion => {
-            f[14] = (rng.u8(..16) << 4) | 5;
-            fix_ip_checksum(f);
-        }
-        Protocol => {
-            let any = rng.u8(..);
-            f[23] = pick(rng, &[6, 1, 0, 41, 136, any]);
-            fix_ip_checksum(f);
-        }
-        DestinationPort => {
-            let any = rng.u16(..);
-            let p = pick(rng, &[RELAY.port(), 443, 0, any]);
-            set16(f, 36, p);
-        }
-        UdpChecksumZero => set16(f, 40, 0),
-        UdpChecksumRandom => {
-            let c = if rng.bool() { 0xffff } else { rng.u16(..) };
-            set16(f, 40, c);
-        }
-        IpChecksumRandom => set16(f, 24, rng.u16(..)),
-        TotalLengthShort => {
-            let t = rng.u16(..=get16(f, 16));
-            set16(f, 16, t);
-            fix_ip_checksum(f);
-        }
-        TotalLengthLong => {
-            let t = get16(f, 16);
-            set16(f, 16, t.saturating_add(rng.u16(1..=64)));
-            fix_ip_checksum(f);
-        }
-        LongHeaderDcidLength => {
-            // Make it a long header with another DCID length (8 sometimes, too).
-            f[42] |= 0x80;
-            if f.len() > 47 {
-                let any = rng.u8(..);
-                f[47] = pick(rng, &[0, 1, 4, 7, 9, 16, 20, 8, any]);
-            }
-        }
-        RandomByte => {
-            let at = rng.usize(..f.len().min(64));
-            f[at] = rng.u8(..);
-        }
-    }
 }
 
 /// Anything at all: random bytes behind a plausible or random Ethernet header.
@@ -475,6 +315,17 @@ fn junk(rng: &mut Rng, state: &State) -> Vec<u8> {
 }
 
 fn generate(rng: &mut Rng, state: &State) -> (Kind, Vec<u8>) {
+    // A third of the frames are IPv6.
+    if rng.u8(..3) == 0 {
+        return if rng.u8(..10) < 3 {
+            (Kind::Relayed6, relayed6(rng, state))
+        } else {
+            let mut f = relayed6(rng, state);
+            let m = MUTATIONS6[rng.usize(..MUTATIONS6.len())];
+            mutate6(rng, state, &mut f, m);
+            (Kind::Mutated6(m), f)
+        };
+    }
     match rng.u8(..10) {
         0..=2 => (Kind::Relayed, relayed(rng, state)),
         3..=8 => {
@@ -513,6 +364,20 @@ fn truncation_sweep(rng: &mut Rng, state: &State) -> Vec<(Kind, Vec<u8>)> {
             out.push((Kind::Mutated(Mutation::Truncate), full[..cut].to_vec()));
         }
         out.push((Kind::Relayed, full));
+        let (cid, e) = state.maps.entries6[0];
+        let payload = quic_payload(rng, cid, long, 40);
+        let full = udp6_frame(
+            SENDER_MAC,
+            RELAY_MAC,
+            e.expected_sender,
+            SocketAddrV6::new(state.maps.local_addrs6[0], state.maps.port, 0, 0),
+            IN_TTL,
+            &payload,
+        );
+        for cut in 0..full.len() {
+            out.push((Kind::Mutated6(Mutation6::Truncate), full[..cut].to_vec()));
+        }
+        out.push((Kind::Relayed6, full));
     }
     out
 }
@@ -589,7 +454,14 @@ fn program_matches_the_model_on_generated_frames() {
             .maps
             .entries
             .iter()
-            .map(|(c, _)| f.session(*c))
+            .map(|(c, _)| f.session(*c).map(|s| (s.packets, s.bytes)))
+            .chain(
+                state
+                    .maps
+                    .entries6
+                    .iter()
+                    .map(|(c, _)| f.session6(*c).map(|s| (s.packets, s.bytes))),
+            )
             .collect();
         let mut forwarded: HashMap<[u8; 8], (u64, u64)> = HashMap::new();
         let mut frames: Vec<(Kind, Vec<u8>)> = Vec::with_capacity(per_state);
@@ -657,13 +529,25 @@ fn program_matches_the_model_on_generated_frames() {
             }
         });
         // The sessions' counters moved by what the model forwarded for them.
-        for ((c, _), before) in state.maps.entries.iter().zip(sessions_before) {
-            let want = forwarded.get(c).copied().unwrap_or_default();
-            match (state.session_stats, f.session(*c)) {
+        let sessions_now = state
+            .maps
+            .entries
+            .iter()
+            .map(|(c, _)| (*c, f.session(*c).map(|s| (s.packets, s.bytes))))
+            .chain(
+                state
+                    .maps
+                    .entries6
+                    .iter()
+                    .map(|(c, _)| (*c, f.session6(*c).map(|s| (s.packets, s.bytes)))),
+            );
+        for ((c, now), before) in sessions_now.zip(sessions_before) {
+            let want = forwarded.get(&c).copied().unwrap_or_default();
+            match (state.session_stats, now) {
                 (true, Some(now)) => {
                     let before = before.unwrap_or_default();
                     assert_eq!(
-                        (now.packets - before.packets, now.bytes - before.bytes),
+                        (now.0 - before.0, now.1 - before.1),
                         want,
                         "state \"{}\": session {c:02x?} packets and bytes (seed {seed:#x})",
                         state.name
@@ -688,15 +572,18 @@ fn program_matches_the_model_on_generated_frames() {
         }
     }
     // The checksum and padding variants reached the rewrite, not only the verdicts.
-    for m in [
-        Mutation::UdpChecksumZero,
-        Mutation::UdpChecksumRandom,
-        Mutation::IpChecksumRandom,
-        Mutation::Padding,
+    for kind in [
+        Kind::Mutated(Mutation::UdpChecksumZero),
+        Kind::Mutated(Mutation::UdpChecksumRandom),
+        Kind::Mutated(Mutation::IpChecksumRandom),
+        Kind::Mutated(Mutation::Padding),
+        Kind::Relayed6,
+        Kind::Mutated6(Mutation6::UdpChecksumRandom),
+        Kind::Mutated6(Mutation6::Padding),
     ] {
         assert!(
-            forwarded_kinds.contains_key(&Kind::Mutated(m)) || cases < 10_000,
-            "no {m:?} frame was forwarded: {forwarded_kinds:?}"
+            forwarded_kinds.contains_key(&kind) || cases < 10_000,
+            "no {kind:?} frame was forwarded: {forwarded_kinds:?}"
         );
     }
     let tally: Vec<_> = Verdict::ALL

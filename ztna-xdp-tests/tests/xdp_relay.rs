@@ -274,14 +274,41 @@ fn fragment_with_offset_passes() {
 
 #[test]
 #[ignore = "needs root: run by `cargo xtask test`"]
-fn ipv6_passes() {
-    let f = fixture!("ipv6");
+fn ipv6_to_an_address_not_the_relays_passes() {
+    let f = fixture!("ipv6-not-local");
     let b = etherparse::PacketBuilder::ethernet2(SENDER_MAC, RELAY_MAC)
         .ipv6([0xfd; 16], [0xfe; 16], IN_TTL)
         .udp(SENDER.port(), RELAY.port());
     let mut pkt = Vec::new();
     b.write(&mut pkt, &quic_short(CID, 100)).unwrap();
-    f.expect(&pkt, XDP_PASS, Verdict::PassNotIpv4);
+    f.expect(&pkt, XDP_PASS, Verdict::PassNotLocalAddress);
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn relay_cid_of_another_relay_passes_even_if_in_the_table() {
+    let mut f = fixture!("other-relay");
+    // Its entry exists: only the relay ID keeps it from being forwarded.
+    let other = other_relay_cid(RELAY_ID ^ 0x0100, 1);
+    f.insert(other, PEER, SENDER);
+    f.expect(
+        &to_relay(&quic_short(other, 100)),
+        XDP_PASS,
+        Verdict::PassOtherRelay,
+    );
+    f.expect(
+        &to_relay(&quic_long(1, &other, 1200)),
+        XDP_PASS,
+        Verdict::PassOtherRelay,
+    );
+    // The same CID is forwarded once the relay is configured with its ID.
+    f.set_config(RELAY.port(), RELAY_ID ^ 0x0100);
+    f.expect(&to_relay(&quic_short(other, 100)), XDP_TX, Verdict::Tx);
+    f.expect(
+        &to_relay(&quic_short(CID, 100)),
+        XDP_PASS,
+        Verdict::PassOtherRelay,
+    );
 }
 
 #[test]
@@ -296,7 +323,7 @@ fn arp_passes() {
     pkt.extend_from_slice(&SENDER.ip().octets());
     pkt.extend_from_slice(&[0; 6]);
     pkt.extend_from_slice(&RELAY.ip().octets());
-    f.expect(&pkt, XDP_PASS, Verdict::PassNotIpv4);
+    f.expect(&pkt, XDP_PASS, Verdict::PassNotIp);
 }
 
 #[test]

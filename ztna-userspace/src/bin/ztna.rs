@@ -112,7 +112,6 @@ fn pin_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 fn sessions(json: bool, bpf_pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    use std::net::{Ipv4Addr, SocketAddrV4};
     let dir = pin_dir(bpf_pin_dir)?;
     let table = ztna_userspace::xdp::XdpTable::open(&dir).with_context(|| {
         format!(
@@ -122,19 +121,11 @@ fn sessions(json: bool, bpf_pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
     })?;
     let now = monotonic_ns();
     let mut rows = Vec::new();
-    for (k, e, s) in table.entries() {
-        let peer = SocketAddrV4::new(
-            Ipv4Addr::from(e.peer_addr.to_ne_bytes()),
-            u16::from_be(e.peer_port),
-        );
-        let from = SocketAddrV4::new(
-            Ipv4Addr::from(e.expected_src_addr.to_ne_bytes()),
-            u16::from_be(e.expected_src_port),
-        );
-        let last = (s.last_seen_ns > 0).then(|| now.saturating_sub(s.last_seen_ns) as f64 / 1e9);
+    for e in table.entries() {
+        let last = (e.last_seen_ns > 0).then(|| now.saturating_sub(e.last_seen_ns) as f64 / 1e9);
         rows.push(serde_json::json!({
-            "session": e.session_id, "cid": hex(&k.cid), "from": from.to_string(), "to": peer.to_string(),
-            "packets": s.packets, "bytes": s.bytes, "last_seen_secs_ago": last,
+            "session": e.session_id, "cid": hex(&e.cid), "from": e.expected.to_string(), "to": e.peer.to_string(),
+            "packets": e.packets, "bytes": e.bytes, "last_seen_secs_ago": last,
         }));
     }
     rows.sort_by_key(|r| (r["session"].as_u64(), r["cid"].as_str().map(String::from)));
