@@ -1708,15 +1708,19 @@ impl Intermediate {
         }
     }
 
-    /// How a session's packets are forwarded: XDP only handles IPv4 entries.
+    /// How a session's packets are forwarded (SESSION_PATH): XDP when attached and
+    /// both entries are in its maps.
     fn forwarding_of(&self, s: &crate::relay::RelaySession) -> u8 {
         use ztna_common::frames::forwarding;
-        let v4 = [s.agent_cid, s.connector_cid].iter().all(|c| {
+        // The XDP program forwards an entry whose peer and expected sender are of one
+        // family (IPv4-mapped IPv6 addresses count as IPv4, as the kernel table
+        // stores them); mixed entries stay in userspace.
+        let kernel = [s.agent_cid, s.connector_cid].iter().all(|c| {
             self.relay
                 .entry(c)
-                .is_some_and(|f| f.peer.is_ipv4() && f.expected.is_ipv4())
+                .is_some_and(|f| same_family(f.peer, f.expected))
         });
-        match (self.xdp_mode(), v4) {
+        match (self.xdp_mode(), kernel) {
             ("native", true) => forwarding::XDP_NATIVE,
             ("generic", true) => forwarding::XDP_GENERIC,
             _ => forwarding::USERSPACE,
@@ -2149,6 +2153,15 @@ impl Intermediate {
             }
         }
     }
+}
+
+/// Whether `a` and `b` are of one IP family once IPv4-mapped addresses are unmapped.
+fn same_family(a: SocketAddr, b: SocketAddr) -> bool {
+    let v4 = |x: SocketAddr| match x {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(v) => v.ip().to_ipv4_mapped().is_some(),
+    };
+    v4(a) == v4(b)
 }
 
 fn token_mac_input(body: &[u8], peer: SocketAddr, retry_scid: &[u8]) -> Vec<u8> {
