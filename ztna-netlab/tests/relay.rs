@@ -334,8 +334,11 @@ fn echo_over_ipv6_through_xdp_native_relay() {
     let log = lab.log("intermediate");
     assert!(log.contains(ztna_netlab::AGENT_IP6), "{log}");
     assert_eq!(n(&s1, "kernel_mixed_family_entries"), 0, "{s1}");
-    // Second run: a new session, every packet of it forwarded in XDP.
-    echo_ok(&echo("300"), 300);
+    // Second run: a new session, every packet of it forwarded in XDP, and the agent
+    // told so (SESSION_PATH).
+    let r2 = echo("300");
+    echo_ok(&r2, 300);
+    assert_eq!(r2["path"], "relay-xdp", "{r2}");
     let s2 = lab.fresh_relay_stats().unwrap();
     let tx = xdp(&s2, "tx") - xdp(&s1, "tx");
     assert!(tx >= 600, "XDP forwarded only {tx} IPv6 packets: {s2}");
