@@ -187,6 +187,8 @@ fn two_intermediates_on_one_host_keep_their_own_pins_and_counters() {
             "x1".into(),
             "--metrics-listen".into(),
             "127.0.0.1:9092".into(),
+            "--max-relay-entries".into(),
+            "1024".into(),
         ],
     )
     .unwrap();
@@ -214,6 +216,24 @@ fn two_intermediates_on_one_host_keep_their_own_pins_and_counters() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let pinned_port = v[0]["formatted"]["value"]["port"].as_u64().unwrap() as u16;
         assert_eq!(u16::from_be(pinned_port), port, "{v}");
+    }
+    // The second's tables are sized as configured, the first's at the default.
+    for (dir, entries) in [(&dir1, 65536), (&dir2, 1024)] {
+        for map in ["ZTNA_RELAY", "ZTNA_SESSION_STATS", "ZTNA_RELAY6"] {
+            let out = ztna_netlab::sh(
+                "bpftool",
+                &[
+                    "-j",
+                    "map",
+                    "show",
+                    "pinned",
+                    dir.join(map).to_str().unwrap(),
+                ],
+            )
+            .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["max_entries"].as_u64(), Some(entries), "{map}: {v}");
+        }
     }
     // Traffic through the first leaves the second's counters alone.
     let r = lab

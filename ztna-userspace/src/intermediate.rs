@@ -119,6 +119,9 @@ pub struct IntermediateConfig {
     pub relay_id: Option<u16>,
     /// Serve /metrics, /healthz and /readyz over HTTP here.
     pub metrics_listen: Option<SocketAddr>,
+    /// Forwarding entries (two per relay session), in userspace and in each of the
+    /// XDP program's tables.
+    pub max_relay_entries: usize,
 }
 
 impl IntermediateConfig {
@@ -143,6 +146,7 @@ impl IntermediateConfig {
             bpf_pin_dir: None,
             relay_id: None,
             metrics_listen: None,
+            max_relay_entries: ztna_common::relay::MAX_RELAY_ENTRIES as usize,
         }
     }
 }
@@ -528,6 +532,7 @@ fn qad_message(addr: SocketAddr) -> Vec<u8> {
 
 impl Intermediate {
     pub fn bind(cfg: IntermediateConfig) -> anyhow::Result<Self> {
+        let max_relay_entries = cfg.max_relay_entries;
         if !cfg.require_client_cert {
             tracing::warn!(
                 "client authentication is DISABLED (--insecure-no-client-auth): any client \
@@ -578,7 +583,7 @@ impl Intermediate {
             initial_dcids: HashMap::new(),
             services: HashMap::new(),
             flows: FlowTable::default(),
-            relay: RelayTable::new(ztna_common::relay::MAX_RELAY_ENTRIES as usize, relay_id),
+            relay: RelayTable::new(max_relay_entries, relay_id),
             next_id: 1,
             token_key,
             reset_key,
@@ -652,6 +657,7 @@ impl Intermediate {
             self.local,
             self.relay.relay_id(),
             &pin_dir,
+            self.cfg.max_relay_entries as u32,
         ) {
             Ok((relay, table)) => {
                 self.relay.set_kernel(Box::new(table));
@@ -876,6 +882,10 @@ impl Intermediate {
             ("iface", old.xdp_interfaces != new.xdp_interfaces),
             ("bpf_pin_dir", old.bpf_pin_dir != new.bpf_pin_dir),
             ("metrics_listen", old.metrics_listen != new.metrics_listen),
+            (
+                "max_relay_entries",
+                old.max_relay_entries != new.max_relay_entries,
+            ),
             ("static_session", old.static_sessions != new.static_sessions),
             ("instance_id", old.instance_id != new.instance_id),
             ("relay_id", old.relay_id != new.relay_id),

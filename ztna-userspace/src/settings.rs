@@ -114,6 +114,11 @@ pub struct IntermediateSettings {
     /// set distinct ones for relays that share an address.
     #[arg(long, env = "ZTNA_RELAY_ID")]
     pub relay_id: Option<u16>,
+    /// Forwarding entries the relay holds (two per relay session), in userspace and
+    /// in each XDP table; the kernel allocates the tables at this size when XDP
+    /// loads [default: 65536].
+    #[arg(long, env = "ZTNA_MAX_RELAY_ENTRIES")]
+    pub max_relay_entries: Option<u32>,
     /// Write counters as JSON to this file every second.
     #[arg(long, env = "ZTNA_STATS_FILE")]
     pub stats_file: Option<PathBuf>,
@@ -140,6 +145,7 @@ layered!(IntermediateSettings {
     static_session,
     instance_id,
     relay_id,
+    max_relay_entries,
     stats_file,
     metrics_listen,
     log,
@@ -186,6 +192,10 @@ impl IntermediateSettings {
             })?;
         cfg.instance_id = self.instance_id;
         cfg.relay_id = self.relay_id;
+        cfg.max_relay_entries = self
+            .max_relay_entries
+            .unwrap_or(ztna_common::relay::MAX_RELAY_ENTRIES)
+            .max(2) as usize;
         cfg.stats_file = self.stats_file;
         cfg.metrics_listen = self
             .metrics_listen

@@ -377,6 +377,7 @@ pub fn load(
     relay_addr: SocketAddr,
     relay_id: u16,
     pin_dir: &Path,
+    max_entries: u32,
 ) -> anyhow::Result<(XdpRelay, XdpTable)> {
     let object = embedded_object().context(
         "this build has no eBPF object (run `cargo xtask build-ebpf` before building the intermediate)",
@@ -446,6 +447,7 @@ pub fn load(
             config,
             (&local_addrs, &local_addrs6),
             pin_dir,
+            max_entries,
         ) {
             Ok((ebpf, table)) => {
                 tracing::info!(
@@ -485,11 +487,18 @@ fn try_load(
     config: RelayConfig,
     (local_addrs, local_addrs6): (&[Ipv4Addr], &[Ipv6Addr]),
     pin_dir: &Path,
+    max_entries: u32,
 ) -> anyhow::Result<(Ebpf, XdpTable)> {
-    let mut ebpf = aya::EbpfLoader::new()
-        .default_map_pin_directory(pin_dir)
-        .load(object)
-        .context("loading the eBPF object")?;
+    let mut loader = aya::EbpfLoader::new();
+    loader.default_map_pin_directory(pin_dir);
+    // The forwarding tables and their per-session counters, sized at load time
+    // (preallocated by the kernel: memory is taken now, not as sessions come).
+    for m in [MAP_RELAY, MAP_SESSION_STATS, MAP_RELAY6, MAP_SESSION_STATS6] {
+        loader.map_max_entries(m, max_entries);
+    }
+    let mut ebpf = loader.load(object).with_context(|| {
+        format!("loading the eBPF object with {max_entries} forwarding entries per table (a smaller --max-relay-entries needs less kernel memory)")
+    })?;
     for m in PINNED_MAPS {
         // Maps declared without by-name pinning are pinned here.
         if let Some(map) = ebpf.map(m)
