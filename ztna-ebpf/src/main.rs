@@ -122,6 +122,25 @@ pub fn ztna_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// The benchmarks' calibration: swaps the Ethernet addresses and sends the frame
+/// back (`XDP_TX`), the least any XDP forwarder does. Its cost under
+/// `BPF_PROG_TEST_RUN` next to `ztna_relay`'s makes the relay's figure comparable
+/// across machines. Never attached by the intermediate.
+#[xdp]
+pub fn ztna_minimal(ctx: XdpContext) -> u32 {
+    let Some(eth) = ptr_at::<[u8; 12]>(&ctx, 0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: ptr_at checked that 12 bytes are in the packet.
+    unsafe {
+        let mut macs = eth.read_unaligned();
+        let (dst, src) = macs.split_at_mut(6);
+        dst.swap_with_slice(src);
+        eth.write_unaligned(macs);
+    }
+    xdp_action::XDP_TX
+}
+
 #[inline(always)]
 fn count(v: Verdict, len: usize) {
     if let Some(c) = ZTNA_STATS.get_ptr_mut(v as u32) {

@@ -37,6 +37,8 @@ use serde_json::{Map, Value, json};
 use ztna_common::relay::{RelayKey, SessionStats, Verdict};
 use ztna_netlab::{Lab, RELAY_PORT};
 
+mod capacity;
+
 /// Sender threads (each its own socket and static session).
 const SENDERS: usize = 2;
 /// sendmmsg / recvmmsg batch.
@@ -949,28 +951,14 @@ fn xdp_prog_id(lab: &Lab) -> anyhow::Result<u32> {
     find_prog_id(&v["xdp"]).with_context(|| format!("no XDP program on x0: {v}"))
 }
 
-/// Map `name` of program `prog_id`, by map id: the pins under /sys/fs/bpf/ztna are
-/// shared by every intermediate on the host, the program's own maps are not.
-fn prog_map(prog_id: u32, name: &str) -> anyhow::Result<aya::maps::Map> {
-    let out = ztna_netlab::sh(
-        "bpftool",
-        &["prog", "show", "id", &prog_id.to_string(), "--json"],
-    )?;
-    let v: Value = serde_json::from_slice(&out.stdout)?;
-    for id in v["map_ids"]
-        .as_array()
-        .context("map_ids")?
-        .iter()
-        .filter_map(|i| i.as_u64())
-    {
-        let data = aya::maps::MapData::from_id(id as u32)?;
-        // Kernel map names are cut to 15 bytes.
-        let n = data.info()?.name_as_str().unwrap_or("").to_string();
-        if !n.is_empty() && name.starts_with(&n) {
-            return Ok(aya::maps::Map::from_map_data(data)?);
-        }
-    }
-    bail!("program {prog_id} has no map {name}")
+/// Map `name` of the lab intermediate's program, from its pin directory (each
+/// intermediate pins under its own port's directory; kernel map names are cut to 15
+/// bytes, which makes `ZTNA_LOCAL_ADDRS` and `ZTNA_LOCAL_ADDRS6` alike by name).
+fn prog_map(_prog_id: u32, name: &str) -> anyhow::Result<aya::maps::Map> {
+    let pin = ztna_userspace::xdp::default_pin_dir(RELAY_PORT).join(name);
+    let data = aya::maps::MapData::from_pin(&pin)
+        .with_context(|| format!("opening pinned {}", pin.display()))?;
+    Ok(aya::maps::Map::from_map_data(data)?)
 }
 
 /// The program's verdict counters (its own ZTNA_STATS), summed over CPUs.
@@ -1123,6 +1111,7 @@ fn start_intermediate(
     certs: &Path,
     mode: &str,
     sessions: &[(SocketAddrV4, SocketAddrV4)],
+    extra: &[String],
 ) -> anyhow::Result<Cids> {
     let c = |f: &str| certs.join(f).display().to_string();
     let stats = lab.dir.join("intermediate-stats.json");
@@ -1146,6 +1135,7 @@ fn start_intermediate(
     for (a, b) in sessions {
         args.extend(["--static-session".into(), format!("{a}={b}")]);
     }
+    args.extend(extra.iter().cloned());
     let x = lab.ns("x");
     lab.spawn(&x, "intermediate", "ztna-intermediate", &args)?;
     lab.wait_log("intermediate", "listening", Duration::from_secs(10))?;
@@ -1191,7 +1181,7 @@ fn relay_path(mode: &str, res: &mut Results) -> anyhow::Result<()> {
         sessions.push(self_session());
         sessions.push(routed_session());
     }
-    let cids = start_intermediate(&mut lab, &certs, mode, &sessions)?;
+    let cids = start_intermediate(&mut lab, &certs, mode, &sessions, &[])?;
     let pid = lab.pid("intermediate");
     let prog_id = if mode == "off" {
         None
@@ -1540,7 +1530,7 @@ fn dgram_measure(
 fn datagram_relay(res: &mut Results) -> anyhow::Result<()> {
     let mut lab = Lab::relay_topology("bd")?;
     let certs = lab.certs()?;
-    let _ = start_intermediate(&mut lab, &certs, "off", &[])?;
+    let _ = start_intermediate(&mut lab, &certs, "off", &[], &[])?;
     // The service backend is our receiver (no echo server: one-way, like the others).
     let backend = SocketAddrV4::new(CONN, 9100);
     let c = |f: &str| certs.join(f).display().to_string();
@@ -2098,14 +2088,20 @@ fn print_table(res: &Results) {
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let mut out_path: Option<PathBuf> = None;
+    let mut only_capacity = false;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--out" => out_path = args.next().map(PathBuf::from),
+            "--only-capacity" => only_capacity = true,
             "-h" | "--help" => {
-                println!("relay-bench --out FILE   (root; ztna binaries from $ZTNA_BIN_DIR)");
+                println!(
+                    "relay-bench --out FILE [--only-capacity]   (root; ztna binaries from $ZTNA_BIN_DIR)"
+                );
                 return Ok(());
             }
-            other => bail!("unknown argument {other:?} (usage: relay-bench --out FILE)"),
+            other => bail!(
+                "unknown argument {other:?} (usage: relay-bench --out FILE [--only-capacity])"
+            ),
         }
     }
     let out_path = out_path.context("--out FILE is required")?;
@@ -2124,6 +2120,32 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut res = Results::default();
     let have_ebpf = ztna_userspace::xdp::embedded_object().is_some();
+    if have_ebpf {
+        eprintln!("relay-bench: capacity");
+        if let Err(e) = capacity::capacity(&mut res) {
+            res.errors
+                .insert("capacity".into(), json!(format!("{e:#}")));
+        }
+    } else {
+        res.skipped
+            .insert("capacity".into(), json!("this build has no eBPF object"));
+    }
+    if only_capacity {
+        res.out.insert(
+            "duration_s".into(),
+            json!(started.elapsed().as_secs_f64().round()),
+        );
+        std::fs::write(
+            &out_path,
+            serde_json::to_string_pretty(&Value::Object(res.out.clone()))? + "\n",
+        )
+        .with_context(|| format!("writing {}", out_path.display()))?;
+        println!("wrote {}", out_path.display());
+        if !res.errors.is_empty() {
+            bail!("capacity failed: {:?}", res.errors);
+        }
+        return Ok(());
+    }
     for mode in ["native", "generic", "off"] {
         let key = path_key(mode);
         if mode != "off" && !have_ebpf {
