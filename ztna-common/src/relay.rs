@@ -144,7 +144,8 @@ pub struct RelayEntry {
 pub struct SessionStats {
     pub packets: u64,
     pub bytes: u64,
-    /// `bpf_ktime_get_ns()` of the last forwarded packet (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_coarse_ns()` of the last forwarded packet (CLOCK_MONOTONIC, at
+    /// tick resolution).
     pub last_seen_ns: u64,
     /// This CPU's cached route to the entry's peer.
     pub next_hop: NextHop,
@@ -163,7 +164,7 @@ pub struct NextHop {
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
     pub _pad: [u8; 4],
-    /// `bpf_ktime_get_ns()` after which the route is looked up again.
+    /// `bpf_ktime_get_coarse_ns()` after which the route is looked up again.
     pub expires_ns: u64,
 }
 

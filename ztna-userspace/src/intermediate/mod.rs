@@ -66,8 +66,9 @@ pub use stats::IntermediateStats;
 
 /// Length of the intermediate's own connection IDs.
 pub const LOCAL_CID_LEN: usize = 16;
-/// First byte reserved for relay CIDs; the intermediate's own CIDs never start with it.
-pub const RELAY_CID_MARKER: u8 = 0xA5;
+/// First byte reserved for relay CIDs (defined with their layout in `ztna-common`);
+/// the intermediate's own CIDs never start with it.
+pub use ztna_common::relay::RELAY_CID_MARKER;
 const TOKEN_LIFETIME: Duration = Duration::from_secs(10);
 /// How stale the metrics' gauges (connections by role, sessions, XDP totals) may be.
 const GAUGES_EVERY: Duration = Duration::from_millis(250);
