@@ -287,7 +287,7 @@ fn udp_rcvbuf_errors(lab: &Lab) -> anyhow::Result<u64> {
 /// The relay CID the agent sends its data connection's packets to, as the router
 /// sees it on a1: the DCID of a short-header packet from the agent to the relay port.
 pub fn observe_relay_cid(lab: &Lab, timeout: Duration) -> anyhow::Result<[u8; RELAY_CID_LEN]> {
-    crate::p2p::in_netns(&lab.ns("r"), move || {
+    crate::in_netns(&lab.ns("r"), move || {
         let proto = (libc::ETH_P_IP as u16).to_be();
         // SAFETY: socket(2) with constant arguments; the fd is owned below.
         let fd = unsafe {

@@ -49,6 +49,42 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Moves the calling thread into network namespace `ns` (`/run/netns/ns`); other
+/// threads stay where they are.
+pub fn enter_netns(ns: &str) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{ns}");
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    // SAFETY: setns(2) on this thread only, with a namespace fd we hold open.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {path}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs `f` on a new thread inside network namespace `ns`; join it when its result
+/// is wanted (several can run at once).
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> std::thread::JoinHandle<anyhow::Result<T>> {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        enter_netns(&ns)?;
+        f()
+    })
+}
+
+/// Runs `f` on a thread inside network namespace `ns` and returns its result.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    spawn_in_netns(ns, f)
+        .join()
+        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+}
+
 /// Runs a command, failing with its stderr.
 pub fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<Output> {
     let out = Command::new(cmd)
@@ -182,7 +218,7 @@ impl Lab {
         )?;
         // A frame sent back out of x0 with XDP_TX in native mode is only delivered
         // if r1, the other end of the veth, runs an XDP program.
-        let handle = crate::p2p::in_netns(&r, || ztna_userspace::xdp::attach_pass("r1"))?;
+        let handle = crate::in_netns(&r, || ztna_userspace::xdp::attach_pass("r1"))?;
         lab.xdp_handles.push(handle);
         // veth offloads checksums to a NIC that does not exist; a real network
         // carries full checksums, and XDP_TX'd frames lose the offload state.

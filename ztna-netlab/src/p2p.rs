@@ -16,7 +16,6 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
 use serde::Serialize;
 use ztna_core::{ClientConfig, Role};
 use ztna_userspace::agent::{Agent, PathKind};
@@ -217,25 +216,6 @@ impl Lab {
     }
 }
 
-/// Runs `f` on a thread inside network namespace `ns` (sockets it opens live there).
-pub fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
-) -> anyhow::Result<T> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns on this thread only, with a namespace fd we hold open.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {path}: {}", std::io::Error::last_os_error());
-        }
-        f()
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
-}
-
 const SERVICE: &str = "echo";
 
 fn echo_once(a: &mut Agent, seq: u32, wait: Duration) -> bool {
@@ -273,7 +253,7 @@ pub fn run_scenario(
     let inet = lab.ns("i");
     let stats_path = lab.dir.join("intermediate-stats.json");
     let agent_ns = lab.ns("a");
-    in_netns(&agent_ns, move || {
+    crate::in_netns(&agent_ns, move || {
         // Waits for the next rewrite of the stats file (once a second) and reads it.
         let relay_forwarded = |a: &mut Agent| -> u64 {
             let mtime = || {

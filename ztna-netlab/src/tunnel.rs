@@ -361,7 +361,7 @@ impl Lab {
 
     /// Waits until something accepts TCP connections at `addr`, seen from `ns`.
     pub fn wait_tcp(&self, ns: &str, addr: std::net::SocketAddr) -> anyhow::Result<()> {
-        crate::p2p::in_netns(ns, move || {
+        crate::in_netns(ns, move || {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {

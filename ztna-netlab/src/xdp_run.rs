@@ -223,7 +223,7 @@ impl XdpRun {
     /// Runs the program on `pkt` (`repeat` times) inside the namespace; returns
     /// (XDP action, output packet, average duration per run).
     pub fn run(&mut self, pkt: &[u8], repeat: u32) -> anyhow::Result<(u32, Vec<u8>, Duration)> {
-        let ns_path = format!("/run/netns/{}", self.ns);
+        let ns_name = self.ns.clone();
         let ifindex = self.ifindex;
         let prog: &mut Xdp = self
             .ebpf
@@ -239,12 +239,7 @@ impl XdpRun {
         // that entered it.
         let result = std::thread::scope(|s| {
             s.spawn(|| -> anyhow::Result<_> {
-                let f = std::fs::File::open(&ns_path)?;
-                use std::os::fd::AsRawFd;
-                // SAFETY: setns on this thread only.
-                if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    anyhow::bail!("setns: {}", std::io::Error::last_os_error());
-                }
+                crate::enter_netns(&ns_name)?;
                 let mut opts = TestRunOptions::new();
                 opts.data_in = Some(pkt);
                 opts.data_out = Some(&mut out);

@@ -23,8 +23,8 @@ use ztna_common::relay::{
 use ztna_netlab::Lab;
 
 use super::{
-    Results, TEST_RUN_REPEAT, TEST_RUNS, frame, in_ns, join, link, mac, prog_cost, prog_map,
-    quic_short, routed_session, self_session, start_intermediate, test_run, xdp_prog_id,
+    Results, TEST_RUN_REPEAT, TEST_RUNS, frame, join, link, mac, prog_cost, prog_map, quic_short,
+    routed_session, self_session, start_intermediate, test_run, xdp_prog_id,
 };
 
 /// The goal: a million entries (half a million sessions).
@@ -66,7 +66,7 @@ fn best_ns(
     pkt: Vec<u8>,
     ifindex: u32,
 ) -> anyhow::Result<(u32, u32)> {
-    join(in_ns(&lab.ns("x"), move || {
+    join(ztna_netlab::spawn_in_netns(&lab.ns("x"), move || {
         let mut best = u32::MAX;
         let mut verdict = 0;
         for _ in 0..TEST_RUNS {

@@ -107,22 +107,6 @@ fn routed_session() -> (SocketAddrV4, SocketAddrV4) {
 // ---------------------------------------------------------------------------
 // Threads in namespaces
 
-/// Runs `f` on a new thread that first joins network namespace `ns`.
-fn in_ns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
-) -> JoinHandle<anyhow::Result<T>> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-        // SAFETY: setns(2) on this thread only, with a namespace fd we hold open.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {path}: {}", std::io::Error::last_os_error());
-        }
-        f()
-    })
-}
-
 fn join<T>(h: JoinHandle<anyhow::Result<T>>) -> anyhow::Result<T> {
     h.join().map_err(|_| anyhow::anyhow!("thread panicked"))?
 }
@@ -600,7 +584,7 @@ fn measure(
     let (ready_tx, ready_rx) = mpsc::channel();
     for f in flows {
         let (dst, stop, got, ready) = (f.dst, stop.clone(), got.clone(), ready_tx.clone());
-        receivers.push(in_ns(&lab.ns("c"), move || {
+        receivers.push(ztna_netlab::spawn_in_netns(&lab.ns("c"), move || {
             let s = bind(dst, Some(8 << 20));
             let _ = ready.send(s.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
             receive_loop(s?, stop, got)
@@ -620,7 +604,7 @@ fn measure(
     for f in flows {
         let (src, to, payload, offered) = (f.src, f.to, f.payload.clone(), offered.clone());
         let per_flow = rate.map(|r| r as f64 / flows.len() as f64);
-        senders.push(in_ns(&lab.ns("a"), move || {
+        senders.push(ztna_netlab::spawn_in_netns(&lab.ns("a"), move || {
             send_loop(bind(src, None)?, payload, to, until, per_flow, offered)
         }));
     }
@@ -737,7 +721,7 @@ fn rtt(
     let stop = Arc::new(AtomicBool::new(false));
     let st = stop.clone();
     let (ready_tx, ready_rx) = mpsc::channel();
-    let echo = in_ns(&lab.ns("c"), move || {
+    let echo = ztna_netlab::spawn_in_netns(&lab.ns("c"), move || {
         let s = bind(echo_at, None)?;
         let rt = realtime_thread();
         pin_cpu0();
@@ -764,7 +748,7 @@ fn rtt(
             .err()
             .unwrap_or_else(|| anyhow::anyhow!("echoer did not start")));
     };
-    let result = join(in_ns(&lab.ns("a"), move || {
+    let result = join(ztna_netlab::spawn_in_netns(&lab.ns("a"), move || {
         let s = bind(pinger, None)?;
         let rt = realtime_thread();
         pin_cpu0();
@@ -1012,7 +996,7 @@ fn prog_cost(lab: &Lab, prog_id: u32, cids: &Cids) -> anyhow::Result<Value> {
     let ncpu = aya::util::nr_cpus().map_err(|(_, e)| e)?;
     let key = RelayKey { cid: routed_cid };
     let before = verdicts(prog_id)?;
-    let runs = in_ns(&lab.ns("x"), move || {
+    let runs = ztna_netlab::spawn_in_netns(&lab.ns("x"), move || {
         let series = |pkt: &[u8], n: usize| -> anyhow::Result<Value> {
             let mut v = Vec::new();
             let mut verdict = 0;
@@ -1468,7 +1452,7 @@ fn dgram_measure(
     let offered = Arc::new(AtomicU64::new(0));
     let (ready_tx, ready_rx) = mpsc::channel();
     let (st, g, r) = (stop.clone(), got.clone(), ready_tx.clone());
-    let receiver = in_ns(&lab.ns("c"), move || {
+    let receiver = ztna_netlab::spawn_in_netns(&lab.ns("c"), move || {
         let s = bind(backend, Some(8 << 20));
         let _ = r.send(s.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
         receive_loop(s?, st, g)
@@ -1483,7 +1467,7 @@ fn dgram_measure(
             offered.clone(),
         );
         let per = rate.map(|r| r as f64 / DGRAM_AGENTS as f64);
-        agents.push(in_ns(&lab.ns("a"), move || {
+        agents.push(ztna_netlab::spawn_in_netns(&lab.ns("a"), move || {
             dgram_agent(certs, i, per, ready, go, stop, offered)
         }));
     }
