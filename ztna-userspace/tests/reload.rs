@@ -51,6 +51,18 @@ impl Daemon {
         }
     }
 
+    /// SIGHUP with a configuration that must be refused: the `nth` refusal is
+    /// logged and names `reason`.
+    fn reload_refused(&self, nth: usize, reason: &str) {
+        self.signal(libc::SIGHUP);
+        self.wait_log("reload refused", nth);
+        assert!(
+            self.log().contains(reason),
+            "{reason:?} not in\n{}",
+            self.log()
+        );
+    }
+
     fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child.
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
@@ -117,6 +129,17 @@ fn presented_certificate(server: SocketAddr, pki: &DevPki) -> Vec<u8> {
         sock.send_to(&out[..n], info.to).unwrap();
     }
     conn.peer_cert().expect("server certificate").to_vec()
+}
+
+/// Traffic running across a reload at `reloaded_at` never stalled for a second and
+/// works at the end.
+fn assert_held(log: &[(Instant, bool)], reloaded_at: Instant) {
+    let outage = longest_outage(log, reloaded_at - Duration::from_millis(300));
+    assert!(
+        outage < Duration::from_secs(1),
+        "traffic stalled for {outage:?}"
+    );
+    assert!(works_at_the_end(log), "traffic ends working: {log:?}");
 }
 
 fn der_of(pem_file: &Path) -> Vec<u8> {
@@ -193,35 +216,18 @@ fn sighup_renews_the_certificate_under_load_without_dropping_a_connection() {
 
     // A broken key: refused with the reason, the renewed certificate stays in use.
     std::fs::write(&pki.server_key, b"not a key").unwrap();
-    daemon.signal(libc::SIGHUP);
-    daemon.wait_log("reload refused", 1);
-    let log = daemon.log();
-    assert!(
-        log.contains(&format!(
-            "private key {}: not PEM",
-            pki.server_key.display()
-        )),
-        "{log}"
+    daemon.reload_refused(
+        1,
+        &format!("private key {}: not PEM", pki.server_key.display()),
     );
     assert_eq!(presented_certificate(server, &pki), new_cert);
     // So is a config file with an unknown key.
     write_config("certificate = \"typo\"\n");
-    daemon.signal(libc::SIGHUP);
-    daemon.wait_log("reload refused", 2);
-    assert!(
-        daemon.log().contains("unknown field `certificate`"),
-        "{}",
-        daemon.log()
-    );
+    daemon.reload_refused(2, "unknown field `certificate`");
 
     for t in traffic {
         let (agent, log) = t.finish_with_agent();
-        let outage = longest_outage(&log, reloaded_at - Duration::from_millis(300));
-        assert!(
-            outage < Duration::from_secs(1),
-            "traffic stalled for {outage:?}"
-        );
-        assert!(works_at_the_end(&log), "traffic ends working: {log:?}");
+        assert_held(&log, reloaded_at);
         assert_eq!(agent.client().stats().connects, 1, "the agent reconnected");
     }
     assert_eq!(
@@ -322,12 +328,7 @@ fn sighup_reloads_the_connectors_services_without_dropping_flows() {
     // The running flow stays on its backend; a new flow goes to the new one.
     let before = [&first, &second].map(|e| e.echoed.load(Ordering::SeqCst));
     let (a, log) = traffic.finish_with_agent();
-    let outage = longest_outage(&log, reloaded_at - Duration::from_millis(300));
-    assert!(
-        outage < Duration::from_secs(1),
-        "the running flow stalled for {outage:?}"
-    );
-    assert!(works_at_the_end(&log), "{log:?}");
+    assert_held(&log, reloaded_at);
     assert!(first.echoed.load(Ordering::SeqCst) >= before[0]);
     let mut a = a;
     assert!(echo_until_ok(&mut a, src(49101), Duration::from_secs(5)).is_some());
@@ -361,13 +362,7 @@ fn sighup_reloads_the_connectors_services_without_dropping_flows() {
 
     // A broken configuration is refused and changes nothing.
     write_config("[[service]]\nid = \"echo\"\nbackend = \"nowhere\"\n");
-    daemon.signal(libc::SIGHUP);
-    daemon.wait_log("reload refused", 1);
-    assert!(
-        daemon.log().contains("is not HOST:PORT, HOST or routed"),
-        "{}",
-        daemon.log()
-    );
+    daemon.reload_refused(1, "is not HOST:PORT, HOST or routed");
     assert!(echo_until_ok(&mut a, src(49102), Duration::from_secs(5)).is_some());
     let metrics = scrape(metrics_port);
     for line in [
