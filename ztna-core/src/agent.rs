@@ -26,6 +26,15 @@
 //! relay's userspace forwarder); ICE-style checks and a direct data connection;
 //! keepalive, liveness and fallback to the relay; the datagram relay (DATAGRAMs on the
 //! control connection) whenever no data connection is usable; and the path history.
+//!
+//! With several relays ([`AgentConfig::relays`]) it keeps a control connection to
+//! each and registers everywhere; each service's session and datagram relay run on
+//! the relay [`RelaySet::choose`] picks by RTT. A relay that goes silent for a second
+//! (killed, node lost) or closes is left: its services move to the next one at once
+//! (datagram relay first, a new relayed data connection a few RTTs later), while a
+//! direct path, being peer to peer, carries on untouched. A relay that announces a
+//! drain is left make-before-break: the new session's data connection is up before
+//! the old one is closed.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -33,14 +42,18 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use ztna_common::NackStatus;
-use ztna_common::frames::forwarding;
+use ztna_common::frames::{close_reason, forwarding};
 
-use crate::client::{ClientConfig, ClientError, ClientEvent, ControlClient, Role};
+use crate::client::{ClientConfig, ClientError, ClientEvent, ControlClient, Liveness, Role};
 use crate::data::{self, DataConfig, DataConnection};
 use crate::identity::authorize;
 use crate::p2p::{self, Checker};
 use crate::packet;
+use crate::relays::RelaySet;
 
+/// With several relays, the first registration waits this long for the others'
+/// handshakes before a relay is chosen, so the choice sees every RTT.
+const CHOOSE_GRACE: Duration = Duration::from_millis(300);
 /// A data connection not usable after this long is given up (datagram relay used).
 const DATA_SETUP_TIMEOUT: Duration = Duration::from_secs(3);
 /// Wait before asking again for a relay session that failed.
@@ -129,7 +142,7 @@ pub struct PathChange {
 /// What the driver (or its user) should know, in order of occurrence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AgentEvent {
-    /// The control connection is up; `handshake` from its first Initial.
+    /// A control connection (to one relay) is up; `handshake` from its first Initial.
     Connected {
         handshake: Duration,
     },
@@ -141,7 +154,7 @@ pub enum AgentEvent {
         service: String,
         status: NackStatus,
     },
-    /// The control connection closed; `retry_in` is `None` when the engine will not
+    /// A control connection closed; `retry_in` is `None` when the engine will not
     /// reconnect.
     Disconnected {
         reason: String,
@@ -166,6 +179,9 @@ pub struct AgentConfig {
     /// Static routes: destination prefix → service. Packets from the tunnel to any
     /// other address are refused with ICMP "administratively prohibited".
     pub routes: Vec<(IpNet, String)>,
+    /// The deployment's relays. Empty: `client.server` alone. With more than one,
+    /// each control connection judges its relay alive with [`Liveness::FAST`].
+    pub relays: Vec<SocketAddr>,
 }
 
 impl AgentConfig {
@@ -176,6 +192,7 @@ impl AgentConfig {
             data_path: true,
             p2p: true,
             routes: Vec::new(),
+            relays: Vec::new(),
         }
     }
 }
@@ -204,6 +221,13 @@ pub struct AgentStats {
     /// Remote candidates beyond `p2p::MAX_REMOTE_CANDIDATES` in one CANDIDATES
     /// frame: not checked.
     pub candidates_dropped: u64,
+    /// UDP datagrams from an address that is no relay and matched no connection.
+    pub udp_unknown_source: u64,
+    /// Services moved to another relay because theirs was lost or drained.
+    pub relay_moves: u64,
+    /// A relay assigned a tunnel address other than the one in use: kept the one in
+    /// use (changing it would break every open connection).
+    pub tunnel_address_conflicts: u64,
 }
 
 /// Per-service traffic counters, as the status output shows them.
@@ -221,6 +245,7 @@ pub struct Traffic {
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct AgentStatus {
+    /// Some relay's control connection is up.
     pub connected: bool,
     pub observed_address: Option<SocketAddr>,
     pub tunnel_ipv4: Option<Ipv4Addr>,
@@ -228,6 +253,8 @@ pub struct AgentStatus {
     pub mtu: u16,
     pub handshake_ms: Option<f64>,
     pub services: Vec<ServiceStatus>,
+    /// Every relay, in configuration order.
+    pub relays: Vec<RelayStatus>,
     pub tun_no_route: u64,
     pub tun_too_big: u64,
     pub tun_send_failed: u64,
@@ -241,12 +268,28 @@ pub struct ServiceStatus {
     pub prefixes: Vec<IpNet>,
     pub path: PathKind,
     pub rtt_ms: Option<f64>,
+    /// The relay its sessions and datagram relay use, and the next choice should
+    /// that one go.
+    pub relay: Option<SocketAddr>,
+    pub standby: Option<SocketAddr>,
     pub traffic: Traffic,
     pub history: Vec<PathChange>,
 }
 
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct RelayStatus {
+    pub address: SocketAddr,
+    pub connected: bool,
+    pub draining: bool,
+    pub rtt_ms: Option<f64>,
+}
+
 /// The direct path of one service: connectivity checks, then a data connection.
 struct Direct {
+    /// The relay session whose signalling set it up (the connection itself is
+    /// peer to peer and outlives that session).
+    relay: SocketAddr,
     session_id: u32,
     checker: Checker,
     conn: Option<DataConnection>,
@@ -256,13 +299,18 @@ struct Direct {
 /// Everything the engine keeps per configured service.
 #[derive(Default)]
 struct Service {
-    /// The relayed data connection.
+    /// The relay its sessions and datagram relay use.
+    relay: Option<SocketAddr>,
+    /// The relayed data connection (through `relay`).
     data: Option<DataConnection>,
+    /// Leaving a draining relay: its data connection, carrying traffic until the
+    /// new one is usable.
+    leaving: Option<(SocketAddr, DataConnection)>,
     direct: Option<Direct>,
     /// Earliest time to ask for a relay session.
     want_session: Option<Instant>,
-    /// A session request is in flight.
-    requested: bool,
+    /// A session request is in flight to this relay.
+    requested: Option<SocketAddr>,
     path: Option<PathKind>,
     traffic: Traffic,
 }
@@ -279,29 +327,57 @@ impl Service {
     fn connections_mut(&mut self) -> impl Iterator<Item = &mut DataConnection> {
         self.data
             .iter_mut()
+            .chain(self.leaving.iter_mut().map(|(_, c)| c))
             .chain(self.direct.iter_mut().filter_map(|d| d.conn.as_mut()))
     }
 
     fn connections(&self) -> impl Iterator<Item = &DataConnection> {
         self.data
             .iter()
+            .chain(self.leaving.iter().map(|(_, c)| c))
             .chain(self.direct.iter().filter_map(|d| d.conn.as_ref()))
+    }
+
+    /// The relayed data connection that carries traffic: the new one once usable,
+    /// else the one on a draining relay.
+    fn relayed_usable_mut(&mut self) -> Option<&mut DataConnection> {
+        match self.data.as_mut() {
+            Some(d) if d.is_usable() => Some(d),
+            _ => self
+                .leaving
+                .as_mut()
+                .map(|(_, c)| c)
+                .filter(|c| c.is_usable()),
+        }
+    }
+
+    fn relayed_usable(&self) -> Option<&DataConnection> {
+        match self.data.as_ref() {
+            Some(d) if d.is_usable() => Some(d),
+            _ => self
+                .leaving
+                .as_ref()
+                .map(|(_, c)| c)
+                .filter(|c| c.is_usable()),
+        }
     }
 }
 
 pub struct AgentEngine {
-    client: ControlClient,
+    relays: RelaySet,
     data_quic: Option<quiche::Config>,
     keepalive: Duration,
     p2p: bool,
     local: SocketAddr,
     host_addrs: Vec<IpAddr>,
     services: BTreeMap<String, Service>,
-    /// session id → `frames::forwarding` value from SESSION_PATH.
-    forwarding: BTreeMap<u32, u8>,
-    /// Routes from the configuration, then the ones the intermediate sent.
+    /// (relay, session id) → `frames::forwarding` value from SESSION_PATH.
+    forwarding: BTreeMap<(SocketAddr, u32), u8>,
+    /// Routes from the configuration, then the ones the relays sent (each relay's
+    /// latest per service; a connector gone from one relay only is still reached
+    /// through the others).
     static_routes: Vec<(IpNet, String)>,
-    learned_routes: BTreeMap<String, Vec<IpNet>>,
+    learned_routes: BTreeMap<(String, SocketAddr), Vec<IpNet>>,
     /// Both of the above, as `route` looks them up.
     routes: Vec<(IpNet, String)>,
     tunnel_address: Option<(Ipv4Addr, Ipv6Addr)>,
@@ -340,9 +416,21 @@ impl AgentEngine {
             .map(|s| (s.clone(), Service::default()))
             .collect();
         let keepalive = client_cfg.keepalive;
-        let client = ControlClient::new(client_cfg, local, now)?;
+        if cfg.relays.len() > 1 {
+            client_cfg.liveness.get_or_insert(Liveness::FAST);
+        }
+        let mut seed = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+            .map_err(|_| quiche::Error::CryptoFail)?;
+        let relays = RelaySet::new(
+            client_cfg,
+            &cfg.relays,
+            local,
+            u64::from_le_bytes(seed),
+            now,
+        )?;
         Ok(AgentEngine {
-            client,
+            relays,
             data_quic,
             keepalive,
             p2p: cfg.p2p,
@@ -377,7 +465,10 @@ impl AgentEngine {
             _ => None,
         };
         let services = cfg.services.clone();
-        self.client.reconfigure(cfg)?;
+        if self.relays.len() > 1 {
+            cfg.liveness.get_or_insert(Liveness::FAST);
+        }
+        self.relays.reconfigure(cfg)?;
         if self.data_quic.is_some() {
             self.data_quic = data_quic;
         }
@@ -389,25 +480,37 @@ impl AgentEngine {
             .collect();
         for name in removed {
             if let Some(mut s) = self.services.remove(&name) {
-                if let Some(d) = s.data.as_mut() {
+                if let (Some(d), Some(relay)) = (s.data.as_mut(), s.relay) {
                     d.close("service removed from the configuration");
                     // The relay session goes too (the data connection's own close
                     // may not get out before it is dropped).
-                    let _ = self
-                        .client
-                        .close_session(d.session_id, ztna_common::frames::close_reason::NORMAL);
+                    if let Some(c) = self.relays.get_mut(relay) {
+                        let _ = c
+                            .close_session(d.session_id, ztna_common::frames::close_reason::NORMAL);
+                    }
                 }
                 if let Some(c) = s.direct.as_mut().and_then(|d| d.conn.as_mut()) {
                     c.close("service removed from the configuration");
                 }
             }
-            self.learned_routes.remove(&name);
+            self.learned_routes.retain(|(s, _), _| *s != name);
             self.static_routes.retain(|(_, s)| *s != name);
         }
         for name in services {
             self.services.entry(name).or_default();
         }
         self.rebuild_routes();
+        Ok(())
+    }
+
+    /// Follows the deployment's relays (a re-resolved DNS name, a changed list):
+    /// connects to new ones; services on a removed one move as if it were lost.
+    /// An empty list is ignored.
+    pub fn set_relays(&mut self, addrs: &[SocketAddr], now: Instant) -> Result<(), ClientError> {
+        for gone in self.relays.set_addrs(addrs, now)? {
+            self.leave_relay(gone, "relay removed from the deployment", now);
+        }
+        self.process(now, false);
         Ok(())
     }
 
@@ -446,7 +549,10 @@ impl AgentEngine {
                 }
             }
             None => {
-                self.client.recv(buf, from, now);
+                if !self.relays.recv(buf, from, now) {
+                    self.stats.udp_unknown_source += 1;
+                    return;
+                }
                 self.process(now, false);
             }
         }
@@ -513,10 +619,19 @@ impl AgentEngine {
             .as_mut()
             .and_then(|d| d.conn.as_mut())
             .filter(|c| c.is_usable());
-        let r = match (direct, s.data.as_mut()) {
-            (Some(c), _) => c.send_packet(packet),
-            (None, Some(d)) if d.is_usable() => d.send_packet(packet),
-            _ => self.client.send_packet(service, packet),
+        let r = match direct {
+            Some(c) => c.send_packet(packet),
+            None => match s.relayed_usable_mut() {
+                Some(d) => d.send_packet(packet),
+                None => match datagram_relay(&self.relays, s.relay, service) {
+                    Some(addr) => self
+                        .relays
+                        .get_mut(addr)
+                        .expect("datagram_relay names a relay of the set")
+                        .send_packet(service, packet),
+                    None => Err(ClientError::NotRegistered(service.to_string())),
+                },
+            },
         };
         if r.is_ok() {
             s.traffic.tx_packets += 1;
@@ -528,9 +643,7 @@ impl AgentEngine {
     /// Runs the timers that are due. Call it once `poll_timeout` has passed, after
     /// feeding every datagram that was waiting on the socket.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.client.poll_timeout().is_some_and(|t| t <= now) {
-            self.client.handle_timeout(now);
-        }
+        self.relays.handle_timeout(now);
         for s in self.services.values_mut() {
             for d in s.connections_mut() {
                 if d.poll_timeout().is_some_and(|t| t <= now) {
@@ -577,7 +690,7 @@ impl AgentEngine {
                 d.close("agent exiting");
             }
         }
-        self.client.close("agent exiting");
+        self.relays.close("agent exiting");
     }
 
     // ---- outputs ------------------------------------------------------------
@@ -589,7 +702,7 @@ impl AgentEngine {
             out[..p.len()].copy_from_slice(&p);
             return Some((p.len(), to));
         }
-        if let Some(t) = self.client.poll_transmit(out, now) {
+        if let Some(t) = self.relays.poll_transmit(out, now) {
             return Some(t);
         }
         for s in self.services.values_mut() {
@@ -638,7 +751,7 @@ impl AgentEngine {
 
     /// When `handle_timeout` must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut t = self.client.poll_timeout();
+        let mut t = self.relays.poll_timeout();
         let mut at = |x: Option<Instant>| {
             if let Some(x) = x {
                 t = Some(t.map_or(x, |t| t.min(x)));
@@ -684,14 +797,19 @@ impl AgentEngine {
         if s.direct_usable().is_some() {
             return PathKind::Direct;
         }
-        match &s.data {
-            Some(d) if d.is_usable() => match self.forwarding.get(&d.session_id) {
+        let relayed = match (&s.data, s.relay, &s.leaving) {
+            (Some(d), Some(r), _) if d.is_usable() => Some((r, d.session_id)),
+            (_, _, Some((r, c))) if c.is_usable() => Some((*r, c.session_id)),
+            _ => None,
+        };
+        match relayed {
+            Some(key) => match self.forwarding.get(&key) {
                 Some(&forwarding::XDP_NATIVE) | Some(&forwarding::XDP_GENERIC) => {
                     PathKind::RelayXdp
                 }
                 _ => PathKind::RelayUserspace,
             },
-            _ => PathKind::Datagram,
+            None => PathKind::Datagram,
         }
     }
 
@@ -713,7 +831,7 @@ impl AgentEngine {
     pub fn rtt(&self, service: &str) -> Option<Duration> {
         let s = self.services.get(service)?;
         s.direct_usable()
-            .or(s.data.as_ref().filter(|d| d.is_usable()))
+            .or(s.relayed_usable())
             .and_then(|d| d.stats_rtt())
     }
 
@@ -724,7 +842,7 @@ impl AgentEngine {
             .iter()
             .map(|(name, s)| ServiceStatus {
                 name: name.clone(),
-                registered: self.client.is_registered(name),
+                registered: self.relays.iter().any(|r| r.client.is_registered(name)),
                 prefixes: self
                     .routes
                     .iter()
@@ -733,6 +851,8 @@ impl AgentEngine {
                     .collect(),
                 path: self.path(name),
                 rtt_ms: self.rtt(name).map(|d| d.as_secs_f64() * 1000.0),
+                relay: s.relay,
+                standby: self.relays.choose(name, s.relay),
                 traffic: s.traffic,
                 history: self
                     .timeline
@@ -742,14 +862,25 @@ impl AgentEngine {
                     .collect(),
             })
             .collect();
+        let relays = self
+            .relays
+            .iter()
+            .map(|r| RelayStatus {
+                address: r.addr(),
+                connected: r.client.is_established(),
+                draining: r.is_draining(),
+                rtt_ms: r.client.rtt().map(|d| d.as_secs_f64() * 1000.0),
+            })
+            .collect();
         AgentStatus {
-            connected: self.client.is_established(),
-            observed_address: self.client.observed_address(),
+            connected: self.relays.any_established(),
+            observed_address: self.relays.observed_address(),
             tunnel_ipv4: self.tunnel_address.map(|a| a.0),
             tunnel_ipv6: self.tunnel_address.map(|a| a.1),
             mtu: TUN_MTU,
             handshake_ms: self.handshake.map(|d| d.as_secs_f64() * 1000.0),
             services,
+            relays,
             tun_no_route: self.stats.tun_no_route,
             tun_too_big: self.stats.tun_too_big,
             tun_send_failed: self.stats.tun_send_failed,
@@ -782,7 +913,7 @@ impl AgentEngine {
 
     fn rebuild_routes(&mut self) {
         let mut routes = self.static_routes.clone();
-        for (service, prefixes) in &self.learned_routes {
+        for ((service, _), prefixes) in &self.learned_routes {
             for p in prefixes {
                 if !routes.iter().any(|(q, _)| q == p) {
                     routes.push((*p, service.clone()));
@@ -811,9 +942,12 @@ impl AgentEngine {
         if let Some(c) = s.direct_usable() {
             return c.max_packet_len();
         }
-        match &s.data {
-            Some(d) if d.is_usable() => d.max_packet_len(),
-            _ => self.client.max_packet_len(service),
+        match s.relayed_usable() {
+            Some(d) => d.max_packet_len(),
+            None => self
+                .relays
+                .get(datagram_relay(&self.relays, s.relay, service)?)?
+                .max_packet_len(service),
         }
     }
 
@@ -822,12 +956,23 @@ impl AgentEngine {
         self.handshake
     }
 
+    /// The first relay's control connection (the only one, configured with one).
     pub fn client(&self) -> &ControlClient {
-        &self.client
+        self.relays.primary()
     }
 
     pub fn client_mut(&mut self) -> &mut ControlClient {
-        &mut self.client
+        self.relays.primary_mut()
+    }
+
+    /// Every relay's control connection.
+    pub fn relays(&self) -> &RelaySet {
+        &self.relays
+    }
+
+    /// The relay `service`'s sessions and datagram relay use now.
+    pub fn relay_of(&self, service: &str) -> Option<SocketAddr> {
+        self.services.get(service)?.relay
     }
 
     pub fn stats(&self) -> &AgentStats {
@@ -840,7 +985,7 @@ impl AgentEngine {
 
     /// The control connection is closed for good and nothing is left to send.
     pub fn is_stopped(&self) -> bool {
-        self.client.is_stopped()
+        self.relays.is_stopped()
     }
 
     // ---- orchestration ------------------------------------------------------
@@ -856,7 +1001,7 @@ impl AgentEngine {
     }
 
     fn take_client_events(&mut self, now: Instant) {
-        while let Some(ev) = self.client.poll_event() {
+        while let Some((relay, ev)) = self.relays.poll_event() {
             match ev {
                 ClientEvent::Packet { service, packet } => {
                     if let Some(s) = service.and_then(|s| self.services.get_mut(&s)) {
@@ -868,7 +1013,7 @@ impl AgentEngine {
                     }
                 }
                 ClientEvent::Connected { handshake } => {
-                    self.handshake = Some(handshake);
+                    self.handshake.get_or_insert(handshake);
                     self.events.push_back(AgentEvent::Connected { handshake });
                 }
                 ClientEvent::ObservedAddress(a) => {
@@ -877,8 +1022,17 @@ impl AgentEngine {
                 ClientEvent::Registered(service) => {
                     if self.data_quic.is_some()
                         && let Some(s) = self.services.get_mut(&service)
+                        && s.requested.is_none()
+                        && s.data.is_none()
                     {
-                        s.want_session = Some(now);
+                        // The first relay to register waits a moment for the others'
+                        // handshakes, so the choice sees their RTTs.
+                        let at = if s.relay == Some(relay) || self.relays.len() == 1 {
+                            now
+                        } else {
+                            now + CHOOSE_GRACE
+                        };
+                        s.want_session = Some(s.want_session.map_or(at, |t| t.min(at)));
                     }
                     self.events.push_back(AgentEvent::Registered(service));
                 }
@@ -895,7 +1049,14 @@ impl AgentEngine {
                     let Some(s) = self.services.get_mut(&service) else {
                         continue;
                     };
-                    s.requested = false;
+                    if s.requested != Some(relay) {
+                        // A relay we gave up on answered late: end that session.
+                        if let Some(c) = self.relays.get_mut(relay) {
+                            let _ = c.close_session(session_id, close_reason::NORMAL);
+                        }
+                        continue;
+                    }
+                    s.requested = None;
                     let Some(quic) = self.data_quic.as_mut() else {
                         continue;
                     };
@@ -907,10 +1068,20 @@ impl AgentEngine {
                         agent_cid,
                         connector_cid,
                         self.local,
-                        self.client.server(),
+                        relay,
                         now,
                     ) {
-                        Ok(d) => s.data = Some(d),
+                        Ok(d) => {
+                            // Moving off a draining relay: its connection carries on
+                            // until this one is usable.
+                            if let (Some(old), Some(old_relay)) = (s.data.take(), s.relay)
+                                && old_relay != relay
+                            {
+                                s.leaving = Some((old_relay, old));
+                            }
+                            s.relay = Some(relay);
+                            s.data = Some(d);
+                        }
                         Err(e) => {
                             tracing::warn!("data connection for {service:?}: {e}");
                             s.want_session = Some(now + SESSION_RETRY);
@@ -921,10 +1092,12 @@ impl AgentEngine {
                     service, status, ..
                 } => {
                     tracing::info!(
-                        "relay session for {service:?} refused: {status:?}; using the datagram relay"
+                        "relay session for {service:?} at {relay} refused: {status:?}; using the datagram relay"
                     );
-                    if let Some(s) = self.services.get_mut(&service) {
-                        s.requested = false;
+                    if let Some(s) = self.services.get_mut(&service)
+                        && s.requested == Some(relay)
+                    {
+                        s.requested = None;
                         s.want_session = Some(now + SESSION_RETRY);
                     }
                 }
@@ -936,7 +1109,7 @@ impl AgentEngine {
                     .services
                     .values_mut()
                     .filter_map(|s| s.direct.as_mut())
-                    .find(|d| d.session_id == session_id)
+                    .find(|d| d.relay == relay && d.session_id == session_id)
                 {
                     Some(d) => {
                         tracing::debug!("remote candidates {candidates:?}");
@@ -956,33 +1129,36 @@ impl AgentEngine {
                     session_id,
                     forwarding,
                 } => {
-                    self.forwarding.insert(session_id, forwarding);
+                    self.forwarding.insert((relay, session_id), forwarding);
                 }
                 ClientEvent::SessionClosed { session_id, .. } => {
+                    self.forwarding.remove(&(relay, session_id));
                     for s in self.services.values_mut() {
-                        if s.direct
-                            .as_ref()
-                            .is_some_and(|d| d.session_id == session_id)
-                        {
+                        // A direct connection is peer to peer: it outlives the
+                        // session that signalled it.
+                        if s.direct.as_ref().is_some_and(|d| {
+                            d.relay == relay
+                                && d.session_id == session_id
+                                && !d.conn.as_ref().is_some_and(|c| c.is_usable())
+                        }) {
                             s.direct = None;
                         }
-                        if let Some(d) = s.data.as_mut()
+                        if s.relay == Some(relay)
+                            && let Some(d) = s.data.as_mut()
                             && d.session_id == session_id
                         {
                             d.close("session closed by the intermediate");
                         }
+                        if let Some((r, c)) = s.leaving.as_mut()
+                            && *r == relay
+                            && c.session_id == session_id
+                        {
+                            c.close("session closed by the intermediate");
+                        }
                     }
                 }
                 ClientEvent::Disconnected { reason, retry_in } => {
-                    // Sessions die with the control connection; ask again once it is
-                    // back (on the next registration).
-                    for s in self.services.values_mut() {
-                        s.requested = false;
-                        s.want_session = None;
-                        if let Some(d) = s.data.as_mut() {
-                            d.close("control connection lost");
-                        }
-                    }
+                    self.leave_relay(relay, &reason, now);
                     self.events
                         .push_back(AgentEvent::Disconnected { reason, retry_in });
                 }
@@ -991,17 +1167,28 @@ impl AgentEngine {
                         tracing::debug!("prefixes for unconfigured service {service:?} ignored");
                         continue;
                     }
-                    tracing::info!("service {service:?}: prefixes {prefixes:?}");
-                    self.learned_routes.insert(service, prefixes);
+                    tracing::info!("service {service:?}: prefixes {prefixes:?} (relay {relay})");
+                    self.learned_routes.insert((service, relay), prefixes);
                     self.rebuild_routes();
                 }
-                ClientEvent::TunnelAddress { ipv4, ipv6 } => {
-                    if self.tunnel_address != Some((ipv4, ipv6)) {
+                ClientEvent::TunnelAddress { ipv4, ipv6 } => match self.tunnel_address {
+                    None => {
                         tracing::info!("tunnel addresses {ipv4}, {ipv6}");
                         self.tunnel_address = Some((ipv4, ipv6));
                         self.events.push_back(AgentEvent::RoutesChanged);
                     }
-                }
+                    Some(cur) if cur != (ipv4, ipv6) => {
+                        // Relays assign from one hash of our identity, so they agree
+                        // unless one had a collision; the address in use stays.
+                        self.stats.tunnel_address_conflicts += 1;
+                        tracing::warn!(
+                            "relay {relay} assigned {ipv4}, {ipv6}; keeping {}, {}",
+                            cur.0,
+                            cur.1
+                        );
+                    }
+                    Some(_) => {}
+                },
                 ClientEvent::SessionOffer { .. } => {
                     // Only connectors are offered sessions.
                     tracing::debug!("unexpected SESSION_OFFER to an agent");
@@ -1010,22 +1197,92 @@ impl AgentEngine {
         }
     }
 
-    /// Asks for relay sessions that are due, checks relayed data connections'
-    /// peers, and retires the ones that failed.
+    /// `relay` is gone (silent, closed, removed): its sessions are over. Services on
+    /// it move to another relay now (the datagram relay there at once, a session as
+    /// soon as it is set up); direct connections carry on.
+    fn leave_relay(&mut self, relay: SocketAddr, reason: &str, now: Instant) {
+        self.forwarding.retain(|(r, _), _| *r != relay);
+        for (name, s) in self.services.iter_mut() {
+            if s.leaving.as_ref().is_some_and(|(r, _)| *r == relay) {
+                s.leaving = None;
+            }
+            if s.requested == Some(relay) {
+                s.requested = None;
+            }
+            if s.relay != Some(relay) {
+                continue;
+            }
+            if let Some(d) = s.data.as_mut() {
+                d.close("relay lost");
+            }
+            s.data = None;
+            s.relay = None;
+            if self.relays.len() > 1 {
+                self.stats.relay_moves += 1;
+                tracing::info!("service {name:?}: relay {relay} lost ({reason}); moving");
+            }
+            s.want_session = Some(now);
+        }
+    }
+
+    /// Asks for relay sessions that are due (choosing the relay), moves services off
+    /// draining relays, checks relayed data connections' peers, and retires the ones
+    /// that failed.
     fn service_relay(&mut self, now: Instant) {
         if self.data_quic.is_none() {
             return;
         }
         for (service, s) in self.services.iter_mut() {
-            if s.want_session.is_some_and(|t| t <= now) && !s.requested && s.data.is_none() {
-                let r = self.client.request_session(service);
-                tracing::debug!("relay session request for {service:?}: {r:?}");
-                if r.is_ok() {
-                    s.requested = true;
-                    s.want_session = None;
-                } else {
-                    s.want_session = Some(now + SESSION_RETRY);
+            let draining = s.relay.is_some_and(|r| {
+                !self.relays.is_usable(r) && self.relays.get(r).is_some_and(|c| c.is_established())
+            });
+            if draining && s.requested.is_none() && s.leaving.is_none() {
+                // Make before break: a session elsewhere first.
+                if let Some(to) = self.relays.choose(service, s.relay)
+                    && let Some(c) = self.relays.get_mut(to)
+                    && c.request_session(service).is_ok()
+                {
+                    tracing::info!(
+                        "service {service:?}: relay {} draining; moving to {to}",
+                        s.relay.map_or_else(String::new, |r| r.to_string())
+                    );
+                    self.stats.relay_moves += 1;
+                    s.requested = Some(to);
                 }
+            }
+            if s.want_session.is_some_and(|t| t <= now) && s.requested.is_none() && s.data.is_none()
+            {
+                let relay = s
+                    .relay
+                    .filter(|&r| self.relays.is_usable(r))
+                    .or_else(|| self.relays.choose(service, None));
+                let r = match relay.and_then(|r| self.relays.get_mut(r).map(|c| (r, c))) {
+                    Some((addr, c)) => c.request_session(service).map(|_| addr),
+                    None => Err(ClientError::NotRegistered(service.clone())),
+                };
+                tracing::debug!("relay session request for {service:?}: {r:?}");
+                match r {
+                    Ok(addr) => {
+                        s.relay = Some(addr);
+                        s.requested = Some(addr);
+                        s.want_session = None;
+                    }
+                    // No relay has registered the service yet: a Registered event
+                    // brings the request forward.
+                    Err(_) => s.want_session = Some(now + SESSION_RETRY),
+                }
+            }
+            if let Some((_, c)) = s.leaving.as_mut() {
+                if s.data.as_ref().is_some_and(|d| d.is_usable()) {
+                    c.close("moved to another relay");
+                }
+                c.check_peer(now, |der| authorize(der, Role::Connector, service));
+            }
+            if let Some((r, c)) = s.leaving.take_if(|(_, c)| c.is_closed()) {
+                if let Some(client) = self.relays.get_mut(r) {
+                    let _ = client.close_session(c.session_id, close_reason::NORMAL);
+                }
+                self.forwarding.remove(&(r, c.session_id));
             }
             let Some(d) = s.data.as_mut() else { continue };
             d.check_peer(now, |der| authorize(der, Role::Connector, service));
@@ -1039,12 +1296,17 @@ impl AgentEngine {
                 );
                 let session = d.session_id;
                 s.data = None;
-                s.direct = None;
-                let _ = self
-                    .client
-                    .close_session(session, ztna_common::frames::close_reason::NORMAL);
-                if self.client.is_registered(service) {
-                    s.want_session = Some(now + SESSION_RETRY);
+                if s.direct_usable().is_none() {
+                    s.direct = None;
+                }
+                if let Some(relay) = s.relay
+                    && let Some(c) = self.relays.get_mut(relay)
+                {
+                    let _ = c.close_session(session, close_reason::NORMAL);
+                    self.forwarding.remove(&(relay, session));
+                    if c.is_registered(service) {
+                        s.want_session = Some(now + SESSION_RETRY);
+                    }
                 }
             }
         }
@@ -1058,30 +1320,38 @@ impl AgentEngine {
         if !self.p2p {
             return;
         }
-        let observed = self.client.observed_address();
+        let observed = self.relays.observed_address();
         for (service, s) in self.services.iter_mut() {
-            // A usable relayed data connection is the anchor for hole punching.
-            let Some(session_id) = s
+            // A usable relayed data connection is the anchor for hole punching; a
+            // direct connection already up needs none (it survives its relay).
+            let anchor = s
                 .data
                 .as_ref()
                 .filter(|d| d.is_usable())
-                .map(|d| d.session_id)
-            else {
-                s.direct = None;
-                continue;
+                .and_then(|d| Some((s.relay?, d.session_id)));
+            let direct_up = s.direct_usable().is_some();
+            let fresh = match (&s.direct, anchor) {
+                (_, None) => {
+                    if !direct_up {
+                        s.direct = None;
+                        continue;
+                    }
+                    false
+                }
+                (None, Some(_)) => true,
+                (Some(d), Some(a)) => {
+                    ((d.relay, d.session_id) != a && !direct_up)
+                        || d.retry_at.is_some_and(|t| t <= now)
+                }
             };
-            let fresh = match &s.direct {
-                None => true,
-                Some(d) => d.session_id != session_id || d.retry_at.is_some_and(|t| t <= now),
-            };
-            if fresh {
+            if fresh && let Some((relay, session_id)) = anchor {
                 let cands = p2p::candidates(self.local, &self.host_addrs, observed);
                 let checker = Checker::new(p2p::Role::Controlling, session_id, &cands, now);
-                if self
-                    .client
-                    .send_candidates(session_id, checker.local_password(), &cands)
-                    .is_ok()
-                {
+                let sent = self.relays.get_mut(relay).is_some_and(|c| {
+                    c.send_candidates(session_id, checker.local_password(), &cands)
+                        .is_ok()
+                });
+                if sent {
                     tracing::debug!(
                         "service {service:?}: checking direct path, candidates {cands:?}"
                     );
@@ -1089,6 +1359,7 @@ impl AgentEngine {
                         old.close("retrying");
                     }
                     s.direct = Some(Direct {
+                        relay,
                         session_id,
                         checker,
                         conn: None,
@@ -1185,6 +1456,23 @@ impl AgentEngine {
             self.events.push_back(AgentEvent::PathChanged(change));
         }
     }
+}
+
+/// The relay `service`'s datagram relay uses: its chosen relay while that one has
+/// it registered, else the first relay that does.
+fn datagram_relay(
+    relays: &RelaySet,
+    chosen: Option<SocketAddr>,
+    service: &str,
+) -> Option<SocketAddr> {
+    chosen
+        .filter(|&r| relays.get(r).is_some_and(|c| c.is_registered(service)))
+        .or_else(|| {
+            relays
+                .iter()
+                .find(|r| r.client.is_registered(service))
+                .map(|r| r.addr())
+        })
 }
 
 /// Silence after which a usable direct path counts as dead: `DIRECT_DEAD`, or

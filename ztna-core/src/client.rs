@@ -56,6 +56,29 @@ pub struct ClientConfig {
     /// Connector: the addresses each service answers on, published to the
     /// intermediate (SERVICE_PREFIXES) once the registration is ACKed.
     pub service_prefixes: BTreeMap<String, Vec<IpNet>>,
+    /// Judge the intermediate dead on silence (see [`Liveness`]); `None` leaves it
+    /// to QUIC's idle timeout.
+    pub liveness: Option<Liveness>,
+}
+
+/// How fast a client notices that its intermediate is gone (killed, node lost):
+/// after `probe_after` without a packet from it, an ACK-eliciting probe (repeated
+/// each `probe_after`); after `dead_after` without one, the connection is dropped
+/// at once (`Disconnected`, then the usual reconnect backoff). QUIC's idle timeout
+/// (30 s) is far too slow to move a user's tunnel to another relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Liveness {
+    pub probe_after: Duration,
+    pub dead_after: Duration,
+}
+
+impl Liveness {
+    /// What agents and connectors use with several relays: a probe after 250 ms of
+    /// silence, dead after 1 s (four probes unanswered).
+    pub const FAST: Liveness = Liveness {
+        probe_after: Duration::from_millis(250),
+        dead_after: Duration::from_millis(1000),
+    };
 }
 
 impl ClientConfig {
@@ -74,6 +97,7 @@ impl ClientConfig {
             backoff_max: Duration::from_secs(5),
             reconnect: true,
             service_prefixes: BTreeMap::new(),
+            liveness: None,
         }
     }
 }
@@ -189,6 +213,8 @@ pub struct ClientStats {
     /// Tunneled packets received as `0x2F` (service-routed) and as raw IP.
     pub service_packets_in: u64,
     pub raw_packets_in: u64,
+    /// Connections dropped because the intermediate went silent (see [`Liveness`]).
+    pub silent_intermediate: u64,
 }
 
 enum State {
@@ -217,6 +243,10 @@ pub struct ControlClient {
     registered: BTreeMap<String, bool>,
     observed: Option<SocketAddr>,
     last_send: Instant,
+    /// When quiche last accepted a packet from the intermediate, and when we last
+    /// probed it (liveness).
+    last_recv: Instant,
+    last_probe: Instant,
     stats: ClientStats,
     rng: SystemRandom,
     frames: FrameIo,
@@ -305,6 +335,8 @@ impl ControlClient {
             registered,
             observed: None,
             last_send: now,
+            last_recv: now,
+            last_probe: now,
             stats: ClientStats::default(),
             rng: SystemRandom::new(),
             frames: FrameIo::default(),
@@ -445,8 +477,9 @@ impl ControlClient {
             from,
             to: self.local,
         };
-        if let Err(e) = conn.recv(buf, info) {
-            tracing::debug!("quic recv: {e}");
+        match conn.recv(buf, info) {
+            Ok(_) => self.last_recv = now,
+            Err(e) => tracing::debug!("quic recv: {e}"),
         }
         self.process(now);
     }
@@ -480,9 +513,16 @@ impl ControlClient {
             State::Backoff { until } => Some(until),
             State::Stopped => None,
             State::Established => {
-                let keepalive = self.last_send + self.cfg.keepalive;
-                let quic = self.conn.as_ref().and_then(|c| c.timeout_instant());
-                Some(quic.map_or(keepalive, |q| q.min(keepalive)))
+                let mut t = self.last_send + self.cfg.keepalive;
+                if let Some(q) = self.conn.as_ref().and_then(|c| c.timeout_instant()) {
+                    t = t.min(q);
+                }
+                if let Some(l) = self.cfg.liveness {
+                    t = t
+                        .min(self.last_recv.max(self.last_probe) + l.probe_after)
+                        .min(self.last_recv + l.dead_after);
+                }
+                Some(t)
             }
             State::Connecting { .. } => self.conn.as_ref().and_then(|c| c.timeout_instant()),
         }
@@ -504,10 +544,31 @@ impl ControlClient {
             if conn.timeout_instant().is_some_and(|t| t <= now) {
                 conn.on_timeout();
             }
-            if matches!(self.state, State::Established)
-                && now >= self.last_send + self.cfg.keepalive
-            {
-                let _ = conn.send_ack_eliciting();
+            if matches!(self.state, State::Established) {
+                if let Some(l) = self.cfg.liveness {
+                    let silent = now.saturating_duration_since(self.last_recv);
+                    if silent >= l.dead_after {
+                        self.stats.silent_intermediate += 1;
+                        tracing::warn!(
+                            "intermediate {} silent for {silent:?}: dropping the connection",
+                            self.cfg.server
+                        );
+                        // No CONNECTION_CLOSE: nobody is there to read it, and
+                        // quiche's draining period would only delay the move.
+                        self.schedule_reconnect(
+                            now,
+                            format!("intermediate silent for {} ms", silent.as_millis()),
+                        );
+                        return;
+                    }
+                    if now >= self.last_recv.max(self.last_probe) + l.probe_after {
+                        self.last_probe = now;
+                        let _ = conn.send_ack_eliciting();
+                    }
+                }
+                if now >= self.last_send + self.cfg.keepalive {
+                    let _ = conn.send_ack_eliciting();
+                }
             }
         }
         self.process(now);
@@ -654,6 +715,23 @@ impl ControlClient {
         self.cfg.server
     }
 
+    /// Smoothed RTT to the intermediate on the established connection.
+    pub fn rtt(&self) -> Option<Duration> {
+        if !self.is_established() {
+            return None;
+        }
+        self.conn
+            .as_ref()?
+            .path_stats()
+            .find(|p| p.active)
+            .map(|p| p.rtt)
+    }
+
+    /// When the intermediate was last heard from (a packet quiche accepted).
+    pub fn last_recv(&self) -> Instant {
+        self.last_recv
+    }
+
     /// Closes the connection for good; no reconnect follows.
     pub fn close(&mut self, reason: &str) {
         if let Some(conn) = self.conn.as_mut() {
@@ -702,6 +780,8 @@ impl ControlClient {
             && conn.is_established()
         {
             self.state = State::Established;
+            self.last_recv = now;
+            self.last_probe = now;
             self.events.push_back(ClientEvent::Connected {
                 handshake: started.map_or(Duration::ZERO, |s| now.saturating_duration_since(s)),
             });

@@ -11,6 +11,7 @@ pub mod frame_io;
 pub mod identity;
 pub mod p2p;
 pub mod packet;
+pub mod relays;
 pub mod tls_files;
 
 pub use agent::{AgentConfig, AgentEngine, AgentEvent, PathKind};

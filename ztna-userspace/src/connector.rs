@@ -21,13 +21,16 @@ use mio::net::UdpSocket;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use ztna_common::frames::{Cid, close_reason};
+use ztna_core::client::Liveness;
 use ztna_core::data::{self, DataConfig, DataConnection};
 use ztna_core::p2p::{self, Checker};
 use ztna_core::packet::{self, FlowKey, Proto};
-use ztna_core::{ClientConfig, ClientEvent, ControlClient, MAX_UDP_PAYLOAD};
+use ztna_core::relays::RelaySet;
+use ztna_core::{ClientConfig, ClientEvent, MAX_UDP_PAYLOAD};
 
 use crate::identity::{Role, authorize};
 use crate::kernel_nat::KernelNat;
+use crate::relay_targets::RelayWatch;
 pub use crate::service::{Backend, ServiceSpec, parse_prefix};
 use crate::user_tcp::UserTcp;
 
@@ -85,6 +88,8 @@ crate::counters!(ConnectorStats {
     packets_to_kernel,
     packets_from_kernel,
     dropped_no_agent,
+    /// UDP datagrams from an address that is no relay and matched no connection.
+    udp_unknown_source,
 });
 
 /// Replies stop using a direct connection the agent has been silent on this long
@@ -105,14 +110,16 @@ fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Which connection a flow's packets came in on, so replies go back the same way.
+/// Which connection a flow's packets came in on, so replies go back the same way:
+/// a relay's control connection (the datagram relay) or a data connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Origin {
-    Control,
+    Control(SocketAddr),
     Data(Cid),
 }
 
 struct Offer {
+    relay: SocketAddr,
     session_id: u32,
     service: String,
     agent_cid: Cid,
@@ -130,7 +137,10 @@ struct Flow {
 
 pub struct Connector {
     services: HashMap<String, ServiceSpec>,
-    client: ControlClient,
+    /// A control connection to every relay, each registering every service.
+    relays: RelaySet,
+    /// Re-resolves named relays; `None` when all are addresses.
+    relay_watch: Option<Arc<RelayWatch>>,
     socket: UdpSocket,
     poll: Poll,
     flows: HashMap<Token, Flow>,
@@ -143,8 +153,10 @@ pub struct Connector {
     keepalive: Duration,
     offers: HashMap<Cid, Offer>,
     data: HashMap<Cid, DataConnection>,
-    /// session id → its connectivity checks.
-    direct: HashMap<u32, CDirect>,
+    /// Relayed data connections' relays (session ids are each relay's own).
+    data_relay: HashMap<Cid, SocketAddr>,
+    /// (relay, session id) → its connectivity checks.
+    direct: HashMap<(SocketAddr, u32), CDirect>,
     /// Local CIDs of direct (not relayed) data connections.
     direct_cids: std::collections::HashSet<Cid>,
     /// Initial DCID an agent chose for a direct connection → our CID for it.
@@ -238,12 +250,27 @@ pub fn spawn(client: ClientConfig, services: Vec<ServiceSpec>) -> anyhow::Result
 }
 
 impl Connector {
+    /// A connector registering `services` with `cfg.server`.
     pub fn new(
-        mut cfg: ClientConfig,
+        cfg: ClientConfig,
         services: Vec<ServiceSpec>,
         bind: SocketAddr,
     ) -> anyhow::Result<Self> {
+        Self::with_relays(cfg, services, bind, Vec::new())
+    }
+
+    /// A connector registering `services` with every relay of `relays` (empty:
+    /// `cfg.server`).
+    pub fn with_relays(
+        mut cfg: ClientConfig,
+        services: Vec<ServiceSpec>,
+        bind: SocketAddr,
+        relays: Vec<SocketAddr>,
+    ) -> anyhow::Result<Self> {
         with_services(&mut cfg, &services);
+        if let Some(first) = relays.first() {
+            cfg.server = *first;
+        }
         let bind = if bind.ip().is_unspecified() && cfg.server.ip().is_loopback() {
             SocketAddr::new(cfg.server.ip(), 0)
         } else if bind.ip().is_unspecified() && bind.is_ipv4() && cfg.server.is_ipv6() {
@@ -266,8 +293,15 @@ impl Connector {
             }
         };
         let keepalive = cfg.keepalive;
-        let client = ControlClient::new(cfg, local, Instant::now())?;
+        // Connectors always judge their relays' liveness: replies sent through a
+        // dead relay's datagram relay are lost until it is noticed.
+        cfg.liveness.get_or_insert(Liveness::FAST);
+        let seed = local.port().into();
+        let relays = RelaySet::new(cfg, &relays, local, seed, Instant::now())?;
         Ok(Connector {
+            relays,
+            relay_watch: None,
+            data_relay: HashMap::new(),
             local,
             data_quic,
             keepalive,
@@ -287,7 +321,6 @@ impl Connector {
             user_tcp: UserTcp::new(USER_TCP_TOKENS, crate::user_tcp::DEFAULT_PER_AGENT),
             flows_per_agent: crate::user_tcp::DEFAULT_PER_AGENT,
             services: services.into_iter().map(|s| (s.id.clone(), s)).collect(),
-            client,
             socket,
             poll,
             flows: HashMap::new(),
@@ -351,7 +384,8 @@ impl Connector {
             .filter(|id| !services.iter().any(|s| &s.id == *id))
             .cloned()
             .collect();
-        self.client.reconfigure(cfg)?;
+        cfg.liveness.get_or_insert(Liveness::FAST);
+        self.relays.reconfigure(cfg)?;
         if let (Some(k), Some(script)) = (self.kernel.as_mut(), script) {
             k.replace_table(&script, &services)?;
         }
@@ -369,11 +403,54 @@ impl Connector {
         Ok(())
     }
 
+    /// Follows named relays as they resolve again (see [`crate::relay_targets`]).
+    pub fn watch_relays(&mut self, watch: Option<Arc<RelayWatch>>) {
+        self.relay_watch = watch;
+    }
+
+    /// Registers with new relays, and leaves the ones no longer listed.
+    pub fn set_relays(&mut self, addrs: &[SocketAddr]) -> anyhow::Result<()> {
+        for gone in self.relays.set_addrs(addrs, Instant::now())? {
+            self.leave_relay(gone);
+        }
+        Ok(())
+    }
+
+    /// The relays this connector is connected to and registered with.
+    pub fn relay_addrs(&self) -> Vec<SocketAddr> {
+        self.relays.iter().map(|r| r.addr()).collect()
+    }
+
+    /// `relay` is gone: its relayed data connections and checks go with it (direct
+    /// connections stay: they are peer to peer), and replies that went through it
+    /// take another relay.
+    fn leave_relay(&mut self, relay: SocketAddr) {
+        for (cid, r) in &self.data_relay {
+            if *r == relay
+                && let Some(d) = self.data.get_mut(cid)
+            {
+                d.close("relay lost");
+            }
+        }
+        self.direct.retain(|(r, _), _| *r != relay);
+        self.offers.retain(|_, o| o.relay != relay);
+        let other = self.relays.iter().map(|r| r.addr()).find(|a| *a != relay);
+        let moved = |o: &mut Origin| {
+            if *o == Origin::Control(relay)
+                && let Some(a) = other
+            {
+                *o = Origin::Control(a);
+            }
+        };
+        self.flows.values_mut().for_each(|f| moved(&mut f.origin));
+        self.agents.values_mut().for_each(|(o, _)| moved(o));
+    }
+
     pub fn gauges(&self) -> Arc<crate::client_metrics::ConnectorGauges> {
         self.gauges.clone()
     }
 
-    /// Ready once every service is registered on the current control connection.
+    /// Ready once every service is registered with some relay.
     pub fn health(&self) -> Arc<crate::metrics::Health> {
         self.health.clone()
     }
@@ -385,7 +462,7 @@ impl Connector {
         let registered = self
             .services
             .keys()
-            .filter(|s| self.client.is_registered(s))
+            .filter(|s| self.relays.iter().any(|r| r.client.is_registered(s)))
             .count();
         let set = |a: &std::sync::atomic::AtomicU64, v: usize| a.store(v as u64, Ordering::Relaxed);
         set(&self.gauges.services, total);
@@ -452,7 +529,7 @@ impl Connector {
             }
             each_turn(&mut self);
             if stop.load(Ordering::SeqCst) {
-                self.client.close("connector stopping");
+                self.relays.close("connector stopping");
                 self.flush(&mut out);
                 return Ok(());
             }
@@ -466,7 +543,7 @@ impl Connector {
                         .values()
                         .filter_map(|d| d.checker.poll_timeout()),
                 )
-                .chain(self.client.poll_timeout())
+                .chain(self.relays.poll_timeout())
                 .chain(self.user_tcp.poll_delay().map(|d| now + d))
                 .min();
             let timeout = if self.kernel_pending {
@@ -506,8 +583,11 @@ impl Connector {
                     self.read_backend(ev.token(), &mut buf);
                 }
             }
-            if self.client.poll_timeout().is_some_and(|t| t <= now) {
-                self.client.handle_timeout(now);
+            self.relays.handle_timeout(now);
+            if let Some(addrs) = self.relay_watch.as_ref().and_then(|w| w.take())
+                && let Err(e) = self.set_relays(&addrs)
+            {
+                tracing::warn!("following relays {addrs:?}: {e:#}");
             }
             for d in self.data.values_mut() {
                 if d.poll_timeout().is_some_and(|t| t <= now) {
@@ -528,7 +608,7 @@ impl Connector {
 
     fn flush(&mut self, out: &mut [u8]) {
         let now = Instant::now();
-        while let Some((n, to)) = self.client.poll_transmit(out, now) {
+        while let Some((n, to)) = self.relays.poll_transmit(out, now) {
             if let Err(e) = self.socket.send_to(&out[..n], to) {
                 tracing::debug!("send to {to}: {e}");
                 break;
@@ -554,7 +634,12 @@ impl Connector {
     fn recv_udp(&mut self, pkt: &mut [u8], from: SocketAddr, now: Instant) {
         if p2p::is_check(pkt) {
             let session = p2p::check_session(pkt);
-            if let Some(d) = session.and_then(|s| self.direct.get_mut(&s)) {
+            if let Some(d) = session.and_then(|s| {
+                self.direct
+                    .iter_mut()
+                    .find(|((_, id), _)| *id == s)
+                    .map(|(_, d)| d)
+            }) {
                 let refused = d.checker.prflx_refused;
                 let resp = d.checker.handle(pkt, from, now);
                 if d.checker.prflx_refused > refused {
@@ -580,9 +665,9 @@ impl Connector {
             if pkt[0] & 0x80 != 0
                 && let Some(service) = self
                     .direct
-                    .get(&session_id)
-                    .filter(|d| d.checker.selected() == Some(from))
-                    .map(|d| d.service.clone())
+                    .iter()
+                    .find(|((_, id), d)| *id == session_id && d.checker.selected() == Some(from))
+                    .map(|(_, d)| d.service.clone())
                 && let Some(quic) = self.data_quic.as_mut()
             {
                 let ours = data::random_cid();
@@ -626,13 +711,16 @@ impl Connector {
                     Ok(mut d) => {
                         d.recv(pkt, from, now);
                         self.data.insert(cid, d);
+                        self.data_relay.insert(cid, offer.relay);
                     }
                     Err(e) => tracing::warn!("data connection for {}: {e}", offer.service),
                 }
                 return;
             }
         }
-        self.client.recv(pkt, from, now);
+        if !self.relays.recv(pkt, from, now) {
+            inc(&self.stats.udp_unknown_source);
+        }
     }
 
     /// Checks new data connections' peers, reads their packets, drops closed ones.
@@ -692,13 +780,22 @@ impl Connector {
         for (cid, session) in closed {
             self.data.remove(&cid);
             self.initial_dcids.retain(|_, v| *v != cid);
-            if !self.direct_cids.remove(&cid) {
-                let _ = self.client.close_session(session, close_reason::NORMAL);
-                self.direct.remove(&session);
+            let relay = self.data_relay.remove(&cid);
+            if !self.direct_cids.remove(&cid)
+                && let Some(relay) = relay
+            {
+                if let Some(c) = self.relays.get_mut(relay) {
+                    let _ = c.close_session(session, close_reason::NORMAL);
+                }
+                self.direct.remove(&(relay, session));
             }
+            let fallback = self.relays.iter().next().map(|r| r.addr());
+            let back = relay.or(fallback);
             for f in self.flows.values_mut() {
-                if f.origin == Origin::Data(cid) {
-                    f.origin = Origin::Control;
+                if f.origin == Origin::Data(cid)
+                    && let Some(r) = back
+                {
+                    f.origin = Origin::Control(r);
                 }
             }
         }
@@ -707,27 +804,30 @@ impl Connector {
     }
 
     fn handle_events(&mut self) {
-        while let Some(ev) = self.client.poll_event() {
+        while let Some((relay, ev)) = self.relays.poll_event() {
             match ev {
                 ClientEvent::Connected { handshake } => {
                     inc(&self.stats.connects);
-                    tracing::info!("connected to intermediate (handshake {handshake:?})");
+                    tracing::info!("connected to intermediate {relay} (handshake {handshake:?})");
                 }
-                ClientEvent::ObservedAddress(a) => tracing::info!("intermediate sees us at {a}"),
+                ClientEvent::ObservedAddress(a) => {
+                    tracing::info!("intermediate {relay} sees us at {a}")
+                }
                 ClientEvent::Registered(s) => {
                     inc(&self.stats.registrations);
-                    tracing::info!("registered as connector for {s:?}");
+                    tracing::info!("registered as connector for {s:?} at {relay}");
                 }
                 ClientEvent::Refused { service, status } => {
                     inc(&self.stats.refusals);
                     tracing::error!("registration for {service:?} refused: {status}");
                 }
                 ClientEvent::Disconnected { reason, retry_in } => {
-                    tracing::warn!("disconnected: {reason}; retry in {retry_in:?}");
+                    tracing::warn!("disconnected from {relay}: {reason}; retry in {retry_in:?}");
+                    self.leave_relay(relay);
                 }
                 ClientEvent::Packet { service, packet } => {
                     inc(&self.stats.packets_from_tunnel);
-                    self.tunnel_in(Origin::Control, service.as_deref(), &packet);
+                    self.tunnel_in(Origin::Control(relay), service.as_deref(), &packet);
                 }
                 ClientEvent::SessionOffer {
                     session_id,
@@ -739,10 +839,15 @@ impl Connector {
                     if self.data_quic.is_none() || !self.services.contains_key(&service) {
                         continue;
                     }
-                    if self.client.accept_session(session_id).is_ok() {
+                    if self
+                        .relays
+                        .get_mut(relay)
+                        .is_some_and(|c| c.accept_session(session_id).is_ok())
+                    {
                         self.offers.insert(
                             connector_cid,
                             Offer {
+                                relay,
                                 session_id,
                                 service,
                                 agent_cid,
@@ -760,7 +865,7 @@ impl Connector {
                         .data
                         .iter()
                         .find(|(cid, d)| {
-                            d.session_id == session_id && !self.direct_cids.contains(*cid)
+                            d.session_id == session_id && self.data_relay.get(*cid) == Some(&relay)
                         })
                         .map(|(_, d)| d.service.clone());
                     let Some(service) = relayed else {
@@ -772,7 +877,7 @@ impl Connector {
                     // more often than a checker takes a new set: each restart sends
                     // checks to the addresses the agent names.
                     let now = Instant::now();
-                    if self.direct.get(&session_id).is_some_and(|d| {
+                    if self.direct.get(&(relay, session_id)).is_some_and(|d| {
                         now.saturating_duration_since(d.checker.started())
                             < p2p::REMOTE_UPDATE_INTERVAL
                     }) {
@@ -781,26 +886,29 @@ impl Connector {
                         continue;
                     }
                     let cands =
-                        crate::netif::candidates(self.local, self.client.observed_address());
+                        crate::netif::candidates(self.local, self.relays.observed_address());
                     let mut checker = Checker::new(p2p::Role::Controlled, session_id, &cands, now);
                     checker.set_remote(password, &candidates, now);
                     self.stats
                         .candidates_dropped
                         .fetch_add(checker.remote_candidates_dropped, Ordering::Relaxed);
-                    if self
-                        .client
-                        .send_candidates(session_id, checker.local_password(), &cands)
-                        .is_ok()
-                    {
-                        self.direct.insert(session_id, CDirect { service, checker });
+                    if self.relays.get_mut(relay).is_some_and(|c| {
+                        c.send_candidates(session_id, checker.local_password(), &cands)
+                            .is_ok()
+                    }) {
+                        self.direct
+                            .insert((relay, session_id), CDirect { service, checker });
                     }
                 }
                 ClientEvent::SessionPath { .. } => {}
                 ClientEvent::SessionClosed { session_id, .. } => {
-                    self.direct.remove(&session_id);
-                    self.offers.retain(|_, o| o.session_id != session_id);
-                    for d in self.data.values_mut() {
-                        if d.session_id == session_id {
+                    self.direct.remove(&(relay, session_id));
+                    self.offers
+                        .retain(|_, o| (o.relay, o.session_id) != (relay, session_id));
+                    // The relayed connection only: a direct one is peer to peer and
+                    // ends on its own silence or the agent's close.
+                    for (cid, d) in self.data.iter_mut() {
+                        if d.session_id == session_id && self.data_relay.get(cid) == Some(&relay) {
                             d.close("session closed by the intermediate");
                         }
                     }
@@ -1001,7 +1109,7 @@ impl Connector {
         self.flows.insert(
             token,
             Flow {
-                origin: Origin::Control,
+                origin: Origin::Control(self.relays.primary().server()),
                 service: service.to_string(),
                 key,
                 socket,
@@ -1103,7 +1211,23 @@ impl Connector {
                 ),
             }
         }
-        if let Err(e) = self.client.send_packet(service, packet) {
+        // The datagram relay: through the relay the agent's packet came by, else
+        // any relay that has the service registered.
+        let via = match origin {
+            Origin::Control(r) if self.relays.get(r).is_some_and(|c| c.is_registered(service)) => {
+                Some(r)
+            }
+            _ => self
+                .relays
+                .iter()
+                .find(|r| r.client.is_registered(service))
+                .map(|r| r.addr()),
+        };
+        let r = match via.and_then(|r| self.relays.get_mut(r)) {
+            Some(c) => c.send_packet(service, packet),
+            None => Err(ztna_core::ClientError::NotRegistered(service.to_string())),
+        };
+        if let Err(e) = r {
             inc(&self.stats.dropped_send_failed);
             tracing::debug!("{service}: reply not sent: {e}");
         }

@@ -20,6 +20,7 @@ pub mod logging;
 pub mod metrics;
 pub mod netif;
 pub mod relay;
+pub mod relay_targets;
 pub mod service;
 pub mod settings;
 pub mod tun_agent;

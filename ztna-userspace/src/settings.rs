@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::config::ConfigError;
 use crate::layered;
+use crate::relay_targets::RelayTarget;
 use crate::service::ServiceSpec;
 use crate::xdp::XdpChoice;
 
@@ -231,7 +232,7 @@ pub enum ConnectorMode {
 /// `deny_unknown_fields`); [`ClientSettings`] is the copy the rest works with.
 #[derive(Default, Debug, Clone)]
 pub struct ClientSettings {
-    pub server: Option<SocketAddr>,
+    pub server: Vec<RelayTarget>,
     pub server_name: Option<String>,
     pub ca: Option<String>,
     pub insecure_skip_server_verify: Option<bool>,
@@ -248,9 +249,14 @@ macro_rules! client_settings {
     ($(#[$sm:meta])* pub struct $name:ident { $($(#[$fm:meta])* pub $f:ident : $t:ty,)* }) => {
         $(#[$sm])*
         pub struct $name {
-            /// Intermediate address [default: 127.0.0.1:4433].
-            #[arg(long, env = "ZTNA_SERVER", global = true)]
-            pub server: Option<SocketAddr>,
+            /// The relays (intermediates), repeatable: ADDRESS[:PORT] or
+            /// HOSTNAME[:PORT], a name standing for every address it resolves to
+            /// (re-resolved every 10 s); the environment variable takes a
+            /// comma-separated list, the file a string or an array
+            /// [default: 127.0.0.1:4433].
+            #[arg(long, env = "ZTNA_SERVER", value_delimiter = ',', global = true)]
+            #[serde(default, deserialize_with = "crate::relay_targets::one_or_many")]
+            pub server: Vec<RelayTarget>,
             /// Name expected in the intermediate's certificate [default: intermediate.ztna].
             #[arg(long, env = "ZTNA_SERVER_NAME", global = true)]
             pub server_name: Option<String>,
@@ -287,7 +293,7 @@ macro_rules! client_settings {
         impl $name {
             pub fn client(&self) -> ClientSettings {
                 ClientSettings {
-                    server: self.server,
+                    server: self.server.clone(),
                     server_name: self.server_name.clone(),
                     ca: self.ca.clone(),
                     insecure_skip_server_verify: self.insecure_skip_server_verify,
@@ -303,6 +309,31 @@ macro_rules! client_settings {
 }
 
 impl ClientSettings {
+    /// The relay list as configured (default: 127.0.0.1:4433).
+    pub fn relay_targets(&self) -> Vec<RelayTarget> {
+        if self.server.is_empty() {
+            vec![RelayTarget::Addr(
+                ([127, 0, 0, 1], ztna_core::DEFAULT_PORT).into(),
+            )]
+        } else {
+            self.server.clone()
+        }
+    }
+
+    /// Every relay address, names resolved; a daemon starting before its relays'
+    /// names resolve (a fresh cluster) waits, saying so every `retry`.
+    pub fn relay_addrs_waiting(&self, retry: Duration) -> Vec<SocketAddr> {
+        let targets = self.relay_targets();
+        loop {
+            match crate::relay_targets::resolve(&targets) {
+                Ok(a) if !a.is_empty() => return a,
+                Ok(_) => tracing::warn!("relays {targets:?}: no addresses; retrying in {retry:?}"),
+                Err(e) => tracing::warn!("{e}; retrying in {retry:?}"),
+            }
+            std::thread::sleep(retry);
+        }
+    }
+
     /// The control client's configuration for `role`.
     pub fn client_config(
         &self,
@@ -317,7 +348,11 @@ impl ClientSettings {
                 key: "ca",
             });
         }
-        let server = self.server.unwrap_or(([127, 0, 0, 1], 4433).into());
+        let server = match self.server.first() {
+            Some(RelayTarget::Addr(a)) => *a,
+            // Named relays: the caller sets `server` from `relay_addrs`.
+            _ => ([127, 0, 0, 1], ztna_core::DEFAULT_PORT).into(),
+        };
         let mut cfg = ztna_core::ClientConfig::new(server, role, services);
         cfg.server_name = self
             .server_name

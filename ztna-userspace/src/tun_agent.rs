@@ -47,6 +47,8 @@ pub struct UpConfig {
     pub tun_name: String,
     /// Unix socket for `ztna-agent status`.
     pub status_socket: PathBuf,
+    /// Named relays, re-resolved: the engine follows the changes.
+    pub relay_watch: Option<Arc<crate::relay_targets::RelayWatch>>,
 }
 
 /// Default path of the status socket.
@@ -142,6 +144,7 @@ pub struct Up {
     last_status: Instant,
     tun_write_dropped: u64,
     health: Arc<crate::metrics::Health>,
+    relay_watch: Option<Arc<crate::relay_targets::RelayWatch>>,
 }
 
 impl Up {
@@ -178,6 +181,7 @@ impl Up {
                 last_status: Instant::now(),
                 tun_write_dropped: 0,
                 health: Arc::default(),
+                relay_watch: cfg.relay_watch,
             },
             status,
         ))
@@ -230,6 +234,11 @@ impl Up {
                 }
             }
             let now = Instant::now();
+            if let Some(addrs) = self.relay_watch.as_ref().and_then(|w| w.take())
+                && let Err(e) = self.engine.set_relays(&addrs, now)
+            {
+                tracing::warn!("following relays {addrs:?}: {e}");
+            }
             let timeout = if more {
                 Duration::ZERO
             } else {

@@ -11,6 +11,7 @@ use ztna_core::Role;
 use ztna_core::agent::AgentConfig;
 use ztna_userspace::agent::{Agent, EchoOptions, Pattern, run_echo};
 use ztna_userspace::config::{self, ConfigError, Layered};
+use ztna_userspace::relay_targets::{REFRESH, RelayWatch};
 use ztna_userspace::settings::AgentSettings;
 use ztna_userspace::tun_agent::{Up, UpConfig, serve_status};
 
@@ -127,13 +128,17 @@ fn main() -> anyhow::Result<()> {
     match args.cmd {
         Cmd::Status { .. } => unreachable!("handled above"),
         Cmd::Up => {
+            let relays = s.client().relay_addrs_waiting(Duration::from_secs(2));
+            cfg.server = relays[0];
             let mut agent = AgentConfig::new(cfg);
             agent.data_path = !datagram_only;
             agent.p2p = !no_p2p;
+            agent.relays = relays.clone();
             let (up, status) = Up::new(UpConfig {
                 agent,
                 tun_name: s.tun.clone().unwrap_or_else(|| "ztna0".into()),
                 status_socket: status_socket.clone(),
+                relay_watch: RelayWatch::spawn(s.client().relay_targets(), relays, REFRESH),
             })?;
             let _metrics = match s.metrics_listen.as_ref().and_then(|l| l.addr()) {
                 Some(addr) => Some(ztna_userspace::metrics::serve(
@@ -171,6 +176,7 @@ fn main() -> anyhow::Result<()> {
             json,
         } => {
             cfg.reconnect = false;
+            cfg.server = s.client().relay_addrs_waiting(Duration::from_secs(2))[0];
             let start = Instant::now();
             let mut agent = Agent::connect_with(cfg, !datagram_only)?;
             agent.set_p2p(!no_p2p);

@@ -9,6 +9,7 @@ use clap::Parser;
 use ztna_core::Role;
 use ztna_userspace::config::{self, ConfigError, Layered};
 use ztna_userspace::connector::Connector;
+use ztna_userspace::relay_targets::RelayWatch;
 use ztna_userspace::settings::{ConnectorMode, ConnectorSettings, Listen};
 use ztna_userspace::tun_agent::check_net_admin;
 
@@ -49,7 +50,16 @@ fn main() -> anyhow::Result<()> {
     let flows_per_agent = s
         .flows_per_agent
         .unwrap_or(ztna_userspace::kernel_nat::DEFAULT_FLOWS_PER_AGENT);
-    let mut connector = Connector::new(cfg, s.service.clone(), bind)?;
+    let relays = s
+        .client()
+        .relay_addrs_waiting(std::time::Duration::from_secs(2));
+    tracing::info!("relays: {relays:?}");
+    let mut connector = Connector::with_relays(cfg, s.service.clone(), bind, relays.clone())?;
+    connector.watch_relays(RelayWatch::spawn(
+        s.client().relay_targets(),
+        relays,
+        ztna_userspace::relay_targets::REFRESH,
+    ));
     let kernel = match s.mode.unwrap_or(ConnectorMode::Auto) {
         ConnectorMode::Kernel => {
             check_net_admin("ztna-connector --mode kernel")?;
