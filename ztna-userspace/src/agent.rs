@@ -215,7 +215,12 @@ impl Agent {
             {
                 anyhow::bail!("registration for {service:?} refused: {status}");
             }
-            if services.iter().all(|s| self.client().is_registered(s)) {
+            if services.iter().all(|s| {
+                self.engine
+                    .relays()
+                    .iter()
+                    .any(|r| r.client.is_registered(s))
+            }) {
                 return Ok(());
             }
             if Instant::now() >= deadline {

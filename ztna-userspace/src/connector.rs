@@ -233,7 +233,16 @@ fn with_services(cfg: &mut ClientConfig, services: &[ServiceSpec]) {
 }
 
 pub fn spawn(client: ClientConfig, services: Vec<ServiceSpec>) -> anyhow::Result<ConnectorHandle> {
-    let connector = Connector::new(client, services, "0.0.0.0:0".parse()?)?;
+    spawn_with_relays(client, services, Vec::new())
+}
+
+/// [`spawn`], registering with every relay of `relays`.
+pub fn spawn_with_relays(
+    client: ClientConfig,
+    services: Vec<ServiceSpec>,
+    relays: Vec<SocketAddr>,
+) -> anyhow::Result<ConnectorHandle> {
+    let connector = Connector::with_relays(client, services, "0.0.0.0:0".parse()?, relays)?;
     let stats = connector.stats.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let crash = Arc::new(AtomicBool::new(false));
