@@ -70,7 +70,10 @@ impl Relays {
         let deadline = Instant::now() + Duration::from_secs(10);
         for c in &r._conns {
             while c.stats.registrations.load(Ordering::Relaxed) < n as u64 {
-                assert!(Instant::now() < deadline, "a connector did not register everywhere");
+                assert!(
+                    Instant::now() < deadline,
+                    "a connector did not register everywhere"
+                );
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
@@ -119,21 +122,34 @@ fn sessions_spread_over_near_equal_relays_and_connectors_register_with_each() {
     let mut used = std::collections::BTreeMap::new();
     for a in &mut agents {
         wait_path(a, PathKind::is_relay, Duration::from_secs(10));
-        let relay = a.engine().relay_of(SERVICE).expect("a relay carries the session");
+        let relay = a
+            .engine()
+            .relay_of(SERVICE)
+            .expect("a relay carries the session");
         assert!(r.addrs.contains(&relay));
         *used.entry(relay).or_insert(0) += 1;
         // The second choice is warm: another relay, connected and registered.
         let status = a.engine().status();
         let standby = status.services[0].standby.expect("a warm standby relay");
         assert_ne!(standby, relay);
-        assert!(status.relays.iter().all(|s| s.connected && s.rtt_ms.is_some()));
+        assert!(
+            status
+                .relays
+                .iter()
+                .all(|s| s.connected && s.rtt_ms.is_some())
+        );
     }
     // Loopback RTTs are all within the tolerance: each agent's random seed picks.
     // Eight agents on one relay of three would be a 1-in-2187 coincidence.
     assert!(used.len() >= 2, "sessions spread over relays: {used:?}");
     for i in r.inters.iter().flatten() {
         // The second connector joins the first at each relay.
-        assert_eq!(i.stats.connectors_joined.load(Ordering::Relaxed), 1, "{}", i.addr);
+        assert_eq!(
+            i.stats.connectors_joined.load(Ordering::Relaxed),
+            1,
+            "{}",
+            i.addr
+        );
     }
 }
 
@@ -186,7 +202,10 @@ fn a_direct_path_carries_on_when_its_relay_is_lost() {
     let (a, log) = traffic.finish_with_agent();
     let outage = longest_outage(&log, crashed_at);
     let failed = log.iter().filter(|(t, ok)| *t >= crashed_at && !ok).count();
-    assert_eq!(failed, 0, "no echo lost on the direct path (outage {outage:?})");
+    assert_eq!(
+        failed, 0,
+        "no echo lost on the direct path (outage {outage:?})"
+    );
     assert_eq!(a.path(SERVICE), PathKind::Direct);
     assert_eq!(
         a.engine().timeline().len(),

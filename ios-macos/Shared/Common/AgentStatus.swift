@@ -67,6 +67,9 @@ public struct ServiceStatus: Codable, Equatable, Identifiable {
     public var prefixes: [String]
     public var path: ServicePath
     public var rttMs: Double?
+    /// The relay its sessions use ("198.51.100.4:4433"), and the next choice.
+    public var relay: String?
+    public var standby: String?
     public var traffic: ServiceTraffic
     public var history: [PathChange]
 
@@ -78,14 +81,34 @@ public struct ServiceStatus: Codable, Equatable, Identifiable {
         case prefixes
         case path
         case rttMs = "rtt_ms"
+        case relay
+        case standby
         case traffic
         case history
     }
 }
 
+/// One relay (intermediate) of the deployment.
+public struct RelayStatus: Codable, Equatable, Identifiable {
+    public var address: String
+    public var connected: Bool
+    /// It announced a drain: no new sessions go to it.
+    public var draining: Bool
+    public var rttMs: Double?
+
+    public var id: String { address }
+
+    enum CodingKeys: String, CodingKey {
+        case address
+        case connected
+        case draining
+        case rttMs = "rtt_ms"
+    }
+}
+
 /// The whole agent.
 public struct AgentStatus: Codable, Equatable {
-    /// The control connection to the intermediate is up.
+    /// Some relay's control connection is up.
     public var connected: Bool
     /// Our address as the intermediate sees it ("203.0.113.7:51820").
     public var observedAddress: String?
@@ -94,6 +117,7 @@ public struct AgentStatus: Codable, Equatable {
     public var mtu: UInt16
     public var handshakeMs: Double?
     public var services: [ServiceStatus]
+    public var relays: [RelayStatus]
     /// Tunnel packets to an address no service covers (answered with ICMP).
     public var tunNoRoute: UInt64
     /// Tunnel packets too big for their path (answered with ICMP).
@@ -109,6 +133,7 @@ public struct AgentStatus: Codable, Equatable {
         case mtu
         case handshakeMs = "handshake_ms"
         case services
+        case relays
         case tunNoRoute = "tun_no_route"
         case tunTooBig = "tun_too_big"
         case tunSendFailed = "tun_send_failed"

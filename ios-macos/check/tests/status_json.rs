@@ -13,7 +13,9 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use serde_json::Value;
 use ztna_apple_check::apple_dir;
 use ztna_apple_check::codable::{Model, models};
-use ztna_core::agent::{AgentStatus, PathChange, PathKind, ServiceStatus, TUN_MTU, Traffic};
+use ztna_core::agent::{
+    AgentStatus, PathChange, PathKind, RelayStatus, ServiceStatus, TUN_MTU, Traffic,
+};
 
 /// Every path kind; the match makes a new variant a compile error here.
 fn all_paths() -> Vec<PathKind> {
@@ -49,6 +51,8 @@ fn full() -> AgentStatus {
             prefixes: vec!["10.100.0.2/32".parse().unwrap()],
             path: PathKind::Direct,
             rtt_ms: Some(1.5),
+            relay: Some(SocketAddr::from(([198, 51, 100, 4], 4433))),
+            standby: Some(SocketAddr::from(([198, 51, 100, 5], 4433))),
             traffic: Traffic {
                 tx_packets: 3,
                 tx_bytes: 300,
@@ -60,6 +64,12 @@ fn full() -> AgentStatus {
                 at_ms: 12,
                 path: PathKind::RelayXdp,
             }],
+        }],
+        relays: vec![RelayStatus {
+            address: SocketAddr::from(([198, 51, 100, 4], 4433)),
+            connected: true,
+            draining: false,
+            rtt_ms: Some(0.7),
         }],
         tun_no_route: 1,
         tun_too_big: 0,
@@ -76,6 +86,9 @@ fn empty() -> AgentStatus {
     s.tunnel_ipv6 = None;
     s.handshake_ms = None;
     s.services[0].rtt_ms = None;
+    s.services[0].relay = None;
+    s.services[0].standby = None;
+    s.relays[0].rtt_ms = None;
     s.services[0].registered = false;
     s.services[0].prefixes.clear();
     s.services[0].history.clear();
