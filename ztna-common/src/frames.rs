@@ -25,10 +25,12 @@
 //! 0x08 SESSION_PATH     intermediate → endpoints  session_id[4] | forwarding[1]
 //!                       (1 XDP native, 2 XDP generic, 3 userspace forwarder)
 //! 0x09 CAPABILITIES     client → intermediate, intermediate → client
-//!                       flags[4] | ignored[..]
+//!                       flags[4] | instance[8] (optional) | ignored[..]
 //!                       bit 0 (0x0000_0001) SERVICE_PACKETS, see below; other bits
 //!                       are reserved: senders set them to 0, receivers ignore them,
-//!                       and bytes after `flags` are ignored (room for later fields)
+//!                       and bytes after the fields a receiver knows are ignored
+//!                       (room for later fields). `instance`: a connector's random
+//!                       ID, the same at every relay (see "Connector affinity")
 //! 0x0A SERVICE_PREFIXES connector → intermediate: the addresses a service answers on;
 //!                       intermediate → agent: the same, for each service the agent
 //!                       is registered (so authorized) for, after its ACK and
@@ -53,6 +55,15 @@
 //! intermediate does. `SERVICE_PACKETS` from the intermediate means "I accept `0x2F`
 //! from you in your role"; the original intermediate accepts `0x2F` only from agents,
 //! so a ztna connector that did not get it replies with raw IP.
+//!
+//! Connector affinity: with several relays and several connectors for a service,
+//! an agent's relayed traffic must reach the same connector through whichever relay
+//! carries it, or a kernel-mode connector that never saw a TCP connection answers
+//! its next segment with a reset. A connector therefore announces one random
+//! `instance` to every relay, and each relay picks a service's connector for an
+//! agent by rendezvous hashing of the agent's certificate against those instances:
+//! every relay computes the same connector while the set of live connectors is the
+//! same, with no coordination between relays.
 //!
 //! CANDIDATES carry the sender's NAT-traversal candidates and its check password
 //! (`ztna_core::p2p`). The intermediate passes them on only between the agent and
@@ -209,9 +220,10 @@ pub enum Frame<'a> {
         ipv4: core::net::Ipv4Addr,
         ipv6: core::net::Ipv6Addr,
     },
-    /// Feature flags (`capability::*`) of the sender.
+    /// Feature flags (`capability::*`) of the sender, and a connector's instance ID.
     Capabilities {
         flags: u32,
+        instance: Option<u64>,
     },
     /// A frame type this version does not know; skipped.
     Unknown {
@@ -371,9 +383,13 @@ impl<'a> Frame<'a> {
             }
             FRAME_CAPABILITIES => {
                 let flags = r.u32()?;
-                // Later versions may append fields; this one reads only the flags.
+                let instance = match r.buf.len() {
+                    8.. => Some(u64::from_be_bytes(r.take(8)?.try_into().expect("8 bytes"))),
+                    _ => None,
+                };
+                // Later versions may append fields; this one reads no further.
                 r.buf = &[];
-                Frame::Capabilities { flags }
+                Frame::Capabilities { flags, instance }
             }
             t => {
                 r.buf = &[];
@@ -469,8 +485,11 @@ impl<'a> Frame<'a> {
                 w.put(&ipv6.octets())?;
                 FRAME_TUNNEL_ADDRESS
             }
-            Frame::Capabilities { flags } => {
+            Frame::Capabilities { flags, instance } => {
                 w.put(&flags.to_be_bytes())?;
+                if let Some(i) = instance {
+                    w.put(&i.to_be_bytes())?;
+                }
                 FRAME_CAPABILITIES
             }
             Frame::Unknown { frame_type } => frame_type,
@@ -742,6 +761,11 @@ mod tests {
         });
         rt(Frame::Capabilities {
             flags: capability::SERVICE_PACKETS,
+            instance: None,
+        });
+        rt(Frame::Capabilities {
+            flags: capability::SERVICE_PACKETS,
+            instance: Some(0x0102_0304_0506_0708),
         });
         let mut raw = [0u8; 64];
         let mut n = 0;
@@ -941,6 +965,7 @@ mod tests {
         assert_eq!(&buf[..n], &[0, 6, 6, 0, 0, 0, 2, 1]);
         let n = Frame::Capabilities {
             flags: capability::SERVICE_PACKETS,
+            instance: None,
         }
         .encode(&mut buf)
         .unwrap();
@@ -951,7 +976,43 @@ mod tests {
     fn capabilities_ignore_later_fields_but_need_the_flags() {
         assert_eq!(
             Frame::decode(&[0, 7, FRAME_CAPABILITIES, 0x80, 0, 0, 1, 0xaa, 0xbb]),
-            Ok(Some((Frame::Capabilities { flags: 0x8000_0001 }, 9)))
+            Ok(Some((
+                Frame::Capabilities {
+                    flags: 0x8000_0001,
+                    instance: None
+                },
+                9
+            )))
+        );
+        let f = [
+            0,
+            16,
+            FRAME_CAPABILITIES,
+            0,
+            0,
+            0,
+            1,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            7,
+            0xaa,
+            0xbb,
+            0xcc,
+        ];
+        assert_eq!(
+            Frame::decode(&f),
+            Ok(Some((
+                Frame::Capabilities {
+                    flags: 1,
+                    instance: Some(7)
+                },
+                18
+            )))
         );
         assert_eq!(
             Frame::decode(&[0, 3, FRAME_CAPABILITIES, 0, 1]),

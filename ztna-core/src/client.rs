@@ -59,6 +59,9 @@ pub struct ClientConfig {
     /// Judge the intermediate dead on silence (see [`Liveness`]); `None` leaves it
     /// to QUIC's idle timeout.
     pub liveness: Option<Liveness>,
+    /// Connector: this process's instance ID, announced in CAPABILITIES to every
+    /// relay (connector affinity, `ztna_common::frames`).
+    pub instance: Option<u64>,
 }
 
 /// How fast a client notices that its intermediate is gone (killed, node lost):
@@ -98,6 +101,7 @@ impl ClientConfig {
             reconnect: true,
             service_prefixes: BTreeMap::new(),
             liveness: None,
+            instance: None,
         }
     }
 }
@@ -788,6 +792,7 @@ impl ControlClient {
             // Announce that we read 0x2F; an original intermediate ignores the stream.
             let _ = self.frames.queue(&Frame::Capabilities {
                 flags: frames::capability::SERVICE_PACKETS,
+                instance: self.cfg.instance,
             });
             let services: Vec<String> = self.registered.keys().cloned().collect();
             for service in services {
@@ -951,7 +956,7 @@ impl ControlClient {
                     self.events
                         .push_back(ClientEvent::TunnelAddress { ipv4, ipv6 });
                 }
-                Ok(Frame::Capabilities { flags }) => {
+                Ok(Frame::Capabilities { flags, .. }) => {
                     tracing::debug!("intermediate capabilities 0x{flags:08x}");
                     self.server_caps = Some(flags);
                 }

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub mod flood;
+pub mod multi_relay;
 pub mod p2p;
 pub mod tunnel;
 pub mod xdp_run;

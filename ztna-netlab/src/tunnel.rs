@@ -93,18 +93,11 @@ impl Lab {
         Ok(dir)
     }
 
-    /// The services of the module docs: HTTP server with a `blob_mib` MiB file,
-    /// UDP echo, iperf3 server, the intermediate (`xdp`: off|generic|native) and
-    /// the connector in `connector_mode` (`kernel`, `userspace`, or `unprivileged`:
-    /// `auto` as user nobody without capabilities).
-    pub fn start_tunnel_stack(
-        &mut self,
-        xdp: &str,
-        connector_mode: &str,
-        blob_mib: usize,
-    ) -> anyhow::Result<TunnelStack> {
+    /// The tunnel's certificates and servers on the connector host (HTTP with a
+    /// `blob_mib` MiB file, iperf3, the UDP echo service), waiting until HTTP
+    /// answers.
+    pub fn start_tunnel_services(&mut self, blob_mib: usize) -> anyhow::Result<TunnelStack> {
         let certs = self.tunnel_certs()?;
-        let c = |f: &str| certs.join(f).display().to_string();
         let www = self.dir.join("www");
         std::fs::create_dir_all(&www)?;
         let blob = www.join("blob");
@@ -146,6 +139,43 @@ impl Lab {
                 "127.0.0.1:9000".into(),
             ],
         )?;
+        // The HTTP server answers before anything goes through the tunnel.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let url = format!("http://{CONN_IP}:{HTTP_PORT}/");
+        while self
+            .exec(
+                &cn,
+                "curl",
+                &["-sS", "-o", "/dev/null", "--max-time", "1", &url],
+            )
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!("HTTP server not up:\n{}", self.log("http"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(TunnelStack {
+            certs,
+            blob,
+            sha256,
+        })
+    }
+
+    /// The services of the module docs: HTTP server with a `blob_mib` MiB file,
+    /// UDP echo, iperf3 server, the intermediate (`xdp`: off|generic|native) and
+    /// the connector in `connector_mode` (`kernel`, `userspace`, or `unprivileged`:
+    /// `auto` as user nobody without capabilities).
+    pub fn start_tunnel_stack(
+        &mut self,
+        xdp: &str,
+        connector_mode: &str,
+        blob_mib: usize,
+    ) -> anyhow::Result<TunnelStack> {
+        let stack = self.start_tunnel_services(blob_mib)?;
+        let certs = stack.certs.clone();
+        let c = |f: &str| certs.join(f).display().to_string();
+        let cn = self.ns("c");
         let stats = self.dir.join("intermediate-stats.json");
         let mut args: Vec<String> = [
             "--listen",
@@ -233,27 +263,7 @@ impl Lab {
                 )
             })?;
         }
-        // The HTTP server answers before anything goes through the tunnel.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let url = format!("http://{CONN_IP}:{HTTP_PORT}/");
-        while self
-            .exec(
-                &cn,
-                "curl",
-                &["-sS", "-o", "/dev/null", "--max-time", "1", &url],
-            )
-            .is_err()
-        {
-            if Instant::now() > deadline {
-                bail!("HTTP server not up:\n{}", self.log("http"));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(TunnelStack {
-            certs,
-            blob,
-            sha256,
-        })
+        Ok(stack)
     }
 
     /// `ztna-agent up` in the agent namespace for echo, web and `extra_services`,
@@ -264,16 +274,35 @@ impl Lab {
         flags: &[&str],
         extra_services: &[&str],
     ) -> anyhow::Result<()> {
+        let mut args: Vec<String> = vec!["--server".into(), format!("{RELAY_IP}:{RELAY_PORT}")];
+        for s in extra_services {
+            args.extend(["--service".into(), s.to_string()]);
+        }
+        args.extend(flags.iter().map(|s| s.to_string()));
+        let (a, socket) = (self.ns("a"), self.status_socket());
+        self.start_agent_up_as("agent", &a, certs, "agent", &args, &socket)
+    }
+
+    /// `ztna-agent up` as process `name` in `ns` for echo and web, with identity
+    /// `<certs>/<identity>.pem` and `.key`, `args` (servers, more services, flags)
+    /// and its status on `socket`; waits until the web route is installed.
+    pub fn start_agent_up_as(
+        &mut self,
+        name: &str,
+        ns: &str,
+        certs: &Path,
+        identity: &str,
+        args_in: &[String],
+        socket: &Path,
+    ) -> anyhow::Result<()> {
         let c = |f: &str| certs.join(f).display().to_string();
         let mut args: Vec<String> = [
-            "--server",
-            &format!("{RELAY_IP}:{RELAY_PORT}"),
             "--ca",
             &c("ca.pem"),
             "--cert",
-            &c("agent.pem"),
+            &c(&format!("{identity}.pem")),
             "--key",
-            &c("agent.key"),
+            &c(&format!("{identity}.key")),
             "--service",
             "echo",
             "--service",
@@ -281,19 +310,15 @@ impl Lab {
         ]
         .map(String::from)
         .to_vec();
-        for s in extra_services {
-            args.extend(["--service".into(), s.to_string()]);
-        }
-        args.extend(flags.iter().map(|s| s.to_string()));
+        args.extend(args_in.iter().cloned());
         args.extend([
             "up".into(),
             "--status-socket".into(),
-            self.status_socket().display().to_string(),
+            socket.display().to_string(),
         ]);
-        let a = self.ns("a");
-        self.spawn(&a, "agent", "ztna-agent", &args)?;
+        self.spawn(ns, name, "ztna-agent", &args)?;
         self.wait_log(
-            "agent",
+            name,
             &format!("route {WEB_VIP}/32 via ztna0"),
             Duration::from_secs(15),
         )

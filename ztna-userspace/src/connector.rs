@@ -305,6 +305,12 @@ impl Connector {
         // Connectors always judge their relays' liveness: replies sent through a
         // dead relay's datagram relay are lost until it is noticed.
         cfg.liveness.get_or_insert(Liveness::FAST);
+        // One instance ID for every relay: they pick the same connector for an
+        // agent by it (connector affinity).
+        let mut instance = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut instance)
+            .map_err(|_| anyhow::anyhow!("no randomness for the instance ID"))?;
+        cfg.instance = Some(u64::from_be_bytes(instance));
         let seed = local.port().into();
         let relays = RelaySet::new(cfg, &relays, local, seed, Instant::now())?;
         Ok(Connector {
@@ -394,6 +400,7 @@ impl Connector {
             .cloned()
             .collect();
         cfg.liveness.get_or_insert(Liveness::FAST);
+        cfg.instance = self.relays.primary().config().instance;
         self.relays.reconfigure(cfg)?;
         if let (Some(k), Some(script)) = (self.kernel.as_mut(), script) {
             k.replace_table(&script, &services)?;

@@ -1,8 +1,14 @@
 //! The connectors of one service, for high availability: every connector that
 //! registers for a service serves it, side by side with the others.
 //!
-//! - **New work is spread**: relay sessions (one per agent and service) and new
-//!   datagram-relay flows go to the live connectors in turn.
+//! - **New work is spread, by agent**: an agent's relay sessions and new
+//!   datagram-relay flows go to the live connector that rendezvous hashing of the
+//!   agent's certificate against each connector's instance ID ranks first
+//!   ([`ConnectorSet::pick_for`]). Connectors announce one instance ID to every
+//!   relay, so every relay picks the same connector for an agent: when the agent's
+//!   traffic moves to another relay, it still reaches the connector whose kernel
+//!   holds its TCP connections. Agents spread over connectors; one agent's work
+//!   stays together.
 //! - **Existing work stays**: a session keeps its connector for its life; a flow
 //!   stays pinned to its connector (`flows::FlowTable`) while that one is live.
 //! - **A dead connector loses its work quickly**: the intermediate probes each
@@ -40,8 +46,9 @@ pub struct ConnectorSet {
     all: Vec<ClientId>,
     /// Those in rotation (live), oldest first.
     live: Vec<ClientId>,
-    /// Round-robin position for [`ConnectorSet::pick`].
-    next: usize,
+    /// Instance IDs connectors announced (CAPABILITIES); without one, a connector
+    /// ranks by its client ID (stable at this relay only).
+    instances: std::collections::HashMap<ClientId, u64>,
     /// The addresses the service answers on, as a connector last published them.
     /// Kept when every connector is gone: withdrawing the agents' routes would send
     /// their traffic for the service out of the tunnel.
@@ -62,6 +69,14 @@ impl ConnectorSet {
     pub fn remove(&mut self, id: ClientId) {
         self.all.retain(|&c| c != id);
         self.live.retain(|&c| c != id);
+        self.instances.remove(&id);
+    }
+
+    /// Records the instance ID a registered connector announced.
+    pub fn set_instance(&mut self, id: ClientId, instance: u64) {
+        if self.all.contains(&id) {
+            self.instances.insert(id, instance);
+        }
     }
 
     /// Puts a registered connector in or out of rotation.
@@ -100,14 +115,23 @@ impl ConnectorSet {
         &self.all
     }
 
-    /// The next live connector in turn, for new work.
-    pub fn pick(&mut self) -> Option<ClientId> {
-        if self.live.is_empty() {
-            return None;
-        }
-        self.next = self.next.wrapping_add(1);
-        Some(self.live[self.next % self.live.len()])
+    /// The live connector for the agent whose certificate hashes to `agent`:
+    /// the highest rendezvous score of (connector instance, agent). While the live
+    /// set is the same, every relay returns the same one; when one goes, only its
+    /// agents move.
+    pub fn pick_for(&self, agent: u64) -> Option<ClientId> {
+        self.live.iter().copied().max_by_key(|id| {
+            let instance = self.instances.get(id).copied().unwrap_or(*id);
+            (mix(instance ^ mix(agent)), *id)
+        })
     }
+}
+
+/// SplitMix64's finalizer: a cheap, well-spread 64-bit mix (not a secret).
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// What the intermediate knows of one connector's liveness.
@@ -168,18 +192,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn picks_rotate_over_live_connectors_in_registration_order() {
+    fn agents_spread_over_connectors_and_every_relay_picks_alike() {
         let mut s = ConnectorSet::default();
-        assert_eq!(s.pick(), None);
+        assert_eq!(s.pick_for(7), None);
         assert!(s.add(1) && s.add(2) && s.add(3));
         assert!(!s.add(2));
-        let picks: Vec<_> = (0..6).map(|_| s.pick().unwrap()).collect();
-        for c in [1, 2, 3] {
-            assert_eq!(picks.iter().filter(|&&p| p == c).count(), 2, "{picks:?}");
+        for (id, inst) in [(1, 0xaaaa), (2, 0xbbbb), (3, 0xcccc)] {
+            s.set_instance(id, inst);
         }
+        let picks: Vec<_> = (0..300u64).map(|a| s.pick_for(a).unwrap()).collect();
+        for c in [1, 2, 3] {
+            let n = picks.iter().filter(|&&p| p == c).count();
+            assert!((60..=140).contains(&n), "connector {c}: {n} of 300 agents");
+        }
+        // Another relay knows the same connectors under other client IDs, in
+        // another order: it picks the same instance for every agent.
+        let mut other = ConnectorSet::default();
+        for (id, inst) in [(30, 0xcccc), (10, 0xaaaa), (20, 0xbbbb)] {
+            other.add(id);
+            other.set_instance(id, inst);
+        }
+        for a in 0..300u64 {
+            assert_eq!(other.pick_for(a).unwrap(), s.pick_for(a).unwrap() * 10);
+        }
+        // A lost connector's agents move; the others' stay.
         s.set_live(2, false);
         assert_eq!(s.live(), &[1, 3]);
-        assert!((0..6).all(|_| s.pick() != Some(2)));
+        for (a, &p) in picks.iter().enumerate() {
+            let now = s.pick_for(a as u64).unwrap();
+            assert_ne!(now, 2);
+            if p != 2 {
+                assert_eq!(now, p, "agent {a} kept its connector");
+            }
+        }
         s.set_live(2, true);
         assert_eq!(s.live(), &[1, 2, 3], "back in its place");
         s.set_live(9, true);

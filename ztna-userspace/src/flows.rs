@@ -62,8 +62,6 @@ pub struct FlowTable {
     /// costs its own flows, not a scan of the table.
     by_agent: HashMap<ClientId, AgentFlows>,
     next_port: u16,
-    /// Round-robin position for spreading new flows over a service's connectors.
-    next_connector: usize,
 }
 
 #[derive(Default)]
@@ -131,7 +129,8 @@ impl FlowTable {
     /// Records (or refreshes) a flow from `agent` and says how to send it on, or
     /// refuses a new flow that cannot be routed back to this agent alone.
     /// `connectors` are the service's live connectors: a known flow stays on its
-    /// connector while that one is among them, and moves to one of them otherwise.
+    /// connector while that one is among them; a new flow, or one whose connector
+    /// is gone, goes to `pick` (the agent's connector, see `ConnectorSet::pick_for`).
     pub fn outbound(
         &mut self,
         agent: ClientId,
@@ -139,6 +138,7 @@ impl FlowTable {
         key: FlowKey,
         now: Instant,
         connectors: &[ClientId],
+        pick: ClientId,
     ) -> Result<OutboundRoute, FlowRefused> {
         if connectors.is_empty() {
             return Err(FlowRefused::NoConnector);
@@ -150,8 +150,7 @@ impl FlowTable {
         {
             o.last_seen = now;
             if !connectors.contains(&o.connector) {
-                self.next_connector = self.next_connector.wrapping_add(1);
-                o.connector = connectors[self.next_connector % connectors.len()];
+                o.connector = pick;
             }
             let wire = o.wire;
             if let Some(i) = self.inb.get_mut(service).and_then(|m| m.get_mut(&wire)) {
@@ -193,8 +192,7 @@ impl FlowTable {
             }
             wire = found.ok_or(FlowRefused::NoFreePort)?;
         }
-        self.next_connector = self.next_connector.wrapping_add(1);
-        let connector = connectors[self.next_connector % connectors.len()];
+        let connector = pick;
         self.out.entry(service.to_string()).or_default().insert(
             (agent, key),
             Outbound {
@@ -324,8 +322,14 @@ mod tests {
         let mut t = FlowTable::default();
         let a = key("100.64.0.2:5000", "10.100.0.1:7");
         let b = key("100.64.0.2:5001", "10.100.0.1:7");
-        assert_eq!(t.outbound(1, "echo", a, now, C).unwrap().rewrite_to, None);
-        assert_eq!(t.outbound(2, "echo", b, now, C).unwrap().rewrite_to, None);
+        assert_eq!(
+            t.outbound(1, "echo", a, now, C, 100).unwrap().rewrite_to,
+            None
+        );
+        assert_eq!(
+            t.outbound(2, "echo", b, now, C, 100).unwrap().rewrite_to,
+            None
+        );
         assert_eq!(t.inbound("echo", &a.reversed(), now).unwrap().agent, 1);
         assert_eq!(t.inbound("echo", &b.reversed(), now).unwrap().agent, 2);
         assert!(t.inbound("other", &a.reversed(), now).is_none());
@@ -336,14 +340,17 @@ mod tests {
         let now = Instant::now();
         let mut t = FlowTable::default();
         let k = key("100.64.0.2:5000", "10.100.0.1:7");
-        assert_eq!(t.outbound(1, "echo", k, now, C).unwrap().rewrite_to, None);
-        let r = t.outbound(2, "echo", k, now, C).unwrap();
+        assert_eq!(
+            t.outbound(1, "echo", k, now, C, 100).unwrap().rewrite_to,
+            None
+        );
+        let r = t.outbound(2, "echo", k, now, C, 100).unwrap();
         let port = r.rewrite_to.expect("second agent must be translated");
         assert_ne!(port, 5000);
         assert_eq!(r.wire.src.port(), port);
         // the same agent's next packet reuses the translation
         assert_eq!(
-            t.outbound(2, "echo", k, now, C).unwrap().rewrite_to,
+            t.outbound(2, "echo", k, now, C, 100).unwrap().rewrite_to,
             Some(port)
         );
         let back = t.inbound("echo", &r.wire.reversed(), now).unwrap();
@@ -366,6 +373,7 @@ mod tests {
                 key(&format!("100.64.0.2:{port}"), "10.100.0.1:7"),
                 now,
                 C,
+                100,
             )
             .unwrap();
         }
@@ -386,10 +394,10 @@ mod tests {
         let now = Instant::now();
         let mut t = FlowTable::default();
         let k = key("100.64.0.2:5000", "10.100.0.1:7");
-        t.outbound(1, "echo", k, now, C).unwrap();
+        t.outbound(1, "echo", k, now, C, 100).unwrap();
         let later = now + FLOW_IDLE - Duration::from_secs(1);
         // Agent 2 uses the same 5-tuple (translated) later.
-        let r = t.outbound(2, "echo", k, later, C).unwrap();
+        let r = t.outbound(2, "echo", k, later, C, 100).unwrap();
         t.expire(now + FLOW_IDLE + Duration::from_millis(1));
         assert!(
             !t.by_agent.contains_key(&1),
@@ -409,10 +417,10 @@ mod tests {
         let now = Instant::now();
         let mut t = FlowTable::default();
         let k = key("100.64.0.2:5000", "10.100.0.1:7");
-        t.outbound(1, "echo", k, now, C).unwrap();
+        t.outbound(1, "echo", k, now, C, 100).unwrap();
         t.remove_client(1);
         assert!(t.inbound("echo", &k.reversed(), now).is_none());
-        t.outbound(1, "echo", k, now, C).unwrap();
+        t.outbound(1, "echo", k, now, C, 100).unwrap();
         t.expire(now + FLOW_IDLE + Duration::from_secs(1));
         assert!(t.is_empty());
     }
@@ -422,10 +430,10 @@ mod tests {
     fn exhausted(now: Instant) -> (FlowTable, FlowKey) {
         let mut t = FlowTable::default();
         let k = key("100.64.0.2:5000", "10.100.0.1:7");
-        t.outbound(1, "echo", k, now, C).unwrap();
+        t.outbound(1, "echo", k, now, C, 100).unwrap();
         let range = (u16::MAX - TRANSLATION_FIRST) as u64 + 1;
         for agent in 2..2 + range {
-            let r = t.outbound(agent, "echo", k, now, C).unwrap();
+            let r = t.outbound(agent, "echo", k, now, C, 100).unwrap();
             assert!(r.rewrite_to.is_some());
         }
         (t, k)
@@ -437,7 +445,7 @@ mod tests {
         let (mut t, k) = exhausted(now);
         let before = t.len();
         assert_eq!(
-            t.outbound(1_000_000, "echo", k, now, C),
+            t.outbound(1_000_000, "echo", k, now, C, 100),
             Err(FlowRefused::NoFreePort)
         );
         assert_eq!(t.len(), before, "a refused flow records nothing");
@@ -451,7 +459,7 @@ mod tests {
         for agent in (2..2 + range).step_by(2) {
             t.remove_client(agent);
         }
-        let r = t.outbound(1_000_000, "echo", k, now, C);
+        let r = t.outbound(1_000_000, "echo", k, now, C, 100);
         assert!(r.is_ok_and(|r| r.rewrite_to.is_some()), "{r:?}");
     }
 
@@ -464,7 +472,7 @@ mod tests {
         let start = Instant::now();
         for agent in 0..2000u64 {
             assert_eq!(
-                t.outbound(2_000_000 + agent, "echo", k, now, C),
+                t.outbound(2_000_000 + agent, "echo", k, now, C, 100),
                 Err(FlowRefused::NoFreePort)
             );
         }
@@ -486,69 +494,64 @@ mod tests {
             )
         };
         for i in 0..MAX_FLOWS_PER_AGENT {
-            t.outbound(1, "echo", flow(i), now, C).unwrap();
+            t.outbound(1, "echo", flow(i), now, C, 100).unwrap();
         }
         assert_eq!(
-            t.outbound(1, "echo", flow(MAX_FLOWS_PER_AGENT), now, C),
+            t.outbound(1, "echo", flow(MAX_FLOWS_PER_AGENT), now, C, 100),
             Err(FlowRefused::AgentLimit)
         );
         // Its existing flows still pass, and other agents are unaffected.
-        assert!(t.outbound(1, "echo", flow(0), now, C).is_ok());
+        assert!(t.outbound(1, "echo", flow(0), now, C, 100).is_ok());
         assert!(
-            t.outbound(2, "echo", flow(MAX_FLOWS_PER_AGENT), now, C)
+            t.outbound(2, "echo", flow(MAX_FLOWS_PER_AGENT), now, C, 100)
                 .is_ok()
         );
         // Expired flows free the agent's quota.
         t.expire(now + FLOW_IDLE + Duration::from_secs(1));
         assert!(
-            t.outbound(1, "echo", flow(MAX_FLOWS_PER_AGENT), now + FLOW_IDLE, C)
-                .is_ok()
+            t.outbound(
+                1,
+                "echo",
+                flow(MAX_FLOWS_PER_AGENT),
+                now + FLOW_IDLE,
+                C,
+                100
+            )
+            .is_ok()
         );
     }
 
     #[test]
-    fn new_flows_spread_over_connectors_and_stay_until_theirs_is_gone() {
+    fn new_flows_take_the_pick_and_stay_until_their_connector_is_gone() {
         let now = Instant::now();
         let mut t = FlowTable::default();
         let both = [7, 8];
         let flow = |p: u16| key(&format!("100.64.0.2:{p}"), "10.100.0.1:7");
-        let first: Vec<ClientId> = (0..10)
-            .map(|p| {
-                t.outbound(1, "echo", flow(5000 + p), now, &both)
-                    .unwrap()
-                    .connector
-            })
-            .collect();
-        assert_eq!(first.iter().filter(|&&c| c == 7).count(), 5, "{first:?}");
-        assert_eq!(first.iter().filter(|&&c| c == 8).count(), 5, "{first:?}");
-        // Known flows keep their connector, whatever the round-robin position.
-        for (p, c) in first.iter().enumerate() {
+        // The agent's connector (picked by the caller) takes its new flows.
+        for p in 0..5 {
             let r = t
-                .outbound(1, "echo", flow(5000 + p as u16), now, &both)
+                .outbound(1, "echo", flow(5000 + p), now, &both, 7)
                 .unwrap();
-            assert_eq!(r.connector, *c);
+            assert_eq!(r.connector, 7);
         }
-        // Connector 7 is gone: its flows move to 8, 8's flows stay.
-        for p in 0..10u16 {
-            let r = t.outbound(1, "echo", flow(5000 + p), now, &[8]).unwrap();
+        // Known flows keep their connector even if the pick changes while it lives.
+        for p in 0..5 {
+            let r = t
+                .outbound(1, "echo", flow(5000 + p), now, &both, 8)
+                .unwrap();
+            assert_eq!(r.connector, 7);
+        }
+        // Connector 7 is gone: its flows move to the new pick.
+        for p in 0..5u16 {
+            let r = t.outbound(1, "echo", flow(5000 + p), now, &[8], 8).unwrap();
             assert_eq!(r.connector, 8);
         }
-        // 7 is back: the moved flows stay on 8 (no flapping), new ones use both.
-        for p in 0..10u16 {
-            let r = t.outbound(1, "echo", flow(5000 + p), now, &both).unwrap();
+        // 7 is back: the moved flows stay on 8 (no flapping).
+        for p in 0..5u16 {
+            let r = t
+                .outbound(1, "echo", flow(5000 + p), now, &both, 7)
+                .unwrap();
             assert_eq!(r.connector, 8);
         }
-        let new: Vec<ClientId> = (10..12)
-            .map(|p| {
-                t.outbound(1, "echo", flow(5000 + p), now, &both)
-                    .unwrap()
-                    .connector
-            })
-            .collect();
-        assert!(new.contains(&7) && new.contains(&8), "{new:?}");
-        assert_eq!(
-            t.outbound(1, "echo", flow(6000), now, &[]),
-            Err(FlowRefused::NoConnector)
-        );
     }
 }

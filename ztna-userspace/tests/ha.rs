@@ -66,34 +66,45 @@ impl Ha {
     }
 }
 
+/// Agents with certificates of their own, made until one is served by each
+/// connector: (agent, its source, its connector). Relays pick an agent's connector
+/// by its certificate, so which agent lands where is a coin toss per agent.
+fn one_agent_per_connector(ha: &Ha, relay: bool, first: usize) -> Vec<(Agent, SocketAddr, usize)> {
+    let mut found: Vec<Option<(Agent, SocketAddr, usize)>> = vec![None, None];
+    for n in first..first + 24 {
+        let mut a = agent_n(&ha.pki, ha.inter.addr, n, relay);
+        a.wait_registered(Duration::from_secs(10)).unwrap();
+        if relay {
+            a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
+        }
+        let from = src(48000 + n as u16);
+        let on = ha.served_by(&mut a, from);
+        if found[on].is_none() {
+            found[on] = Some((a, from, on));
+        }
+        if found.iter().all(Option::is_some) {
+            return found.into_iter().flatten().collect();
+        }
+    }
+    panic!("24 agents all on one connector");
+}
+
 #[test]
-fn connectors_of_one_service_share_new_flows_and_sessions_and_keep_existing_ones() {
+fn connectors_of_one_service_share_agents_and_each_agent_keeps_its_connector() {
     let ha = Ha::new("ha-share");
     assert_eq!(ha.stat(|s| &s.connectors_joined), 1);
 
-    // Datagram relay: new flows alternate between the connectors...
-    let mut a = agent(&ha.pki, ha.inter.addr);
-    a.wait_registered(Duration::from_secs(10)).unwrap();
-    let served: Vec<usize> = (0..6)
-        .map(|p| ha.served_by(&mut a, src(48000 + p)))
-        .collect();
-    assert_eq!(served.iter().filter(|&&c| c == 0).count(), 3, "{served:?}");
-    // ...and each keeps its connector.
-    for (p, c) in served.iter().enumerate() {
-        for _ in 0..3 {
-            assert_eq!(ha.served_by(&mut a, src(48000 + p as u16)), *c);
+    // Datagram relay: agents spread over the connectors, and all of an agent's
+    // flows, new or old, stay on its connector.
+    for (mut a, _, c) in one_agent_per_connector(&ha, false, 0) {
+        for p in 0..6 {
+            assert_eq!(ha.served_by(&mut a, src(48500 + p)), c, "flow {p}");
         }
     }
 
-    // Relay sessions: two agents, one on each connector.
-    let mut relayed: Vec<Agent> = (0..2)
-        .map(|_| {
-            let mut r = agent_relay(&ha.pki, ha.inter.addr);
-            r.wait_registered(Duration::from_secs(10)).unwrap();
-            r.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
-            r
-        })
-        .collect();
+    // Relay sessions: likewise, and an agent's session and flows share the
+    // connector it was given.
+    let relayed = one_agent_per_connector(&ha, true, 100);
     let sessions_on = |i: usize| {
         ha.conns[i]
             .as_ref()
@@ -105,51 +116,26 @@ fn connectors_of_one_service_share_new_flows_and_sessions_and_keep_existing_ones
     // The connector counts a data connection once its side of the handshake is
     // done, which may be just after the agent's.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while sessions_on(0) + sessions_on(1) < 2 && Instant::now() < deadline {
+    while (sessions_on(0) == 0 || sessions_on(1) == 0) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!((sessions_on(0), sessions_on(1)), (1, 1));
-    let by: Vec<usize> = relayed
-        .iter_mut()
-        .map(|r| ha.served_by(r, src(48100)))
-        .collect();
-    assert_ne!(
-        by[0], by[1],
-        "the two agents' sessions are on different connectors"
+    assert!(
+        sessions_on(0) >= 1 && sessions_on(1) >= 1,
+        "a session on each connector"
     );
-    assert_eq!(ha.stat(|s| &s.relay_sessions_created), 2);
+    assert_ne!(relayed[0].2, relayed[1].2);
 }
 
 #[test]
 fn a_dead_connectors_flows_and_sessions_move_to_a_survivor_within_3_s_with_traffic_running() {
     let mut ha = Ha::new("ha-failover");
-    // Two datagram-relay flows (one agent each) and two relay sessions: new work
-    // alternates, so one of each lands on each connector.
-    let mut flows: Vec<(Agent, SocketAddr, usize)> = (0..2u16)
-        .map(|i| {
-            let mut a = agent(&ha.pki, ha.inter.addr);
-            a.wait_registered(Duration::from_secs(10)).unwrap();
-            let from = src(48200 + i);
-            let on = ha.served_by(&mut a, from);
-            (a, from, on)
-        })
-        .collect();
-    let mut sessions: Vec<(Agent, SocketAddr, usize)> = (0..2)
-        .map(|_| {
-            let mut a = agent_relay(&ha.pki, ha.inter.addr);
-            a.wait_registered(Duration::from_secs(10)).unwrap();
-            a.wait_relay_path(SERVICE, Duration::from_secs(10)).unwrap();
-            let from = src(48300);
-            let on = ha.served_by(&mut a, from);
-            (a, from, on)
-        })
-        .collect();
-    assert_ne!(flows[0].2, flows[1].2, "flows spread");
-    assert_ne!(sessions[0].2, sessions[1].2, "sessions spread");
+    // Datagram-relay flows and relay sessions, one agent of each on each connector.
+    let flows = one_agent_per_connector(&ha, false, 0);
+    let sessions = one_agent_per_connector(&ha, true, 100);
 
     let mut on = Vec::new();
     let mut traffic = Vec::new();
-    for (a, from, c) in flows.drain(..).chain(sessions.drain(..)) {
+    for (a, from, c) in flows.into_iter().chain(sessions) {
         on.push(c);
         traffic.push(Traffic::start(a, from));
     }
@@ -162,7 +148,8 @@ fn a_dead_connectors_flows_and_sessions_move_to_a_survivor_within_3_s_with_traff
     let logs: Vec<Vec<(Instant, bool)>> = traffic.into_iter().map(Traffic::finish).collect();
 
     assert_eq!(ha.stat(|s| &s.connectors_lost), 1);
-    assert_eq!(ha.stat(|s| &s.relay_sessions_closed_connector_lost), 1);
+    // At least the kept agent's (agents dropped while searching may have left theirs).
+    assert!(ha.stat(|s| &s.relay_sessions_closed_connector_lost) >= 1);
     for (i, log) in logs.iter().enumerate() {
         let outage = longest_outage(log, crashed_at - Duration::from_millis(500));
         let ok_after = log.iter().filter(|(t, ok)| *ok && *t > crashed_at).count();

@@ -128,7 +128,11 @@ impl Intermediate {
                 // restarted connector's previous connection leaves the rotation once
                 // its silence is noticed (`connector_set::DEAD_AFTER`).
                 let entry = self.services.entry(service.to_string()).or_default();
-                if entry.add(id) && entry.all().len() > 1 {
+                let added = entry.add(id);
+                if let Some(i) = client.instance {
+                    entry.set_instance(id, i);
+                }
+                if added && entry.all().len() > 1 {
                     inc(&self.stats.connectors_joined);
                     tracing::info!(
                         "service {service:?}: connector {id} ({name}) joins {} other connector(s)",
@@ -258,8 +262,12 @@ impl Intermediate {
             inc(&self.stats.dropped_not_registered);
             return;
         }
-        let live = self.services.get(&service).map_or(&[][..], |s| s.live());
-        let route = match self.flows.outbound(from, &service, key, now, live) {
+        let set = self.services.get(&service);
+        let live = set.map_or(&[][..], |s| s.live());
+        let pick = set
+            .and_then(|s| s.pick_for(client.affinity))
+            .unwrap_or_default();
+        let route = match self.flows.outbound(from, &service, key, now, live, pick) {
             Ok(route) => route,
             Err(FlowRefused::NoConnector) => {
                 inc(&self.stats.dropped_no_connector);

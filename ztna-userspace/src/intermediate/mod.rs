@@ -189,6 +189,11 @@ struct Client {
     initial_dcid: Option<quiche::ConnectionId<'static>>,
     /// Set at its first connector registration.
     liveness: Option<Liveness>,
+    /// Agent: what ranks connectors for it (`ConnectorSet::pick_for`): its
+    /// certificate's SHA-256, so every relay ranks alike; its client ID without one.
+    affinity: u64,
+    /// Connector: the instance ID it announced (CAPABILITIES).
+    instance: Option<u64>,
     /// When its first Initial arrived (for the handshake-duration histogram).
     created: Instant,
 }
@@ -1024,6 +1029,8 @@ impl Intermediate {
                 reads_service_packets: false,
                 initial_dcid,
                 liveness: None,
+                affinity: id,
+                instance: None,
                 created: Instant::now(),
             },
         );
@@ -1083,6 +1090,10 @@ impl Intermediate {
             client.checked = true;
             self.handshake
                 .observe(now.saturating_duration_since(client.created).as_secs_f64());
+            if let Some(der) = client.conn.peer_cert() {
+                let d = ring::digest::digest(&ring::digest::SHA256, der);
+                client.affinity = u64::from_be_bytes(d.as_ref()[..8].try_into().expect("8 bytes"));
+            }
             match client.conn.peer_cert() {
                 Some(der) => match PeerIdentity::from_der(der) {
                     Ok(identity) => {

@@ -130,8 +130,14 @@ impl Intermediate {
                     return refuse(self, RefusedStatus::NotAuthorized);
                 }
                 let agent_addr = agent.peer;
-                // New sessions are spread over the live connectors in turn.
-                let Some(conn_id) = self.services.get_mut(service).and_then(|s| s.pick()) else {
+                // The agent's connector: the same one at every relay (connector
+                // affinity in `ztna_common::frames`).
+                let affinity = agent.affinity;
+                let Some(conn_id) = self
+                    .services
+                    .get(service)
+                    .and_then(|s| s.pick_for(affinity))
+                else {
                     return refuse(self, RefusedStatus::NoConnector);
                 };
                 let Some(connector_addr) = self.clients.get(&conn_id).map(|c| c.peer) else {
@@ -292,18 +298,27 @@ impl Intermediate {
                     self.send_prefixes(a, service, &prefixes);
                 }
             }
-            Frame::Capabilities { flags } => {
+            Frame::Capabilities { flags, instance } => {
                 inc(&self.stats.capabilities_received);
                 let Some(c) = self.clients.get_mut(&id) else {
                     return;
                 };
                 c.reads_service_packets = flags & frames::capability::SERVICE_PACKETS != 0;
+                if let Some(i) = instance {
+                    c.instance = Some(i);
+                    for s in &c.connector_of {
+                        if let Some(set) = self.services.get_mut(s) {
+                            set.set_instance(id, i);
+                        }
+                    }
+                }
                 tracing::debug!("client {id}: capabilities 0x{flags:08x}");
                 // We accept 0x2F from agents and connectors alike.
                 self.queue_frame(
                     id,
                     &Frame::Capabilities {
                         flags: frames::capability::SERVICE_PACKETS,
+                        instance: None,
                     },
                 );
             }

@@ -85,6 +85,29 @@ pub fn start_connector(
     c
 }
 
+/// A certificate and key of its own for agent number `n` (SAN agent.echo.ztna):
+/// relays spread agents over connectors by certificate.
+pub fn agent_identity(pki: &DevPki, n: usize) -> (PathBuf, PathBuf) {
+    identity::issue_leaf(
+        &pki.ca_cert,
+        &pki.ca_key,
+        &pki.dir.join(format!("agent{n}")),
+        &format!("agent{n}"),
+        &[format!("agent.{SERVICE}.ztna")],
+    )
+    .unwrap()
+}
+
+/// Agent number `n` with its own certificate: on the datagram relay, or (`relay`)
+/// with a relayed data connection and no hole punching.
+pub fn agent_n(pki: &DevPki, server: SocketAddr, n: usize, relay: bool) -> Agent {
+    let (cert, key) = agent_identity(pki, n);
+    let cfg = client_cfg(pki, server, Role::Agent, &cert, &key);
+    let mut a = Agent::connect_with(cfg, relay).unwrap();
+    a.set_p2p(false);
+    a
+}
+
 /// An agent on the datagram relay (the original protocol's path).
 pub fn agent(pki: &DevPki, server: SocketAddr) -> Agent {
     Agent::connect_with(
