@@ -61,6 +61,9 @@ pub struct RelaySet {
     seed: u64,
     /// Where `poll_transmit` starts, so one busy relay cannot starve the others.
     next_tx: usize,
+    /// Relays removed from the list, closing: kept until their CONNECTION_CLOSE is
+    /// out, so the relay frees their state at once instead of at its idle timeout.
+    leaving: Vec<ControlClient>,
 }
 
 impl RelaySet {
@@ -80,6 +83,7 @@ impl RelaySet {
             relays: Vec::new(),
             seed,
             next_tx: 0,
+            leaving: Vec::new(),
         };
         let addrs = if addrs.is_empty() {
             vec![set.template.server]
@@ -102,15 +106,17 @@ impl RelaySet {
             return Ok(Vec::new());
         }
         let mut removed = Vec::new();
-        self.relays.retain_mut(|r| {
+        for r in std::mem::take(&mut self.relays) {
             if addrs.contains(&r.addr()) {
-                true
+                self.relays.push(r);
             } else {
-                r.client.close("relay removed from the deployment");
-                removed.push(r.addr());
-                false
+                let mut c = r.client;
+                c.close("relay removed from the deployment");
+                tracing::info!("relay {}: removed from the deployment", c.server());
+                removed.push(c.server());
+                self.leaving.push(c);
             }
-        });
+        }
         for &addr in addrs {
             if self.get(addr).is_none() {
                 let mut cfg = self.template.clone();
@@ -196,16 +202,25 @@ impl RelaySet {
     /// Feeds a datagram from `from` to that relay's client; false if no relay is
     /// at `from`.
     pub fn recv(&mut self, buf: &mut [u8], from: SocketAddr, now: Instant) -> bool {
-        match self.relays.iter_mut().find(|r| r.addr() == from) {
-            Some(r) => {
-                r.client.recv(buf, from, now);
-                true
-            }
-            None => false,
-        }
+        let client = match self.relays.iter_mut().find(|r| r.addr() == from) {
+            Some(r) => &mut r.client,
+            None => match self.leaving.iter_mut().find(|c| c.server() == from) {
+                Some(c) => c,
+                None => return false,
+            },
+        };
+        client.recv(buf, from, now);
+        true
     }
 
     pub fn poll_transmit(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, SocketAddr)> {
+        if let Some(t) = self
+            .leaving
+            .iter_mut()
+            .find_map(|c| c.poll_transmit(out, now))
+        {
+            return Some(t);
+        }
         let n = self.relays.len();
         for i in 0..n {
             let k = (self.next_tx + i) % n;
@@ -220,16 +235,28 @@ impl RelaySet {
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.relays
             .iter()
-            .filter_map(|r| r.client.poll_timeout())
+            .map(|r| &r.client)
+            .chain(&self.leaving)
+            .filter_map(|c| c.poll_timeout())
             .min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        for r in &mut self.relays {
-            if r.client.poll_timeout().is_some_and(|t| t <= now) {
-                r.client.handle_timeout(now);
+        for c in self
+            .relays
+            .iter_mut()
+            .map(|r| &mut r.client)
+            .chain(&mut self.leaving)
+        {
+            if c.poll_timeout().is_some_and(|t| t <= now) {
+                c.handle_timeout(now);
             }
         }
+        // Their events concern nobody any more.
+        for c in &mut self.leaving {
+            while c.poll_event().is_some() {}
+        }
+        self.leaving.retain(|c| !c.is_stopped());
     }
 
     /// The next event of any relay, with its address. A drain announcement marks

@@ -242,7 +242,18 @@ pub fn spawn_with_relays(
     services: Vec<ServiceSpec>,
     relays: Vec<SocketAddr>,
 ) -> anyhow::Result<ConnectorHandle> {
-    let connector = Connector::with_relays(client, services, "0.0.0.0:0".parse()?, relays)?;
+    spawn_watching(client, services, relays, None)
+}
+
+/// [`spawn_with_relays`], following the relay lists `watch` hands over.
+pub fn spawn_watching(
+    client: ClientConfig,
+    services: Vec<ServiceSpec>,
+    relays: Vec<SocketAddr>,
+    watch: Option<Arc<RelayWatch>>,
+) -> anyhow::Result<ConnectorHandle> {
+    let mut connector = Connector::with_relays(client, services, "0.0.0.0:0".parse()?, relays)?;
+    connector.watch_relays(watch);
     let stats = connector.stats.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let crash = Arc::new(AtomicBool::new(false));

@@ -143,10 +143,7 @@ impl RelayWatch {
         {
             return None;
         }
-        let watch = Arc::new(RelayWatch {
-            latest: Mutex::new(None),
-            stop: AtomicBool::new(false),
-        });
+        let watch = RelayWatch::manual();
         let w = watch.clone();
         std::thread::Builder::new()
             .name("relay-dns".into())
@@ -158,7 +155,7 @@ impl RelayWatch {
                         Ok(addrs) if !addrs.is_empty() && addrs != known => {
                             tracing::info!("relays now {addrs:?}");
                             known = addrs.clone();
-                            *w.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(addrs);
+                            w.publish(addrs);
                         }
                         Ok(_) => {}
                         // Keep the relays we have: a resolver hiccup is no reason
@@ -169,6 +166,20 @@ impl RelayWatch {
             })
             .ok()?;
         Some(watch)
+    }
+
+    /// A watch fed by hand ([`RelayWatch::publish`]): tests, and drivers with
+    /// their own source of relays.
+    pub fn manual() -> Arc<RelayWatch> {
+        Arc::new(RelayWatch {
+            latest: Mutex::new(None),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    /// Hands `addrs` to the next `take`.
+    pub fn publish(&self, addrs: Vec<SocketAddr>) {
+        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(addrs);
     }
 
     /// The new relay list, once per change.

@@ -216,3 +216,50 @@ fn a_direct_path_carries_on_when_its_relay_is_lost() {
     // Its fallback moved: a relayed session on the survivor.
     assert_ne!(a.engine().relay_of(SERVICE), Some(first));
 }
+
+#[test]
+fn registrations_follow_relays_that_appear_and_disappear() {
+    let pki = pki("multi-follow");
+    let a = start_intermediate(&pki, "127.0.0.1:0".parse().unwrap());
+    let b = start_intermediate(&pki, "127.0.0.1:0".parse().unwrap());
+    let echo = EchoServer::spawn("127.0.0.1:0".parse().unwrap()).unwrap();
+    let cfg = client_cfg(
+        &pki,
+        a.addr,
+        Role::Connector,
+        &pki.connector_cert,
+        &pki.connector_key,
+    );
+    let spec = ServiceSpec {
+        id: SERVICE.into(),
+        backend: echo.addr.into(),
+        prefixes: vec![VIP.parse::<std::net::IpAddr>().unwrap().into()],
+    };
+    // What a re-resolved DNS name would hand over.
+    let watch = ztna_userspace::relay_targets::RelayWatch::manual();
+    let _conn =
+        connector::spawn_watching(cfg, vec![spec], vec![a.addr], Some(watch.clone())).unwrap();
+    let registered =
+        |i: &IntermediateHandle| i.stats.registrations_connector.load(Ordering::Relaxed);
+    let connected = |i: &IntermediateHandle| i.stats.connections_closed.load(Ordering::Relaxed);
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait("registered at A", &|| registered(&a) == 1);
+    assert_eq!(registered(&b), 0);
+    // B appears: the connector registers there too.
+    watch.publish(vec![a.addr, b.addr]);
+    wait("registered at B", &|| registered(&b) == 1);
+    // A disappears from the list: the connector leaves it (closing its
+    // connection), and stays at B.
+    let closed_before = connected(&a);
+    watch.publish(vec![b.addr]);
+    wait("left A", &|| connected(&a) > closed_before);
+    // An agent given only A now finds no connector there; one given B does.
+    let mut at_b = agent(&pki, b.addr);
+    assert!(echo_until_ok(&mut at_b, src(47300), Duration::from_secs(5)).is_some());
+}
