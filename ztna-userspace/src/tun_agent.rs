@@ -495,7 +495,7 @@ pub fn format_status(v: &serde_json::Value) -> String {
         other => other.to_string(),
     };
     s.push_str(&format!(
-        "tunnel {} ({}, {}), MTU {}, control connection {}\n",
+        "tunnel {} ({}, {}), MTU {}, relays {}\n",
         str_of(&v["tun"]),
         str_of(&v["tunnel_ipv4"]),
         str_of(&v["tunnel_ipv6"]),
@@ -540,6 +540,33 @@ pub fn format_status(v: &serde_json::Value) -> String {
         if !history.is_empty() {
             s.push_str(&format!("  history: {}\n", history.join(" -> ")));
         }
+        if !svc["relay"].is_null() {
+            s.push_str(&format!(
+                "  relay {}, standby {}\n",
+                str_of(&svc["relay"]),
+                str_of(&svc["standby"])
+            ));
+        }
+    }
+    let relays = v["relays"].as_array().into_iter().flatten();
+    for r in relays {
+        s.push_str(&format!(
+            "relay {:<24} {:<5} {}{}\n",
+            str_of(&r["address"]),
+            if r["connected"].as_bool() == Some(true) {
+                "up"
+            } else {
+                "down"
+            },
+            r["rtt_ms"]
+                .as_f64()
+                .map_or("-".into(), |x| format!("RTT {x:.2} ms")),
+            if r["draining"].as_bool() == Some(true) {
+                ", draining"
+            } else {
+                ""
+            },
+        ));
     }
     s
 }
