@@ -1006,6 +1006,7 @@ impl AgentEngine {
                     // Only connectors are offered sessions.
                     tracing::debug!("unexpected SESSION_OFFER to an agent");
                 }
+                ClientEvent::Draining { .. } => {}
             }
         }
     }

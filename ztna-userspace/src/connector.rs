@@ -809,6 +809,7 @@ impl Connector {
                 | ClientEvent::SessionRefused { .. }
                 | ClientEvent::ServicePrefixes { .. }
                 | ClientEvent::TunnelAddress { .. } => {}
+                ClientEvent::Draining { .. } => {}
             }
         }
     }
