@@ -118,6 +118,9 @@ impl Intermediate {
                     if status == RefusedStatus::NotAuthorized {
                         inc(&this.stats.relay_sessions_refused_not_authorized);
                     }
+                    if status == RefusedStatus::Draining {
+                        inc(&this.stats.relay_sessions_refused_draining);
+                    }
                     tracing::info!(
                         "client {id}: relay session for {service:?} refused: {status:?}"
                     );
@@ -128,6 +131,9 @@ impl Intermediate {
                 };
                 if !agent.agent_of.contains(service) {
                     return refuse(self, RefusedStatus::NotAuthorized);
+                }
+                if self.is_draining() {
+                    return refuse(self, RefusedStatus::Draining);
                 }
                 let agent_addr = agent.peer;
                 // New sessions are spread over the live connectors in turn.
@@ -298,6 +304,7 @@ impl Intermediate {
                     return;
                 };
                 c.reads_service_packets = flags & frames::capability::SERVICE_PACKETS != 0;
+                c.announced_capabilities = true;
                 tracing::debug!("client {id}: capabilities 0x{flags:08x}");
                 // We accept 0x2F from agents and connectors alike.
                 self.queue_frame(
@@ -306,6 +313,8 @@ impl Intermediate {
                         flags: frames::capability::SERVICE_PACKETS,
                     },
                 );
+                // A client that connected during a drain learns of it now.
+                self.tell_draining(id, now);
             }
             Frame::Unknown { .. } => {}
             _ => inc(&self.stats.bad_frames),
