@@ -419,6 +419,7 @@ mod tests {
         assert_eq!(i.cfg.xdp, XdpChoice::Auto);
         assert_eq!(i.cfg.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
         assert_eq!(i.cfg.relay_id, Some(1));
+        assert_eq!(i.cfg.drain_timeout, Duration::from_secs(10));
         let c: ConnectorSettings = crate::config::load_file(&dir.join("connector.toml")).unwrap();
         assert_eq!(c.service.len(), 2, "{c:?}");
         assert_eq!(c.service[0].id, "db");
