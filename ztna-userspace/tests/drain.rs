@@ -325,3 +325,29 @@ fn a_second_sigterm_stops_a_drain_at_once() {
         relay.log()
     );
 }
+
+#[test]
+fn an_in_process_intermediate_drains_on_start_drain() {
+    // What in-process tests of clients use (`IntermediateHandle::start_drain`).
+    let pki = pki("drain-handle");
+    let inter = start_intermediate(&pki, "127.0.0.1:0".parse().unwrap());
+    let echo = ztna_userspace::echo::EchoServer::spawn("127.0.0.1:0".parse().unwrap()).unwrap();
+    let _connector = start_connector(&pki, inter.addr, echo.addr);
+    let mut agent = agent_relay(&pki, inter.addr);
+    agent.wait_registered(WAIT).unwrap();
+    agent.wait_relay_path(SERVICE, WAIT).unwrap();
+    inter.start_drain();
+    let deadline = Instant::now() + WAIT;
+    while !agent.client().is_draining() {
+        assert!(Instant::now() < deadline, "the agent was not told");
+        let _ = agent.recv_packet(Duration::from_millis(20));
+    }
+    assert!(!inter.is_finished(), "its session is still open");
+    agent.close();
+    let deadline = Instant::now() + WAIT;
+    while !inter.is_finished() {
+        assert!(Instant::now() < deadline, "still draining");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    inter.stop().unwrap();
+}
