@@ -17,6 +17,10 @@
 //! original intermediate relays. So a packet its sender could send always fits the
 //! receiver's connection (same transport settings), whatever the service id's length.
 //!
+//! Stopping: SIGINT closes every connection at once; SIGTERM drains first (`drain.rs`:
+//! new relay sessions and registrations refused, existing sessions forwarded until they
+//! close or the drain timeout passes), see [`Stop`].
+//!
 //! Stateless resets use a key derived (HKDF) from the server's private key and the
 //! instance's identity (host name and listening address, or `instance_id`), so a
 //! restarted intermediate resets the connections of its previous incarnation and their
