@@ -34,6 +34,12 @@ fn stack(lab: &mut Lab, xdp: &str, drain_secs: u64) -> (PathBuf, PathBuf) {
             ],
         )
         .expect("stack");
+    lab.wait_log(
+        "intermediate",
+        "XDP relay attached",
+        Duration::from_secs(10),
+    )
+    .unwrap();
     assert!(
         pins.join("ZTNA_RELAY").exists(),
         "no pins in {}",
