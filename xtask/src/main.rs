@@ -335,7 +335,8 @@ fn test() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.
+/// A child process that is stopped when dropped: SIGTERM, a second SIGTERM after 5 s
+/// (which ends an intermediate's drain at once), SIGKILL 3 s after that.
 struct Proc {
     name: &'static str,
     child: Child,
@@ -343,20 +344,23 @@ struct Proc {
 
 impl Proc {
     fn terminate(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
+        for wait in [Duration::from_secs(5), Duration::from_secs(3)] {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
             // SAFETY: plain kill(2) on our own child's pid.
             unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
+            let deadline = Instant::now() + wait;
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = self.child.try_wait() {
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            eprintln!("{} did not stop on SIGTERM; killing", self.name);
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
+        eprintln!("{} did not stop on SIGTERM; killing", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

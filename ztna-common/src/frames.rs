@@ -40,6 +40,12 @@
 //! 0x0C TUNNEL_ADDRESS   intermediate → agent      ipv4[4] | ipv6[16]
 //!                       the agent's own addresses inside the tunnel, unique in the
 //!                       deployment, sent before its first ACK
+//! 0x0D DRAINING         intermediate → client     drain_ms[4]
+//!                       the intermediate is shutting down: it sets up no new relay
+//!                       sessions and takes no new registrations, and forwards the
+//!                       existing sessions for at most `drain_ms` more milliseconds
+//!                       (then closes every connection); sent once, to clients that
+//!                       sent CAPABILITIES
 //! ```
 //!
 //! A prefix's host bits are zero and its length at most 32 (IPv4) or 128 (IPv6);
@@ -64,6 +70,12 @@
 //! agent by rendezvous hashing of the agent's certificate against those instances:
 //! every relay computes the same connector while the set of live connectors is the
 //! same, with no coordination between relays.
+//!
+//! DRAINING lets a client move before its relay goes: a ztna client sets up new
+//! sessions (and registrations) on another relay and moves its sessions there within
+//! `drain_ms`, keeping this control connection until then (closing it ends its
+//! sessions here). Only clients that announced CAPABILITIES get it: the original
+//! system's clients read no stream frames. Type `0x0B` is unassigned.
 //!
 //! CANDIDATES carry the sender's NAT-traversal candidates and its check password
 //! (`ztna_core::p2p`). The intermediate passes them on only between the agent and
@@ -100,6 +112,7 @@ pub mod capability {
 
 pub const FRAME_SERVICE_PREFIXES: u8 = 0x0A;
 pub const FRAME_TUNNEL_ADDRESS: u8 = 0x0C;
+pub const FRAME_DRAINING: u8 = 0x0D;
 
 /// Most prefixes one SERVICE_PREFIXES frame may carry.
 pub const MAX_PREFIXES: usize = 64;
@@ -134,6 +147,8 @@ pub enum RefusedStatus {
     TableFull,
     /// 0x05: the agent already has as many relay sessions as one client may hold.
     TooManySessions,
+    /// 0x06: the intermediate is draining (shutting down): ask another relay.
+    Draining,
     Other(u8),
 }
 
@@ -145,6 +160,7 @@ impl RefusedStatus {
             RefusedStatus::ConnectorTimeout => 3,
             RefusedStatus::TableFull => 4,
             RefusedStatus::TooManySessions => 5,
+            RefusedStatus::Draining => 6,
             RefusedStatus::Other(b) => b,
         }
     }
@@ -155,6 +171,7 @@ impl RefusedStatus {
             3 => RefusedStatus::ConnectorTimeout,
             4 => RefusedStatus::TableFull,
             5 => RefusedStatus::TooManySessions,
+            6 => RefusedStatus::Draining,
             o => RefusedStatus::Other(o),
         }
     }
@@ -224,6 +241,11 @@ pub enum Frame<'a> {
     Capabilities {
         flags: u32,
         instance: Option<u64>,
+    },
+    /// The intermediate is draining: existing sessions are forwarded for at most
+    /// `drain_ms` more milliseconds.
+    Draining {
+        drain_ms: u32,
     },
     /// A frame type this version does not know; skipped.
     Unknown {
@@ -391,6 +413,7 @@ impl<'a> Frame<'a> {
                 r.buf = &[];
                 Frame::Capabilities { flags, instance }
             }
+            FRAME_DRAINING => Frame::Draining { drain_ms: r.u32()? },
             t => {
                 r.buf = &[];
                 Frame::Unknown { frame_type: t }
@@ -491,6 +514,10 @@ impl<'a> Frame<'a> {
                     w.put(&i.to_be_bytes())?;
                 }
                 FRAME_CAPABILITIES
+            }
+            Frame::Draining { drain_ms } => {
+                w.put(&drain_ms.to_be_bytes())?;
+                FRAME_DRAINING
             }
             Frame::Unknown { frame_type } => frame_type,
         };
@@ -709,6 +736,8 @@ mod tests {
             assert_eq!(RefusedStatus::from_byte(b).to_byte(), b);
         }
         assert_eq!(RefusedStatus::from_byte(5), RefusedStatus::TooManySessions);
+        assert_eq!(RefusedStatus::from_byte(6), RefusedStatus::Draining);
+        assert_eq!(RefusedStatus::Draining.to_byte(), 6);
     }
 
     fn rt(f: Frame<'_>) {
@@ -767,6 +796,8 @@ mod tests {
             flags: capability::SERVICE_PACKETS,
             instance: Some(0x0102_0304_0506_0708),
         });
+        rt(Frame::Draining { drain_ms: 0 });
+        rt(Frame::Draining { drain_ms: u32::MAX });
         let mut raw = [0u8; 64];
         let mut n = 0;
         assert!(encode_candidate(
@@ -970,6 +1001,26 @@ mod tests {
         .encode(&mut buf)
         .unwrap();
         assert_eq!(&buf[..n], &[0, 5, 9, 0, 0, 0, 1]);
+        let n = Frame::Draining { drain_ms: 10_000 }
+            .encode(&mut buf)
+            .unwrap();
+        assert_eq!(&buf[..n], &[0, 5, 0x0D, 0, 0, 0x27, 0x10]);
+    }
+
+    #[test]
+    fn draining_needs_exactly_its_four_bytes() {
+        assert_eq!(
+            Frame::decode(&[0, 3, FRAME_DRAINING, 0, 1]),
+            Err(WireError::Truncated { needed: 4, have: 2 })
+        );
+        assert_eq!(
+            Frame::decode(&[0, 6, FRAME_DRAINING, 0, 0, 0, 1, 9]),
+            Err(WireError::TrailingBytes { extra: 1 })
+        );
+        assert_eq!(
+            Frame::decode(&[0, 5, FRAME_DRAINING, 0, 0, 0x13, 0x88]),
+            Ok(Some((Frame::Draining { drain_ms: 5000 }, 7)))
+        );
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! 0x10 register agent       10 | len | id[len]                   nothing after id
 //! 0x11 register connector   11 | len | id[len]                   nothing after id
 //! 0x12 registration ACK     12 | 00 | len | id[len]              second byte is always 00
-//! 0x13 registration NACK    13 | status | len | id[len]          status 01 invalid id, 02 not authorized
+//! 0x13 registration NACK    13 | status | len | id[len]          status 01 invalid id, 02 not authorized,
+//!                                                                03 draining (ztna)
 //! 0x2F service-routed IP    2F | len | id[len] | ip-packet       packet may be empty
 //! 0x4_ raw IPv4 packet      the packet itself (first nibble 4)
 //! 0x6_ raw IPv6 packet      the packet itself (first nibble 6)
@@ -52,6 +53,10 @@ pub enum NackStatus {
     InvalidId,
     /// 0x02: the client's certificate does not cover this role and service.
     NotAuthorized,
+    /// 0x03: the intermediate is draining (shutting down) and takes no new
+    /// registrations: register with another relay. A ztna addition; the original
+    /// system's clients see an unknown status, a refusal all the same.
+    Draining,
     /// Any other status byte: kept so that newer servers' NACKs still decode.
     Other(u8),
 }
@@ -61,6 +66,7 @@ impl NackStatus {
         match self {
             NackStatus::InvalidId => 0x01,
             NackStatus::NotAuthorized => 0x02,
+            NackStatus::Draining => 0x03,
             NackStatus::Other(b) => b,
         }
     }
@@ -69,6 +75,7 @@ impl NackStatus {
         match b {
             0x01 => NackStatus::InvalidId,
             0x02 => NackStatus::NotAuthorized,
+            0x03 => NackStatus::Draining,
             other => NackStatus::Other(other),
         }
     }
@@ -79,6 +86,7 @@ impl fmt::Display for NackStatus {
         match self {
             NackStatus::InvalidId => f.write_str("invalid service id (0x01)"),
             NackStatus::NotAuthorized => f.write_str("not authorized (0x02)"),
+            NackStatus::Draining => f.write_str("intermediate draining (0x03)"),
             NackStatus::Other(b) => write!(f, "status 0x{b:02x}"),
         }
     }
@@ -651,6 +659,16 @@ mod tests {
                 service: "a"
             })
         );
+        assert_eq!(
+            ControlMessage::decode(&[0x13, 3, 1, b'a']),
+            Ok(ControlMessage::RegisterNack {
+                status: NackStatus::Draining,
+                service: "a"
+            })
+        );
+        for b in 0..=255u8 {
+            assert_eq!(NackStatus::from_byte(b).to_byte(), b);
+        }
     }
 
     #[test]

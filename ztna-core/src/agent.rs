@@ -1193,6 +1193,10 @@ impl AgentEngine {
                     // Only connectors are offered sessions.
                     tracing::debug!("unexpected SESSION_OFFER to an agent");
                 }
+                ClientEvent::Draining { within } => {
+                    // `service_relay` moves the services on it, make before break.
+                    tracing::info!("relay {relay} draining (forwarding for {within:?} more)");
+                }
             }
         }
     }
@@ -1236,7 +1240,11 @@ impl AgentEngine {
             let draining = s.relay.is_some_and(|r| {
                 !self.relays.is_usable(r) && self.relays.get(r).is_some_and(|c| c.is_established())
             });
-            if draining && s.requested.is_none() && s.leaving.is_none() {
+            if draining
+                && s.requested.is_none()
+                && s.leaving.is_none()
+                && s.want_session.is_none_or(|t| t <= now)
+            {
                 // Make before break: a session elsewhere first.
                 if let Some(to) = self.relays.choose(service, s.relay)
                     && let Some(c) = self.relays.get_mut(to)
@@ -1459,20 +1467,27 @@ impl AgentEngine {
 }
 
 /// The relay `service`'s datagram relay uses: its chosen relay while that one has
-/// it registered, else the first relay that does.
+/// it registered and is not draining, else the first relay that qualifies, else any
+/// that has it registered.
 fn datagram_relay(
     relays: &RelaySet,
     chosen: Option<SocketAddr>,
     service: &str,
 ) -> Option<SocketAddr> {
+    let registered = |r: &crate::relays::Relay| r.client.is_registered(service);
     chosen
-        .filter(|&r| relays.get(r).is_some_and(|c| c.is_registered(service)))
+        .filter(|&c| {
+            relays
+                .iter()
+                .any(|r| r.addr() == c && r.is_usable() && registered(r))
+        })
         .or_else(|| {
             relays
                 .iter()
-                .find(|r| r.client.is_registered(service))
+                .find(|r| r.is_usable() && registered(r))
                 .map(|r| r.addr())
         })
+        .or_else(|| relays.iter().find(|r| registered(r)).map(|r| r.addr()))
 }
 
 /// Silence after which a usable direct path counts as dead: `DIRECT_DEAD`, or

@@ -199,6 +199,12 @@ pub enum ClientEvent {
         ipv4: std::net::Ipv4Addr,
         ipv6: std::net::Ipv6Addr,
     },
+    /// Either side: the intermediate is draining (DRAINING frame). It refuses new
+    /// relay sessions and registrations, forwards the existing sessions for at most
+    /// `within`, then closes the connection. Move to another relay before then.
+    Draining {
+        within: Duration,
+    },
 }
 
 /// Counters of what the client received and could not use.
@@ -260,6 +266,8 @@ pub struct ControlClient {
     /// CAPABILITIES flags the intermediate sent on the current connection; `None`
     /// until it does (an original intermediate never does).
     server_caps: Option<u32>,
+    /// The intermediate of the current connection said it is draining.
+    draining: bool,
 }
 
 use crate::tls_files::{self, PemKind};
@@ -347,6 +355,7 @@ impl ControlClient {
             next_request: 1,
             requests: BTreeMap::new(),
             server_caps: None,
+            draining: false,
         };
         client.start_connect()?;
         Ok(client)
@@ -381,6 +390,7 @@ impl ControlClient {
         self.frames.reset();
         self.requests.clear();
         self.server_caps = None;
+        self.draining = false;
         for v in self.registered.values_mut() {
             *v = false;
         }
@@ -434,6 +444,12 @@ impl ControlClient {
 
     pub fn is_registered(&self, service: &str) -> bool {
         self.registered.get(service).copied().unwrap_or(false)
+    }
+
+    /// Whether the intermediate of the current connection announced that it is
+    /// draining ([`ClientEvent::Draining`]); false again after a reconnect.
+    pub fn is_draining(&self) -> bool {
+        self.draining
     }
 
     /// The address the intermediate last reported for us (QAD).
@@ -960,6 +976,15 @@ impl ControlClient {
                     tracing::debug!("intermediate capabilities 0x{flags:08x}");
                     self.server_caps = Some(flags);
                 }
+                Ok(Frame::Draining { drain_ms }) => {
+                    let within = Duration::from_millis(u64::from(drain_ms));
+                    tracing::info!(
+                        "the intermediate {} is draining: sessions end within {within:?}",
+                        self.cfg.server
+                    );
+                    self.draining = true;
+                    self.events.push_back(ClientEvent::Draining { within });
+                }
                 Ok(Frame::Unknown { .. }) => {}
                 Ok(_) => self.stats.unexpected += 1,
                 Err(e) => {
@@ -998,4 +1023,147 @@ pub fn close_reason(conn: &quiche::Connection) -> String {
         return describe("us", e);
     }
     "connection closed (stateless reset or handshake failure)".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLIENT: &str = "192.0.2.1:40000";
+    const SERVER: &str = "192.0.2.2:4433";
+
+    /// A quiche server config with a fresh self-signed certificate (the client runs
+    /// without verification, so any certificate does).
+    fn server_config(name: &str) -> quiche::Config {
+        let dir = std::env::temp_dir().join(format!("ztna-core-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["intermediate.ztna".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let mut c = quiche::Config::new(quiche::PROTOCOL_VERSION).unwrap();
+        c.load_cert_chain_from_pem_file(cert_file.to_str().unwrap())
+            .unwrap();
+        c.load_priv_key_from_pem_file(key_file.to_str().unwrap())
+            .unwrap();
+        c.set_application_protos(&[ALPN]).unwrap();
+        c.verify_peer(false);
+        crate::apply_transport_defaults(&mut c, Duration::from_secs(5));
+        let _ = std::fs::remove_dir_all(&dir);
+        c
+    }
+
+    /// The server side of one control connection, packets handed over in memory.
+    struct Server {
+        quic: quiche::Config,
+        conn: Option<quiche::Connection>,
+    }
+
+    impl Server {
+        /// Moves packets both ways until neither side has anything to send.
+        fn pump(&mut self, client: &mut ControlClient, now: Instant) {
+            let (caddr, saddr) = (CLIENT.parse().unwrap(), SERVER.parse().unwrap());
+            let mut out = [0u8; 2048];
+            loop {
+                let mut moved = false;
+                while let Some((n, to)) = client.poll_transmit(&mut out, now) {
+                    assert_eq!(to, saddr);
+                    moved = true;
+                    if self.conn.is_none() {
+                        let scid = quiche::ConnectionId::from_ref(&[9; 16]);
+                        let conn = quiche::accept(&scid, None, saddr, caddr, &mut self.quic);
+                        self.conn = Some(conn.unwrap());
+                    }
+                    let info = quiche::RecvInfo {
+                        from: caddr,
+                        to: saddr,
+                    };
+                    let _ = self.conn.as_mut().unwrap().recv(&mut out[..n], info);
+                }
+                if let Some(conn) = self.conn.as_mut() {
+                    while let Ok((n, info)) = conn.send(&mut out) {
+                        moved = true;
+                        client.recv(&mut out[..n], info.from, now);
+                    }
+                }
+                if !moved {
+                    return;
+                }
+            }
+        }
+
+        fn send_frame(&mut self, frame: &Frame<'_>) {
+            let mut buf = [0u8; 64];
+            let n = frame.encode(&mut buf).unwrap();
+            let conn = self.conn.as_mut().unwrap();
+            assert_eq!(
+                conn.stream_send(frames::SERVER_FRAME_STREAM, &buf[..n], false),
+                Ok(n)
+            );
+        }
+    }
+
+    fn events(client: &mut ControlClient) -> Vec<ClientEvent> {
+        std::iter::from_fn(|| client.poll_event()).collect()
+    }
+
+    #[test]
+    fn a_draining_frame_is_an_event_and_a_state_until_the_next_connect() {
+        let mut cfg = ClientConfig::new(SERVER.parse().unwrap(), Role::Agent, vec!["echo".into()]);
+        cfg.backoff_initial = Duration::from_millis(10);
+        let now = Instant::now();
+        let mut client = ControlClient::new(cfg, CLIENT.parse().unwrap(), now).unwrap();
+        let mut server = Server {
+            quic: server_config("draining"),
+            conn: None,
+        };
+        server.pump(&mut client, now);
+        assert!(client.is_established());
+        assert!(!client.is_draining());
+        assert!(
+            !events(&mut client)
+                .iter()
+                .any(|e| matches!(e, ClientEvent::Draining { .. }))
+        );
+
+        server.send_frame(&Frame::Draining { drain_ms: 2500 });
+        server.pump(&mut client, now);
+        assert!(client.is_draining());
+        assert_eq!(
+            events(&mut client),
+            vec![ClientEvent::Draining {
+                within: Duration::from_millis(2500)
+            }]
+        );
+        // The connection stays up: the intermediate closes it when the drain ends.
+        assert!(client.is_established());
+
+        // It closes; the client reconnects to a relay that is not draining (as far as
+        // it knows).
+        server
+            .conn
+            .as_mut()
+            .unwrap()
+            .close(true, app_error::SHUTTING_DOWN, b"drained")
+            .unwrap();
+        server.pump(&mut client, now);
+        // quiche ends its draining period (3 PTO) on its own clock.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let retry_in = loop {
+            client.handle_timeout(Instant::now());
+            if let Some(ClientEvent::Disconnected { retry_in, reason }) = client.poll_event() {
+                assert!(reason.contains("shutting down"), "{reason}");
+                break retry_in.expect("reconnects");
+            }
+            assert!(Instant::now() < deadline, "the close was not noticed");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        client.handle_timeout(Instant::now() + retry_in);
+        assert_eq!(client.stats().connects, 2);
+        assert!(!client.is_draining(), "reset by the new connect");
+    }
 }

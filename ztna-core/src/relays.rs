@@ -32,8 +32,6 @@ pub const RTT_TOLERANCE: Duration = Duration::from_millis(10);
 /// One relay: its control connection.
 pub struct Relay {
     pub client: ControlClient,
-    /// It announced a drain: no new sessions go to it.
-    draining: bool,
 }
 
 impl Relay {
@@ -43,11 +41,12 @@ impl Relay {
 
     /// Connected and not draining.
     pub fn is_usable(&self) -> bool {
-        self.client.is_established() && !self.draining
+        self.client.is_established() && !self.client.is_draining()
     }
 
+    /// It announced a drain (DRAINING): no new sessions go to it.
     pub fn is_draining(&self) -> bool {
-        self.draining
+        self.client.is_draining()
     }
 }
 
@@ -123,10 +122,7 @@ impl RelaySet {
                 cfg.server = addr;
                 let client = ControlClient::new(cfg, self.local, now)?;
                 tracing::info!("relay {addr}: connecting");
-                self.relays.push(Relay {
-                    client,
-                    draining: false,
-                });
+                self.relays.push(Relay { client });
             }
         }
         Ok(removed)
@@ -259,28 +255,11 @@ impl RelaySet {
         self.leaving.retain(|c| !c.is_stopped());
     }
 
-    /// The next event of any relay, with its address. A drain announcement marks
-    /// the relay draining until its connection ends.
+    /// The next event of any relay, with its address.
     pub fn poll_event(&mut self) -> Option<(SocketAddr, ClientEvent)> {
-        for r in &mut self.relays {
-            if let Some(ev) = r.client.poll_event() {
-                match &ev {
-                    ClientEvent::Disconnected { .. } | ClientEvent::Connected { .. } => {
-                        r.draining = false
-                    }
-                    _ => {}
-                }
-                return Some((r.addr(), ev));
-            }
-        }
-        None
-    }
-
-    /// Marks `addr` draining: no new sessions go to it.
-    pub fn set_draining(&mut self, addr: SocketAddr) {
-        if let Some(r) = self.relays.iter_mut().find(|r| r.addr() == addr) {
-            r.draining = true;
-        }
+        self.relays
+            .iter_mut()
+            .find_map(|r| Some((r.addr(), r.client.poll_event()?)))
     }
 
     /// Relays `service` can use, fastest first: connected, registered for it, not

@@ -373,7 +373,7 @@ impl Lab {
         }
     }
 
-    /// Sends SIGTERM to a started process and waits for it.
+    /// Sends SIGTERM to a started process and waits for it (see [`terminate`]).
     pub fn stop(&mut self, name: &str) {
         if let Some(i) = self.children.iter().position(|(n, _)| n == name) {
             let (_, mut child) = self.children.remove(i);
@@ -419,6 +419,17 @@ impl Lab {
         listen: &str,
         server: &str,
     ) -> anyhow::Result<PathBuf> {
+        self.start_relay_stack_with(xdp, listen, server, &[])
+    }
+
+    /// [`Lab::start_relay_stack_at`] with `extra` flags for the intermediate.
+    pub fn start_relay_stack_with(
+        &mut self,
+        xdp: &str,
+        listen: &str,
+        server: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<PathBuf> {
         let certs = self.certs()?;
         let c = |f: &str| certs.join(f).display().to_string();
         let (a, cn, x) = (self.ns("a"), self.ns("c"), self.ns("x"));
@@ -451,6 +462,7 @@ impl Lab {
         if xdp != "off" {
             args.extend(["--iface".into(), "x0".into()]);
         }
+        args.extend(extra.iter().map(|a| a.to_string()));
         self.spawn(&x, "intermediate", "ztna-intermediate", &args)?;
         self.wait_log("intermediate", "listening", Duration::from_secs(10))?;
         self.spawn(
@@ -560,21 +572,26 @@ pub fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
+/// SIGTERM, and a second one after 5 s (an intermediate still draining its relay
+/// sessions then stops at once, cleanly: pins removed), SIGKILL 3 s after that.
 fn terminate(child: &mut Child) {
-    if let Ok(None) = child.try_wait() {
+    for wait in [Duration::from_secs(5), Duration::from_secs(3)] {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
         // nsenter execs the binary, so the pid is the binary's.
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + wait;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 impl Drop for Lab {

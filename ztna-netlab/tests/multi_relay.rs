@@ -153,34 +153,40 @@ fn lose_a_relay(tag: &str, how: Loss) {
     let probes: Vec<_> = (0..AGENTS)
         .map(|k| probe(&lab.agent_ns(k), stop.clone()))
         .collect();
-    let out = lab.dir.join("fetched");
-    let download = {
-        let ns = lab.agent_ns(0);
-        let out = out.display().to_string();
-        std::thread::spawn(move || {
-            std::process::Command::new("nsenter")
-                .arg(format!("--net=/run/netns/{ns}"))
-                .args([
-                    "curl",
-                    "-sS",
-                    "--fail",
-                    "--max-time",
-                    "120",
-                    "--limit-rate",
-                    RATE,
-                ])
-                .args(["-o", &out, &format!("http://{WEB_VIP}:{HTTP_PORT}/blob")])
-                .output()
+    // The relay to lose: one carrying both an echo and a web session, so that the
+    // loss hits UDP echoes and a running download alike (one always exists unless
+    // every echo landed apart from every web session: then the busiest relay).
+    let on = |k: usize, svc: &str| placed.iter().filter(|p| p.2 == k && p.1 == svc).count();
+    let victim = (0..RELAYS)
+        .max_by_key(|&k| {
+            (
+                on(k, "echo").min(1) + on(k, "web").min(1),
+                on(k, "echo") + on(k, "web"),
+            )
         })
-    };
+        .unwrap();
+    eprintln!("{how:?}: losing relay {victim}; placements {placed:?}");
+    // A download from every agent whose web session is on it.
+    let downloads: Vec<_> = placed
+        .iter()
+        .filter(|p| p.1 == "web" && p.2 == victim)
+        .map(|&(k, _, _)| {
+            let ns = lab.agent_ns(k);
+            let out = lab.dir.join(format!("fetched{k}"));
+            let o = out.display().to_string();
+            let curl = std::thread::spawn(move || {
+                std::process::Command::new("nsenter")
+                    .arg(format!("--net=/run/netns/{ns}"))
+                    .args(["curl", "-sS", "--fail", "--max-time", "120"])
+                    .args(["--limit-rate", RATE, "-o", &o])
+                    .arg(format!("http://{WEB_VIP}:{HTTP_PORT}/blob"))
+                    .output()
+            });
+            (k, out, curl)
+        })
+        .collect();
     std::thread::sleep(Duration::from_millis(1500));
 
-    // Lose the relay that carries agent 0's download.
-    let victim = placed
-        .iter()
-        .find(|p| p.0 == 0 && p.1 == "web")
-        .map(|p| p.2)
-        .unwrap();
     let lost_at = Instant::now();
     let exit = lab
         .signal(
@@ -226,17 +232,19 @@ fn lose_a_relay(tag: &str, how: Loss) {
             "agent {k} echoes at the end"
         );
     }
-    let fetched = download.join().unwrap().expect("curl ran");
-    assert!(
-        fetched.status.success(),
-        "the download survived: {}",
-        String::from_utf8_lossy(&fetched.stderr)
-    );
-    assert_eq!(
-        ztna_netlab::tunnel::sha256(&out).unwrap(),
-        stack.sha256,
-        "the file arrived intact"
-    );
+    for (k, out, curl) in downloads {
+        let fetched = curl.join().unwrap().expect("curl ran");
+        assert!(
+            fetched.status.success(),
+            "agent {k}'s download survived: {}",
+            String::from_utf8_lossy(&fetched.stderr)
+        );
+        assert_eq!(
+            ztna_netlab::tunnel::sha256(&out).unwrap(),
+            stack.sha256,
+            "agent {k}'s file arrived intact"
+        );
+    }
     assert_maps_match_sessions(&lab, &survivors);
 
     // A restarted relay starts from empty maps: nothing of its last run forwards.
@@ -272,4 +280,10 @@ fn lose_a_relay(tag: &str, how: Loss) {
 #[ignore = "needs root: network namespaces, TUN, nftables, XDP"]
 fn three_relays_one_killed_with_traffic_running() {
     lose_a_relay("mk", Loss::Kill);
+}
+
+#[test]
+#[ignore = "needs root: network namespaces, TUN, nftables, XDP"]
+fn three_relays_one_drained_with_traffic_running() {
+    lose_a_relay("md", Loss::Drain);
 }

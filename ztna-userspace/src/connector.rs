@@ -944,6 +944,11 @@ impl Connector {
                 | ClientEvent::SessionRefused { .. }
                 | ClientEvent::ServicePrefixes { .. }
                 | ClientEvent::TunnelAddress { .. } => {}
+                ClientEvent::Draining { within } => {
+                    // Its sessions carry on until their agents move them; new ones
+                    // come through the other relays.
+                    tracing::info!("relay {relay} draining (forwarding for {within:?} more)");
+                }
             }
         }
     }

@@ -7,11 +7,12 @@
 //! | `ztna_relay_sessions` | gauge | |
 //! | `ztna_datagram_flows` | gauge | |
 //! | `ztna_registrations_total` | counter | `role`, `result` = accepted, refused |
-//! | `ztna_registration_nacks_total` | counter | `status` = invalid_id, not_authorized |
+//! | `ztna_registration_nacks_total` | counter | `status` = invalid_id, not_authorized, draining |
 //! | `ztna_authorization_refusals_total` | counter | `what` = registration, relay_session, service_prefixes, candidates |
 //! | `ztna_forwarded_packets_total`, `ztna_forwarded_bytes_total` | counter | `path` = xdp, userspace, datagram |
 //! | `ztna_xdp_packets_total`, `ztna_xdp_bytes_total` | counter | `verdict` (`ztna_common::relay::Verdict` names) |
 //! | `ztna_xdp_attached` | gauge | |
+//! | `ztna_draining` | gauge | |
 //! | `ztna_handshake_duration_seconds` | histogram | |
 //! | `ztna_reloads_total` | counter | `result` = applied, refused |
 //! | `ztna_intermediate_<counter>_total` | counter | every counter of `IntermediateStats` |
@@ -37,6 +38,8 @@ pub struct IntermediateGauges {
     pub relay_sessions: AtomicU64,
     pub datagram_flows: AtomicU64,
     pub xdp_attached: AtomicU64,
+    /// 1 while draining (SIGTERM).
+    pub draining: AtomicU64,
     pub xdp_packets: [AtomicU64; VERDICT_COUNT as usize],
     pub xdp_bytes: [AtomicU64; VERDICT_COUNT as usize],
 }
@@ -114,6 +117,13 @@ impl Collector for Families {
             true,
             &[([], get(&g.xdp_attached))],
         )?;
+        encode_family::<0>(
+            &mut e,
+            "ztna_draining",
+            "1 while the intermediate drains (SIGTERM): it refuses new relay sessions and registrations and forwards the existing sessions until they close or the drain timeout passes",
+            true,
+            &[([], get(&g.draining))],
+        )?;
         let refused = get(&s.registrations_refused);
         let (nack_invalid, nack_auth) = (get(&s.nacks_invalid_id), get(&s.nacks_not_authorized));
         encode_family(
@@ -141,6 +151,7 @@ impl Collector for Families {
             &[
                 ([("status", "invalid_id")], nack_invalid),
                 ([("status", "not_authorized")], nack_auth),
+                ([("status", "draining")], get(&s.nacks_draining)),
             ],
         )?;
         encode_family(

@@ -123,6 +123,12 @@ pub struct IntermediateSettings {
     /// Write counters as JSON to this file every second.
     #[arg(long, env = "ZTNA_STATS_FILE")]
     pub stats_file: Option<PathBuf>,
+    /// Seconds a drain (SIGTERM) forwards the existing relay sessions at most:
+    /// new sessions and registrations are refused, /readyz answers 503, and the
+    /// intermediate exits once no session is left or this time has passed. 0: no
+    /// drain, SIGTERM closes every connection at once (as SIGINT does) [default: 10].
+    #[arg(long, env = "ZTNA_DRAIN_TIMEOUT", value_name = "SECS")]
+    pub drain_timeout: Option<u64>,
     /// Serve /metrics, /healthz and /readyz over HTTP here, or `off`
     /// [default: 127.0.0.1:9090].
     #[arg(long, env = "ZTNA_METRICS_LISTEN")]
@@ -148,6 +154,7 @@ layered!(IntermediateSettings {
     relay_id,
     max_relay_entries,
     stats_file,
+    drain_timeout,
     metrics_listen,
     log,
 });
@@ -198,6 +205,10 @@ impl IntermediateSettings {
             .unwrap_or(ztna_common::relay::MAX_RELAY_ENTRIES)
             .max(2) as usize;
         cfg.stats_file = self.stats_file;
+        cfg.drain_timeout = self.drain_timeout.map_or(
+            crate::intermediate::DEFAULT_DRAIN_TIMEOUT,
+            Duration::from_secs,
+        );
         cfg.metrics_listen = self
             .metrics_listen
             .unwrap_or(Listen::At(([127, 0, 0, 1], 9090).into()))
@@ -443,6 +454,7 @@ mod tests {
         assert_eq!(i.cfg.xdp, XdpChoice::Auto);
         assert_eq!(i.cfg.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
         assert_eq!(i.cfg.relay_id, Some(1));
+        assert_eq!(i.cfg.drain_timeout, Duration::from_secs(10));
         let c: ConnectorSettings = crate::config::load_file(&dir.join("connector.toml")).unwrap();
         assert_eq!(c.service.len(), 2, "{c:?}");
         assert_eq!(c.service[0].id, "db");
@@ -471,6 +483,7 @@ mod tests {
         assert_eq!(r.cfg.idle_timeout, Duration::from_secs(9));
         // Not set anywhere: the intermediate derives it from its identity.
         assert_eq!(r.cfg.relay_id, None);
+        assert_eq!(r.cfg.drain_timeout, Duration::from_secs(10));
         assert_eq!(r.cfg.xdp, XdpChoice::Generic);
         assert_eq!(r.cfg.listen, "0.0.0.0:4433".parse().unwrap());
         let missing = IntermediateSettings::default().resolve().unwrap_err();

@@ -263,3 +263,43 @@ fn registrations_follow_relays_that_appear_and_disappear() {
     let mut at_b = agent(&pki, b.addr);
     assert!(echo_until_ok(&mut at_b, src(47300), Duration::from_secs(5)).is_some());
 }
+
+#[test]
+fn a_draining_relay_is_left_make_before_break_and_exits_early() {
+    let r = Relays::new("multi-drain", 2, 1);
+    let mut a = r.agent(false);
+    wait_path(&mut a, PathKind::is_relay, Duration::from_secs(10));
+    let first = a.engine().relay_of(SERVICE).unwrap();
+    let from = src(47400);
+    assert!(echo_until_ok(&mut a, from, Duration::from_secs(5)).is_some());
+    let traffic = Traffic::start(a, from);
+    std::thread::sleep(Duration::from_millis(500));
+    let drained_at = Instant::now();
+    let k = r.addrs.iter().position(|x| *x == first).unwrap();
+    let relay = r.inters[k].as_ref().unwrap();
+    relay.start_drain();
+    // The drain ends when its last session is gone: the agent closes it once its
+    // session on the other relay is up, long before the 10 s deadline.
+    let deadline = drained_at + Duration::from_secs(8);
+    while !relay.is_finished() {
+        assert!(Instant::now() < deadline, "the drained relay still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let exited_after = drained_at.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    let (a, log) = traffic.finish_with_agent();
+    let lost = log.iter().filter(|(t, ok)| *t >= drained_at && !ok).count();
+    let outage = longest_outage(&log, drained_at);
+    println!("drain: exited after {exited_after:?}, {lost} echoes lost, longest gap {outage:?}");
+    // Make before break: the new data connection was up before the old one went.
+    assert!(
+        lost <= 1,
+        "{lost} echoes lost during the drain (longest gap {outage:?})"
+    );
+    assert!(works_at_the_end(&log));
+    assert_ne!(a.engine().relay_of(SERVICE), Some(first));
+    assert!(
+        a.path(SERVICE).is_relay(),
+        "on the other relay's data connection"
+    );
+}

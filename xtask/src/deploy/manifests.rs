@@ -1,6 +1,7 @@
 //! The Kubernetes manifests of `deploy/k8s`: rendering with `kubectl kustomize`,
-//! validating with kubernetes-validate (PyPI, in a venv under target/deploy), and the
-//! security context every rendering must keep.
+//! validating with kubernetes-validate (PyPI, in a venv under target/deploy), the
+//! security context every rendering must keep, and what a relay's clean drain and
+//! its discovery need (grace period, rolling update, the headless Service).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,6 +23,14 @@ pub const INTERMEDIATE_CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "PERFMON"];
 
 /// What the bpffs init step adds to enter the node's mount namespace and mount.
 const MOUNT_BPFFS_CAPABILITIES: &[&str] = &["SYS_ADMIN", "SYS_CHROOT", "SYS_PTRACE"];
+
+/// The intermediate's drain timeout when its config sets none
+/// (`DEFAULT_DRAIN_TIMEOUT` in ztna-userspace/src/intermediate/mod.rs).
+const DEFAULT_DRAIN_SECS: u64 = 10;
+
+/// How long the intermediate waits for its connections to close after a drain
+/// (`CLOSE_WAIT` there): the grace period must cover the drain and this.
+const CLOSE_WAIT_SECS: u64 = 3;
 
 /// The directories under deploy/k8s to render: the base and every overlay.
 pub fn kustomizations(root: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
@@ -244,6 +253,106 @@ pub fn security_findings(docs: &[Value], privileged_allowed: bool) -> Vec<String
     bad
 }
 
+/// `drain_timeout` of the intermediate's configuration: the TOML in the ConfigMap
+/// the DaemonSet mounts (default [`DEFAULT_DRAIN_SECS`]).
+fn drain_timeout(docs: &[Value], ds: &Value) -> Result<u64, String> {
+    let volumes = ds["spec"]["template"]["spec"]["volumes"].as_array();
+    let Some(config) = volumes
+        .into_iter()
+        .flatten()
+        .find_map(|v| v["configMap"]["name"].as_str())
+    else {
+        return Ok(DEFAULT_DRAIN_SECS);
+    };
+    let toml = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == config)
+        .and_then(|d| d["data"]["intermediate.toml"].as_str())
+        .unwrap_or_default();
+    let line = toml.lines().find_map(|l| {
+        let (key, value) = l.split_once('=')?;
+        (key.trim() == "drain_timeout").then(|| value.split('#').next().unwrap_or("").trim())
+    });
+    match line {
+        None => Ok(DEFAULT_DRAIN_SECS),
+        Some(v) => v
+            .parse()
+            .map_err(|_| format!("intermediate: drain_timeout {v:?} in {config} is not seconds")),
+    }
+}
+
+/// What breaks a relay's clean drain (SIGTERM) or its discovery; empty if nothing:
+/// the grace period must exceed the drain timeout and the close that follows, a
+/// rolling update must replace one relay at a time, and the headless Service must
+/// list exactly the ready relays at their QUIC port.
+pub fn rollout_findings(docs: &[Value]) -> Vec<String> {
+    let Some(ds) = workload(docs, "DaemonSet", "ztna-intermediate") else {
+        return vec!["no DaemonSet ztna-intermediate".into()];
+    };
+    let mut bad = Vec::new();
+    let update = &ds["spec"]["updateStrategy"];
+    if update["type"] != "RollingUpdate"
+        || update["rollingUpdate"]["maxUnavailable"] != 1
+        || !(update["rollingUpdate"]["maxSurge"].is_null()
+            || update["rollingUpdate"]["maxSurge"] == 0)
+    {
+        bad.push(format!(
+            "intermediate: updateStrategy {update} does not replace one relay at a time (RollingUpdate, maxUnavailable 1, no surge)"
+        ));
+    }
+    let pod = &ds["spec"]["template"]["spec"];
+    // Kubernetes' default grace period.
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+    match drain_timeout(docs, ds) {
+        Err(e) => bad.push(e),
+        Ok(drain) if grace <= drain + CLOSE_WAIT_SECS => bad.push(format!(
+            "intermediate: terminationGracePeriodSeconds {grace} does not exceed drain_timeout {drain} + {CLOSE_WAIT_SECS} s: SIGKILL would cut the drain short"
+        )),
+        Ok(_) => {}
+    }
+    let Some(svc) = docs
+        .iter()
+        .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "ztna-intermediate")
+    else {
+        bad.push("no Service ztna-intermediate (the relays' discovery)".into());
+        return bad;
+    };
+    let spec = &svc["spec"];
+    if spec["clusterIP"] != "None" {
+        bad.push("Service ztna-intermediate is not headless (clusterIP: None)".into());
+    }
+    if spec["publishNotReadyAddresses"] == true {
+        bad.push("Service ztna-intermediate lists relays that are not ready (draining)".into());
+    }
+    let labels = &ds["spec"]["template"]["metadata"]["labels"];
+    let selects = spec["selector"]
+        .as_object()
+        .is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels[k] == *v));
+    if !selects {
+        bad.push(format!(
+            "Service ztna-intermediate's selector {} does not select the DaemonSet's pods",
+            spec["selector"]
+        ));
+    }
+    let quic = pod["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+        .find(|p| p["name"] == "quic");
+    let serves = quic.is_some_and(|q| {
+        spec["ports"].as_array().into_iter().flatten().any(|p| {
+            p["protocol"] == "UDP"
+                && p["port"] == q["containerPort"]
+                && (p["targetPort"] == "quic" || p["targetPort"] == q["containerPort"])
+        })
+    });
+    if !serves {
+        bad.push("Service ztna-intermediate does not name the relays' UDP port quic".into());
+    }
+    bad
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,10 +360,14 @@ mod tests {
     /// The base as written (kustomize only adds names, labels and the namespace).
     fn base() -> Vec<Value> {
         let dir = crate::root().join("deploy/k8s/base");
-        ["intermediate.yaml", "connector.yaml"]
-            .iter()
-            .flat_map(|f| documents(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap())
-            .collect()
+        [
+            "intermediate.yaml",
+            "intermediate-service.yaml",
+            "connector.yaml",
+        ]
+        .iter()
+        .flat_map(|f| documents(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap())
+        .collect()
     }
 
     fn intermediate(docs: &mut [Value]) -> &mut Value {
@@ -292,6 +405,67 @@ mod tests {
             serde_json::json!(["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"]);
         let found = security_findings(&docs, false);
         assert!(found.iter().any(|f| f.contains("SYS_ADMIN")), "{found:?}");
+    }
+
+    fn daemonset(docs: &mut [Value]) -> &mut Value {
+        docs.iter_mut().find(|d| d["kind"] == "DaemonSet").unwrap()
+    }
+
+    fn service(docs: &mut [Value]) -> &mut Value {
+        docs.iter_mut().find(|d| d["kind"] == "Service").unwrap()
+    }
+
+    #[test]
+    fn base_drains_one_relay_at_a_time_and_lists_the_ready_ones() {
+        assert_eq!(rollout_findings(&base()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_grace_period_the_drain_does_not_fit_in_is_found() {
+        let mut docs = base();
+        daemonset(&mut docs)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] =
+            13.into();
+        let found = rollout_findings(&docs);
+        assert!(
+            found.iter().any(|f| f.contains("drain_timeout 10 + 3")),
+            "{found:?}"
+        );
+        // A config that drains longer needs a longer grace period.
+        let mut docs = base();
+        let volumes = &daemonset(&mut docs)["spec"]["template"]["spec"]["volumes"];
+        let config = volumes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|v| v["configMap"]["name"].as_str())
+            .unwrap()
+            .to_string();
+        docs.push(serde_json::json!({
+            "kind": "ConfigMap",
+            "metadata": {"name": config},
+            "data": {"intermediate.toml": "listen = \"0.0.0.0:4433\"\ndrain_timeout = 40 # s\n"},
+        }));
+        let found = rollout_findings(&docs);
+        assert!(
+            found.iter().any(|f| f.contains("drain_timeout 40 + 3")),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn a_service_that_lists_draining_relays_or_misses_them_is_found() {
+        let mut docs = base();
+        service(&mut docs)["spec"]["publishNotReadyAddresses"] = true.into();
+        service(&mut docs)["spec"]["clusterIP"] = "10.96.0.9".into();
+        service(&mut docs)["spec"]["selector"] = serde_json::json!({"app": "other"});
+        let found = rollout_findings(&docs).join("\n");
+        for what in ["not headless", "not ready", "does not select"] {
+            assert!(found.contains(what), "{what}: {found}");
+        }
+        let mut docs = base();
+        daemonset(&mut docs)["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] =
+            "50%".into();
+        assert!(rollout_findings(&docs)[0].contains("one relay at a time"));
     }
 
     #[test]

@@ -122,15 +122,17 @@ pub fn check_manifests(root: &Path, checks: &mut Checks) -> Option<PathBuf> {
             std::fs::write(&file, &yaml)?;
             manifests::validate(&validator, &file)?;
             // The old-kernels overlay is privileged by design; nothing else may be.
-            let findings = manifests::security_findings(
-                &manifests::documents(&yaml)?,
-                name.contains("old-kernels"),
-            );
+            let docs = manifests::documents(&yaml)?;
+            let findings = manifests::security_findings(&docs, name.contains("old-kernels"));
             if !findings.is_empty() {
                 anyhow::bail!("security context: {}", findings.join("; "));
             }
+            let findings = manifests::rollout_findings(&docs);
+            if !findings.is_empty() {
+                anyhow::bail!("drain and discovery: {}", findings.join("; "));
+            }
             Ok(format!(
-                "rendered, valid for Kubernetes {}, security context kept",
+                "rendered, valid for Kubernetes {}, security context kept, relays drain one at a time",
                 manifests::KUBERNETES_VERSION
             ))
         })();

@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context;
 use clap::Parser;
 use ztna_userspace::config::{self, Layered};
-use ztna_userspace::intermediate::{Intermediate, Reloader};
+use ztna_userspace::intermediate::{Intermediate, Reloader, Stop};
 use ztna_userspace::settings::IntermediateSettings;
 
 #[derive(Parser, Debug)]
@@ -31,10 +31,14 @@ fn main() -> anyhow::Result<()> {
     let settings = load()?;
     ztna_userspace::logging::init(&settings.log);
     let server = Intermediate::bind(settings.cfg)?;
+    // SIGTERM (the kubelet's, systemd's) drains: existing relay sessions go on until
+    // they close or --drain-timeout passes; a second SIGTERM or a SIGINT stops now.
     let shutdown = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, shutdown.clone()).context("installing signal handler")?;
-    }
+    signal_hook::flag::register(signal_hook::consts::SIGINT, shutdown.clone())
+        .context("installing the SIGINT handler")?;
+    let drain = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, drain.clone())
+        .context("installing the SIGTERM handler")?;
     let reload = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())
         .context("installing the SIGHUP handler")?;
@@ -45,5 +49,10 @@ fn main() -> anyhow::Result<()> {
             Ok(load()?.cfg)
         }),
     };
-    server.run_with(&shutdown, &AtomicBool::new(false), Some(reloader))
+    let stop = Stop {
+        shutdown: &shutdown,
+        drain: &drain,
+        crash: &AtomicBool::new(false),
+    };
+    server.run_with(&stop, Some(reloader))
 }

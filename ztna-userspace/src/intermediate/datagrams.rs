@@ -8,7 +8,8 @@ impl Intermediate {
         if let ControlMessage::RegisterNack { status, .. } = msg {
             inc(match status {
                 NackStatus::NotAuthorized => &self.stats.nacks_not_authorized,
-                _ => &self.stats.nacks_invalid_id,
+                NackStatus::Draining => &self.stats.nacks_draining,
+                NackStatus::InvalidId | NackStatus::Other(_) => &self.stats.nacks_invalid_id,
             });
         }
         if let Some(bytes) = encode(msg) {
@@ -106,6 +107,26 @@ impl Intermediate {
                 id,
                 &ControlMessage::RegisterNack {
                     status: NackStatus::NotAuthorized,
+                    service,
+                },
+            );
+            return;
+        }
+        let held = match role {
+            Role::Agent => client.agent_of.contains(service),
+            Role::Connector => client.connector_of.contains(service),
+        };
+        // A registration it holds already is answered as before (an ACK): only new
+        // ones would tie new work to a relay that is leaving.
+        if self.drain.is_some() && !held {
+            inc(&self.stats.registrations_refused);
+            tracing::info!(
+                "client {id} ({name}): registration as {role_name} for {service:?} refused: draining"
+            );
+            self.reply(
+                id,
+                &ControlMessage::RegisterNack {
+                    status: NackStatus::Draining,
                     service,
                 },
             );

@@ -17,6 +17,10 @@
 //! original intermediate relays. So a packet its sender could send always fits the
 //! receiver's connection (same transport settings), whatever the service id's length.
 //!
+//! Stopping: SIGINT closes every connection at once; SIGTERM drains first (`drain.rs`:
+//! new relay sessions and registrations refused, existing sessions forwarded until they
+//! close or the drain timeout passes), see [`Stop`].
+//!
 //! Stateless resets use a key derived (HKDF) from the server's private key and the
 //! instance's identity (host name and listening address, or `instance_id`), so a
 //! restarted intermediate resets the connections of its previous incarnation and their
@@ -58,6 +62,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use prometheus_client::metrics::histogram::Histogram;
 
 mod datagrams;
+mod drain;
 mod operate;
 mod sessions;
 mod stats;
@@ -74,7 +79,12 @@ const TOKEN_LIFETIME: Duration = Duration::from_secs(10);
 const GAUGES_EVERY: Duration = Duration::from_millis(250);
 /// RFC 9000 §14.1: smallest UDP payload that may carry a client Initial.
 pub const MIN_INITIAL_DATAGRAM: usize = 1200;
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// After CONNECTION_CLOSE to every client, how long to wait for the closes to be
+/// sent (and acknowledged) before exiting.
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
+/// How long a drain (SIGTERM) forwards existing relay sessions at most, unless
+/// configured (`--drain-timeout`).
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Receive batches per loop turn. Under sustained load the loop must still get to
 /// timers, client processing and sends, or every control connection idles out.
 const MAX_BATCHES_PER_TURN: usize = 8;
@@ -130,6 +140,9 @@ pub struct IntermediateConfig {
     /// Forwarding entries (two per relay session), in userspace and in each of the
     /// XDP program's tables.
     pub max_relay_entries: usize,
+    /// How long a drain (SIGTERM) forwards the existing relay sessions at most
+    /// before closing every connection; zero: none, SIGTERM closes at once.
+    pub drain_timeout: Duration,
 }
 
 impl IntermediateConfig {
@@ -155,6 +168,7 @@ impl IntermediateConfig {
             relay_id: None,
             metrics_listen: None,
             max_relay_entries: ztna_common::relay::MAX_RELAY_ENTRIES as usize,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
 }
@@ -185,6 +199,10 @@ struct Client {
     tunnel: Option<(Ipv4Addr, Ipv6Addr)>,
     /// Announced `SERVICE_PACKETS`: may be sent `0x2F`. Off for original clients.
     reads_service_packets: bool,
+    /// Sent CAPABILITIES (a ztna client): reads our stream frames, such as DRAINING.
+    announced_capabilities: bool,
+    /// Sent DRAINING (once per connection).
+    told_draining: bool,
     /// Its key in `initial_dcids` (no Retry).
     initial_dcid: Option<quiche::ConnectionId<'static>>,
     /// Set at its first connector registration.
@@ -235,6 +253,8 @@ pub struct Intermediate {
     gauges: Arc<IntermediateGauges>,
     handshake: Histogram,
     health: Arc<Health>,
+    /// A drain in progress (SIGTERM), see `drain.rs`.
+    drain: Option<drain::Drain>,
     /// The HTTP endpoints; stop with the intermediate.
     _metrics: Option<MetricsServer>,
 }
@@ -247,12 +267,27 @@ pub struct Reloader<'a> {
     pub source: Box<dyn FnMut() -> anyhow::Result<IntermediateConfig> + 'a>,
 }
 
+/// What stops the loop; set by signal handlers or another thread.
+pub struct Stop<'a> {
+    /// Close every connection now and exit (SIGINT).
+    pub shutdown: &'a AtomicBool,
+    /// Start a drain (SIGTERM; see `drain.rs`). Set again while draining: close
+    /// every connection now, as `shutdown`.
+    pub drain: &'a AtomicBool,
+    /// Exit at once without telling anyone, as a crash would (tests).
+    pub crash: &'a AtomicBool,
+}
+
 /// What the loop keeps between turns.
 struct LoopState {
     events: Events,
     batch: RecvBatch,
     out: Vec<u8>,
-    draining_since: Option<Instant>,
+    /// When every connection was closed (shutdown, or the drain's end): the loop
+    /// exits once they are gone or [`CLOSE_WAIT`] later.
+    closing_since: Option<Instant>,
+    /// A second SIGTERM came during the drain.
+    stop_now: bool,
     /// The last turn left packets in the socket: poll without waiting (mio is
     /// edge-triggered, no new event would come for them).
     backlog: bool,
@@ -264,7 +299,8 @@ impl Default for LoopState {
             events: Events::with_capacity(64),
             batch: RecvBatch::default(),
             out: vec![0u8; MAX_UDP_PAYLOAD],
-            draining_since: None,
+            closing_since: None,
+            stop_now: false,
             backlog: false,
         }
     }
@@ -275,6 +311,7 @@ pub struct IntermediateHandle {
     pub addr: SocketAddr,
     pub stats: Arc<IntermediateStats>,
     shutdown: Arc<AtomicBool>,
+    drain: Arc<AtomicBool>,
     crash: Arc<AtomicBool>,
     thread: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -284,6 +321,16 @@ impl IntermediateHandle {
     pub fn stop(mut self) -> anyhow::Result<()> {
         self.shutdown.store(true, Ordering::SeqCst);
         self.join()
+    }
+
+    /// Starts a drain, as SIGTERM does to the daemon; the thread ends with it.
+    pub fn start_drain(&self) {
+        self.drain.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the intermediate's thread has ended (a drain is over).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
     /// Stops without telling anyone, as a crash or power loss would.
@@ -326,15 +373,24 @@ pub fn spawn_with_kernel_table(
     let addr = server.local;
     let stats = server.stats.clone();
     let shutdown = Arc::new(AtomicBool::new(false));
+    let drain = Arc::new(AtomicBool::new(false));
     let crash = Arc::new(AtomicBool::new(false));
-    let (s, c) = (shutdown.clone(), crash.clone());
+    let (s, d, c) = (shutdown.clone(), drain.clone(), crash.clone());
     let thread = std::thread::Builder::new()
         .name("intermediate".into())
-        .spawn(move || server.run(&s, &c))?;
+        .spawn(move || {
+            let stop = Stop {
+                shutdown: &s,
+                drain: &d,
+                crash: &c,
+            };
+            server.run_with(&stop, None)
+        })?;
     Ok(IntermediateHandle {
         addr,
         stats,
         shutdown,
+        drain,
         crash,
         thread: Some(thread),
     })
@@ -469,6 +525,7 @@ impl Intermediate {
             gauges: Arc::new(IntermediateGauges::default()),
             handshake: crate::intermediate_metrics::handshake_histogram(),
             health: Arc::new(Health::default()),
+            drain: None,
             _metrics: None,
         })
         .and_then(|mut server| {
@@ -556,15 +613,19 @@ impl Intermediate {
 
     /// Runs until `shutdown` (graceful) or `crash` (immediate, silent) is set.
     pub fn run(self, shutdown: &AtomicBool, crash: &AtomicBool) -> anyhow::Result<()> {
-        self.run_with(shutdown, crash, None)
+        let stop = Stop {
+            shutdown,
+            drain: &AtomicBool::new(false),
+            crash,
+        };
+        self.run_with(&stop, None)
     }
 
-    /// Runs until `shutdown` (graceful) or `crash`; applies a new configuration from
+    /// Runs until `stop` says so (see [`Stop`]); applies a new configuration from
     /// `reload` whenever its flag is set (SIGHUP).
     pub fn run_with(
         mut self,
-        shutdown: &AtomicBool,
-        crash: &AtomicBool,
+        stop: &Stop<'_>,
         mut reload: Option<Reloader<'_>>,
     ) -> anyhow::Result<()> {
         let mut st = LoopState::default();
@@ -573,7 +634,7 @@ impl Intermediate {
         self.health.set_ready();
         loop {
             self.health.tick();
-            if crash.load(Ordering::SeqCst) {
+            if stop.crash.load(Ordering::SeqCst) {
                 return Ok(());
             }
             if let Some(r) = reload.as_mut()
@@ -587,20 +648,29 @@ impl Intermediate {
                     }
                 }
             }
-            if shutdown.load(Ordering::SeqCst) && st.draining_since.is_none() {
-                tracing::info!("shutting down: closing {} connections", self.clients.len());
-                for c in self.clients.values_mut() {
-                    let _ = c.conn.close(
-                        true,
-                        app_error::SHUTTING_DOWN,
-                        b"intermediate shutting down",
-                    );
+            if stop.drain.swap(false, Ordering::SeqCst) && st.closing_since.is_none() {
+                if self.drain.is_none() {
+                    self.start_drain(Instant::now());
+                } else {
+                    tracing::info!("SIGTERM again while draining: stopping now");
+                    st.stop_now = true;
                 }
-                st.draining_since = Some(Instant::now());
-                self.health.set_not_ready("shutting down");
             }
-            if let Some(since) = st.draining_since
-                && (self.clients.is_empty() || since.elapsed() > DRAIN_TIMEOUT)
+            if st.closing_since.is_none() {
+                let reason = if stop.shutdown.load(Ordering::SeqCst) || st.stop_now {
+                    Some("intermediate shutting down")
+                } else if self.drain_over(Instant::now()) {
+                    Some("intermediate drained: reconnect to another relay")
+                } else {
+                    None
+                };
+                if let Some(reason) = reason {
+                    self.close_all(reason);
+                    st.closing_since = Some(Instant::now());
+                }
+            }
+            if let Some(since) = st.closing_since
+                && (self.clients.is_empty() || since.elapsed() > CLOSE_WAIT)
             {
                 self.flush(&mut st.out);
                 self.write_stats_file();
@@ -650,7 +720,7 @@ impl Intermediate {
             };
             for i in 0..n {
                 if let Some((pkt, from)) = st.batch.get(i) {
-                    self.handle_packet(pkt, from, &mut st.out, st.draining_since.is_some());
+                    self.handle_packet(pkt, from, &mut st.out, st.closing_since.is_some());
                 }
             }
             self.forwarded.flush(fd);
@@ -790,7 +860,8 @@ impl Intermediate {
         Some(body[9..].to_vec())
     }
 
-    fn handle_packet(&mut self, pkt: &mut [u8], from: SocketAddr, out: &mut [u8], draining: bool) {
+    /// `closing`: every connection is being closed; new ones are not accepted.
+    fn handle_packet(&mut self, pkt: &mut [u8], from: SocketAddr, out: &mut [u8], closing: bool) {
         if let Some(cid) = relay_cid_of(pkt) {
             // Another relay's session (an address shared by several relays, or a
             // client that moved between them): not ours to forward, and a reset
@@ -821,7 +892,7 @@ impl Intermediate {
         let id = match id {
             Some(id) => id,
             None => {
-                if draining {
+                if closing {
                     return;
                 }
                 match self.accept(&hdr, pkt.len(), from, out) {
@@ -1027,6 +1098,8 @@ impl Intermediate {
                 frames: FrameIo::default(),
                 tunnel: None,
                 reads_service_packets: false,
+                announced_capabilities: false,
+                told_draining: false,
                 initial_dcid,
                 liveness: None,
                 affinity: id,

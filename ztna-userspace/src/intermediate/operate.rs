@@ -10,6 +10,7 @@ impl Intermediate {
         let mut v = self.stats.snapshot();
         v["xdp_mode"] = self.xdp_mode().into();
         v["relay_sessions"] = self.relay.len().into();
+        v["draining"] = self.is_draining().into();
         v["static_sessions"] = self
             .relay
             .sessions()
@@ -78,6 +79,8 @@ impl Intermediate {
         self.cfg.idle_timeout = new.idle_timeout;
         self.cfg.retry = new.retry;
         self.cfg.stats_file = new.stats_file;
+        // From the next drain on; a running one keeps its deadline.
+        self.cfg.drain_timeout = new.drain_timeout;
         tracing::info!(
             "configuration reloaded: new connections get certificate {} (PEM SHA-256 {}), {} established connections keep theirs",
             self.cfg.cert_file.display(),
@@ -111,6 +114,7 @@ impl Intermediate {
         set(&g.relay_sessions, self.relay.len());
         set(&g.datagram_flows, self.flows.len());
         set(&g.xdp_attached, usize::from(self.xdp.is_some()));
+        set(&g.draining, usize::from(self.is_draining()));
         if let Some(totals) = self.xdp.as_ref().and_then(|x| x.verdict_totals().ok()) {
             for (v, packets, bytes) in totals {
                 g.xdp_packets[v as usize].store(packets, Ordering::Relaxed);

@@ -118,6 +118,9 @@ impl Intermediate {
                     if status == RefusedStatus::NotAuthorized {
                         inc(&this.stats.relay_sessions_refused_not_authorized);
                     }
+                    if status == RefusedStatus::Draining {
+                        inc(&this.stats.relay_sessions_refused_draining);
+                    }
                     tracing::info!(
                         "client {id}: relay session for {service:?} refused: {status:?}"
                     );
@@ -128,6 +131,9 @@ impl Intermediate {
                 };
                 if !agent.agent_of.contains(service) {
                     return refuse(self, RefusedStatus::NotAuthorized);
+                }
+                if self.is_draining() {
+                    return refuse(self, RefusedStatus::Draining);
                 }
                 let agent_addr = agent.peer;
                 // The agent's connector: the same one at every relay (connector
@@ -304,6 +310,7 @@ impl Intermediate {
                     return;
                 };
                 c.reads_service_packets = flags & frames::capability::SERVICE_PACKETS != 0;
+                c.announced_capabilities = true;
                 if let Some(i) = instance {
                     c.instance = Some(i);
                     for s in &c.connector_of {
@@ -321,6 +328,8 @@ impl Intermediate {
                         instance: None,
                     },
                 );
+                // A client that connected during a drain learns of it now.
+                self.tell_draining(id, now);
             }
             Frame::Unknown { .. } => {}
             _ => inc(&self.stats.bad_frames),

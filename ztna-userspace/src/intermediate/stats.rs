@@ -57,6 +57,10 @@ crate::counters!(IntermediateStats {
     /// certificate does not cover the role and service).
     nacks_invalid_id,
     nacks_not_authorized,
+    /// NACKs 0x03: registrations refused during a drain (SIGTERM).
+    nacks_draining,
+    /// DRAINING frames sent (one per ztna client during a drain).
+    draining_sent,
     /// Configuration reloads (SIGHUP) applied, and refused (the running
     /// configuration stays).
     reloads,
@@ -110,6 +114,8 @@ crate::counters!(IntermediateStats {
     /// Of those, refused because the agent is not registered (authorized) for the
     /// service.
     relay_sessions_refused_not_authorized,
+    /// Of those, refused because the intermediate is draining (SIGTERM).
+    relay_sessions_refused_draining,
     relay_sessions_closed,
     /// Relayed data-connection packets forwarded by the userspace forwarder.
     userspace_forwarded_packets,
