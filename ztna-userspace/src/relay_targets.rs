@@ -81,18 +81,30 @@ impl<'de> Deserialize<'de> for RelayTarget {
     }
 }
 
-/// `server = "relays.example:4433"` or `server = ["10.0.0.1", "10.0.0.2:4433"]`.
+/// `server = "relays.example:4433"` or `server = ["10.0.0.1", "10.0.0.2:4433"]`;
+/// a bad entry's error says why (an untagged enum would only say "no variant").
 pub fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<RelayTarget>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(RelayTarget),
-        Many(Vec<RelayTarget>),
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Vec<RelayTarget>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a relay \"HOST[:PORT]\" or a list of them")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(vec![v.parse().map_err(E::custom)?])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(t) = seq.next_element::<RelayTarget>()? {
+                out.push(t);
+            }
+            Ok(out)
+        }
     }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(t) => vec![t],
-        OneOrMany::Many(v) => v,
-    })
+    d.deserialize_any(V)
 }
 
 /// Every address of every target, in order, without repeats. A name that does not

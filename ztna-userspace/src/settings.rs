@@ -463,9 +463,39 @@ mod tests {
                 .client_config(ztna_core::Role::Connector, vec![])
                 .is_ok()
         );
+        assert_eq!(c.server.len(), 2, "every relay: {:?}", c.server);
         let a: AgentSettings = crate::config::load_file(&dir.join("agent.toml")).unwrap();
         assert_eq!(a.service, vec!["db".to_string(), "web".to_string()]);
         assert_eq!(a.tun.as_deref(), Some("ztna0"));
+        assert_eq!(
+            a.server.last(),
+            Some(&RelayTarget::Name {
+                host: "relays.example.com".into(),
+                port: 4433
+            })
+        );
+    }
+
+    #[test]
+    fn server_takes_one_relay_or_a_list_and_names_the_file_and_key_when_bad() {
+        let one: AgentSettings = parse("server = \"10.0.0.1\"\n", Path::new("a.toml")).unwrap();
+        assert_eq!(
+            one.server,
+            vec![RelayTarget::Addr("10.0.0.1:4433".parse().unwrap())]
+        );
+        let many: AgentSettings = parse(
+            "server = [\"10.0.0.1:5000\", \"relays.example\"]\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(many.server.len(), 2);
+        let bad =
+            parse::<AgentSettings>("server = [\"bad host\"]\n", Path::new("a.toml")).unwrap_err();
+        let msg = bad.to_string();
+        assert!(
+            msg.contains("a.toml") && msg.contains("server") && msg.contains("HOSTNAME"),
+            "{msg}"
+        );
     }
 
     #[test]
