@@ -1,7 +1,7 @@
 import Foundation
 
 // The agent's status as `ztna_agent_status_json` emits it: serde's JSON of
-// `ztna_core::agent::AgentStatus` (ztna-core/src/agent.rs), field names as written
+// `ztna_core::agent::AgentStatus` (ztna-core/src/agent/status.rs), field names as written
 // there. Optional fields are `null` until known (no tunnel address yet, no RTT
 // sample yet). Decoded by the app from the provider's reply; no field is computed
 // here.
