@@ -66,8 +66,10 @@ pub struct ClientConfig {
 
 /// How fast a client notices that its intermediate is gone (killed, node lost):
 /// after `probe_after` without a packet from it, an ACK-eliciting probe (repeated
-/// each `probe_after`); after `dead_after` without one, the connection is dropped
-/// at once (`Disconnected`, then the usual reconnect backoff). QUIC's idle timeout
+/// each `probe_after`); after `dead_after` without one, and with probes unanswered
+/// for `dead_after - probe_after` (so a client that was not scheduled for a while
+/// probes before it judges), the connection is dropped at once (`Disconnected`,
+/// then the usual reconnect backoff). QUIC's idle timeout
 /// (30 s) is far too slow to move a user's tunnel to another relay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Liveness {
@@ -76,8 +78,8 @@ pub struct Liveness {
 }
 
 impl Liveness {
-    /// What agents and connectors use with several relays: a probe after 250 ms of
-    /// silence, dead after 1 s (four probes unanswered).
+    /// What agents with several relays and every connector use: a probe after
+    /// 250 ms of silence, dead after 1 s (probes unanswered for 750 ms).
     pub const FAST: Liveness = Liveness {
         probe_after: Duration::from_millis(250),
         dead_after: Duration::from_millis(1000),
@@ -257,6 +259,10 @@ pub struct ControlClient {
     /// probed it (liveness).
     last_recv: Instant,
     last_probe: Instant,
+    /// When the first probe since the last packet went out: a connection is judged
+    /// dead only after its probes went unanswered that long, so a process that was
+    /// not scheduled for a while (a loaded host) does not drop a healthy relay.
+    probing_since: Option<Instant>,
     stats: ClientStats,
     rng: SystemRandom,
     frames: FrameIo,
@@ -349,6 +355,7 @@ impl ControlClient {
             last_send: now,
             last_recv: now,
             last_probe: now,
+            probing_since: None,
             stats: ClientStats::default(),
             rng: SystemRandom::new(),
             frames: FrameIo::default(),
@@ -498,7 +505,10 @@ impl ControlClient {
             to: self.local,
         };
         match conn.recv(buf, info) {
-            Ok(_) => self.last_recv = now,
+            Ok(_) => {
+                self.last_recv = now;
+                self.probing_since = None;
+            }
             Err(e) => tracing::debug!("quic recv: {e}"),
         }
         self.process(now);
@@ -538,9 +548,10 @@ impl ControlClient {
                     t = t.min(q);
                 }
                 if let Some(l) = self.cfg.liveness {
-                    t = t
-                        .min(self.last_recv.max(self.last_probe) + l.probe_after)
-                        .min(self.last_recv + l.dead_after);
+                    t = t.min(self.last_recv.max(self.last_probe) + l.probe_after);
+                    if let Some(dead) = dead_at(self.last_recv, self.probing_since, l) {
+                        t = t.min(dead);
+                    }
                 }
                 Some(t)
             }
@@ -567,7 +578,7 @@ impl ControlClient {
             if matches!(self.state, State::Established) {
                 if let Some(l) = self.cfg.liveness {
                     let silent = now.saturating_duration_since(self.last_recv);
-                    if silent >= l.dead_after {
+                    if dead_at(self.last_recv, self.probing_since, l).is_some_and(|t| now >= t) {
                         self.stats.silent_intermediate += 1;
                         tracing::warn!(
                             "intermediate {} silent for {silent:?}: dropping the connection",
@@ -583,6 +594,7 @@ impl ControlClient {
                     }
                     if now >= self.last_recv.max(self.last_probe) + l.probe_after {
                         self.last_probe = now;
+                        self.probing_since.get_or_insert(now);
                         let _ = conn.send_ack_eliciting();
                     }
                 }
@@ -747,6 +759,12 @@ impl ControlClient {
             .map(|p| p.rtt)
     }
 
+    /// Turns the liveness judgement on or off (see [`Liveness`]).
+    pub fn set_liveness(&mut self, l: Option<Liveness>) {
+        self.cfg.liveness = l;
+        self.probing_since = None;
+    }
+
     /// When the intermediate was last heard from (a packet quiche accepted).
     pub fn last_recv(&self) -> Instant {
         self.last_recv
@@ -802,6 +820,7 @@ impl ControlClient {
             self.state = State::Established;
             self.last_recv = now;
             self.last_probe = now;
+            self.probing_since = None;
             self.events.push_back(ClientEvent::Connected {
                 handshake: started.map_or(Duration::ZERO, |s| now.saturating_duration_since(s)),
             });
@@ -996,6 +1015,13 @@ impl ControlClient {
     }
 }
 
+/// When a connection counts as dead if nothing arrives: `dead_after` of silence,
+/// with probes unanswered for `dead_after - probe_after`.
+fn dead_at(last_recv: Instant, probing_since: Option<Instant>, l: Liveness) -> Option<Instant> {
+    let probing = probing_since?;
+    Some((last_recv + l.dead_after).max(probing + (l.dead_after - l.probe_after)))
+}
+
 /// Human-readable reason for a closed connection, naming ztna's application codes.
 pub fn close_reason(conn: &quiche::Connection) -> String {
     if conn.is_timed_out() {
@@ -1165,5 +1191,68 @@ mod tests {
         client.handle_timeout(Instant::now() + retry_in);
         assert_eq!(client.stats().connects, 2);
         assert!(!client.is_draining(), "reset by the new connect");
+    }
+
+    /// Connected with `Liveness::FAST` to an in-memory server at `now`.
+    fn live_client(name: &str, now: Instant) -> (ControlClient, Server) {
+        let mut cfg = ClientConfig::new(SERVER.parse().unwrap(), Role::Agent, vec!["echo".into()]);
+        cfg.liveness = Some(Liveness::FAST);
+        let mut client = ControlClient::new(cfg, CLIENT.parse().unwrap(), now).unwrap();
+        let mut server = Server {
+            quic: server_config(name),
+            conn: None,
+        };
+        server.pump(&mut client, now);
+        assert!(client.is_established());
+        let _ = events(&mut client);
+        (client, server)
+    }
+
+    /// Runs the client's timers at `at` and returns how many datagrams it sent
+    /// (delivered nowhere: the relay is gone).
+    fn tick(client: &mut ControlClient, at: Instant) -> usize {
+        client.handle_timeout(at);
+        let mut out = [0u8; 2048];
+        std::iter::from_fn(|| client.poll_transmit(&mut out, at)).count()
+    }
+
+    #[test]
+    fn a_silent_relay_is_probed_then_dropped_after_a_second() {
+        let t0 = Instant::now();
+        let (mut client, _server) = live_client("live-silent", t0);
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        assert!(
+            client.poll_timeout().unwrap() <= ms(250),
+            "the first probe is due"
+        );
+        assert!(tick(&mut client, ms(260)) >= 1, "a probe goes out");
+        assert!(tick(&mut client, ms(520)) >= 1, "and again");
+        tick(&mut client, ms(900));
+        assert!(client.is_established(), "not dead before a second");
+        assert!(events(&mut client).is_empty());
+        tick(&mut client, ms(1020));
+        match events(&mut client).as_slice() {
+            [ClientEvent::Disconnected { reason, retry_in }] => {
+                assert!(reason.contains("silent"), "{reason}");
+                assert!(retry_in.is_some(), "it reconnects");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(client.stats().silent_intermediate, 1);
+    }
+
+    #[test]
+    fn a_client_that_was_not_scheduled_probes_before_it_judges() {
+        let t0 = Instant::now();
+        let (mut client, mut server) = live_client("live-starved", t0);
+        // Five seconds without a turn (a loaded host): no verdict yet, a probe first.
+        let late = t0 + Duration::from_secs(5);
+        client.handle_timeout(late);
+        assert!(client.is_established(), "{:?}", events(&mut client));
+        // The relay answers the probe: alive.
+        server.pump(&mut client, late + Duration::from_millis(100));
+        tick(&mut client, late + Duration::from_millis(900));
+        assert!(client.is_established());
+        assert_eq!(client.stats().silent_intermediate, 0);
     }
 }

@@ -139,6 +139,14 @@ impl RelaySet {
         Ok(())
     }
 
+    /// The liveness judgement of every client, present and future.
+    pub fn set_liveness(&mut self, l: Option<crate::client::Liveness>) {
+        self.template.liveness = l;
+        for r in &mut self.relays {
+            r.client.set_liveness(l);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.relays.len()
     }

@@ -411,6 +411,10 @@ impl AgentEngine {
         for gone in self.relays.set_addrs(addrs, now)? {
             self.leave_relay(gone, "relay removed from the deployment", now);
         }
+        // Somewhere to move to: notice a lost relay in a second, not in QUIC's 30 s.
+        if self.relays.len() > 1 {
+            self.relays.set_liveness(Some(Liveness::FAST));
+        }
         self.process(now, false);
         Ok(())
     }
