@@ -79,7 +79,8 @@ typedef enum ztna_error {
    */
   ZTNA_ERROR_ENGINE = 8,
   /**
-   * An input was empty or longer than any valid datagram or packet.
+   * An input was empty (a datagram, a packet, the relay list) or longer than any
+   * valid datagram or packet.
    */
   ZTNA_ERROR_INVALID_LENGTH = 9,
   /**
@@ -163,7 +164,8 @@ typedef void (*ztna_log_fn)(void *ctx, enum ztna_log_level level, const char *me
  */
 typedef struct ztna_agent_config {
   /**
-   * UDP address of the intermediate.
+   * UDP address of the intermediate (the relay). A deployment with several
+   * passes them all to `ztna_agent_set_relays` after creating the agent.
    */
   struct ztna_sockaddr intermediate;
   /**
@@ -411,6 +413,27 @@ enum ztna_error ztna_agent_network_changed(struct ztna_agent *agent,
                                            size_t count);
 
 /**
+ * The deployment's relays (intermediates), `relays_len` entries. The agent keeps a
+ * control connection to each and registers its services with every one; each
+ * service runs through the relay with the lowest measured RTT (near-equal ones
+ * share the load) while the others stay warm, and a relay that goes silent for a
+ * second or drains loses its services to the next. The list replaces the previous
+ * one, the configuration's `intermediate` included: relays not listed are closed
+ * (their services move), listed ones already connected keep their connections.
+ *
+ * Call after `ztna_agent_new` and whenever the list changes (a DNS name
+ * re-resolved). An empty list is `ZTNA_ERROR_INVALID_LENGTH` and changes nothing:
+ * a failed lookup must not drop every relay.
+ *
+ * # Safety
+ * `agent` is null or a live handle; `relays` is null or valid for `relays_len`
+ * entries.
+ */
+enum ztna_error ztna_agent_set_relays(struct ztna_agent *agent,
+                                      const struct ztna_sockaddr *relays,
+                                      size_t relays_len);
+
+/**
  * The tunnel's settings: addresses and MTU into `*info`, and the destination
  * prefixes to route into the tunnel (every service's) into `prefixes` (capacity
  * `cap` entries), their number into `*count`. With too small a `cap` (0 and a
@@ -431,8 +454,9 @@ enum ztna_error ztna_agent_routes(struct ztna_agent *agent,
 
 /**
  * The status as JSON (connected, observed address, tunnel addresses, MTU,
- * handshake time, and per service: registered, prefixes, path, RTT, traffic,
- * path history), NUL-terminated, into `out` (capacity `cap` bytes). `*out_len`
+ * handshake time; per service: registered, prefixes, path, RTT, relay and standby
+ * relay, traffic, path history; per relay: address, connected, draining, RTT),
+ * NUL-terminated, into `out` (capacity `cap` bytes). `*out_len`
  * gets the JSON's length without the NUL; `cap` must be at least `*out_len + 1`,
  * otherwise `ZTNA_ERROR_BUFFER_TOO_SMALL` with the length in `*out_len`.
  *

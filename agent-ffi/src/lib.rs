@@ -24,7 +24,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 
 use ztna_core::agent::{AgentConfig, AgentEngine, AgentEvent, TUN_MTU};
-use ztna_core::{ClientConfig, MAX_UDP_PAYLOAD, Role};
+use ztna_core::{ClientConfig, ClientError, MAX_UDP_PAYLOAD, Role};
 
 mod log;
 mod pem;
@@ -54,7 +54,8 @@ pub enum ZtnaError {
     Tls = 7,
     /// The engine refused to start (QUIC setup failed).
     Engine = 8,
-    /// An input was empty or longer than any valid datagram or packet.
+    /// An input was empty (a datagram, a packet, the relay list) or longer than any
+    /// valid datagram or packet.
     InvalidLength = 9,
     /// A call panicked inside the library; the handle is unusable (free it).
     Panic = 10,
@@ -187,7 +188,8 @@ const _: () = assert!(ZTNA_MAX_DATAGRAM == MAX_UDP_PAYLOAD && ZTNA_MAX_PACKET >=
 /// Everything `ztna_agent_new` needs. Pointers are read during the call only.
 #[repr(C)]
 pub struct ZtnaAgentConfig {
-    /// UDP address of the intermediate.
+    /// UDP address of the intermediate (the relay). A deployment with several
+    /// passes them all to `ztna_agent_set_relays` after creating the agent.
     pub intermediate: ZtnaSockaddr,
     /// Name checked against the intermediate's certificate and sent as SNI
     /// (NUL-terminated UTF-8); null means "intermediate.ztna".
@@ -287,6 +289,26 @@ unsafe fn with_agent(
 }
 
 impl ZtnaAgent {
+    /// Follows a new relay list, logged.
+    fn set_relays(&mut self, addrs: &[SocketAddr]) -> Result<(), ClientError> {
+        let now = Instant::now();
+        self.engine.set_relays(addrs, now)?;
+        // The engine picks fast liveness (a relay silent for 1 s is dead, so its
+        // services move) only when it is created with several relays or
+        // reconfigured; a handle starts with one, the configuration's
+        // intermediate. Reconfiguring with the unchanged settings lets the engine
+        // apply it to every relay's control connection now.
+        let primary = self.engine.relays().primary().config();
+        if self.engine.relays().len() > 1 && primary.liveness.is_none() {
+            let cfg = primary.clone();
+            self.engine.reconfigure(cfg)?;
+        }
+        let shown: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+        self.log
+            .line(ZtnaLogLevel::Info, &format!("relays: {}", shown.join(", ")));
+        Ok(())
+    }
+
     /// Turns the engine's events into log lines (the status JSON has the state).
     fn drain_events(&mut self) {
         while let Some(ev) = self.engine.poll_event() {
@@ -434,10 +456,7 @@ unsafe fn build(cfg: &ZtnaAgentConfig) -> Result<Box<ZtnaAgent>, ZtnaError> {
     })
     .map_err(|e| {
         logger.line(ZtnaLogLevel::Error, &format!("starting the agent: {e}"));
-        match e {
-            ztna_core::ClientError::TlsFile(_) => ZtnaError::Tls,
-            _ => ZtnaError::Engine,
-        }
+        engine_error(&e)
     })?;
     Ok(Box::new(ZtnaAgent {
         engine,
@@ -448,6 +467,14 @@ unsafe fn build(cfg: &ZtnaAgentConfig) -> Result<Box<ZtnaAgent>, ZtnaError> {
         scratch: vec![0; 65536],
         poisoned: Cell::new(false),
     }))
+}
+
+/// The code for an engine that refused a configuration.
+fn engine_error(e: &ClientError) -> ZtnaError {
+    match e {
+        ClientError::TlsFile(_) => ZtnaError::Tls,
+        _ => ZtnaError::Engine,
+    }
 }
 
 fn path_str(p: &std::path::Path) -> String {
@@ -797,6 +824,56 @@ pub unsafe extern "C" fn ztna_agent_network_changed(
     }
 }
 
+/// The deployment's relays (intermediates), `relays_len` entries. The agent keeps a
+/// control connection to each and registers its services with every one; each
+/// service runs through the relay with the lowest measured RTT (near-equal ones
+/// share the load) while the others stay warm, and a relay that goes silent for a
+/// second or drains loses its services to the next. The list replaces the previous
+/// one, the configuration's `intermediate` included: relays not listed are closed
+/// (their services move), listed ones already connected keep their connections.
+///
+/// Call after `ztna_agent_new` and whenever the list changes (a DNS name
+/// re-resolved). An empty list is `ZTNA_ERROR_INVALID_LENGTH` and changes nothing:
+/// a failed lookup must not drop every relay.
+///
+/// # Safety
+/// `agent` is null or a live handle; `relays` is null or valid for `relays_len`
+/// entries.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ztna_agent_set_relays(
+    agent: *mut ZtnaAgent,
+    relays: *const ZtnaSockaddr,
+    relays_len: usize,
+) -> ZtnaError {
+    // SAFETY: forwarded contract.
+    unsafe {
+        with_agent(agent, |a| {
+            if relays_len == 0 {
+                return ZtnaError::InvalidLength;
+            }
+            if relays.is_null() {
+                return ZtnaError::NullPointer;
+            }
+            let list = std::slice::from_raw_parts(relays, relays_len);
+            let mut addrs = Vec::with_capacity(list.len());
+            for s in list {
+                match s.to_std() {
+                    Some(sa) => addrs.push(sa),
+                    None => return ZtnaError::InvalidAddress,
+                }
+            }
+            match a.set_relays(&addrs) {
+                Ok(()) => ZtnaError::Ok,
+                Err(e) => {
+                    a.log
+                        .line(ZtnaLogLevel::Error, &format!("setting the relays: {e}"));
+                    engine_error(&e)
+                }
+            }
+        })
+    }
+}
+
 /// The tunnel's settings: addresses and MTU into `*info`, and the destination
 /// prefixes to route into the tunnel (every service's) into `prefixes` (capacity
 /// `cap` entries), their number into `*count`. With too small a `cap` (0 and a
@@ -860,8 +937,9 @@ pub unsafe extern "C" fn ztna_agent_routes(
 }
 
 /// The status as JSON (connected, observed address, tunnel addresses, MTU,
-/// handshake time, and per service: registered, prefixes, path, RTT, traffic,
-/// path history), NUL-terminated, into `out` (capacity `cap` bytes). `*out_len`
+/// handshake time; per service: registered, prefixes, path, RTT, relay and standby
+/// relay, traffic, path history; per relay: address, connected, draining, RTT),
+/// NUL-terminated, into `out` (capacity `cap` bytes). `*out_len`
 /// gets the JSON's length without the NUL; `cap` must be at least `*out_len + 1`,
 /// otherwise `ZTNA_ERROR_BUFFER_TOO_SMALL` with the length in `*out_len`.
 ///
@@ -954,10 +1032,10 @@ mod tests {
         assert_eq!(bad.to_std(), None);
     }
 
-    #[test]
-    fn a_panic_is_an_error_and_poisons_the_handle() {
-        let dir = std::env::temp_dir().join(format!("ztna-ffi-unit-{}", std::process::id()));
-        let pki = ztna_userspace::identity::generate_dev_pki(&dir, &["echo".into()]).unwrap();
+    /// An agent towards 127.0.0.1:9 (nobody there: creating it only queues an
+    /// Initial), with PEMs from a throwaway CA in `dir`.
+    fn test_agent(dir: &std::path::Path) -> *mut ZtnaAgent {
+        let pki = ztna_userspace::identity::generate_dev_pki(dir, &["echo".into()]).unwrap();
         let pem: Vec<Vec<u8>> = [&pki.ca_cert, &pki.agent_cert, &pki.agent_key]
             .iter()
             .map(|p| std::fs::read(p).unwrap())
@@ -984,9 +1062,17 @@ mod tests {
             log_ctx: std::ptr::null_mut(),
         };
         let mut a = std::ptr::null_mut();
-        // SAFETY: valid config and out pointer; then a live handle, freed once.
+        // SAFETY: valid config and out pointer.
+        assert_eq!(unsafe { ztna_agent_new(&cfg, &mut a) }, ZtnaError::Ok);
+        a
+    }
+
+    #[test]
+    fn a_panic_is_an_error_and_poisons_the_handle() {
+        let dir = std::env::temp_dir().join(format!("ztna-ffi-unit-{}", std::process::id()));
+        let a = test_agent(&dir);
+        // SAFETY: a live handle, freed once.
         unsafe {
-            assert_eq!(ztna_agent_new(&cfg, &mut a), ZtnaError::Ok);
             let pem_dir = (*a)._pem.ca.parent().unwrap().to_path_buf();
             assert!(pem_dir.join("key.pem").exists());
             #[cfg(unix)]
@@ -1002,6 +1088,47 @@ mod tests {
             assert_eq!(ztna_agent_on_timeout(a), ZtnaError::Poisoned);
             ztna_agent_free(a);
             assert!(!pem_dir.exists(), "free removes the PEM directory");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn several_relays_get_fast_liveness() {
+        use ztna_core::client::Liveness;
+        let dir = std::env::temp_dir().join(format!("ztna-ffi-relays-{}", std::process::id()));
+        let a = test_agent(&dir);
+        let relays = [
+            ZtnaSockaddr::from_std("127.0.0.1:9".parse().unwrap()),
+            ZtnaSockaddr::from_std("[::1]:9".parse().unwrap()),
+        ];
+        // SAFETY: a live handle with two addresses, freed once.
+        unsafe {
+            let engine = &(*a).engine;
+            assert_eq!(engine.relays().len(), 1);
+            assert_eq!(
+                engine.relays().primary().config().liveness,
+                None,
+                "one relay: QUIC's idle timeout judges it"
+            );
+            assert_eq!(
+                ztna_agent_set_relays(a, relays.as_ptr(), relays.len()),
+                ZtnaError::Ok
+            );
+            let engine = &(*a).engine;
+            let got: Vec<SocketAddr> = engine.relays().iter().map(|r| r.addr()).collect();
+            assert_eq!(
+                got,
+                vec!["127.0.0.1:9".parse().unwrap(), "[::1]:9".parse().unwrap()]
+            );
+            for r in engine.relays().iter() {
+                assert_eq!(
+                    r.client.config().liveness,
+                    Some(Liveness::FAST),
+                    "{}",
+                    r.addr()
+                );
+            }
+            ztna_agent_free(a);
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

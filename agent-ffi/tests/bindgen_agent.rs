@@ -378,6 +378,136 @@ fn agent_through_bindgen_bindings_registers_and_carries_udp_and_tcp() {
     unsafe { ztna_agent_free(agent) };
 }
 
+/// Two relays: the agent starts with the first (the configuration's intermediate),
+/// is told about both, connects to the second too and puts each service on one of
+/// them with the other as standby; the status lists both relays with an RTT. When
+/// the echo service's relay crashes, the service moves to the other one within
+/// seconds (the relays' liveness probes, not QUIC's 30 s idle timeout). Told the
+/// survivor alone, the agent forgets the crashed one, and the tunnel carries on.
+#[test]
+fn set_relays_connects_to_each_and_services_follow_the_list() {
+    let mut env = common::start_relays("bindgen-relays", 2);
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut logs: Box<Vec<String>> = Box::default();
+    let cfg = config(&env, sock.local_addr().unwrap(), &mut *logs);
+    let mut agent: *mut ztna_agent = std::ptr::null_mut();
+    // SAFETY: valid config and out pointer.
+    let r = unsafe { ztna_agent_new(&cfg.c, &mut agent) };
+    assert_eq!(r, ZTNA_ERROR_OK, "{:?}", logs);
+    let mut h = Harness {
+        agent,
+        sock,
+        tun: Vec::new(),
+    };
+    let relays: Vec<ztna_sockaddr> = env.relays.iter().map(|a| to_c(*a)).collect();
+    // SAFETY: live handle, `relays.len()` addresses.
+    let r = unsafe { ztna_agent_set_relays(agent, relays.as_ptr(), relays.len()) };
+    assert_eq!(r, ZTNA_ERROR_OK);
+    let names: Vec<String> = env.relays.iter().map(|a| a.to_string()).collect();
+    assert!(
+        logs.iter()
+            .any(|l| *l == format!("relays: {}", names.join(", "))),
+        "{logs:?}"
+    );
+
+    // Both relays up with an RTT sample; every service on one, the other standing by.
+    h.until("both relays connected, services placed", 30, |h| {
+        let s = h.status();
+        let relays = s["relays"].as_array().unwrap();
+        relays.len() == 2
+            && relays
+                .iter()
+                .all(|r| r["connected"] == true && r["rtt_ms"].is_number())
+            && s["services"].as_array().unwrap().iter().all(|svc| {
+                svc["registered"] == true && !svc["relay"].is_null() && !svc["standby"].is_null()
+            })
+    });
+    let status = h.status();
+    let listed: Vec<&str> = status["relays"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, names, "{status}");
+    for svc in status["services"].as_array().unwrap() {
+        let (relay, standby) = (
+            svc["relay"].as_str().unwrap(),
+            svc["standby"].as_str().unwrap(),
+        );
+        assert!(names.iter().any(|n| n == relay), "{status}");
+        assert!(
+            names.iter().any(|n| n == standby) && standby != relay,
+            "{status}"
+        );
+    }
+    let (info, _) = h.routes();
+    let me = Ipv4Addr::from(info.ipv4);
+    assert!(!me.is_unspecified());
+    let echo_relay = |s: &serde_json::Value| {
+        s["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|svc| svc["name"] == common::ECHO)
+            .map(|svc| svc["relay"].clone())
+            .unwrap()
+    };
+
+    // The echo service's relay crashes: echo moves to the other one. 10 s is
+    // generous for the 1 s liveness limit and far below QUIC's 30 s idle timeout,
+    // which is all a relay added after creation would get without it.
+    let crashed = echo_relay(&status).as_str().unwrap().to_string();
+    let survivor = names.iter().find(|n| **n != crashed).unwrap().clone();
+    env.crash(crashed.parse().unwrap());
+    h.until("echo on the surviving relay", 10, |h| {
+        echo_relay(&h.status()) == survivor.as_str()
+    });
+    let src = SocketAddr::from((me, 40010));
+    let dst = SocketAddr::from((ECHO_VIP, 7));
+    let echo = |h: &mut Harness, payload: &[u8]| {
+        let pkt = ztna_core::packet::build_udp(src, dst, payload).unwrap();
+        h.tun.clear();
+        h.send_tun(&pkt);
+        h.until("echo reply", 20, |h| {
+            h.tun
+                .iter()
+                .filter_map(|p| ztna_core::packet::parse_udp(p).ok())
+                .any(|r| r.2 == payload)
+        });
+    };
+    echo(&mut h, b"after the crash");
+
+    // The survivor alone: the crashed relay leaves the status, every service is on
+    // the survivor with no standby, and the tunnel still works.
+    let only = [to_c(survivor.parse().unwrap())];
+    // SAFETY: live handle, one address.
+    let r = unsafe { ztna_agent_set_relays(agent, only.as_ptr(), 1) };
+    assert_eq!(r, ZTNA_ERROR_OK);
+    h.until("every service on the survivor", 30, |h| {
+        let s = h.status();
+        s["relays"].as_array().unwrap().len() == 1
+            && s["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|svc| svc["relay"] == survivor.as_str() && svc["standby"].is_null())
+    });
+    let status = h.status();
+    assert_eq!(
+        status["relays"][0]["address"],
+        survivor.as_str(),
+        "{status}"
+    );
+    echo(&mut h, b"with one relay listed");
+
+    // SAFETY: live handle, freed once.
+    unsafe {
+        assert_eq!(ztna_agent_close(agent), ZTNA_ERROR_OK);
+        ztna_agent_free(agent);
+    }
+}
+
 /// The header's types, as bindgen read them, have the size, alignment and field
 /// offsets of the crate's own `#[repr(C)]` types.
 #[test]
@@ -473,6 +603,10 @@ fn bad_input_gets_error_codes() {
         );
         assert_eq!(
             ztna_agent_on_timeout(std::ptr::null_mut()),
+            ZTNA_ERROR_NULL_POINTER
+        );
+        assert_eq!(
+            ztna_agent_set_relays(std::ptr::null_mut(), &to, 1),
             ZTNA_ERROR_NULL_POINTER
         );
         ztna_agent_free(std::ptr::null_mut());
@@ -622,6 +756,59 @@ fn bad_input_gets_error_codes() {
             ztna_agent_network_changed(a, std::ptr::null(), 0),
             ZTNA_ERROR_OK
         );
+        // Relays: an empty list is refused (a failed lookup must not drop them
+        // all), null with a length, and an unknown family.
+        assert_eq!(
+            ztna_agent_set_relays(a, std::ptr::null(), 0),
+            ZTNA_ERROR_INVALID_LENGTH
+        );
+        assert_eq!(ztna_agent_set_relays(a, &to, 0), ZTNA_ERROR_INVALID_LENGTH);
+        assert_eq!(
+            ztna_agent_set_relays(a, std::ptr::null(), 2),
+            ZTNA_ERROR_NULL_POINTER
+        );
+        let relays = [to_c("127.0.0.1:9".parse().unwrap()), bad];
+        assert_eq!(
+            ztna_agent_set_relays(a, relays.as_ptr(), 2),
+            ZTNA_ERROR_INVALID_ADDRESS
+        );
+        // None of those changed anything: one relay, and every service has the
+        // relay and standby keys (null while nothing is connected).
+        let mut json = vec![0 as c_char; 8192];
+        assert_eq!(
+            ztna_agent_status_json(a, json.as_mut_ptr(), json.len(), &mut len),
+            ZTNA_ERROR_OK
+        );
+        let status: serde_json::Value =
+            serde_json::from_str(CStr::from_ptr(json.as_ptr()).to_str().unwrap()).unwrap();
+        assert_eq!(status["relays"].as_array().unwrap().len(), 1, "{status}");
+        assert_eq!(status["relays"][0]["address"], "127.0.0.1:9", "{status}");
+        for svc in status["services"].as_array().unwrap() {
+            let svc = svc.as_object().unwrap();
+            for key in ["relay", "standby"] {
+                assert!(
+                    svc.get(key).is_some_and(serde_json::Value::is_null),
+                    "{key}: {svc:?}"
+                );
+            }
+        }
+        // Two relays: both listed, in order.
+        assert_eq!(ztna_agent_set_relays(a, relays.as_ptr(), 1), ZTNA_ERROR_OK);
+        let two = [relays[0], to_c("127.0.0.1:10".parse().unwrap())];
+        assert_eq!(ztna_agent_set_relays(a, two.as_ptr(), 2), ZTNA_ERROR_OK);
+        assert_eq!(
+            ztna_agent_status_json(a, json.as_mut_ptr(), json.len(), &mut len),
+            ZTNA_ERROR_OK
+        );
+        let status: serde_json::Value =
+            serde_json::from_str(CStr::from_ptr(json.as_ptr()).to_str().unwrap()).unwrap();
+        let listed: Vec<&str> = status["relays"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["address"].as_str().unwrap())
+            .collect();
+        assert_eq!(listed, ["127.0.0.1:9", "127.0.0.1:10"], "{status}");
         let mut small = [0 as c_char; 4];
         assert_eq!(
             ztna_agent_status_json(a, small.as_mut_ptr(), small.len(), &mut len),

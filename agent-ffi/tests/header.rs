@@ -40,6 +40,7 @@ fn header_is_up_to_date() {
         "ztna_agent_routes",
         "ztna_agent_status_json",
         "ztna_agent_network_changed",
+        "ztna_agent_set_relays",
         "ztna_error_message",
     ] {
         // The declaration: the line naming `name(` outside a comment.

@@ -2,8 +2,9 @@ import NetworkExtension
 import SwiftUI
 import UniformTypeIdentifiers
 
-/// One window: the intermediate and services, the PEM files, connect/disconnect,
-/// the services' paths and RTTs, and the recent log lines.
+/// One window: the intermediate, further relays and services, the PEM files,
+/// connect/disconnect, the services' paths, relays and RTTs, every relay's state,
+/// and the recent log lines.
 struct ContentView: View {
     @EnvironmentObject private var tunnel: TunnelController
     @State private var pickerShown = false
@@ -17,6 +18,8 @@ struct ContentView: View {
             connection
             ServicesTable(services: tunnel.agentStatus?.services ?? [])
                 .frame(minHeight: 120)
+            RelaysTable(relays: tunnel.agentStatus?.relays ?? [])
+                .frame(minHeight: 80)
             LogView(lines: tunnel.log)
                 .frame(minHeight: 140)
         }
@@ -37,6 +40,7 @@ struct ContentView: View {
                 TextField("Address (host name or IP)", text: $tunnel.configuration.intermediateHost)
                 TextField("UDP port", value: $tunnel.configuration.intermediatePort, format: IntegerFormatStyle<UInt16>())
                 TextField("Certificate name", text: $tunnel.configuration.serverName)
+                TextField("More relays (HOST:PORT, comma-separated; optional)", text: $tunnel.relaysText)
                 TextField("Services (comma-separated)", text: $tunnel.servicesText)
                 Toggle("Direct paths (hole punching)", isOn: $tunnel.configuration.directPaths)
             }
@@ -102,7 +106,12 @@ struct ContentView: View {
 
     static func summary(_ status: AgentStatus) -> String {
         var parts: [String] = []
-        parts.append(status.connected ? "intermediate up" : "intermediate down")
+        if status.relays.count > 1 {
+            let up = status.relays.filter(\.connected).count
+            parts.append("\(up) of \(status.relays.count) relays up")
+        } else {
+            parts.append(status.connected ? "intermediate up" : "intermediate down")
+        }
         if let v4 = status.tunnelIpv4 {
             parts.append("address \(v4)")
         }
@@ -113,7 +122,8 @@ struct ContentView: View {
     }
 }
 
-/// Per service: registered, path (direct or relay), RTT, prefixes, traffic.
+/// Per service: registered, path (direct or relay), RTT, the relay its sessions
+/// use and the standby one, prefixes, traffic.
 struct ServicesTable: View {
     let services: [ServiceStatus]
 
@@ -128,6 +138,15 @@ struct ServicesTable: View {
             TableColumn("RTT") { service in
                 Text(service.rttMs.map { String(format: "%.1f ms", $0) } ?? "–")
                     .monospacedDigit()
+            }
+            TableColumn("Relay") { service in
+                Text(service.relay ?? "–")
+                    .monospacedDigit()
+            }
+            TableColumn("Standby") { service in
+                Text(service.standby ?? "–")
+                    .monospacedDigit()
+                    .foregroundColor(.secondary)
             }
             TableColumn("Registered") { service in
                 Text(service.registered ? "yes" : "no")
@@ -146,6 +165,32 @@ struct ServicesTable: View {
 
     static func bytes(_ count: UInt64) -> String {
         ByteCountFormatter.string(fromByteCount: Int64(clamping: count), countStyle: .binary)
+    }
+}
+
+/// Every relay of the deployment: address, state and RTT of its control
+/// connection.
+struct RelaysTable: View {
+    let relays: [RelayStatus]
+
+    var body: some View {
+        Table(relays) {
+            TableColumn("Relay", value: \.address)
+            TableColumn("State") { relay in
+                Label(Self.state(relay), systemImage: relay.connected ? "circle.fill" : "circle")
+                    .foregroundColor(relay.connected && !relay.draining ? .green : .secondary)
+            }
+            TableColumn("RTT") { relay in
+                Text(relay.rttMs.map { String(format: "%.1f ms", $0) } ?? "–")
+                    .monospacedDigit()
+            }
+        }
+    }
+
+    /// "up", "draining" (no new sessions go to it) or "down".
+    static func state(_ relay: RelayStatus) -> String {
+        guard relay.connected else { return "down" }
+        return relay.draining ? "draining" : "up"
     }
 }
 

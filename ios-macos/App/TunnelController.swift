@@ -26,6 +26,9 @@ final class TunnelController: ObservableObject {
     /// The services field, comma- or space-separated; parsed on connect (parsing
     /// while typing would eat the separator just typed).
     @Published var servicesText = ""
+    /// The additional relays field, HOST[:PORT] entries separated by commas or
+    /// spaces; parsed on connect too.
+    @Published var relaysText = ""
 
     var isConnectedOrConnecting: Bool {
         switch vpnStatus {
@@ -48,6 +51,7 @@ final class TunnelController: ObservableObject {
             {
                 configuration = saved
                 servicesText = saved.services.joined(separator: ", ")
+                relaysText = saved.additionalRelays.map(\.description).joined(separator: ", ")
             }
             observe(existing)
         } catch {
@@ -81,6 +85,14 @@ final class TunnelController: ObservableObject {
         configuration.services = servicesText
             .split(whereSeparator: { $0 == "," || $0 == " " })
             .map(String.init)
+        do {
+            // An entry without a port takes the intermediate's.
+            configuration.additionalRelays = try RelayEndpoint.parseList(
+                relaysText, defaultPort: configuration.intermediatePort)
+        } catch {
+            lastError = error.localizedDescription
+            return
+        }
         if let problem = configuration.problem {
             lastError = problem
             return

@@ -10,6 +10,9 @@ import os
 ///   (`packetFlow.readPackets`) go to `tunInput`; a `DispatchSourceTimer` re-armed
 ///   from `nextTimeoutMilliseconds` calls `onTimeout`; `NWPathMonitor` and wake
 ///   call `networkChanged`;
+/// - with additional relays configured, `setRelays` gets every address of every
+///   relay entry after the agent is created, and again when a periodic lookup
+///   (off the queue: lookups block) or a network change finds them changed;
 /// - after each of those, `drive` sends what `pollUDP` returns, writes what
 ///   `pollTun` returns with `packetFlow.writePackets`, re-arms the timer and applies
 ///   the tunnel settings when `routes` changed;
@@ -39,8 +42,12 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
     private static let startTimeoutSeconds = 30
     /// Log lines kept for the app.
     private static let logCapacity = 200
+    /// How often relay names are resolved again (as the Linux agent does).
+    private static let relayRefreshSeconds = 10
 
     private let queue = DispatchQueue(label: "org.ztna.packet-tunnel")
+    /// DNS lookups of the relays block: they run here, never on `queue`.
+    private let resolverQueue = DispatchQueue(label: "org.ztna.packet-tunnel.resolver")
     private let logger = Logger(subsystem: "org.ztna.packet-tunnel", category: "agent")
 
     private var agent: ZtnaAgent?
@@ -49,6 +56,12 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
     private var pathMonitor: NWPathMonitor?
     private var intermediate: SocketAddress?
     private var lastInterfaceAddresses: [SocketAddress] = []
+    /// The intermediate and the additional relays, when there are additional ones
+    /// (else empty: the agent keeps the one intermediate it was created with).
+    private var relayEndpoints: [RelayEndpoint] = []
+    /// The addresses last passed to `setRelays`.
+    private var appliedRelays: [SocketAddress] = []
+    private var relayRefresh: DispatchSourceTimer?
     /// The settings the system has (or is applying).
     private var appliedRoutes: TunnelRoutes?
     private var applyingSettings = false
@@ -107,6 +120,13 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
         self.intermediate = intermediate
         lastInterfaceAddresses = InterfaceAddresses.current()
         try agent.networkChanged(interfaceAddresses: lastInterfaceAddresses)
+        if !configuration.additionalRelays.isEmpty {
+            // Resolved here, as the intermediate was, so that the agent starts with
+            // every relay; later lookups run off the queue.
+            relayEndpoints = configuration.relayEndpoints
+            applyRelays(Self.resolveRelays(relayEndpoints), initial: true)
+            startRelayRefresh()
+        }
 
         // From here on nothing throws: the first tunnel settings (or a failure)
         // complete the start.
@@ -139,6 +159,10 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
     private func teardown() {
         timer?.cancel()
         timer = nil
+        relayRefresh?.cancel()
+        relayRefresh = nil
+        relayEndpoints = []
+        appliedRelays = []
         pathMonitor?.cancel()
         pathMonitor = nil
         udp?.close()
@@ -256,7 +280,83 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
         } catch {
             record(.warn, "network change refused: \(error.localizedDescription)")
         }
+        // Another network may have another resolver, with other answers.
+        refreshRelays()
         drive()
+    }
+
+    // MARK: relays
+
+    /// Every address of every entry, in order, without repeats; and the entries
+    /// that did not resolve. Blocks while resolving.
+    private static func resolveRelays(
+        _ endpoints: [RelayEndpoint]
+    ) -> (addresses: [SocketAddress], failures: [String]) {
+        var addresses: [SocketAddress] = []
+        var failures: [String] = []
+        for endpoint in endpoints {
+            do {
+                for address in try SocketAddress.resolveAll(host: endpoint.host, port: endpoint.port)
+                where !addresses.contains(address) {
+                    addresses.append(address)
+                }
+            } catch {
+                failures.append("relay \(endpoint): \(error.localizedDescription)")
+            }
+        }
+        return (addresses, failures)
+    }
+
+    /// Hands a resolved relay list to the agent when it differs from the one it
+    /// has. A lookup that failed for some entry keeps the relays we have (a
+    /// resolver hiccup is no reason to drop one), except for the first list, which
+    /// takes what did resolve: later lookups add the rest.
+    private func applyRelays(_ resolved: (addresses: [SocketAddress], failures: [String]), initial: Bool) {
+        guard let agent else { return }
+        for failure in resolved.failures {
+            record(.warn, failure)
+        }
+        guard initial || resolved.failures.isEmpty else { return }
+        guard !resolved.addresses.isEmpty, resolved.addresses != appliedRelays else { return }
+        do {
+            // The library logs the new list.
+            try agent.setRelays(resolved.addresses)
+            appliedRelays = resolved.addresses
+        } catch {
+            record(.warn, "relay list refused: \(error.localizedDescription)")
+        }
+    }
+
+    /// Resolves the relay names again every `relayRefreshSeconds`, as long as some
+    /// entry is a name (addresses do not change).
+    private func startRelayRefresh() {
+        guard relayEndpoints.contains(where: { SocketAddress(ipLiteral: $0.host, port: $0.port) == nil }) else {
+            return
+        }
+        let timer = DispatchSource.makeTimerSource(queue: queue)
+        timer.setEventHandler { [weak self] in
+            self?.refreshRelays()
+        }
+        let every = DispatchTimeInterval.seconds(Self.relayRefreshSeconds)
+        timer.schedule(deadline: .now() + every, repeating: every)
+        timer.resume()
+        relayRefresh = timer
+    }
+
+    /// Looks the relays up on the resolver queue, then applies the answer here.
+    private func refreshRelays() {
+        guard relayRefresh != nil else { return }
+        let endpoints = relayEndpoints
+        resolverQueue.async { [weak self] in
+            let resolved = PacketTunnelProvider.resolveRelays(endpoints)
+            guard let self else { return }
+            self.queue.async {
+                // Stopped meanwhile: nothing to apply to.
+                guard self.relayRefresh != nil else { return }
+                self.applyRelays(resolved, initial: false)
+                self.drive()
+            }
+        }
     }
 
     // MARK: outputs

@@ -370,7 +370,8 @@ int main(int argc, char **argv) {
     char *json = malloc(jlen + 1);
     r = ztna_agent_status_json(agent, json, jlen + 1, &jlen);
     check(r == ZTNA_ERROR_OK && strlen(json) == jlen && strstr(json, "\"connected\":true") &&
-              strstr(json, "\"name\":\"web\""),
+              strstr(json, "\"name\":\"web\"") && strstr(json, "\"standby\":") &&
+              strstr(json, "\"relays\":[{\"address\":"),
           "status JSON: %s", json);
     free(json);
 
@@ -402,6 +403,11 @@ int main(int argc, char **argv) {
     /* Wake from sleep: one interface address. */
     struct ztna_sockaddr addrs[1] = {to_z(&local)};
     check(ztna_agent_network_changed(agent, addrs, 1) == ZTNA_ERROR_OK, "network changed");
+
+    /* The relay list: the one intermediate again changes nothing; none is refused. */
+    struct ztna_sockaddr relays[1] = {to_z(&inter)};
+    check(ztna_agent_set_relays(agent, relays, 1) == ZTNA_ERROR_OK, "same relays");
+    check(ztna_agent_set_relays(agent, NULL, 0) == ZTNA_ERROR_INVALID_LENGTH, "no relays");
 
     check(log_lines > 0, "log callback got its context (%d lines)", log_lines);
 

@@ -23,12 +23,25 @@ pub const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 2);
 
 pub struct Env {
     pub pki: DevPki,
+    /// The first of `relays`.
     pub intermediate: SocketAddr,
-    // Dropped in reverse order of start: connector before intermediate.
+    /// Every intermediate; the connector registered both services with each.
+    pub relays: Vec<SocketAddr>,
+    // Dropped in reverse order of start: connector before intermediates.
     pub connector: Option<ConnectorHandle>,
     pub echo: EchoServer,
     pub tcp: TcpListener,
-    _intermediate: IntermediateHandle,
+    /// `None` once crashed.
+    intermediates: Vec<Option<IntermediateHandle>>,
+}
+
+impl Env {
+    /// Stops the intermediate at `addr` without a word (no CONNECTION_CLOSE), as a
+    /// killed process or a lost node would.
+    pub fn crash(&mut self, addr: SocketAddr) {
+        let k = self.relays.iter().position(|a| *a == addr).unwrap();
+        self.intermediates[k].take().unwrap().crash().unwrap();
+    }
 }
 
 impl Drop for Env {
@@ -41,17 +54,27 @@ impl Drop for Env {
 }
 
 pub fn start(name: &str) -> Env {
+    start_relays(name, 1)
+}
+
+/// [`start`] with `n` intermediates (relays of one deployment).
+pub fn start_relays(name: &str, n: usize) -> Env {
     let dir: PathBuf = std::env::temp_dir().join(format!("ztna-ffi-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let pki = identity::generate_dev_pki(&dir, &[ECHO.to_string(), WEB.to_string()]).unwrap();
-    let handle = intermediate::spawn(IntermediateConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        pki.server_cert.clone(),
-        pki.server_key.clone(),
-        Some(pki.ca_cert.clone()),
-    ))
-    .unwrap();
-    let addr = handle.addr;
+    let handles: Vec<IntermediateHandle> = (0..n)
+        .map(|_| {
+            intermediate::spawn(IntermediateConfig::new(
+                "127.0.0.1:0".parse().unwrap(),
+                pki.server_cert.clone(),
+                pki.server_key.clone(),
+                Some(pki.ca_cert.clone()),
+            ))
+            .unwrap()
+        })
+        .collect();
+    let relays: Vec<SocketAddr> = handles.iter().map(|h| h.addr).collect();
+    let addr = relays[0];
     let echo = EchoServer::spawn("127.0.0.1:0".parse().unwrap()).unwrap();
     // The kernel completes handshakes into the backlog: no accept loop needed for
     // the connector's dial to succeed.
@@ -73,22 +96,24 @@ pub fn start(name: &str) -> Env {
             prefixes: vec![IpAddr::V4(WEB_VIP).into()],
         },
     ];
-    let c = connector::spawn(cfg, specs).unwrap();
+    let c = connector::spawn_with_relays(cfg, specs, relays.clone()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while c.stats.registrations.load(Ordering::Relaxed) < 2 {
+    // Both services with every intermediate.
+    while c.stats.registrations.load(Ordering::Relaxed) < 2 * n as u64 {
         assert!(
             Instant::now() < deadline,
-            "connector did not register both services"
+            "connector did not register both services with every intermediate"
         );
         std::thread::sleep(Duration::from_millis(5));
     }
     Env {
         pki,
         intermediate: addr,
+        relays,
         connector: Some(c),
         echo,
         tcp,
-        _intermediate: handle,
+        intermediates: handles.into_iter().map(Some).collect(),
     }
 }
 

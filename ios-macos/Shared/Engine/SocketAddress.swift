@@ -53,10 +53,32 @@ public struct SocketAddress: Hashable, CustomStringConvertible {
     /// `host` as an IP literal, or else resolved with the system resolver (the
     /// first IPv4 answer, else the first IPv6 one). Blocks while resolving.
     public static func resolve(host: String, port: UInt16) throws -> SocketAddress {
+        let found = try lookup(host: host, port: port)
+        guard let best = found.first(where: { $0.isIPv4 }) ?? found.first else {
+            throw ResolveError(host: host, message: "no address")
+        }
+        return best
+    }
+
+    /// Every address of `host` (an IP literal is itself), IPv4 first, each family
+    /// in address order: the resolver's order varies between calls, and a stable
+    /// one keeps a relay list from looking changed when it is not. Blocks while
+    /// resolving.
+    public static func resolveAll(host: String, port: UInt16) throws -> [SocketAddress] {
+        try lookup(host: host, port: port).sorted { a, b in
+            if a.isIPv4 != b.isIPv4 {
+                return a.isIPv4
+            }
+            return [UInt8](a.addressBytes).lexicographicallyPrecedes([UInt8](b.addressBytes))
+        }
+    }
+
+    /// The resolver's answers for `host`, in its order, without repeats.
+    private static func lookup(host: String, port: UInt16) throws -> [SocketAddress] {
         let trimmed = host.trimmingCharacters(in: .whitespaces)
             .trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
         if let literal = SocketAddress(ipLiteral: trimmed, port: port) {
-            return literal
+            return [literal]
         }
         var hints = addrinfo()
         hints.ai_socktype = SOCK_DGRAM
@@ -76,13 +98,15 @@ public struct SocketAddress: Hashable, CustomStringConvertible {
             }
             if var address = SocketAddress(storage) {
                 address.port = port
-                found.append(address)
+                if !found.contains(address) {
+                    found.append(address)
+                }
             }
         }
-        guard let best = found.first(where: { $0.isIPv4 }) ?? found.first else {
+        guard !found.isEmpty else {
             throw ResolveError(host: trimmed, message: "no address")
         }
-        return best
+        return found
     }
 
     public struct ResolveError: LocalizedError {

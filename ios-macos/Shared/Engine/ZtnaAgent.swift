@@ -281,6 +281,18 @@ public final class ZtnaAgent {
         }
     }
 
+    /// The deployment's relays, all of them (the configuration's intermediate too,
+    /// if it is still one): the agent connects to each, registers everywhere and
+    /// picks a relay per service by RTT; relays not listed are closed. Call after
+    /// creating the agent and whenever the list changes. An empty list throws
+    /// (`ZTNA_ERROR_INVALID_LENGTH`) and changes nothing.
+    public func setRelays(_ addresses: [SocketAddress]) throws {
+        let relays = addresses.map(\.ztna)
+        try relays.withUnsafeBufferPointer { list in
+            try ok(ztna_agent_set_relays(handle, list.baseAddress, list.count))
+        }
+    }
+
     /// Tunnel addresses, MTU and every service's prefixes.
     public func routes() throws -> TunnelRoutes {
         var info = ztna_tunnel_info()
