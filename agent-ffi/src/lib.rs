@@ -292,17 +292,9 @@ impl ZtnaAgent {
     /// Follows a new relay list, logged.
     fn set_relays(&mut self, addrs: &[SocketAddr]) -> Result<(), ClientError> {
         let now = Instant::now();
+        // With several relays the engine judges each one's liveness in a second, so
+        // a lost relay's services move.
         self.engine.set_relays(addrs, now)?;
-        // The engine picks fast liveness (a relay silent for 1 s is dead, so its
-        // services move) only when it is created with several relays or
-        // reconfigured; a handle starts with one, the configuration's
-        // intermediate. Reconfiguring with the unchanged settings lets the engine
-        // apply it to every relay's control connection now.
-        let primary = self.engine.relays().primary().config();
-        if self.engine.relays().len() > 1 && primary.liveness.is_none() {
-            let cfg = primary.clone();
-            self.engine.reconfigure(cfg)?;
-        }
         let shown: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
         self.log
             .line(ZtnaLogLevel::Info, &format!("relays: {}", shown.join(", ")));
