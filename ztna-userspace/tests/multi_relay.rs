@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use ztna_core::Role;
 use ztna_core::agent::{AgentConfig, PathKind};
 use ztna_userspace::agent::Agent;
-use ztna_userspace::connector::{self, ConnectorHandle, ServiceSpec};
+use ztna_userspace::connector::{self, ConnectorHandle};
 use ztna_userspace::echo::EchoServer;
 use ztna_userspace::identity::DevPki;
 use ztna_userspace::intermediate::IntermediateHandle;
@@ -44,19 +44,9 @@ impl Relays {
         let echo = EchoServer::spawn("127.0.0.1:0".parse().unwrap()).unwrap();
         let conns = (0..connectors)
             .map(|_| {
-                let cfg = client_cfg(
-                    &pki,
-                    addrs[0],
-                    Role::Connector,
-                    &pki.connector_cert,
-                    &pki.connector_key,
-                );
-                let spec = ServiceSpec {
-                    id: SERVICE.into(),
-                    backend: echo.addr.into(),
-                    prefixes: vec![VIP.parse::<std::net::IpAddr>().unwrap().into()],
-                };
-                connector::spawn_with_relays(cfg, vec![spec], addrs.clone()).unwrap()
+                let cfg = connector_cfg(&pki, addrs[0]);
+                connector::spawn_with_relays(cfg, vec![echo_spec(echo.addr)], addrs.clone())
+                    .unwrap()
             })
             .collect();
         let r = Relays {
@@ -223,22 +213,15 @@ fn registrations_follow_relays_that_appear_and_disappear() {
     let a = start_intermediate(&pki, "127.0.0.1:0".parse().unwrap());
     let b = start_intermediate(&pki, "127.0.0.1:0".parse().unwrap());
     let echo = EchoServer::spawn("127.0.0.1:0".parse().unwrap()).unwrap();
-    let cfg = client_cfg(
-        &pki,
-        a.addr,
-        Role::Connector,
-        &pki.connector_cert,
-        &pki.connector_key,
-    );
-    let spec = ServiceSpec {
-        id: SERVICE.into(),
-        backend: echo.addr.into(),
-        prefixes: vec![VIP.parse::<std::net::IpAddr>().unwrap().into()],
-    };
     // What a re-resolved DNS name would hand over.
     let watch = ztna_userspace::relay_targets::RelayWatch::manual();
-    let _conn =
-        connector::spawn_watching(cfg, vec![spec], vec![a.addr], Some(watch.clone())).unwrap();
+    let _conn = connector::spawn_watching(
+        connector_cfg(&pki, a.addr),
+        vec![echo_spec(echo.addr)],
+        vec![a.addr],
+        Some(watch.clone()),
+    )
+    .unwrap();
     let registered =
         |i: &IntermediateHandle| i.stats.registrations_connector.load(Ordering::Relaxed);
     let connected = |i: &IntermediateHandle| i.stats.connections_closed.load(Ordering::Relaxed);

@@ -58,25 +58,33 @@ pub fn client_cfg(
     c
 }
 
+/// The echo service at `VIP`, served by `backend`.
+pub fn echo_spec(backend: SocketAddr) -> ServiceSpec {
+    ServiceSpec {
+        id: SERVICE.into(),
+        backend: backend.into(),
+        prefixes: vec![VIP.parse::<IpAddr>().unwrap().into()],
+    }
+}
+
+/// The connector's client configuration for `server`.
+pub fn connector_cfg(pki: &DevPki, server: SocketAddr) -> ClientConfig {
+    client_cfg(
+        pki,
+        server,
+        Role::Connector,
+        &pki.connector_cert,
+        &pki.connector_key,
+    )
+}
+
 /// Starts a connector and waits until the intermediate has ACKed its registration.
 pub fn start_connector(
     pki: &DevPki,
     server: SocketAddr,
     backend: SocketAddr,
 ) -> connector::ConnectorHandle {
-    let cfg = client_cfg(
-        pki,
-        server,
-        Role::Connector,
-        &pki.connector_cert,
-        &pki.connector_key,
-    );
-    let spec = ServiceSpec {
-        id: SERVICE.into(),
-        backend: backend.into(),
-        prefixes: vec![VIP.parse::<IpAddr>().unwrap().into()],
-    };
-    let c = connector::spawn(cfg, vec![spec]).unwrap();
+    let c = connector::spawn(connector_cfg(pki, server), vec![echo_spec(backend)]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while c.stats.registrations.load(Ordering::Relaxed) == 0 {
         assert!(Instant::now() < deadline, "connector did not register");
