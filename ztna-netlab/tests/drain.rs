@@ -7,14 +7,14 @@
 //! timeout with the session still open, and both times takes its pins with it.
 //! Marked `#[ignore]`: `cargo xtask test` runs them as root.
 
-use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use ztna_common::frames::RefusedStatus;
-use ztna_core::{ClientConfig, ClientEvent, ControlClient, Role};
+use ztna_core::{ClientConfig, ClientEvent, Role};
 use ztna_netlab::{Lab, RELAY_IP, RELAY_PORT, n};
+use ztna_userspace::probe::ControlProbe;
 
 /// A relay stack whose intermediate pins its maps in a directory of this test (pin
 /// directories are global to the machine) and drains for `drain_secs`.
@@ -125,11 +125,7 @@ fn probe(
     cfg.cert_file = Some(c("agent.pem"));
     cfg.key_file = Some(c("agent.key"));
     ztna_netlab::spawn_in_netns(&lab.ns("a"), move || {
-        let socket = UdpSocket::bind("0.0.0.0:0")?;
-        let mut p = Probe {
-            client: ControlClient::new(cfg, socket.local_addr()?, Instant::now())?,
-            socket,
-        };
+        let mut p = ControlProbe::connect(cfg, "0.0.0.0:0".parse()?)?;
         let wait = Duration::from_secs(15);
         p.wait_for(wait, |e| matches!(e, ClientEvent::Registered(_)))
             .ok_or_else(|| anyhow::anyhow!("not registered"))?;
@@ -139,60 +135,13 @@ fn probe(
         else {
             anyhow::bail!("no DRAINING");
         };
-        p.client.request_session("echo")?;
+        p.request_session("echo")?;
         let refused = match p.wait_for(wait, |e| matches!(e, ClientEvent::SessionRefused { .. })) {
             Some(ClientEvent::SessionRefused { status, .. }) => Some(status),
             _ => None,
         };
         Ok(Seen { within, refused })
     })
-}
-
-struct Probe {
-    client: ControlClient,
-    socket: UdpSocket,
-}
-
-impl Probe {
-    /// Drives the client until an event `want` accepts arrives, or `timeout`.
-    fn wait_for(
-        &mut self,
-        timeout: Duration,
-        want: impl Fn(&ClientEvent) -> bool,
-    ) -> Option<ClientEvent> {
-        let deadline = Instant::now() + timeout;
-        let (mut buf, mut out) = (vec![0u8; 65535], [0u8; 2048]);
-        loop {
-            while let Some((len, to)) = self.client.poll_transmit(&mut out, Instant::now()) {
-                let _ = self.socket.send_to(&out[..len], to);
-            }
-            while let Some(ev) = self.client.poll_event() {
-                if want(&ev) {
-                    return Some(ev);
-                }
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            let wake = self
-                .client
-                .poll_timeout()
-                .map_or(deadline, |t| t.min(deadline));
-            let wait = wake
-                .saturating_duration_since(now)
-                .max(Duration::from_millis(1));
-            self.socket.set_read_timeout(Some(wait)).ok()?;
-            if let Ok((len, from)) = self.socket.recv_from(&mut buf) {
-                let from: SocketAddr = from;
-                self.client.recv(&mut buf[..len], from, Instant::now());
-            }
-            let now = Instant::now();
-            if self.client.poll_timeout().is_some_and(|t| t <= now) {
-                self.client.handle_timeout(now);
-            }
-        }
-    }
 }
 
 #[test]

@@ -19,6 +19,7 @@ pub mod kernel_nat;
 pub mod logging;
 pub mod metrics;
 pub mod netif;
+pub mod probe;
 pub mod relay;
 pub mod relay_targets;
 pub mod service;

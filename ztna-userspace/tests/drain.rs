@@ -151,7 +151,7 @@ fn relayed_agent(pki: &DevPki, relay: &Relay) -> Agent {
     a
 }
 
-fn probe(pki: &DevPki, relay: &Relay) -> Probe {
+fn probe(pki: &DevPki, relay: &Relay) -> ControlProbe {
     Probe::connect(client_cfg(
         pki,
         relay.addr,
@@ -196,7 +196,7 @@ fn sigterm_drains_until_the_last_relayed_session_closes() {
     );
     assert!(early.client.is_draining());
     // No new session on a relay that is leaving, with a status that says why.
-    let request = early.request_session(SERVICE);
+    let request = early.request_session(SERVICE).unwrap();
     let refused = early.wait_for(WAIT, |e| matches!(e, ClientEvent::SessionRefused { .. }));
     assert_eq!(
         refused,

@@ -14,6 +14,7 @@ use ztna_userspace::agent::Agent;
 use ztna_userspace::connector::{self, ServiceSpec};
 use ztna_userspace::identity::{self, DevPki};
 use ztna_userspace::intermediate::{self, IntermediateConfig, IntermediateHandle};
+pub use ztna_userspace::probe::ControlProbe;
 
 pub const SERVICE: &str = "echo";
 pub const VIP: &str = "10.100.0.1";
@@ -264,77 +265,11 @@ pub fn works_at_the_end(log: &[(Instant, bool)]) -> bool {
     last.len() >= 5 && failed <= (last.len() / 10).max(1)
 }
 
-/// A bare control client on its own socket, driven by the test: it sees every
-/// `ClientEvent` (the agent engine keeps some to itself) and asks for relay sessions
-/// when told to.
-pub struct Probe {
-    pub client: ztna_core::ControlClient,
-    socket: std::net::UdpSocket,
-    buf: Vec<u8>,
-}
+/// A bare control client on loopback (see `ztna_userspace::probe`).
+pub struct Probe;
 
 impl Probe {
-    pub fn connect(cfg: ClientConfig) -> Probe {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let local = socket.local_addr().unwrap();
-        let client = ztna_core::ControlClient::new(cfg, local, Instant::now()).unwrap();
-        let mut p = Probe {
-            client,
-            socket,
-            buf: vec![0u8; 65535],
-        };
-        p.flush();
-        p
-    }
-
-    fn flush(&mut self) {
-        let mut out = [0u8; 2048];
-        while let Some((n, to)) = self.client.poll_transmit(&mut out, Instant::now()) {
-            let _ = self.socket.send_to(&out[..n], to);
-        }
-    }
-
-    /// Drives the client until an event `want` accepts arrives (returned), or
-    /// `timeout` passes (`None`). Other events are dropped.
-    pub fn wait_for(
-        &mut self,
-        timeout: Duration,
-        want: impl Fn(&ztna_core::ClientEvent) -> bool,
-    ) -> Option<ztna_core::ClientEvent> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            while let Some(ev) = self.client.poll_event() {
-                if want(&ev) {
-                    return Some(ev);
-                }
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            let wake = self
-                .client
-                .poll_timeout()
-                .map_or(deadline, |t| t.min(deadline));
-            let wait = wake
-                .saturating_duration_since(now)
-                .max(Duration::from_millis(1));
-            self.socket.set_read_timeout(Some(wait)).unwrap();
-            if let Ok((n, from)) = self.socket.recv_from(&mut self.buf) {
-                self.client.recv(&mut self.buf[..n], from, Instant::now());
-            }
-            let now = Instant::now();
-            if self.client.poll_timeout().is_some_and(|t| t <= now) {
-                self.client.handle_timeout(now);
-            }
-            self.flush();
-        }
-    }
-
-    /// Asks for a relay session to `service` and sends the request.
-    pub fn request_session(&mut self, service: &str) -> u32 {
-        let id = self.client.request_session(service).unwrap();
-        self.flush();
-        id
+    pub fn connect(cfg: ClientConfig) -> ControlProbe {
+        ControlProbe::connect(cfg, "127.0.0.1:0".parse().unwrap()).unwrap()
     }
 }
