@@ -286,3 +286,34 @@ fn a_draining_relay_is_left_make_before_break_and_exits_early() {
         "on the other relay's data connection"
     );
 }
+
+#[test]
+fn a_relay_without_a_connector_for_the_service_sends_the_agent_to_one_with() {
+    let pki = pki("multi-noconn");
+    let bare = start_intermediate(&pki, "127.0.0.1:0".parse().unwrap());
+    let served = start_intermediate(&pki, "127.0.0.1:0".parse().unwrap());
+    let echo = EchoServer::spawn("127.0.0.1:0".parse().unwrap()).unwrap();
+    let _conn = start_connector(&pki, served.addr, echo.addr);
+    // Whichever the agent picks first, it ends up where the connector is; agents
+    // come until one has picked the bare relay first and been refused there.
+    let refused = || bare.stats.relay_sessions_refused.load(Ordering::Relaxed);
+    for n in 0.. {
+        assert!(n < 16, "16 agents and none tried the bare relay first");
+        if n > 0 && refused() > 0 {
+            break;
+        }
+        let mut cfg = AgentConfig::new(client_cfg(
+            &pki,
+            bare.addr,
+            Role::Agent,
+            &pki.agent_cert,
+            &pki.agent_key,
+        ));
+        cfg.relays = vec![bare.addr, served.addr];
+        cfg.p2p = false;
+        let mut a = Agent::start(cfg).unwrap();
+        a.wait_registered(Duration::from_secs(10)).unwrap();
+        wait_path(&mut a, PathKind::is_relay, Duration::from_secs(5));
+        assert_eq!(a.engine().relay_of(SERVICE), Some(served.addr));
+    }
+}

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use ztna_common::frames::close_reason;
+use ztna_common::frames::{RefusedStatus, close_reason};
 
 use super::{
     AgentEngine, AgentEvent, CHOOSE_GRACE, DATA_SETUP_TIMEOUT, SESSION_RETRY, TUN_QUEUE_MAX,
@@ -116,6 +116,22 @@ impl AgentEngine {
                     {
                         s.requested = None;
                         s.want_session = Some(now + SESSION_RETRY);
+                        // What this relay lacks another may have (its connectors, room
+                        // in its table, a future): ask there at once.
+                        let elsewhere = matches!(
+                            status,
+                            RefusedStatus::NoConnector
+                                | RefusedStatus::ConnectorTimeout
+                                | RefusedStatus::TableFull
+                                | RefusedStatus::Draining
+                        );
+                        if elsewhere
+                            && s.data.is_none()
+                            && let Some(other) = self.relays.choose(&service, Some(relay))
+                        {
+                            s.relay = Some(other);
+                            s.want_session = Some(now);
+                        }
                     }
                 }
                 ClientEvent::Candidates {
