@@ -58,6 +58,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use prometheus_client::metrics::histogram::Histogram;
 
 mod datagrams;
+mod forwarders;
 mod operate;
 mod sessions;
 mod stats;
@@ -130,6 +131,10 @@ pub struct IntermediateConfig {
     /// Forwarding entries (two per relay session), in userspace and in each of the
     /// XDP program's tables.
     pub max_relay_entries: usize,
+    /// UDP sockets on the listening address (SO_REUSEPORT when more than one), each
+    /// served by a thread: the loop serves the first, forwarder threads the others
+    /// (see `forwarders.rs`). 1: the loop alone.
+    pub forwarder_threads: usize,
 }
 
 impl IntermediateConfig {
@@ -155,6 +160,7 @@ impl IntermediateConfig {
             relay_id: None,
             metrics_listen: None,
             max_relay_entries: ztna_common::relay::MAX_RELAY_ENTRIES as usize,
+            forwarder_threads: 1,
         }
     }
 }
@@ -226,6 +232,8 @@ pub struct Intermediate {
     xdp: Option<crate::xdp::XdpRelay>,
     /// Relayed packets waiting for one sendmmsg.
     forwarded: SendBatch,
+    /// The threads serving the further sockets (`forwarder_threads` > 1).
+    forwarders: Option<forwarders::Forwarders>,
     addresses: AddressPool,
     gauges: Arc<IntermediateGauges>,
     handshake: Histogram,
@@ -422,8 +430,9 @@ impl Intermediate {
         let rng = SystemRandom::new();
         let token_key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
             .map_err(|_| anyhow::anyhow!("generating the retry token key"))?;
-        let mut socket =
-            UdpSocket::bind(cfg.listen).with_context(|| format!("binding UDP {}", cfg.listen))?;
+        let (mut socket, forwarder_sockets) =
+            forwarders::bind(cfg.listen, cfg.forwarder_threads)
+                .with_context(|| format!("binding UDP {}", cfg.listen))?;
         let local = socket.local_addr()?;
         let instance = cfg
             .instance_id
@@ -435,6 +444,20 @@ impl Intermediate {
         poll.registry()
             .register(&mut socket, Token(0), Interest::READABLE)?;
         tracing::info!("intermediate listening on udp {local}, relay ID {relay_id:#06x}");
+        let relay = RelayTable::new(max_relay_entries, relay_id);
+        let stats = Arc::new(IntermediateStats::default());
+        let forwarders = (!forwarder_sockets.is_empty())
+            .then(|| {
+                forwarders::Forwarders::start(
+                    forwarder_sockets,
+                    relay.forward_map().clone(),
+                    relay_id,
+                    stats.clone(),
+                    &poll,
+                )
+            })
+            .transpose()
+            .context("starting the forwarder threads")?;
         Ok(Intermediate {
             cfg,
             socket,
@@ -446,12 +469,12 @@ impl Intermediate {
             initial_dcids: HashMap::new(),
             services: HashMap::new(),
             flows: FlowTable::default(),
-            relay: RelayTable::new(max_relay_entries, relay_id),
+            relay,
             next_id: 1,
             token_key,
             reset_key,
             rng,
-            stats: Arc::new(IntermediateStats::default()),
+            stats,
             last_expiry: Instant::now(),
             last_connector_check: Instant::now(),
             last_gauges: Instant::now(),
@@ -460,6 +483,7 @@ impl Intermediate {
             batches_per_turn: MAX_BATCHES_PER_TURN,
             xdp: None,
             forwarded: SendBatch::default(),
+            forwarders,
             addresses,
             gauges: Arc::new(IntermediateGauges::default()),
             handshake: crate::intermediate_metrics::handshake_histogram(),
@@ -649,17 +673,7 @@ impl Intermediate {
                 }
             }
             self.forwarded.flush(fd);
-            // The batches count cumulatively; mirror them into the stats.
-            let set = |c: &AtomicU64, v: u64| c.store(v, Ordering::Relaxed);
-            set(&self.stats.recv_truncated, st.batch.truncated);
-            set(
-                &self.stats.relay_send_dropped_would_block,
-                self.forwarded.dropped_would_block,
-            );
-            set(
-                &self.stats.relay_send_dropped_failed,
-                self.forwarded.dropped_failed,
-            );
+            forwarders::count_batches(&self.stats, &mut st.batch.truncated, &mut self.forwarded);
             if n < crate::batch::BATCH {
                 break false;
             }
@@ -669,6 +683,8 @@ impl Intermediate {
                 break true;
             }
         };
+        // What the forwarder threads' sockets received for the loop.
+        st.backlog |= self.take_handovers(&mut st.out, st.draining_since.is_some());
         let ids: Vec<ClientId> = self.clients.keys().copied().collect();
         for id in ids {
             self.process_client(id, now);
@@ -787,13 +803,6 @@ impl Intermediate {
 
     fn handle_packet(&mut self, pkt: &mut [u8], from: SocketAddr, out: &mut [u8], draining: bool) {
         if let Some(cid) = relay_cid_of(pkt) {
-            // Another relay's session (an address shared by several relays, or a
-            // client that moved between them): not ours to forward, and a reset
-            // would be forged from the endpoints' point of view.
-            if ztna_common::relay::relay_id_of(&cid) != self.relay.relay_id() {
-                inc(&self.stats.relay_other_relay_cid);
-                return;
-            }
             self.forward_relayed(&cid, pkt, from);
             return;
         }
@@ -884,16 +893,21 @@ impl Intermediate {
     /// The userspace forwarder: relayed data-connection packets, by DCID.
     fn forward_relayed(&mut self, cid: &frames::Cid, pkt: &[u8], from: SocketAddr) {
         let now = Instant::now();
-        match self.relay.forward(cid, from, pkt.len(), now) {
-            ForwardResult::Send(to) => {
-                inc(&self.stats.userspace_forwarded_packets);
-                self.stats
-                    .userspace_forwarded_bytes
-                    .fetch_add(pkt.len() as u64, Ordering::Relaxed);
-                self.forwarded.push(pkt, to);
-            }
-            ForwardResult::Unknown => inc(&self.stats.relay_unknown_cid),
-            ForwardResult::Mismatch { sender } => {
+        let map = self.relay.forward_map().lookup();
+        let relayed = forwarders::forward_relay_packet(
+            &self.stats,
+            &map,
+            self.relay.relay_id(),
+            cid,
+            pkt,
+            from,
+            now,
+            &mut self.forwarded,
+        );
+        drop(map);
+        match relayed {
+            forwarders::Relayed::Forwarded | forwarders::Relayed::Dropped => {}
+            forwarders::Relayed::Mismatch { sender } => {
                 // The relay cannot authenticate a data packet (it has no keys), so a
                 // new sender address is only believed once the sender's control
                 // connection, which QUIC path validation vouches for, comes from it.
