@@ -146,29 +146,7 @@ impl Lab {
                 "127.0.0.1:9000".into(),
             ],
         )?;
-        let stats = self.dir.join("intermediate-stats.json");
-        let mut args: Vec<String> = [
-            "--listen",
-            &format!("{RELAY_IP}:{RELAY_PORT}"),
-            "--cert",
-            &c("intermediate.pem"),
-            "--key",
-            &c("intermediate.key"),
-            "--ca",
-            &c("ca.pem"),
-            "--stats-file",
-            &stats.display().to_string(),
-            "--xdp",
-            xdp,
-        ]
-        .map(String::from)
-        .to_vec();
-        if xdp != "off" {
-            args.extend(["--iface".into(), "x0".into()]);
-        }
-        let x = self.ns("x");
-        self.spawn(&x, "intermediate", "ztna-intermediate", &args)?;
-        self.wait_log("intermediate", "listening", Duration::from_secs(10))?;
+        self.start_intermediate(&certs, &format!("{RELAY_IP}:{RELAY_PORT}"), xdp, &[])?;
         let args: Vec<String> = [
             "--server",
             &format!("{RELAY_IP}:{RELAY_PORT}"),
