@@ -113,6 +113,16 @@ fn routed_session() -> (SocketAddrV4, SocketAddrV4) {
     (p, p)
 }
 
+/// Where the labs' intermediates pin their maps (`--bpf-pin-dir`): this run's own
+/// directory, as the default one (by port) is shared with every other intermediate on
+/// the relay port of any lab on the machine, whose start or exit removes its pins.
+fn pin_dir() -> PathBuf {
+    PathBuf::from(format!(
+        "/sys/fs/bpf/ztna-relay-bench-{}",
+        std::process::id()
+    ))
+}
+
 /// The forwarded paths: `--xdp` mode and JSON key.
 const PATHS: [(&str, &str); 3] = [
     ("native", "xdp_native"),

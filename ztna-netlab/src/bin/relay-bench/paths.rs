@@ -25,6 +25,7 @@ pub fn start_intermediate(
         .flat_map(|(a, b)| ["--static-session".into(), format!("{a}={b}")])
         .collect();
     args.extend(extra.iter().cloned());
+    args.extend(["--bpf-pin-dir".into(), pin_dir().display().to_string()]);
     lab.start_intermediate(certs, &relay_addr().to_string(), mode, &args)?;
     let cids = lab.static_sessions()?;
     let s = lab.relay_stats()?;

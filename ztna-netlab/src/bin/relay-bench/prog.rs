@@ -116,11 +116,11 @@ fn xdp_action_name(a: u32) -> &'static str {
     }
 }
 
-/// Map `name` of the lab intermediate's program, from its pin directory (each
-/// intermediate pins under its own port's directory; kernel map names are cut to 15
-/// bytes, which makes `ZTNA_LOCAL_ADDRS` and `ZTNA_LOCAL_ADDRS6` alike by name).
+/// Map `name` of the lab intermediate's program, from its pin directory
+/// ([`pin_dir`]; kernel map names are cut to 15 bytes, which makes
+/// `ZTNA_LOCAL_ADDRS` and `ZTNA_LOCAL_ADDRS6` alike by name).
 pub fn prog_map(name: &str) -> anyhow::Result<aya::maps::Map> {
-    let pin = ztna_userspace::xdp::default_pin_dir(RELAY_PORT).join(name);
+    let pin = pin_dir().join(name);
     let data = aya::maps::MapData::from_pin(&pin)
         .with_context(|| format!("opening pinned {}", pin.display()))?;
     Ok(aya::maps::Map::from_map_data(data)?)
@@ -129,7 +129,7 @@ pub fn prog_map(name: &str) -> anyhow::Result<aya::maps::Map> {
 /// The lab intermediate's verdict counters (its program's own ZTNA_STATS), summed
 /// over CPUs.
 pub fn verdicts() -> anyhow::Result<Vec<(&'static str, u64)>> {
-    ztna_userspace::xdp::verdict_counters(&ztna_userspace::xdp::default_pin_dir(RELAY_PORT))
+    ztna_userspace::xdp::verdict_counters(&pin_dir())
 }
 
 /// Counters that grew from `before` to `after` (verdict name → growth).
