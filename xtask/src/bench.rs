@@ -1,6 +1,7 @@
-//! `cargo xtask bench relay|tunnel|flood --out FILE` (root). Builds the release
-//! binaries and runs `relay-bench`, `tunnel-bench` or `flood-bench` (ztna-netlab)
-//! with them: JSON to FILE (relay: an SVG next to it), a table on stdout.
+//! `cargo xtask bench relay|tunnel|flood --out FILE [-- ARGS]` (root). Builds the
+//! release binaries and runs `relay-bench`, `tunnel-bench` or `flood-bench`
+//! (ztna-netlab) with them and ARGS: JSON to FILE (relay: an SVG next to it), a table
+//! on stdout.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,7 +23,7 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn bench(what: &str, out: &Path) -> anyhow::Result<()> {
+pub fn bench(what: &str, out: &Path, args: &[String]) -> anyhow::Result<()> {
     let program = match what {
         "relay" => "relay-bench",
         "tunnel" => "tunnel-bench",
@@ -66,5 +67,6 @@ pub fn bench(what: &str, out: &Path) -> anyhow::Result<()> {
     run(Command::new(bin.join(program))
         .arg("--out")
         .arg(&out)
+        .args(args)
         .env("ZTNA_BIN_DIR", &bin))
 }

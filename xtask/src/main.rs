@@ -78,6 +78,10 @@ enum Cmd {
         what: String,
         #[arg(long)]
         out: PathBuf,
+        /// Further arguments for the benchmark program, after `--` (relay:
+        /// `--senders N`, `--scaling 1,2,4,...`, `--only STEP,...`).
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// NAT traversal matrix in network namespaces (root): every pair of
     /// {no NAT, cone-like, symmetric-like}; JSON to --out, a table on stdout.
@@ -110,7 +114,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::BuildEbpf => ebpf::build_ebpf(&root()).map(|_| ()),
         Cmd::Fuzz { secs } => fuzz::run(&root(), secs).map(|_| ()),
         Cmd::NatMatrix { out } => nat_matrix(&out),
-        Cmd::Bench { what, out } => bench::bench(&what, &out),
+        Cmd::Bench { what, out, args } => bench::bench(&what, &out, &args),
     }
 }
 

@@ -21,7 +21,21 @@
 //! Relayed packets arrive on x0 and leave on x0 again (XDP_TX), so source = the
 //! relay's one address, as the endpoints' NAT mappings expect. XDP_TX into a veth is
 //! only delivered if the peer end has GRO on or an XDP program, so r1 gets GRO.
+//!
+//! [`Lab::relay_topology_queues`] gives every veth N transmit and receive queues
+//! (one by default). veth hands a packet to the peer's receive queue of the index of
+//! the transmit queue it left by; a receive queue whose device runs an XDP program
+//! (x0 in native mode, r1 always) is served by one NAPI instance, i.e. one CPU at a
+//! time, so N CPUs sending into one queue are bound by it. The kernel picks a transmit
+//! queue by a hash of the flow, but not for forwarded packets here: the router sends
+//! them out on the queue recorded when they came in, off by one (queue i + 1 goes
+//! out on i, queue 0 by the hash again), so every flow through the router ends up on
+//! queue 0 of x0 whatever its ports. The lab therefore maps queues to CPUs with XPS
+//! (`xps_cpus`, on every veth end): CPU c transmits on queue c mod N, and N senders
+//! busy on N CPUs fill N queues, each drained on its own CPU (XDP_TX on veth picks
+//! the peer's queue by CPU the same way).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -29,8 +43,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub mod flood;
+mod inspect;
 pub mod multi_relay;
 pub mod p2p;
+pub mod procstat;
 pub mod tunnel;
 pub mod xdp_run;
 
@@ -44,6 +60,9 @@ pub const CONN_IP: &str = "10.201.2.2";
 pub const RELAY_PORT: u16 = 4433;
 /// The attacker host of `Lab::add_attacker` (behind the router, like the agent).
 pub const ATTACKER_IP: &str = "10.201.3.2";
+
+/// Static relay sessions by their A address (as text): (relay CID A→B, relay CID B→A).
+pub type StaticSessions = HashMap<String, ([u8; 8], [u8; 8])>;
 
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -123,8 +142,10 @@ pub struct Lab {
     namespaces: Vec<String>,
     pub dir: PathBuf,
     children: Vec<(String, Child)>,
-    /// XDP programs this lab attached (kept alive with it).
-    xdp_handles: Vec<aya::Ebpf>,
+    /// XDP programs this lab attached ("ns/dev", kept alive with it).
+    xdp_handles: Vec<(String, aya::Ebpf)>,
+    /// Transmit and receive queues of every veth the lab creates.
+    queues: usize,
 }
 
 impl Lab {
@@ -142,6 +163,7 @@ impl Lab {
             dir,
             children: Vec::new(),
             xdp_handles: Vec::new(),
+            queues: 1,
         })
     }
 
@@ -185,23 +207,52 @@ impl Lab {
         ip_b: &str,
     ) -> anyhow::Result<()> {
         // Created in ns_a, the peer moved to ns_b: names are per-namespace.
-        self.exec(
-            ns_a,
-            "ip",
-            &[
-                "link", "add", a, "type", "veth", "peer", "name", b, "netns", ns_b,
-            ],
-        )?;
+        let q = self.queues.to_string();
+        let queues: &[&str] = if self.queues > 1 {
+            &["numtxqueues", &q, "numrxqueues", &q]
+        } else {
+            &[]
+        };
+        let mut args = vec!["link", "add", a];
+        args.extend(queues);
+        args.extend(["type", "veth", "peer", "name", b]);
+        args.extend(queues);
+        args.extend(["netns", ns_b]);
+        self.exec(ns_a, "ip", &args)?;
         self.exec(ns_a, "ip", &["addr", "add", ip_a, "dev", a])?;
         self.exec(ns_b, "ip", &["addr", "add", ip_b, "dev", b])?;
         self.exec(ns_a, "ip", &["link", "set", a, "up"])?;
         self.exec(ns_b, "ip", &["link", "set", b, "up"])?;
+        if self.queues > 1 {
+            self.queues_by_cpu(ns_a, a)?;
+            self.queues_by_cpu(ns_b, b)?;
+        }
+        Ok(())
+    }
+
+    /// XPS on `dev` in `ns`: CPU c transmits on queue c mod N (see the module docs).
+    fn queues_by_cpu(&self, ns: &str, dev: &str) -> anyhow::Result<()> {
+        let cpus = procstat::ncpu();
+        let mut script = String::new();
+        for q in 0..self.queues {
+            let mask = cpu_mask((0..cpus).filter(|c| c % self.queues == q));
+            script += &format!("echo {mask} > /sys/class/net/{dev}/queues/tx-{q}/xps_cpus\n");
+        }
+        // `ip netns exec` mounts the namespace's own /sys, where its devices are.
+        sh("ip", &["netns", "exec", ns, "sh", "-ec", &script])?;
         Ok(())
     }
 
     /// The relay topology of the module docs.
     pub fn relay_topology(tag: &str) -> anyhow::Result<Self> {
+        Self::relay_topology_queues(tag, 1)
+    }
+
+    /// The relay topology with `queues` transmit and receive queues on every veth
+    /// (see the module docs).
+    pub fn relay_topology_queues(tag: &str, queues: usize) -> anyhow::Result<Self> {
         let mut lab = Lab::new(tag)?;
+        lab.queues = queues.max(1);
         let a = lab.add_ns("a")?;
         let c = lab.add_ns("c")?;
         let r = lab.add_ns("r")?;
@@ -219,8 +270,7 @@ impl Lab {
         )?;
         // A frame sent back out of x0 with XDP_TX in native mode is only delivered
         // if r1, the other end of the veth, runs an XDP program.
-        let handle = crate::in_netns(&r, || ztna_userspace::xdp::attach_pass("r1"))?;
-        lab.xdp_handles.push(handle);
+        lab.attach_pass(&r, "r1")?;
         // veth offloads checksums to a NIC that does not exist; a real network
         // carries full checksums, and XDP_TX'd frames lose the offload state.
         for (ns, dev) in [
@@ -381,6 +431,22 @@ impl Lab {
         }
     }
 
+    /// Attaches the pass-everything XDP program to `dev` in `ns` in native mode (veth
+    /// then serves the device's receive queues in NAPI mode and counts them); it
+    /// stays until [`Lab::detach_pass`] or the lab's end.
+    pub fn attach_pass(&mut self, ns: &str, dev: &str) -> anyhow::Result<()> {
+        let dev_name = dev.to_string();
+        let handle = crate::in_netns(ns, move || ztna_userspace::xdp::attach_pass(&dev_name))?;
+        self.xdp_handles.push((format!("{ns}/{dev}"), handle));
+        Ok(())
+    }
+
+    /// Detaches what [`Lab::attach_pass`] attached to `dev` in `ns`.
+    pub fn detach_pass(&mut self, ns: &str, dev: &str) {
+        let key = format!("{ns}/{dev}");
+        self.xdp_handles.retain(|(k, _)| *k != key);
+    }
+
     /// Certificates for the lab (dev CA).
     pub fn certs(&self) -> anyhow::Result<PathBuf> {
         let dir = self.dir.join("certs");
@@ -432,8 +498,7 @@ impl Lab {
     ) -> anyhow::Result<PathBuf> {
         let certs = self.certs()?;
         let c = |f: &str| certs.join(f).display().to_string();
-        let (a, cn, x) = (self.ns("a"), self.ns("c"), self.ns("x"));
-        let _ = a;
+        let cn = self.ns("c");
         self.spawn(
             &cn,
             "echo",
@@ -444,27 +509,8 @@ impl Lab {
                 format!("{CONN_IP}:9000"),
             ],
         )?;
-        let stats = self.dir.join("intermediate-stats.json");
-        let mut args: Vec<String> = vec![
-            "--listen".into(),
-            listen.into(),
-            "--cert".into(),
-            c("intermediate.pem"),
-            "--key".into(),
-            c("intermediate.key"),
-            "--ca".into(),
-            c("ca.pem"),
-            "--stats-file".into(),
-            stats.display().to_string(),
-            "--xdp".into(),
-            xdp.into(),
-        ];
-        if xdp != "off" {
-            args.extend(["--iface".into(), "x0".into()]);
-        }
-        args.extend(extra.iter().map(|a| a.to_string()));
-        self.spawn(&x, "intermediate", "ztna-intermediate", &args)?;
-        self.wait_log("intermediate", "listening", Duration::from_secs(10))?;
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        self.start_intermediate(&certs, listen, xdp, &extra)?;
         self.spawn(
             &cn,
             "connector",
@@ -488,6 +534,71 @@ impl Lab {
             Duration::from_secs(10),
         )?;
         Ok(certs)
+    }
+
+    /// Starts `ztna-intermediate` in the relay namespace, listening on `listen`, with
+    /// the lab's certificates, a stats file in the lab directory ([`Lab::relay_stats`])
+    /// and `--xdp xdp` (on x0 unless off), plus `extra` arguments; waits until it
+    /// listens.
+    pub fn start_intermediate(
+        &mut self,
+        certs: &Path,
+        listen: &str,
+        xdp: &str,
+        extra: &[String],
+    ) -> anyhow::Result<()> {
+        let c = |f: &str| certs.join(f).display().to_string();
+        let stats = self.dir.join("intermediate-stats.json");
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            listen.into(),
+            "--cert".into(),
+            c("intermediate.pem"),
+            "--key".into(),
+            c("intermediate.key"),
+            "--ca".into(),
+            c("ca.pem"),
+            "--stats-file".into(),
+            stats.display().to_string(),
+            "--xdp".into(),
+            xdp.into(),
+        ];
+        if xdp != "off" {
+            args.extend(["--iface".into(), "x0".into()]);
+        }
+        args.extend(extra.iter().cloned());
+        let x = self.ns("x");
+        self.spawn(&x, "intermediate", "ztna-intermediate", &args)?;
+        self.wait_log("intermediate", "listening", Duration::from_secs(10))
+    }
+
+    /// The intermediate's static sessions (`--static-session A=B`) from its stats
+    /// file: A (as text) → (relay CID A→B, relay CID B→A).
+    pub fn static_sessions(&self) -> anyhow::Result<StaticSessions> {
+        let s = self.fresh_relay_stats()?;
+        let hex = |v: &serde_json::Value| -> anyhow::Result<[u8; 8]> {
+            let t = v.as_str().unwrap_or("");
+            if t.len() != 16 {
+                bail!("relay CID {t:?} is not 8 bytes of hex");
+            }
+            let mut c = [0u8; 8];
+            for (i, b) in c.iter_mut().enumerate() {
+                *b = u8::from_str_radix(&t[2 * i..2 * i + 2], 16)?;
+            }
+            Ok(c)
+        };
+        let mut by_a = HashMap::new();
+        for v in s["static_sessions"]
+            .as_array()
+            .context("no static_sessions in the stats file")?
+        {
+            let a = v["a"].as_str().context("static session without a")?;
+            by_a.insert(
+                a.to_string(),
+                (hex(&v["dcid_a_to_b"])?, hex(&v["dcid_b_to_a"])?),
+            );
+        }
+        Ok(by_a)
     }
 
     /// The agent's echo inside the agent namespace, not yet started: its JSON
@@ -552,6 +663,24 @@ impl Lab {
     }
 }
 
+/// A CPU set as the kernel's bitmap text: hex, in comma-separated 32-bit groups
+/// (CPUs 0 and 33: `2,00000001`).
+fn cpu_mask(cpus: impl Iterator<Item = usize>) -> String {
+    let mut words: Vec<u32> = Vec::new();
+    for c in cpus {
+        if words.len() <= c / 32 {
+            words.resize(c / 32 + 1, 0);
+        }
+        words[c / 32] |= 1 << (c % 32);
+    }
+    if words.is_empty() {
+        return "0".into();
+    }
+    let mut groups: Vec<String> = words.iter().rev().map(|w| format!("{w:08x}")).collect();
+    groups[0] = format!("{:x}", words[words.len() - 1]);
+    groups.join(",")
+}
+
 /// The JSON report of a finished `ztna-agent echo --json`.
 pub fn echo_report(out: Output) -> anyhow::Result<serde_json::Value> {
     if !out.status.success() {
@@ -613,4 +742,15 @@ impl Drop for Lab {
 /// Field `k` of a JSON object as u64 (0 if absent).
 pub fn n(v: &serde_json::Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cpu_masks_are_hex_in_32_bit_groups() {
+        assert_eq!(super::cpu_mask([0].into_iter()), "1");
+        assert_eq!(super::cpu_mask([1, 3].into_iter()), "a");
+        assert_eq!(super::cpu_mask([0, 33].into_iter()), "2,00000001");
+        assert_eq!(super::cpu_mask([].into_iter()), "0");
+    }
 }

@@ -77,9 +77,7 @@ impl Lab {
             self.exec(n, "ethtool", &["-K", d, "tx", "off"])?;
         }
         if xdp_peer {
-            let rdev = rdev.to_string();
-            let handle = crate::in_netns(&r, move || ztna_userspace::xdp::attach_pass(&rdev))?;
-            self.xdp_handles.push(handle);
+            self.attach_pass(&r, rdev)?;
         }
         self.exec(&ns, "ping", &["-c1", "-W1", router_ip])?;
         Ok(ns)

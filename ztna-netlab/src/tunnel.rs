@@ -176,29 +176,7 @@ impl Lab {
         let certs = stack.certs.clone();
         let c = |f: &str| certs.join(f).display().to_string();
         let cn = self.ns("c");
-        let stats = self.dir.join("intermediate-stats.json");
-        let mut args: Vec<String> = [
-            "--listen",
-            &format!("{RELAY_IP}:{RELAY_PORT}"),
-            "--cert",
-            &c("intermediate.pem"),
-            "--key",
-            &c("intermediate.key"),
-            "--ca",
-            &c("ca.pem"),
-            "--stats-file",
-            &stats.display().to_string(),
-            "--xdp",
-            xdp,
-        ]
-        .map(String::from)
-        .to_vec();
-        if xdp != "off" {
-            args.extend(["--iface".into(), "x0".into()]);
-        }
-        let x = self.ns("x");
-        self.spawn(&x, "intermediate", "ztna-intermediate", &args)?;
-        self.wait_log("intermediate", "listening", Duration::from_secs(10))?;
+        self.start_intermediate(&certs, &format!("{RELAY_IP}:{RELAY_PORT}"), xdp, &[])?;
         let args: Vec<String> = [
             "--server",
             &format!("{RELAY_IP}:{RELAY_PORT}"),

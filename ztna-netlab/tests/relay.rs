@@ -352,3 +352,52 @@ fn echo_over_ipv6_through_xdp_native_relay() {
     assert_eq!(xdp(&s2, "aborted"), 0);
     assert_eq!(xdp(&s2, "pass_zero_udp_checksum"), 0);
 }
+
+/// `Lab::relay_topology_queues`: queues follow CPUs (XPS on every veth end), so what
+/// two CPUs send to the relay arrives on two receive queues of x0 (veth counts them
+/// while a program is attached in native mode).
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn a_two_queue_lab_takes_a_queue_per_cpu() {
+    if ztna_netlab::procstat::ncpu() < 2 {
+        eprintln!("SKIPPED: a_two_queue_lab_takes_a_queue_per_cpu: needs 2 CPUs");
+        return;
+    }
+    let mut lab = Lab::relay_topology_queues("q", 2).expect("topology");
+    let (x, a) = (lab.ns("x"), lab.ns("a"));
+    lab.attach_pass(&x, "x0").unwrap();
+    let before = lab.rx_queue_packets(&x, "x0").unwrap();
+    assert_eq!(before.len(), 2, "{before:?}");
+    for cpu in [0usize, 1] {
+        ztna_netlab::in_netns(&a, move || {
+            // SAFETY: cpu_set_t is plain data; sched_setaffinity(0 = this thread).
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                assert_eq!(
+                    libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+                    0
+                );
+            }
+            let s = std::net::UdpSocket::bind((ztna_netlab::AGENT_IP, 0))?;
+            for _ in 0..100 {
+                s.send_to(b"queue", (ztna_netlab::RELAY_IP, ztna_netlab::RELAY_PORT))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = lab.rx_queue_packets(&x, "x0").unwrap();
+        let grew: Vec<u64> = now.iter().zip(&before).map(|(n, b)| n - b).collect();
+        if grew.iter().all(|g| *g >= 100) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "x0 receive queues grew by {grew:?}, not 100 each"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -71,6 +71,18 @@ pub enum ConfigError {
         env: &'static str,
         key: &'static str,
     },
+    #[error(
+        "{what} must be {min} to {max}, not {value} (--{flag}, {env}, or `{key}` in the config file)"
+    )]
+    OutOfRange {
+        what: &'static str,
+        flag: &'static str,
+        env: &'static str,
+        key: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+    },
 }
 
 /// Reads and parses a daemon's TOML file.

@@ -9,9 +9,17 @@
 //! Addresses are those of the endpoints' control connections: agents and connectors
 //! use one UDP socket for everything, so the NAT mapping the intermediate observed on
 //! the control connection is the one relayed packets use.
+//!
+//! The entries themselves live in a [`ForwardMap`] that the table shares with the
+//! intermediate's forwarder threads (`forwarder_threads` > 1): the table (the
+//! intermediate's loop) adds, moves and removes entries under its write lock; a
+//! forwarder looks entries up under its read lock, once per receive batch
+//! ([`ForwardMap::lookup`]), and counts into the entries' atomics.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -64,6 +72,7 @@ pub struct RelaySession {
 /// Client id of static sessions' endpoints (real clients start at 1).
 pub const STATIC_CLIENT: ClientId = 0;
 
+/// A forwarding entry as [`RelayTable::entry`] returns it (a copy).
 #[derive(Clone, Debug)]
 pub struct Forward {
     pub peer: SocketAddr,
@@ -79,6 +88,98 @@ pub struct Forward {
     pub last_seen: Instant,
 }
 
+/// A forwarding entry in the shared map. Addresses change only under the map's write
+/// lock; the counters are atomics, so forwarders count under the read lock.
+#[derive(Debug)]
+struct Entry {
+    peer: SocketAddr,
+    expected: SocketAddr,
+    session: u32,
+    sender: ClientId,
+    receiver: ClientId,
+    packets: AtomicU64,
+    bytes: AtomicU64,
+    /// The last forwarded packet (or the entry's creation), ns after the map's epoch.
+    last_seen_ns: AtomicU64,
+}
+
+/// The forwarding entries by relay CID, shared by the [`RelayTable`] and the
+/// forwarder threads (see the module docs).
+#[derive(Debug)]
+pub struct ForwardMap {
+    entries: RwLock<HashMap<Cid, Entry>>,
+    /// Origin of the entries' `last_seen_ns`.
+    epoch: Instant,
+}
+
+/// Read access to a [`ForwardMap`] for a batch of lookups (one lock for the batch;
+/// drop it before sending, so that the loop's changes do not wait for the send).
+pub struct Lookup<'a> {
+    entries: RwLockReadGuard<'a, HashMap<Cid, Entry>>,
+    epoch: Instant,
+}
+
+impl ForwardMap {
+    fn new() -> Self {
+        // An epoch in the past, so that times callers took just before the map was
+        // made (tests do) still count from it rather than saturate to it.
+        let now = Instant::now();
+        ForwardMap {
+            entries: RwLock::new(HashMap::new()),
+            epoch: now.checked_sub(Duration::from_secs(60)).unwrap_or(now),
+        }
+    }
+
+    /// Lookups under one read lock. A forwarder that panicked holding the lock left
+    /// the map consistent (it only counts), so poisoning is ignored.
+    pub fn lookup(&self) -> Lookup<'_> {
+        Lookup {
+            entries: self.entries.read().unwrap_or_else(PoisonError::into_inner),
+            epoch: self.epoch,
+        }
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<Cid, Entry>> {
+        self.entries.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn ns_since_epoch(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+}
+
+impl Lookup<'_> {
+    /// Userspace forwarding decision for one packet; counts it into its entry when
+    /// it is to be sent.
+    pub fn forward(&self, cid: &Cid, from: SocketAddr, len: usize, now: Instant) -> ForwardResult {
+        let Some(f) = self.entries.get(cid) else {
+            return ForwardResult::Unknown;
+        };
+        if f.expected != from {
+            return ForwardResult::Mismatch { sender: f.sender };
+        }
+        f.packets.fetch_add(1, Ordering::Relaxed);
+        f.bytes.fetch_add(len as u64, Ordering::Relaxed);
+        let ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        f.last_seen_ns.fetch_max(ns, Ordering::Relaxed);
+        ForwardResult::Send(f.peer)
+    }
+
+    fn snapshot(&self, cid: &Cid) -> Option<Forward> {
+        let f = self.entries.get(cid)?;
+        Some(Forward {
+            peer: f.peer,
+            expected: f.expected,
+            session: f.session,
+            sender: f.sender,
+            receiver: f.receiver,
+            packets: f.packets.load(Ordering::Relaxed),
+            bytes: f.bytes.load(Ordering::Relaxed),
+            last_seen: self.epoch + Duration::from_nanos(f.last_seen_ns.load(Ordering::Relaxed)),
+        })
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum ForwardResult {
     Send(SocketAddr),
@@ -91,7 +192,7 @@ pub enum ForwardResult {
 
 pub struct RelayTable {
     sessions: HashMap<u32, RelaySession>,
-    fwd: HashMap<Cid, Forward>,
+    fwd: Arc<ForwardMap>,
     /// Sessions of each client (agent or connector side), so that removing a client
     /// or moving it costs its own sessions, not a scan of the table.
     by_client: HashMap<ClientId, HashSet<u32>>,
@@ -113,7 +214,7 @@ impl RelayTable {
     pub fn new(max_entries: usize, relay_id: u16) -> Self {
         RelayTable {
             sessions: HashMap::new(),
-            fwd: HashMap::new(),
+            fwd: Arc::new(ForwardMap::new()),
             by_client: HashMap::new(),
             kernel: None,
             kernel_update_failures: 0,
@@ -130,10 +231,15 @@ impl RelayTable {
         self.relay_id
     }
 
+    /// The forwarding entries, for forwarder threads.
+    pub fn forward_map(&self) -> &Arc<ForwardMap> {
+        &self.fwd
+    }
+
     pub fn set_kernel(&mut self, kernel: Box<dyn KernelTable>) {
         // Entries made before attaching must reach the kernel too.
         let mut k = kernel;
-        for (cid, f) in &self.fwd {
+        for (cid, f) in self.fwd.lookup().entries.iter() {
             if !same_family(f.peer, f.expected) {
                 self.kernel_mixed_family += 1;
                 continue;
@@ -157,8 +263,8 @@ impl RelayTable {
         self.sessions.get(&id)
     }
 
-    pub fn entry(&self, cid: &Cid) -> Option<&Forward> {
-        self.fwd.get(cid)
+    pub fn entry(&self, cid: &Cid) -> Option<Forward> {
+        self.fwd.lookup().snapshot(cid)
     }
 
     pub fn len(&self) -> usize {
@@ -176,13 +282,13 @@ impl RelayTable {
             let mut nonce = [0u8; RELAY_CID_LEN - RELAY_NONCE_OFFSET];
             let _ = self.rng.fill(&mut nonce);
             let c = relay_cid(self.relay_id, nonce);
-            if !self.fwd.contains_key(&c) {
+            if !self.fwd.lookup().entries.contains_key(&c) {
                 return c;
             }
         }
     }
 
-    fn install(&mut self, cid: Cid, f: Forward) {
+    fn install(&mut self, cid: Cid, f: Entry) {
         if let Some(k) = self.kernel.as_mut() {
             if !same_family(f.peer, f.expected) {
                 self.kernel_mixed_family += 1;
@@ -190,7 +296,7 @@ impl RelayTable {
                 tracing::debug!("kernel table: {e}");
             }
         }
-        self.fwd.insert(cid, f);
+        self.fwd.write().insert(cid, f);
     }
 
     /// Allocates a session and installs both forwarding entries.
@@ -205,7 +311,7 @@ impl RelayTable {
         request_id: u32,
         now: Instant,
     ) -> Result<RelaySession, RefusedStatus> {
-        if self.fwd.len() + 2 > self.max_entries {
+        if self.fwd.lookup().entries.len() + 2 > self.max_entries {
             return Err(RefusedStatus::TableFull);
         }
         if agent != STATIC_CLIENT
@@ -234,15 +340,16 @@ impl RelayTable {
                 break c;
             }
         };
-        let entry = |peer, expected, sender, receiver| Forward {
+        let created_ns = self.fwd.ns_since_epoch(now);
+        let entry = |peer, expected, sender, receiver| Entry {
             peer,
             expected,
             session: id,
             sender,
             receiver,
-            packets: 0,
-            bytes: 0,
-            last_seen: now,
+            packets: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            last_seen_ns: AtomicU64::new(created_ns),
         };
         self.install(
             connector_cid,
@@ -308,7 +415,7 @@ impl RelayTable {
             }
         }
         for cid in [s.agent_cid, s.connector_cid] {
-            self.fwd.remove(&cid);
+            self.fwd.write().remove(&cid);
             if let Some(k) = self.kernel.as_mut() {
                 k.remove(&cid);
             }
@@ -342,36 +449,40 @@ impl RelayTable {
             .client_sessions(id)
             .flat_map(|s| [s.agent_cid, s.connector_cid])
             .collect();
+        // The new addresses, for the kernel table after the lock is released.
         let mut changed = Vec::new();
-        for cid in cids {
-            let Some(f) = self.fwd.get_mut(&cid) else {
-                continue;
-            };
-            let mut moved = false;
-            if f.receiver == id && f.peer != addr {
-                f.peer = addr;
-                moved = true;
-            }
-            if f.sender == id && f.expected != addr {
-                f.expected = addr;
-                moved = true;
-            }
-            if moved {
-                changed.push(cid);
+        {
+            let mut fwd = self.fwd.write();
+            for cid in cids {
+                let Some(f) = fwd.get_mut(&cid) else {
+                    continue;
+                };
+                let mut moved = false;
+                if f.receiver == id && f.peer != addr {
+                    f.peer = addr;
+                    moved = true;
+                }
+                if f.sender == id && f.expected != addr {
+                    f.expected = addr;
+                    moved = true;
+                }
+                if moved {
+                    changed.push((cid, f.peer, f.expected, f.session));
+                }
             }
         }
-        for cid in changed {
-            let (Some(k), Some(f)) = (self.kernel.as_mut(), self.fwd.get(&cid)) else {
-                continue;
-            };
-            if !same_family(f.peer, f.expected) {
+        let Some(k) = self.kernel.as_mut() else {
+            return;
+        };
+        for (cid, peer, expected, session) in changed {
+            if !same_family(peer, expected) {
                 // One side moved to the other family: userspace forwards from now
                 // on, and the kernel entry (naming the old addresses) must go.
                 k.remove(&cid);
                 self.kernel_mixed_family += 1;
                 continue;
             }
-            if let Err(e) = k.insert(&cid, f.peer, f.expected, f.session) {
+            if let Err(e) = k.insert(&cid, peer, expected, session) {
                 // The kernel entry still names the old addresses: left there, the
                 // XDP program would go on sending this session's packets to where
                 // the client was, and accept them from there. Without it the packets
@@ -379,31 +490,15 @@ impl RelayTable {
                 k.remove(&cid);
                 self.kernel_update_failures += 1;
                 tracing::warn!(
-                    "kernel table: updating moved entry of session {} failed ({e}); removed it, userspace forwards",
-                    f.session
+                    "kernel table: updating moved entry of session {session} failed ({e}); removed it, userspace forwards"
                 );
             }
         }
     }
 
-    /// Userspace forwarding decision for one packet.
-    pub fn forward(
-        &mut self,
-        cid: &Cid,
-        from: SocketAddr,
-        len: usize,
-        now: Instant,
-    ) -> ForwardResult {
-        let Some(f) = self.fwd.get_mut(cid) else {
-            return ForwardResult::Unknown;
-        };
-        if f.expected != from {
-            return ForwardResult::Mismatch { sender: f.sender };
-        }
-        f.packets += 1;
-        f.bytes += len as u64;
-        f.last_seen = now;
-        ForwardResult::Send(f.peer)
+    /// Userspace forwarding decision for one packet (see [`Lookup::forward`]).
+    pub fn forward(&self, cid: &Cid, from: SocketAddr, len: usize, now: Instant) -> ForwardResult {
+        self.fwd.lookup().forward(cid, from, len, now)
     }
 
     /// Expires offers nobody accepted and sessions nothing used.
@@ -440,7 +535,7 @@ impl RelayTable {
     }
 
     fn idle_for(&self, cid: &Cid, now: Instant, kernel_now_ns: Option<u64>) -> Duration {
-        let user = self.fwd.get(cid).map_or(Duration::MAX, |f| {
+        let user = self.entry(cid).map_or(Duration::MAX, |f| {
             now.saturating_duration_since(f.last_seen)
         });
         let kernel = match (
@@ -457,13 +552,18 @@ impl RelayTable {
 
     /// Counters of a forwarding entry: userspace and kernel, summed.
     pub fn counters(&self, cid: &Cid) -> (u64, u64, u64, u64) {
-        let f = self.fwd.get(cid);
+        let f = self.entry(cid);
         let (kp, kb) = self
             .kernel
             .as_ref()
             .and_then(|k| k.stats(cid))
             .map_or((0, 0), |(p, b, _)| (p, b));
-        (f.map_or(0, |f| f.packets), f.map_or(0, |f| f.bytes), kp, kb)
+        (
+            f.as_ref().map_or(0, |f| f.packets),
+            f.as_ref().map_or(0, |f| f.bytes),
+            kp,
+            kb,
+        )
     }
 }
 
@@ -600,7 +700,7 @@ mod tests {
             assert!(t.remove_client(2 * i + 2).is_empty());
         }
         let took = start.elapsed();
-        assert!(t.is_empty() && t.fwd.is_empty() && t.by_client.is_empty());
+        assert!(t.is_empty() && t.fwd.lookup().entries.is_empty() && t.by_client.is_empty());
         assert!(
             took < Duration::from_secs(2),
             "removing {n} clients took {took:?}"

@@ -54,6 +54,10 @@ impl Listen {
     }
 }
 
+/// Most forwarder threads (`forwarder_threads`): more than any machine's cores, few
+/// enough that a typo does not start a million threads.
+pub const MAX_FORWARDER_THREADS: usize = 256;
+
 /// `ztna-intermediate` settings.
 #[derive(clap::Args, Deserialize, Default, Debug, Clone)]
 #[serde(deny_unknown_fields)]
@@ -120,6 +124,12 @@ pub struct IntermediateSettings {
     /// loads [default: 65536].
     #[arg(long, env = "ZTNA_MAX_RELAY_ENTRIES")]
     pub max_relay_entries: Option<u32>,
+    /// Threads of the userspace forwarder (1-256): the UDP port is bound this many
+    /// times with SO_REUSEPORT, the kernel spreads flows over the sockets by their
+    /// addresses, and each socket has a thread that forwards relayed packets (QUIC
+    /// control traffic goes on to the main loop) [default: 1].
+    #[arg(long, env = "ZTNA_FORWARDER_THREADS")]
+    pub forwarder_threads: Option<usize>,
     /// Write counters as JSON to this file every second.
     #[arg(long, env = "ZTNA_STATS_FILE")]
     pub stats_file: Option<PathBuf>,
@@ -153,6 +163,7 @@ layered!(IntermediateSettings {
     instance_id,
     relay_id,
     max_relay_entries,
+    forwarder_threads,
     stats_file,
     drain_timeout,
     metrics_listen,
@@ -204,6 +215,20 @@ impl IntermediateSettings {
             .max_relay_entries
             .unwrap_or(ztna_common::relay::MAX_RELAY_ENTRIES)
             .max(2) as usize;
+        cfg.forwarder_threads = match self.forwarder_threads.unwrap_or(1) {
+            n @ 1..=MAX_FORWARDER_THREADS => n,
+            n => {
+                return Err(ConfigError::OutOfRange {
+                    what: "the number of forwarder threads",
+                    flag: "forwarder-threads",
+                    env: "ZTNA_FORWARDER_THREADS",
+                    key: "forwarder_threads",
+                    value: n as u64,
+                    min: 1,
+                    max: MAX_FORWARDER_THREADS as u64,
+                });
+            }
+        };
         cfg.stats_file = self.stats_file;
         cfg.drain_timeout = self.drain_timeout.map_or(
             crate::intermediate::DEFAULT_DRAIN_TIMEOUT,
@@ -521,6 +546,46 @@ mod tests {
             missing.to_string(),
             "the server certificate is required: --cert, ZTNA_CERT, or `cert` in the config file"
         );
+    }
+
+    #[test]
+    fn forwarder_threads_layer_like_every_key_and_stay_in_range() {
+        let file: IntermediateSettings = parse(
+            "cert = \"/c.pem\"\nkey = \"/k.pem\"\nca = \"/ca.pem\"\nforwarder_threads = 4\n",
+            Path::new("i.toml"),
+        )
+        .unwrap();
+        assert_eq!(file.clone().resolve().unwrap().cfg.forwarder_threads, 4);
+        let flags = IntermediateSettings {
+            forwarder_threads: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(
+            flags
+                .over(file.clone())
+                .resolve()
+                .unwrap()
+                .cfg
+                .forwarder_threads,
+            2
+        );
+        let unset = IntermediateSettings {
+            forwarder_threads: None,
+            ..file.clone()
+        };
+        assert_eq!(unset.resolve().unwrap().cfg.forwarder_threads, 1);
+        for bad in [0, MAX_FORWARDER_THREADS + 1] {
+            let s = IntermediateSettings {
+                forwarder_threads: Some(bad),
+                ..file.clone()
+            };
+            assert_eq!(
+                s.resolve().unwrap_err().to_string(),
+                format!(
+                    "the number of forwarder threads must be 1 to 256, not {bad} (--forwarder-threads, ZTNA_FORWARDER_THREADS, or `forwarder_threads` in the config file)"
+                )
+            );
+        }
     }
 
     #[test]

@@ -136,3 +136,39 @@ fn flags_beat_the_environment_which_beats_the_file() {
     // The file itself can come from the environment.
     assert_eq!(tried(&[], &[("ZTNA_CONFIG", cfg)]), "/from-file.pem");
 }
+
+#[test]
+fn forwarder_threads_come_from_the_environment_too_and_are_range_checked() {
+    let f = temp(
+        "threads.toml",
+        "cert = \"/c.pem\"\nkey = \"/k.pem\"\nca = \"/ca.pem\"\nforwarder_threads = 0\n",
+    );
+    let cfg = f.to_str().unwrap();
+    let refused = |err: &str, n: &str| {
+        err.trim()
+            == format!(
+                "Error: the number of forwarder threads must be 1 to 256, not {n} (--forwarder-threads, ZTNA_FORWARDER_THREADS, or `forwarder_threads` in the config file)"
+            )
+    };
+    let (ok, err) = run(INTERMEDIATE, &["--config", cfg], &[]);
+    assert!(!ok && refused(&err, "0"), "{err}");
+    let (ok, err) = run(
+        INTERMEDIATE,
+        &["--config", cfg],
+        &[("ZTNA_FORWARDER_THREADS", "300")],
+    );
+    assert!(!ok && refused(&err, "300"), "{err}");
+    // A valid count from the environment gets past the settings to the certificate.
+    let (ok, err) = run(
+        INTERMEDIATE,
+        &["--config", cfg],
+        &[("ZTNA_FORWARDER_THREADS", "2")],
+    );
+    assert!(!ok && err.contains("certificate chain /c.pem"), "{err}");
+    let (ok, err) = run(
+        INTERMEDIATE,
+        &["--config", cfg, "--forwarder-threads", "257"],
+        &[],
+    );
+    assert!(!ok && refused(&err, "257"), "{err}");
+}

@@ -30,18 +30,6 @@ struct PathResult {
     handshake_ms: Option<f64>,
 }
 
-/// utime + stime of a process, in seconds.
-fn cpu_s(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit(')').next().unwrap_or_default();
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) / hz
-}
-
 fn iperf(lab: &Lab, target: &str, extra: &[&str]) -> anyhow::Result<Value> {
     let mut args = vec!["-c", target, "-J"];
     args.extend_from_slice(extra);
@@ -69,15 +57,23 @@ fn measure(
     lab.exec(&a, "ping", &["-c", "3", "-i", "0.05", target])?;
     let before = pids.as_ref().map(|(x, y)| {
         (
-            x.iter().map(|p| cpu_s(*p)).sum::<f64>(),
-            y.iter().map(|p| cpu_s(*p)).sum::<f64>(),
+            x.iter()
+                .map(|p| ztna_netlab::procstat::proc_cpu_s(*p))
+                .sum::<f64>(),
+            y.iter()
+                .map(|p| ztna_netlab::procstat::proc_cpu_s(*p))
+                .sum::<f64>(),
         )
     });
     let tcp = iperf(lab, target, &["-t", TCP_SECS])?;
     let after = pids.as_ref().map(|(x, y)| {
         (
-            x.iter().map(|p| cpu_s(*p)).sum::<f64>(),
-            y.iter().map(|p| cpu_s(*p)).sum::<f64>(),
+            x.iter()
+                .map(|p| ztna_netlab::procstat::proc_cpu_s(*p))
+                .sum::<f64>(),
+            y.iter()
+                .map(|p| ztna_netlab::procstat::proc_cpu_s(*p))
+                .sum::<f64>(),
         )
     });
     let bytes = tcp["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);

@@ -63,6 +63,7 @@ use prometheus_client::metrics::histogram::Histogram;
 
 mod datagrams;
 mod drain;
+mod forwarders;
 mod operate;
 mod sessions;
 mod stats;
@@ -143,6 +144,10 @@ pub struct IntermediateConfig {
     /// How long a drain (SIGTERM) forwards the existing relay sessions at most
     /// before closing every connection; zero: none, SIGTERM closes at once.
     pub drain_timeout: Duration,
+    /// UDP sockets on the listening address (SO_REUSEPORT when more than one), each
+    /// served by a thread: the loop serves the first, forwarder threads the others
+    /// (see `forwarders.rs`). 1: the loop alone.
+    pub forwarder_threads: usize,
 }
 
 impl IntermediateConfig {
@@ -169,6 +174,7 @@ impl IntermediateConfig {
             metrics_listen: None,
             max_relay_entries: ztna_common::relay::MAX_RELAY_ENTRIES as usize,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            forwarder_threads: 1,
         }
     }
 }
@@ -249,6 +255,8 @@ pub struct Intermediate {
     xdp: Option<crate::xdp::XdpRelay>,
     /// Relayed packets waiting for one sendmmsg.
     forwarded: SendBatch,
+    /// The threads serving the further sockets (`forwarder_threads` > 1).
+    forwarders: Option<forwarders::Forwarders>,
     addresses: AddressPool,
     gauges: Arc<IntermediateGauges>,
     handshake: Histogram,
@@ -483,8 +491,9 @@ impl Intermediate {
         let rng = SystemRandom::new();
         let token_key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
             .map_err(|_| anyhow::anyhow!("generating the retry token key"))?;
-        let mut socket =
-            UdpSocket::bind(cfg.listen).with_context(|| format!("binding UDP {}", cfg.listen))?;
+        let (mut socket, forwarder_sockets) =
+            forwarders::bind(cfg.listen, cfg.forwarder_threads)
+                .with_context(|| format!("binding UDP {}", cfg.listen))?;
         let local = socket.local_addr()?;
         let instance = cfg
             .instance_id
@@ -496,6 +505,20 @@ impl Intermediate {
         poll.registry()
             .register(&mut socket, Token(0), Interest::READABLE)?;
         tracing::info!("intermediate listening on udp {local}, relay ID {relay_id:#06x}");
+        let relay = RelayTable::new(max_relay_entries, relay_id);
+        let stats = Arc::new(IntermediateStats::default());
+        let forwarders = (!forwarder_sockets.is_empty())
+            .then(|| {
+                forwarders::Forwarders::start(
+                    forwarder_sockets,
+                    relay.forward_map().clone(),
+                    relay_id,
+                    stats.clone(),
+                    &poll,
+                )
+            })
+            .transpose()
+            .context("starting the forwarder threads")?;
         Ok(Intermediate {
             cfg,
             socket,
@@ -507,12 +530,12 @@ impl Intermediate {
             initial_dcids: HashMap::new(),
             services: HashMap::new(),
             flows: FlowTable::default(),
-            relay: RelayTable::new(max_relay_entries, relay_id),
+            relay,
             next_id: 1,
             token_key,
             reset_key,
             rng,
-            stats: Arc::new(IntermediateStats::default()),
+            stats,
             last_expiry: Instant::now(),
             last_connector_check: Instant::now(),
             last_gauges: Instant::now(),
@@ -521,6 +544,7 @@ impl Intermediate {
             batches_per_turn: MAX_BATCHES_PER_TURN,
             xdp: None,
             forwarded: SendBatch::default(),
+            forwarders,
             addresses,
             gauges: Arc::new(IntermediateGauges::default()),
             handshake: crate::intermediate_metrics::handshake_histogram(),
@@ -724,17 +748,7 @@ impl Intermediate {
                 }
             }
             self.forwarded.flush(fd);
-            // The batches count cumulatively; mirror them into the stats.
-            let set = |c: &AtomicU64, v: u64| c.store(v, Ordering::Relaxed);
-            set(&self.stats.recv_truncated, st.batch.truncated);
-            set(
-                &self.stats.relay_send_dropped_would_block,
-                self.forwarded.dropped_would_block,
-            );
-            set(
-                &self.stats.relay_send_dropped_failed,
-                self.forwarded.dropped_failed,
-            );
+            forwarders::count_batches(&self.stats, &mut st.batch.truncated, &mut self.forwarded);
             if n < crate::batch::BATCH {
                 break false;
             }
@@ -744,6 +758,8 @@ impl Intermediate {
                 break true;
             }
         };
+        // What the forwarder threads' sockets received for the loop.
+        st.backlog |= self.take_handovers(&mut st.out, st.closing_since.is_some());
         let ids: Vec<ClientId> = self.clients.keys().copied().collect();
         for id in ids {
             self.process_client(id, now);
@@ -863,13 +879,6 @@ impl Intermediate {
     /// `closing`: every connection is being closed; new ones are not accepted.
     fn handle_packet(&mut self, pkt: &mut [u8], from: SocketAddr, out: &mut [u8], closing: bool) {
         if let Some(cid) = relay_cid_of(pkt) {
-            // Another relay's session (an address shared by several relays, or a
-            // client that moved between them): not ours to forward, and a reset
-            // would be forged from the endpoints' point of view.
-            if ztna_common::relay::relay_id_of(&cid) != self.relay.relay_id() {
-                inc(&self.stats.relay_other_relay_cid);
-                return;
-            }
             self.forward_relayed(&cid, pkt, from);
             return;
         }
@@ -960,16 +969,21 @@ impl Intermediate {
     /// The userspace forwarder: relayed data-connection packets, by DCID.
     fn forward_relayed(&mut self, cid: &frames::Cid, pkt: &[u8], from: SocketAddr) {
         let now = Instant::now();
-        match self.relay.forward(cid, from, pkt.len(), now) {
-            ForwardResult::Send(to) => {
-                inc(&self.stats.userspace_forwarded_packets);
-                self.stats
-                    .userspace_forwarded_bytes
-                    .fetch_add(pkt.len() as u64, Ordering::Relaxed);
-                self.forwarded.push(pkt, to);
-            }
-            ForwardResult::Unknown => inc(&self.stats.relay_unknown_cid),
-            ForwardResult::Mismatch { sender } => {
+        let map = self.relay.forward_map().lookup();
+        let relayed = forwarders::forward_relay_packet(
+            &self.stats,
+            &map,
+            self.relay.relay_id(),
+            cid,
+            pkt,
+            from,
+            now,
+            &mut self.forwarded,
+        );
+        drop(map);
+        match relayed {
+            forwarders::Relayed::Forwarded | forwarders::Relayed::Dropped => {}
+            forwarders::Relayed::Mismatch { sender } => {
                 // The relay cannot authenticate a data packet (it has no keys), so a
                 // new sender address is only believed once the sender's control
                 // connection, which QUIC path validation vouches for, comes from it.

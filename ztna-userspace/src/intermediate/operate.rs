@@ -11,6 +11,7 @@ impl Intermediate {
         v["xdp_mode"] = self.xdp_mode().into();
         v["relay_sessions"] = self.relay.len().into();
         v["draining"] = self.is_draining().into();
+        v["forwarder_threads"] = self.cfg.forwarder_threads.into();
         v["static_sessions"] = self
             .relay
             .sessions()
@@ -57,6 +58,10 @@ impl Intermediate {
                 old.max_relay_entries != new.max_relay_entries,
             ),
             ("static_session", old.static_sessions != new.static_sessions),
+            (
+                "forwarder_threads",
+                old.forwarder_threads != new.forwarder_threads,
+            ),
             ("instance_id", old.instance_id != new.instance_id),
             ("relay_id", old.relay_id != new.relay_id),
             (

@@ -120,6 +120,15 @@ crate::counters!(IntermediateStats {
     /// Relayed data-connection packets forwarded by the userspace forwarder.
     userspace_forwarded_packets,
     userspace_forwarded_bytes,
+    /// Of `userspace_forwarded_packets`, those the forwarder threads forwarded
+    /// (`forwarder_threads` > 1; the rest, the loop's own socket).
+    userspace_forwarded_packets_threads,
+    /// Datagrams a forwarder thread's socket received that were not its to forward
+    /// (QUIC control traffic the kernel's reuseport hash put there, relay packets
+    /// from an unexpected sender), handed to the loop.
+    forwarder_handovers,
+    /// Of those, dropped because the loop's handover queue was full.
+    forwarder_handovers_dropped,
     relay_unknown_cid,
     relay_sender_mismatch,
     /// Sender changes accepted because the client's control connection moved too.

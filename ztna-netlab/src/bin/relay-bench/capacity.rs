@@ -23,9 +23,11 @@ use ztna_common::relay::{
 use ztna_netlab::Lab;
 
 use super::{
-    Results, TEST_RUN_REPEAT, TEST_RUNS, frame, join, link, mac, prog_cost, prog_map, quic_short,
-    routed_session, self_session, start_intermediate, test_run, xdp_prog_id,
+    PAYLOAD, Results, TEST_RUN_REPEAT, TEST_RUNS, frame, join, quic_short, round2, routed_session,
+    self_session,
 };
+use crate::paths::start_intermediate;
+use crate::prog::{prog_cost, prog_map, test_run};
 
 /// The goal: a million entries (half a million sessions).
 const WANTED_ENTRIES: u32 = 1 << 20;
@@ -96,7 +98,7 @@ pub fn capacity(res: &mut Results) -> anyhow::Result<()> {
             Err(e) => return Err(e),
         }
     };
-    let prog_id = xdp_prog_id(&lab)?;
+    let prog_id = lab.xdp_prog_id(&lab.ns("x"), "x0")?;
     let bytes = map_bytes(
         prog_id,
         &[MAP_RELAY, MAP_SESSION_STATS, MAP_RELAY6, MAP_SESSION_STATS6],
@@ -106,7 +108,7 @@ pub fn capacity(res: &mut Results) -> anyhow::Result<()> {
     // Fill ZTNA_RELAY to capacity: CIDs no client will send (nonce bytes 0xff...),
     // peers that exist nowhere; the static sessions' entries stay.
     let mut relay: aya::maps::HashMap<_, RelayKey, RelayEntry> =
-        aya::maps::HashMap::try_from(prog_map(prog_id, MAP_RELAY)?)?;
+        aya::maps::HashMap::try_from(prog_map(MAP_RELAY)?)?;
     let held_before = relay.keys().count() as u32;
     let started = Instant::now();
     let mut filled = 0u32;
@@ -144,18 +146,11 @@ pub fn capacity(res: &mut Results) -> anyhow::Result<()> {
         .try_into()?;
     minimal.load()?;
     let prog_fd = minimal.fd()?.as_fd().try_clone_to_owned()?;
-    let x0 = link(&lab, &lab.ns("x"), "x0", None)?;
-    let ifindex = x0["ifindex"].as_u64().context("x0 ifindex")? as u32;
-    let r1_mac = mac(&link(&lab, &lab.ns("r"), "r1", None)?)?;
+    let (x0_mac, ifindex) = lab.mac_ifindex(&lab.ns("x"), "x0")?;
+    let (r1_mac, _) = lab.mac_ifindex(&lab.ns("r"), "r1")?;
     let (p, _) = routed_session();
     let routed_cid = cids.get(&p.to_string()).context("routed static session")?.0;
-    let pkt = frame(
-        mac(&x0)?,
-        r1_mac,
-        p,
-        p,
-        &quic_short(routed_cid, super::PAYLOAD),
-    );
+    let pkt = frame(x0_mac, r1_mac, p, p, 64, &quic_short(routed_cid, PAYLOAD));
     let (min_verdict, minimal_ns) = best_ns(&lab, prog_fd, pkt, ifindex)?;
     drop(ebpf);
 
@@ -168,7 +163,7 @@ pub fn capacity(res: &mut Results) -> anyhow::Result<()> {
     if let (Some(f), true) = (full_ns, minimal_ns > 0) {
         res.out.insert(
             "prog_ns_per_pkt_full_table_over_minimal".into(),
-            json!(super::round2(f as f64 / minimal_ns as f64)),
+            json!(round2(f as f64 / minimal_ns as f64)),
         );
     }
     res.out.insert(
@@ -181,7 +176,7 @@ pub fn capacity(res: &mut Results) -> anyhow::Result<()> {
             "sessions_held": held / 2,
             "filled_by_bench": filled,
             "fill_stopped_by": stopped_by,
-            "fill_secs": super::round2(fill_secs),
+            "fill_secs": round2(fill_secs),
             "inserts_per_sec": if fill_secs > 0.0 { (filled as f64 / fill_secs).round() } else { 0.0 },
             "map_bytes_counts": "bytes_memlock of ZTNA_RELAY, ZTNA_SESSION_STATS, ZTNA_RELAY6, ZTNA_SESSION_STATS6 (preallocated at the configured size)",
             "prog_ns_per_pkt_empty_table": empty_ns,
