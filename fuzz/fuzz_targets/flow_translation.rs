@@ -33,7 +33,9 @@ fuzz_target!(|data: &[u8]| {
                 1 => &[11],
                 _ => &[10, 11],
             };
-            if let Ok(r) = t.outbound(agent, "echo", key, now, live) {
+            // The agent's pick (rendezvous hashing in the intermediate): a live one.
+            let pick = live[usize::from(c[2]) % live.len()];
+            if let Ok(r) = t.outbound(agent, "echo", key, now, live, pick) {
                 assert!(live.contains(&r.connector), "routed to a connector that is not live");
                 let owner = *owners.entry(r.wire).or_insert(agent);
                 assert_eq!(owner, agent, "wire key {:?} taken from its owner", r.wire);
