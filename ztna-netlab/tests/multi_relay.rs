@@ -216,7 +216,10 @@ fn lose_a_relay(tag: &str, how: Loss) {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    std::thread::sleep(Duration::from_secs(1));
+    // Every service has moved: three more seconds of probes on the new relays (a
+    // window for the traffic to run, not an assertion; the probes are judged below).
+    let settled = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
     stop.store(true, Ordering::Relaxed);
     for (k, p) in probes.into_iter().enumerate() {
         let log = p.join().unwrap().expect("probe");
@@ -233,14 +236,22 @@ fn lose_a_relay(tag: &str, how: Loss) {
             .map(|(t, _)| t.duration_since(lost_at).as_millis())
             .collect();
         eprintln!("{how:?}: agent {k} probes lost at ms after the loss: {failed_after:?}");
-        // Steady at the end: of the last 20 probes (one second), at most one lost
-        // (a 2-core host under load may answer one after its 250 ms wait).
-        let tail = &log[log.len().saturating_sub(20)..];
-        let tail_lost = tail.iter().filter(|(_, ok)| !ok).count();
+        // Steady once moved: of the probes sent from a second after every service
+        // was back on the XDP path, at most one in ten lost. The downloads catch up
+        // after the gap (curl's rate limit is an average), and on a 2-core host
+        // running four agents, three relays and two connectors in debug builds a
+        // reply may then come after the probe's 250 ms wait; a broken path loses
+        // them all.
+        let steady: Vec<bool> = log
+            .iter()
+            .filter(|(t, _)| *t >= settled + Duration::from_secs(1))
+            .map(|(_, ok)| *ok)
+            .collect();
+        let steady_lost = steady.iter().filter(|ok| !**ok).count();
         assert!(
-            tail.len() == 20 && tail_lost <= 1,
-            "agent {k} echoes at the end: {tail_lost} of the last {} lost",
-            tail.len()
+            steady.len() >= 10 && steady_lost * 10 <= steady.len(),
+            "agent {k} after the move: {steady_lost} of {} probes lost",
+            steady.len()
         );
     }
     for (k, out, curl) in downloads {
