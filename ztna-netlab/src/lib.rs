@@ -105,6 +105,36 @@ pub fn in_netns<T: Send + 'static>(
         .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
 }
 
+/// `ztna-intermediate`'s flags for listening on `listen` with the lab's certificates
+/// in `certs` (from `Lab::certs` or the tunnel's).
+pub fn intermediate_args(certs: &Path, listen: &str) -> Vec<String> {
+    let c = |f: &str| certs.join(f).display().to_string();
+    vec![
+        "--listen".into(),
+        listen.into(),
+        "--cert".into(),
+        c("intermediate.pem"),
+        "--key".into(),
+        c("intermediate.key"),
+        "--ca".into(),
+        c("ca.pem"),
+    ]
+}
+
+/// A connector's or agent's flags: the lab's CA, and the identity
+/// `<certs>/<identity>.pem` and `.key`.
+pub fn client_tls_args(certs: &Path, identity: &str) -> Vec<String> {
+    let c = |f: &str| certs.join(f).display().to_string();
+    vec![
+        "--ca".into(),
+        c("ca.pem"),
+        "--cert".into(),
+        c(&format!("{identity}.pem")),
+        "--key".into(),
+        c(&format!("{identity}.key")),
+    ]
+}
+
 /// Runs a command, failing with its stderr.
 pub fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<Output> {
     let out = Command::new(cmd)
@@ -497,7 +527,6 @@ impl Lab {
         extra: &[&str],
     ) -> anyhow::Result<PathBuf> {
         let certs = self.certs()?;
-        let c = |f: &str| certs.join(f).display().to_string();
         let cn = self.ns("c");
         self.spawn(
             &cn,
@@ -511,23 +540,13 @@ impl Lab {
         )?;
         let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
         self.start_intermediate(&certs, listen, xdp, &extra)?;
-        self.spawn(
-            &cn,
-            "connector",
-            "ztna-connector",
-            &[
-                "--server".into(),
-                server.into(),
-                "--ca".into(),
-                c("ca.pem"),
-                "--cert".into(),
-                c("connector.pem"),
-                "--key".into(),
-                c("connector.key"),
-                "--service".into(),
-                format!("echo={CONN_IP}:9000@10.100.0.1"),
-            ],
-        )?;
+        let mut args = vec!["--server".into(), server.into()];
+        args.extend(client_tls_args(&certs, "connector"));
+        args.extend([
+            "--service".into(),
+            format!("echo={CONN_IP}:9000@10.100.0.1"),
+        ]);
+        self.spawn(&cn, "connector", "ztna-connector", &args)?;
         self.wait_log(
             "connector",
             "registered as connector",
@@ -547,22 +566,14 @@ impl Lab {
         xdp: &str,
         extra: &[String],
     ) -> anyhow::Result<()> {
-        let c = |f: &str| certs.join(f).display().to_string();
         let stats = self.dir.join("intermediate-stats.json");
-        let mut args: Vec<String> = vec![
-            "--listen".into(),
-            listen.into(),
-            "--cert".into(),
-            c("intermediate.pem"),
-            "--key".into(),
-            c("intermediate.key"),
-            "--ca".into(),
-            c("ca.pem"),
+        let mut args = intermediate_args(certs, listen);
+        args.extend([
             "--stats-file".into(),
             stats.display().to_string(),
             "--xdp".into(),
             xdp.into(),
-        ];
+        ]);
         if xdp != "off" {
             args.extend(["--iface".into(), "x0".into()]);
         }

@@ -144,17 +144,9 @@ impl Lab {
 
     /// Starts `ztna-intermediate` for relay `k` (XDP `xdp` on its one interface).
     pub fn start_relay(&mut self, k: usize, certs: &Path, xdp: &str) -> anyhow::Result<()> {
-        let c = |f: &str| certs.join(f).display().to_string();
         let ip = relay_ip(k);
-        let mut args: Vec<String> = vec![
-            "--listen".into(),
-            format!("{ip}:{RELAY_PORT}"),
-            "--cert".into(),
-            c("intermediate.pem"),
-            "--key".into(),
-            c("intermediate.key"),
-            "--ca".into(),
-            c("ca.pem"),
+        let mut args = crate::intermediate_args(certs, &format!("{ip}:{RELAY_PORT}"));
+        args.extend([
             "--relay-id".into(),
             relay_id(k).to_string(),
             "--bpf-pin-dir".into(),
@@ -165,7 +157,7 @@ impl Lab {
             format!("{ip}:9090"),
             "--xdp".into(),
             xdp.into(),
-        ];
+        ]);
         if xdp != "off" {
             args.extend(["--iface".into(), "x0".into()]);
         }
@@ -205,7 +197,6 @@ impl Lab {
         for k in 0..relays {
             self.start_relay(k, &stack.certs, xdp)?;
         }
-        let c = |f: &str| stack.certs.join(f).display().to_string();
         let c2 = self.ns("c2");
         self.spawn(
             &c2,
@@ -218,13 +209,8 @@ impl Lab {
             ],
         )?;
         for (name, ns) in [("connector", self.ns("c")), ("connector2", c2)] {
-            let mut args: Vec<String> = vec![
-                "--ca".into(),
-                c("ca.pem"),
-                "--cert".into(),
-                c("connector.pem"),
-                "--key".into(),
-                c("connector.key"),
+            let mut args = crate::client_tls_args(&stack.certs, "connector");
+            args.extend([
                 "--mode".into(),
                 "kernel".into(),
                 "--service".into(),
@@ -233,7 +219,7 @@ impl Lab {
                 format!("web={CONN_IP}@{WEB_VIP}"),
                 "--service".into(),
                 format!("secret={CONN_IP}@{SECRET_VIP}"),
-            ];
+            ]);
             args.extend(Self::relay_server_flags(relays));
             self.spawn(&ns, name, "ztna-connector", &args)?;
         }

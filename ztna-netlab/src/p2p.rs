@@ -159,7 +159,6 @@ impl Lab {
     /// forwarder) and connector in the NAT topology.
     pub fn start_nat_stack(&mut self) -> anyhow::Result<std::path::PathBuf> {
         let certs = self.certs()?;
-        let c = |f: &str| certs.join(f).display().to_string();
         let (cn, x) = (self.ns("c"), self.ns("x"));
         self.spawn(
             &cn,
@@ -177,17 +176,10 @@ impl Lab {
             "intermediate",
             "ztna-intermediate",
             &[
-                "--listen".into(),
-                RELAY.into(),
-                "--cert".into(),
-                c("intermediate.pem"),
-                "--key".into(),
-                c("intermediate.key"),
-                "--ca".into(),
-                c("ca.pem"),
-                "--stats-file".into(),
-                stats.display().to_string(),
-            ],
+                crate::intermediate_args(&certs, RELAY),
+                vec!["--stats-file".into(), stats.display().to_string()],
+            ]
+            .concat(),
         )?;
         self.wait_log("intermediate", "listening", Duration::from_secs(10))?;
         self.spawn(
@@ -195,17 +187,11 @@ impl Lab {
             "connector",
             "ztna-connector",
             &[
-                "--server".into(),
-                RELAY.into(),
-                "--ca".into(),
-                c("ca.pem"),
-                "--cert".into(),
-                c("connector.pem"),
-                "--key".into(),
-                c("connector.key"),
-                "--service".into(),
-                "echo=10.202.2.2:9000@10.100.0.1".into(),
-            ],
+                vec!["--server".into(), RELAY.into()],
+                crate::client_tls_args(&certs, "connector"),
+                vec!["--service".into(), "echo=10.202.2.2:9000@10.100.0.1".into()],
+            ]
+            .concat(),
         )?;
         self.wait_log(
             "connector",

@@ -177,26 +177,21 @@ impl Lab {
         let c = |f: &str| certs.join(f).display().to_string();
         let cn = self.ns("c");
         self.start_intermediate(&certs, &format!("{RELAY_IP}:{RELAY_PORT}"), xdp, &[])?;
-        let args: Vec<String> = [
-            "--server",
-            &format!("{RELAY_IP}:{RELAY_PORT}"),
-            "--ca",
-            &c("ca.pem"),
-            "--cert",
-            &c("connector.pem"),
-            "--key",
-            &c("connector.key"),
-            "--mode",
-            connector_mode,
-            "--service",
-            &format!("echo=127.0.0.1:9000@{ECHO_VIP}"),
-            "--service",
-            &format!("web={CONN_IP}@{WEB_VIP}"),
-            "--service",
-            &format!("secret={CONN_IP}@{SECRET_VIP}"),
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut args = vec!["--server".to_string(), format!("{RELAY_IP}:{RELAY_PORT}")];
+        args.extend(crate::client_tls_args(&certs, "connector"));
+        args.extend(
+            [
+                "--mode",
+                connector_mode,
+                "--service",
+                &format!("echo=127.0.0.1:9000@{ECHO_VIP}"),
+                "--service",
+                &format!("web={CONN_IP}@{WEB_VIP}"),
+                "--service",
+                &format!("secret={CONN_IP}@{SECRET_VIP}"),
+            ]
+            .map(String::from),
+        );
         if connector_mode == "unprivileged" {
             // As nobody, with no capabilities: `--mode auto` must pick the
             // userspace mode by itself. The lab's key files are root's.
@@ -273,21 +268,8 @@ impl Lab {
         args_in: &[String],
         socket: &Path,
     ) -> anyhow::Result<()> {
-        let c = |f: &str| certs.join(f).display().to_string();
-        let mut args: Vec<String> = [
-            "--ca",
-            &c("ca.pem"),
-            "--cert",
-            &c(&format!("{identity}.pem")),
-            "--key",
-            &c(&format!("{identity}.key")),
-            "--service",
-            "echo",
-            "--service",
-            "web",
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut args = crate::client_tls_args(certs, identity);
+        args.extend(["--service", "echo", "--service", "web"].map(String::from));
         args.extend(args_in.iter().cloned());
         args.extend([
             "up".into(),

@@ -174,25 +174,11 @@ pub fn datagram_relay(res: &mut Results) -> anyhow::Result<()> {
     crate::paths::start_intermediate(&mut lab, &certs, "off", &[], &[])?;
     // The service backend is our receiver (no echo server: one-way, like the others).
     let backend = SocketAddrV4::new(CONN, 9100);
-    let c = |f: &str| certs.join(f).display().to_string();
     let cn = lab.ns("c");
-    lab.spawn(
-        &cn,
-        "connector",
-        "ztna-connector",
-        &[
-            "--server".into(),
-            relay_addr().to_string(),
-            "--ca".into(),
-            c("ca.pem"),
-            "--cert".into(),
-            c("connector.pem"),
-            "--key".into(),
-            c("connector.key"),
-            "--service".into(),
-            format!("echo={backend}@10.100.0.1"),
-        ],
-    )?;
+    let mut args = vec!["--server".into(), relay_addr().to_string()];
+    args.extend(ztna_netlab::client_tls_args(&certs, "connector"));
+    args.extend(["--service".into(), format!("echo={backend}@10.100.0.1")]);
+    lab.spawn(&cn, "connector", "ztna-connector", &args)?;
     lab.wait_log(
         "connector",
         "registered as connector",
