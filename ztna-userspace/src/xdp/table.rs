@@ -100,13 +100,7 @@ impl XdpTable {
         (ea, ep): (u32, u16),
         session: u32,
     ) -> Result<(), String> {
-        if self.sessions.get(&key, 0).is_err() {
-            let zero = PerCpuValues::try_from(vec![SessionStats::default(); self.ncpu])
-                .map_err(|e| e.to_string())?;
-            self.sessions
-                .insert(key, zero, 0)
-                .map_err(|e| e.to_string())?;
-        }
+        zeroed_stats(&mut self.sessions, key, self.ncpu)?;
         let entry = RelayEntry {
             peer_addr: pa,
             expected_src_addr: ea,
@@ -124,13 +118,7 @@ impl XdpTable {
         expected: SocketAddrV6,
         session: u32,
     ) -> Result<(), String> {
-        if self.sessions6.get(&key, 0).is_err() {
-            let zero = PerCpuValues::try_from(vec![SessionStats6::default(); self.ncpu])
-                .map_err(|e| e.to_string())?;
-            self.sessions6
-                .insert(key, zero, 0)
-                .map_err(|e| e.to_string())?;
-        }
+        zeroed_stats(&mut self.sessions6, key, self.ncpu)?;
         let entry = RelayEntry6 {
             peer_addr: peer.ip().octets(),
             expected_src_addr: expected.ip().octets(),
@@ -140,6 +128,20 @@ impl XdpTable {
         };
         self.relay6.insert(key, entry, 0).map_err(|e| e.to_string())
     }
+}
+
+/// Gives `key` zeroed per-CPU session counters unless it has some (a re-inserted
+/// entry, e.g. after a sender moved, keeps its counts).
+fn zeroed_stats<V: aya::Pod + Default + Clone>(
+    map: &mut PerCpuHashMap<MapData, RelayKey, V>,
+    key: RelayKey,
+    ncpu: usize,
+) -> Result<(), String> {
+    if map.get(&key, 0).is_ok() {
+        return Ok(());
+    }
+    let zero = PerCpuValues::try_from(vec![V::default(); ncpu]).map_err(|e| e.to_string())?;
+    map.insert(key, zero, 0).map_err(|e| e.to_string())
 }
 
 /// An IPv4 socket address (or an IPv4-mapped IPv6 one) as the maps hold it.
